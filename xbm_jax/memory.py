@@ -1,0 +1,114 @@
+"""The cross-batch memory: a functional FIFO ring buffer of detached embeddings.
+
+XBM (Wang et al., CVPR 2020, Sec. 3.3) keeps the embeddings of past batches and
+scores the current batch against them. Here the memory is a small pytree with
+static shapes, so it lives in the jitted train state next to the parameters,
+works under `jit`, `grad`, `shard_map` and buffer donation, and never
+recompiles as it fills.
+
+    mem = memory.init(size=55_000, dim=128)
+    mem = memory.enqueue(mem, Embeddings(emb, labels))
+
+Unlike the reference code: the size and dim are arguments (not 128), "full" is
+tracked by a validity mask (label 0 is an ordinary label), and wrap-around is a
+true modular ring (the reference writes the last q slots instead).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from xbm_jax.embeddings import Embeddings, check, valid_mask
+
+
+class MemoryState(NamedTuple):
+  """The memory; also a labeled set that every loss accepts as a reference.
+
+  Attributes:
+    emb: `[size, dim]` stored embeddings (float32 by default, bf16 to halve it).
+    labels: `[size]` int32 labels of the stored embeddings.
+    valid: `[size]` bool, True for slots that have been written.
+    ptr: `[]` int32, the slot the next enqueue writes first.
+  """
+  emb: jax.Array
+  labels: jax.Array
+  valid: jax.Array
+  ptr: jax.Array
+
+
+def init(*, size: int, dim: int, dtype=jnp.float32) -> MemoryState:
+  """An empty memory of `size` slots of `dim` features."""
+  size, dim = int(size), int(dim)
+  if size <= 0 or dim <= 0:
+    raise ValueError(f"memory size and dim must be positive; got size={size}, dim={dim}")
+  if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+    raise TypeError(f"memory dtype must be floating; got {dtype}")
+  return MemoryState(
+      emb=jnp.zeros((size, dim), dtype),
+      labels=jnp.zeros((size,), jnp.int32),
+      valid=jnp.zeros((size,), jnp.bool_),
+      ptr=jnp.zeros((), jnp.int32),
+  )
+
+
+def size(mem: MemoryState) -> int:
+  return mem.emb.shape[0]
+
+
+def enqueue(mem: MemoryState, batch: Embeddings, *, when=True) -> MemoryState:
+  """Writes `batch` into the next `B` slots (mod size), oldest first out.
+
+  The stored vectors are `stop_gradient`ed and cast to the memory's dtype.
+  Rows of `batch` marked invalid still take their slot (the pointer always
+  advances by B, so shapes stay static) but are stored as invalid.
+
+  Args:
+    mem: the memory.
+    batch: `Embeddings` with emb `[B, dim]`, labels `[B]`, optional valid `[B]`.
+    when: optional traced `[]` bool; where False the memory is returned
+      unchanged, in the same compiled program (no recompilation at a start
+      step). Costs O(B * dim), not a copy of the memory.
+  Returns:
+    The new memory. Raises ValueError at trace time if B > size or dims differ.
+  """
+  check(batch, "batch")
+  k, d = mem.emb.shape
+  b, bd = batch.emb.shape
+  if bd != d:
+    raise ValueError(f"batch dim {bd} does not match memory dim {d}")
+  if b > k:
+    raise ValueError(f"batch of {b} is larger than the memory of {k} slots; "
+                     "use a memory at least as large as the (global) batch")
+  when = jnp.asarray(when, jnp.bool_)
+  slots = (mem.ptr + jnp.arange(b, dtype=jnp.int32)) % k
+  # Out-of-range slots are dropped by the scatter: that is how `when=False` skips.
+  slots = jnp.where(when, slots, k)
+  emb = jax.lax.stop_gradient(batch.emb).astype(mem.emb.dtype)
+  put = lambda arr, val: arr.at[slots].set(val, mode="drop", unique_indices=True)
+  return MemoryState(
+      emb=put(mem.emb, emb),
+      labels=put(mem.labels, batch.labels.astype(jnp.int32)),
+      valid=put(mem.valid, valid_mask(batch)),
+      ptr=((mem.ptr + jnp.where(when, b, 0)) % k).astype(jnp.int32),
+  )
+
+
+def last_slots(mem: MemoryState, batch_size: int) -> jax.Array:
+  """`[batch_size]` int32 slots written by the latest enqueue of that many rows.
+
+  Pass them as `self_index=` to a loss to exclude each anchor's own slot
+  exactly (instead of the reference's similarity rule).
+  """
+  k = size(mem)
+  return ((mem.ptr - batch_size + jnp.arange(batch_size, dtype=jnp.int32)) % k).astype(jnp.int32)
+
+
+def fill(mem: MemoryState) -> jax.Array:
+  """`[]` float32 fraction of slots holding an embedding."""
+  return jnp.mean(mem.valid.astype(jnp.float32))
+
+
+def as_embeddings(mem: MemoryState) -> Embeddings:
+  return Embeddings(mem.emb, mem.labels, mem.valid)
