@@ -1,0 +1,157 @@
+"""The ring buffer against a Python list model; the XBM total-loss helper."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xbm_jax
+from xbm_jax import losses, memory
+
+
+class ListModel:
+  """The specification: a list of (vector, label) slots written round-robin."""
+
+  def __init__(self, size):
+    self.slots = [None] * size
+    self.ptr = 0
+
+  def enqueue(self, emb, labels):
+    for e, l in zip(emb, labels):
+      self.slots[self.ptr] = (e, int(l))
+      self.ptr = (self.ptr + 1) % len(self.slots)
+
+
+def check_equal(mem, model):
+  valid = np.asarray(mem.valid)
+  for k, slot in enumerate(model.slots):
+    assert valid[k] == (slot is not None), k
+    if slot is not None:
+      np.testing.assert_array_equal(np.asarray(mem.emb[k]), slot[0])
+      assert int(mem.labels[k]) == slot[1]
+  assert int(mem.ptr) == model.ptr
+
+
+@pytest.mark.parametrize("size,batch", [(10, 3), (12, 4), (7, 7), (5, 1)])
+def test_ring_buffer_matches_list_model(size, batch):
+  rng = np.random.default_rng(size * 100 + batch)
+  mem = memory.init(size=size, dim=4)
+  model = ListModel(size)
+  enqueue = jax.jit(memory.enqueue)
+  for _ in range(3 * size // batch + 2):   # several wrap-arounds
+    emb = rng.normal(size=(batch, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, size=batch)  # label 0 is ordinary
+    mem = enqueue(mem, xbm_jax.Embeddings(jnp.asarray(emb), jnp.asarray(labels)))
+    model.enqueue(emb, labels)
+    check_equal(mem, model)
+  assert float(memory.fill(mem)) == 1.0
+
+
+def test_label_zero_and_fill():
+  mem = memory.init(size=6, dim=2)
+  assert float(memory.fill(mem)) == 0.0
+  b = xbm_jax.Embeddings(jnp.ones((2, 2)), jnp.zeros((2,), jnp.int32))
+  mem = memory.enqueue(mem, b)
+  assert float(memory.fill(mem)) == pytest.approx(2 / 6)
+  assert np.asarray(mem.valid).tolist() == [True, True, False, False, False, False]
+
+
+def test_invalid_rows_take_slots_but_stay_invalid():
+  mem = memory.init(size=4, dim=2)
+  b = xbm_jax.Embeddings(jnp.ones((3, 2)), jnp.arange(3), jnp.array([True, False, True]))
+  mem = memory.enqueue(mem, b)
+  assert np.asarray(mem.valid).tolist() == [True, False, True, False]
+  assert int(mem.ptr) == 3
+
+
+def test_when_false_leaves_memory_unchanged_in_one_program():
+  mem = memory.init(size=8, dim=3)
+  b = xbm_jax.Embeddings(jnp.ones((3, 3)), jnp.arange(3))
+  f = jax.jit(lambda m, w: memory.enqueue(m, b, when=w))
+  same = f(mem, False)
+  jax.tree.map(np.testing.assert_array_equal, same, mem)
+  moved = f(mem, True)
+  assert int(moved.ptr) == 3 and int(memory.fill(moved) * 8) == 3
+  assert f._cache_size() == 1
+
+
+def test_stop_gradient_and_dtype():
+  mem = memory.init(size=4, dim=2, dtype=jnp.bfloat16)
+  def f(e):
+    m = memory.enqueue(mem, xbm_jax.Embeddings(e, jnp.arange(2)))
+    assert m.emb.dtype == jnp.bfloat16
+    return jnp.sum(m.emb.astype(jnp.float32))
+  assert np.all(np.asarray(jax.grad(f)(jnp.ones((2, 2)))) == 0)
+
+
+def test_bad_enqueue_is_a_clear_error_at_trace_time():
+  mem = memory.init(size=4, dim=2)
+  with pytest.raises(ValueError, match="larger than the memory"):
+    jax.jit(memory.enqueue)(mem, xbm_jax.Embeddings(jnp.ones((5, 2)), jnp.arange(5)))
+  with pytest.raises(ValueError, match="dim"):
+    memory.enqueue(mem, xbm_jax.Embeddings(jnp.ones((2, 3)), jnp.arange(2)))
+  with pytest.raises(ValueError, match="positive"):
+    memory.init(size=0, dim=2)
+
+
+def test_last_slots_are_the_written_slots():
+  mem = memory.init(size=5, dim=2)
+  for _ in range(3):  # ptr: 0 -> 3 -> 1 (wrapped) -> 4
+    mem = memory.enqueue(mem, xbm_jax.Embeddings(jnp.ones((3, 2)), jnp.arange(3)))
+  assert np.asarray(memory.last_slots(mem, 3)).tolist() == [1, 2, 3]
+
+
+def unit_batch(seed, b=8, d=16, classes=3):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(b, d))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  return xbm_jax.Embeddings(jnp.asarray(x, jnp.float32),
+                            jnp.asarray(rng.integers(0, classes, b), jnp.int32))
+
+
+@pytest.mark.parametrize("name", sorted(losses.LOSSES))
+def test_memory_of_batch_size_equals_in_batch_loss(name):
+  """Sanity (PML's test_sanity_check): memory size == batch, one enqueue."""
+  b = unit_batch(0)
+  mem = memory.enqueue(memory.init(size=8, dim=16), b)
+  fn = losses.get(name)
+  np.testing.assert_allclose(float(fn(b, mem)), float(fn(b, b)), rtol=1e-6)
+
+
+def test_total_loss_gates_on_start_step_and_compiles_once():
+  b = unit_batch(1)
+  mem0 = memory.init(size=32, dim=16)
+
+  @jax.jit
+  def step(e, mem, t):
+    q = xbm_jax.Embeddings(e, b.labels)
+    return losses.xbm_total_loss(q, q, mem, step=t, start_step=5, weight=0.5)
+
+  loss, mem1, aux = step(b.emb, mem0, 4)
+  in_batch = float(losses.contrastive(b, b))
+  np.testing.assert_allclose(float(loss), in_batch, rtol=1e-6)   # memory off
+  assert int(mem1.ptr) == 0 and float(aux["xbm_weight"]) == 0.0
+  loss, mem2, aux = step(b.emb, mem0, 5)
+  assert int(mem2.ptr) == 8                                      # enqueued first
+  mem_only = float(losses.contrastive(b, memory.enqueue(mem0, b)))
+  np.testing.assert_allclose(float(loss), in_batch + 0.5 * mem_only, rtol=1e-6)
+  np.testing.assert_allclose(float(aux["loss_xbm"]), mem_only, rtol=1e-6)
+  assert step._cache_size() == 1
+
+
+def test_total_loss_gradients_memory_term_to_anchors_only():
+  """Memory term: grad wrt anchors equals that of L(B, M) with M held constant."""
+  b = unit_batch(2)
+  old = unit_batch(3, b=24)
+  mem = memory.enqueue(memory.init(size=32, dim=16), old)
+
+  def total(e):
+    q = xbm_jax.Embeddings(e, b.labels)
+    return losses.xbm_total_loss(q, q, mem, step=1, start_step=0)[0]
+
+  def by_hand(e):
+    q = xbm_jax.Embeddings(e, b.labels)
+    m = memory.enqueue(mem, xbm_jax.Embeddings(jax.lax.stop_gradient(e), b.labels))
+    return losses.contrastive(q, q) + losses.contrastive(q, m)
+
+  np.testing.assert_allclose(np.asarray(jax.grad(total)(b.emb)),
+                             np.asarray(jax.grad(by_hand)(b.emb)), rtol=1e-5, atol=1e-7)
