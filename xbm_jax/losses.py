@@ -252,7 +252,8 @@ def get(name: str) -> Callable:
 
 def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
                    loss_fn: Callable = contrastive, enqueue: bool = True,
-                   batch_self_index=None, memory_self_index=None, **loss_kwargs):
+                   batch_self_index=None, memory_self_index=None,
+                   memory_loss_kwargs: Optional[dict] = None, **loss_kwargs):
   """XBM's objective for one step: enqueue first, then L(Q, B) + w * L(Q, M).
 
   From `start_step` on (`step >= start_step`, both may be traced) the detached
@@ -272,6 +273,8 @@ def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
     batch_self_index / memory_self_index: `self_index` for each term when
       `self_exclusion="index"` (memory default: the slots of this enqueue,
       assuming `query` is the whole batch).
+    memory_loss_kwargs: overrides of `loss_kwargs` for the memory term only,
+      e.g. `{"reduction": "mean"}` to average it over its active pairs.
   Returns:
     `(loss, new_mem, aux)` with aux = {"loss_batch", "loss_xbm", "xbm_weight",
     "batch/<stat>", "xbm/<stat>"}.
@@ -279,15 +282,17 @@ def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
   active = jnp.asarray(step) >= jnp.asarray(start_step)
   if enqueue:
     mem = memory_lib.enqueue(mem, batch, when=active)
-  if loss_kwargs.get("self_exclusion") == "index":
-    if batch_self_index is None and query.emb.shape[0] == batch.emb.shape[0]:
+  if loss_kwargs.get("self_exclusion") == "index" and batch_self_index is None:
+    if query.emb.shape[0] == batch.emb.shape[0]:
       batch_self_index = jnp.arange(batch.emb.shape[0], dtype=jnp.int32)
-    if memory_self_index is None and query.emb.shape[0] == batch.emb.shape[0]:
+  mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
+  if mem_kwargs.get("self_exclusion") == "index" and memory_self_index is None:
+    if query.emb.shape[0] == batch.emb.shape[0]:
       memory_self_index = memory_lib.last_slots(mem, batch.emb.shape[0])
   loss_b, stats_b = loss_fn(query, batch, return_stats=True,
                             self_index=batch_self_index, **loss_kwargs)
   loss_m, stats_m = loss_fn(query, mem, return_stats=True,
-                            self_index=memory_self_index, **loss_kwargs)
+                            self_index=memory_self_index, **mem_kwargs)
   w = jnp.where(active, jnp.asarray(weight, jnp.float32), 0.0)
   aux = {"loss_batch": loss_b, "loss_xbm": loss_m, "xbm_weight": w}
   aux.update({f"batch/{k}": v for k, v in stats_b.items()})

@@ -1,0 +1,29 @@
+"""Plots and a Markdown table from training runs' metrics.jsonl.
+
+    python scripts/report.py --workdir runs/base --workdir runs/xbm --out runs/report
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xbm_jax.insight.report import build_report  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", action="append", required=True,
+                        help="a run folder holding metrics.jsonl (repeat to overlay runs)")
+    parser.add_argument("--out", required=True, help="folder for the PNGs and report.md")
+    args = parser.parse_args(argv)
+    try:
+        written = build_report(args.workdir, args.out)
+    except FileNotFoundError as e:
+        parser.exit(2, f"error: {e}\n")
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""MemoryController on hand-computed drift sequences."""
+import numpy as np
+import pytest
+
+from xbm_jax.insight.controller import NEVER, MemoryController, span_drift
+
+
+def test_span_drift_interpolates_and_extrapolates():
+    d = {50: 0.1, 100: 0.3}
+    assert span_drift(d, 25) == pytest.approx(0.05)   # (0, 0) -> (50, 0.1)
+    assert span_drift(d, 75) == pytest.approx(0.2)    # between 50 and 100
+    assert span_drift(d, 200) == pytest.approx(0.6)   # 0.3 / 100 per step
+    assert span_drift({}, 10) is None
+    assert span_drift({10: 1.5}, 100) == 2.0          # clipped
+
+
+def test_fixed_start_with_ramp():
+    c = MemoryController(start_step=100, weight=2.0, ramp_steps=50)
+    got = [c.update(s)[1] for s in (0, 100, 101, 125, 150, 400)]
+    assert got == pytest.approx([0.0, 0.0, 0.04, 1.0, 2.0, 2.0])
+    assert c.update(7) == (100, 0.0)
+    assert "train/xbm_auto_start_step" not in c.log()
+
+
+def test_fixed_start_is_the_default_and_ignores_drift():
+    c = MemoryController()
+    assert c.update(1000, {"train/drift@100": 5.0}) == (1000, 0.0)
+    assert c.update(1001, {"train/drift@100": 5.0}) == (1000, 1.0)
+
+
+def test_auto_start_fires_at_the_right_step():
+    # span = 800 / 8 = 100 steps; threshold 0.05.
+    c = MemoryController(start_step="auto", memory_size=800, global_batch=8,
+                         threshold=0.05, ramp_steps=10)
+    seq = {50: {"train/drift@50": 0.2},                             # 0.4 extrapolated
+           100: {"train/drift@50": 0.1, "train/drift@100": 0.3},   # 0.3
+           150: {"train/drift@50": 0.03, "train/drift@100": 0.08},  # 0.08
+           200: {"train/drift@50": 0.02, "train/drift@100": 0.04},  # 0.04 < 0.05
+           250: {"train/drift@50": 0.5, "train/drift@100": 0.9}}   # too late to matter
+    out = {}
+    for s in range(0, 260, 5):
+        out[s] = c.update(s, seq.get(s))
+    assert out[195] == (NEVER, 0.0)
+    assert out[200] == (200, 0.0)
+    assert out[205] == (200, pytest.approx(0.5))
+    assert out[210] == (200, pytest.approx(1.0))
+    assert out[250] == (200, pytest.approx(1.0))  # no back-off configured
+    assert c.log()["train/xbm_auto_start_step"] == 200.0
+    assert c.log()["train/xbm_span_drift"] == pytest.approx(0.04)
+
+
+def test_auto_respects_min_and_max_step():
+    c = MemoryController(start_step="auto", memory_size=100, global_batch=1,
+                         threshold=0.1, min_auto_step=300, auto_max_step=500)
+    assert c.update(200, {"train/drift@100": 0.0})[0] == NEVER
+    assert c.update(400, {"train/drift@100": 0.5})[0] == NEVER
+    assert c.update(500, None)[0] == 500
+
+
+def test_backoff_cuts_and_recovers():
+    c = MemoryController(start_step=0, weight=1.0, memory_size=800, global_batch=8,
+                         threshold=0.1, backoff=True, backoff_factor=0.5,
+                         min_weight=0.2, recover_steps=400)
+    drifts = {100: 0.05, 200: 0.3, 300: 0.3, 400: 0.3, 500: 0.05, 600: 0.05,
+              700: 0.05, 800: 0.05}
+    want = {100: 1.0, 200: 0.5, 300: 0.25, 400: 0.2, 450: 0.2, 500: 0.45, 600: 0.7,
+            700: 0.95, 800: 1.0}
+    for s in range(1, 801):
+        m = {"train/drift@100": drifts[s]} if s in drifts else None
+        start, w = c.update(s, m)
+        if s in want:
+            assert (start, w) == (0, pytest.approx(want[s])), s
+    assert c.log()["train/xbm_weight"] == pytest.approx(1.0)
+
+
+def test_backoff_ignores_windows_from_before_the_start():
+    c = MemoryController(start_step=100, memory_size=100, global_batch=1,
+                         threshold=0.1, backoff=True)
+    assert c.update(150, {"train/drift@100": 0.9}) == (100, 1.0)   # window 50..150
+    assert c.update(200, {"train/drift@100": 0.9}) == (100, 0.5)   # window 100..200
+
+
+def test_state_round_trip():
+    kw = dict(start_step="auto", memory_size=400, global_batch=4, threshold=0.1,
+              backoff=True, ramp_steps=20, recover_steps=100)
+    rng = np.random.default_rng(0)
+    seq = {s: {"train/drift@10": float(rng.uniform(0, 0.03))} for s in range(10, 400, 10)}
+    a = MemoryController(**kw)
+    for s in range(150):
+        a.update(s, seq.get(s))
+    state = a.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    b = MemoryController(**kw)
+    b.load_state_dict(state)
+    assert b.log() == a.log()
+    for s in range(150, 400):
+        assert b.update(s, seq.get(s)) == a.update(s, seq.get(s))
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="threshold"):
+        MemoryController(start_step="auto", memory_size=10, global_batch=1)
+    with pytest.raises(ValueError, match="start_step"):
+        MemoryController(start_step="soon")
+    c = MemoryController.from_config({"start": 5, "weight": 0.1}, global_batch=64)
+    assert c.update(6) == (5, pytest.approx(0.1))

@@ -1,0 +1,73 @@
+"""retrieval_grid layout on a hand-made retrieval; query choice; PNG round trip."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from xbm_jax.insight.pictures import (GRAY, GREEN, RED, WHITE, choose_queries,
+                                      retrieval_grid, retrieve, save_png)
+
+
+def test_grid_layout_and_borders():
+    h, w, b, p = 4, 5, 2, 1
+    queries = np.stack([np.full((h, w), 10 + i, np.uint8) for i in range(2)])  # gray
+    gallery = np.stack([np.full((h, w, 3), 100 + i, np.uint8) for i in range(6)])
+    topk = np.array([[3, 0, -1], [5, 4, 1]])
+    correct = np.array([[True, False, False], [False, True, True]])
+    img = retrieval_grid(queries, gallery, topk, correct, border=b, pad=p)
+    ch, cw = h + 2 * b, w + 2 * b
+    assert img.dtype == np.uint8
+    assert img.shape == (2 * ch + 3 * p, 4 * cw + 5 * p, 3) == (19, 41, 3)
+
+    def cell(row, col):
+        y, x = p + row * (ch + p), p + col * (cw + p)
+        return img[y:y + ch, x:x + cw]
+
+    for i in range(2):
+        c = cell(i, 0)
+        assert (c[0, 0] == GRAY).all() and (c[-1, -1] == GRAY).all()
+        assert (c[b:-b, b:-b] == 10 + i).all()
+        for j in range(3):
+            c = cell(i, j + 1)
+            if topk[i, j] < 0:
+                assert (c == WHITE).all()
+                continue
+            colour = GREEN if correct[i, j] else RED
+            frame = np.ones((ch, cw), bool)
+            frame[b:-b, b:-b] = False
+            assert (c[frame] == colour).all(), (i, j)
+            assert (c[b:-b, b:-b] == 100 + topk[i, j]).all()
+    assert (img[0] == WHITE).all() and (img[:, -1] == WHITE).all()  # outer padding
+
+
+def test_grid_errors():
+    q = np.zeros((1, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match="H, W must match"):
+        retrieval_grid(q, np.zeros((2, 5, 4), np.uint8), [[0]], [[True]])
+    with pytest.raises(ValueError, match="topk indices"):
+        retrieval_grid(q, np.zeros((2, 4, 4), np.uint8), [[2]], [[True]])
+    with pytest.raises(ValueError, match="uint8"):
+        retrieval_grid(q.astype(np.float32), q, [[0]], [[True]])
+
+
+def test_choose_queries_is_fixed_by_seed():
+    a = choose_queries(10, 1000, seed=3)
+    assert (a == choose_queries(10, 1000, seed=3)).all()
+    assert not (a == choose_queries(10, 1000, seed=4)).all()
+    assert len(set(a.tolist())) == 10 and (np.diff(a) > 0).all() and a.max() < 1000
+    assert choose_queries(10, 4, seed=0).tolist() == [0, 1, 2, 3]
+
+
+def test_retrieve_leave_one_out():
+    emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
+    labels = np.array([0, 0, 1, 0])
+    topk, correct = retrieve(emb, emb, labels, labels, k=2, self_index=np.arange(4))
+    assert topk.tolist() == [[1, 3], [0, 3], [3, 1], [2, 1]]
+    assert correct.tolist() == [[True, True], [True, True], [False, False], [False, True]]
+
+
+def test_save_png_round_trip(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    path = tmp_path / "sub" / "grid.png"
+    save_png(str(path), img)
+    assert (np.asarray(Image.open(path)) == img).all()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["grid.png"]

@@ -1,0 +1,167 @@
+"""Plots and a Markdown table from one or more runs' ``metrics.jsonl``.
+
+    python scripts/report.py --workdir runs/base --workdir runs/xbm --out runs/report
+
+writes into ``--out`` (each only when some run logged the metrics it needs):
+
+* ``loss.png``    train/loss, train/loss_batch, train/loss_xbm over steps;
+* ``recall.png``  one panel per evaluator, every ``eval/<name>/recall@K`` over steps;
+* ``drift.png``   one panel per ``train/drift@<delta>``;
+* ``compare.png`` the runs overlaid on each evaluator's R@1 (XBM vs baseline);
+* ``report.md``   the final value of each reported metric, one row per run.
+
+All runs share each panel (one colour per run). Missing metrics are skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from xbm_jax.train.writer import CONFIG_FILE, METRICS_FILE
+
+Series = Dict[str, Tuple[np.ndarray, np.ndarray]]  # name -> (steps int64, values f64)
+LOSS_NAMES = ("train/loss", "train/loss_batch", "train/loss_xbm")
+_RECALL = re.compile(r"^eval/(.+)/recall@(\d+)$")
+_DRIFT = re.compile(r"^train/drift@(\d+)$")
+_TABLE = re.compile(r"^(eval/.*|train/loss.*|train/drift@.*|train/xbm_.*)$")
+
+
+def load_metrics(workdir: str) -> Series:
+    """Reads ``<workdir>/metrics.jsonl`` into per-metric step/value arrays, sorted by
+    step; if a step was logged twice (a replay after a restart) the last line wins.
+    Unparsable lines (e.g. cut short by a crash) are skipped."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {METRICS_FILE} in workdir {workdir!r} ({path})")
+    points: Dict[str, Dict[int, float]] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                step = int(rec.pop("step"))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            for name, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    points.setdefault(name, {})[step] = float(v)
+    out = {}
+    for name, pts in points.items():
+        steps = np.array(sorted(pts), np.int64)
+        out[name] = (steps, np.array([pts[s] for s in steps], np.float64))
+    return out
+
+
+def run_label(workdir: str) -> str:
+    """``config.json``'s ``label`` / ``name`` if present, else the folder's name."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                cfg = json.load(f)
+            for key in ("label", "name", "run_name"):
+                if isinstance(cfg.get(key), str) and cfg[key]:
+                    return cfg[key]
+        except (ValueError, OSError, AttributeError):
+            pass
+    return os.path.basename(os.path.normpath(workdir))
+
+
+def _plot(path: str, panels: List[Tuple[str, List[Tuple[str, str, np.ndarray, np.ndarray]]]],
+          ylabel: str) -> bool:
+    """One figure, one panel per ``(title, [(run, line label, steps, values)])``."""
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, style, steps, values in lines:
+            ax.plot(steps, values, style, label=label, marker="." if len(steps) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    # Fixed margins: tight_layout doubles the cost of a small figure.
+    width = 5.0 * len(panels)  # inches
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.14, top=0.9,
+                        wspace=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _fmt(v: float) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def build_report(workdirs: Sequence[str], out: str) -> Dict[str, str]:
+    """Writes the plots and ``report.md`` into ``out``; returns ``{kind: path}`` of the
+    files written. Raises FileNotFoundError naming a workdir without metrics.jsonl."""
+    if not workdirs:
+        raise ValueError("build_report needs at least one workdir")
+    runs = [(run_label(w), load_metrics(w)) for w in workdirs]
+    labels = [lab for lab, _ in runs]
+    if len(set(labels)) < len(labels):  # keep legend entries distinct
+        runs = [(f"{lab} [{i}]", s) for i, (lab, s) in enumerate(runs)]
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    os.makedirs(out, exist_ok=True)
+    written = {}
+
+    def panel_lines(pick):
+        lines = []
+        for (label, series), colour in zip(runs, colours):
+            for name, suffix, ls in pick(series):
+                steps, values = series[name]
+                lines.append((f"{label}{suffix}", colour + ls, steps, values))
+        return lines
+
+    names = sorted({n for _, s in runs for n in s})
+    recall = {}
+    for n in names:
+        m = _RECALL.match(n)
+        if m:
+            recall.setdefault(m.group(1), []).append((int(m.group(2)), n))
+    drift = sorted((int(m.group(1)), n) for n in names for m in [_DRIFT.match(n)] if m)
+    styles = ["-", "--", ":", "-."]
+
+    plots = {
+        "loss": ([(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else []))
+                  for n in LOSS_NAMES], "loss"),
+        "recall": ([(f"eval/{ev}", panel_lines(
+            lambda s, ks=ks: [(n, f" R@{k}", styles[i % 4])
+                              for i, (k, n) in enumerate(sorted(ks)) if n in s]))
+            for ev, ks in sorted(recall.items())], "recall"),
+        "drift": ([(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else []))
+                   for _, n in drift], "mean 1 - cos"),
+        "compare": ([(f"eval/{ev}/recall@{min(ks)[0]}", panel_lines(
+            lambda s, n=min(ks)[1]: [(n, "", "-")] if n in s else []))
+            for ev, ks in sorted(recall.items())], "recall"),
+    }
+    for kind, (panels, ylabel) in plots.items():
+        path = os.path.join(out, f"{kind}.png")
+        if _plot(path, panels, ylabel):
+            written[kind] = path
+
+    cols = [n for n in names if _TABLE.match(n)]
+    lines = ["# Run report", "", "| run | last step | " + " | ".join(cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for (label, series), wd in zip(runs, workdirs):
+        last = max((int(s[0][-1]) for s in series.values() if len(s[0])), default=None)
+        vals = [_fmt(series[c][1][-1]) if c in series else "–" for c in cols]
+        lines.append(f"| {label} | {'–' if last is None else last} | " + " | ".join(vals) + " |")
+    lines += ["", "Runs: " + ", ".join(f"`{w}`" for w in workdirs),
+              "Plots: " + (", ".join(f"![{k}]({k}.png)" for k in written) or "none "
+                           "(no plottable metrics)")]
+    md = os.path.join(out, "report.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    written["table"] = md
+    return written

@@ -1,0 +1,35 @@
+"""The one train-state pytree: step, params, batch_stats, opt_state, memory, rng."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from xbm_jax.memory import MemoryState
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; changed only by the jitted step.
+
+  Attributes:
+    step: `[]` int32, the number of optimiser updates done.
+    params, batch_stats: the model's Flax variables.
+    opt_state: the optax state.
+    memory: the cross-batch memory (`MemoryState`).
+    rng: a PRNG key (unused by the deterministic reference models; kept for
+      dropout-like layers and so that resume restores it).
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  memory: MemoryState
+  rng: jax.Array
+
+
+def create(*, params, batch_stats, tx, memory: MemoryState, rng) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), memory=memory, rng=rng)

@@ -1,0 +1,114 @@
+"""The data-parallel train step: written per device, mapped with `jax.shard_map`.
+
+Per device (the reference's step, with the global batch gathered first):
+  1. embed the local batch (train mode; BN statistics averaged over `data`);
+  2. `all_gather` embeddings and labels in mesh order -> the global batch;
+  3. enqueue the detached global batch (from `start_step` on), so every device
+     holds the identical memory;
+  4. loss = L(local, global batch) + w * L(local, memory); gradients `pmean`ed.
+With the "paper" reduction each device's loss is a mean over its local anchors,
+so the `pmean` over devices equals the 1-device loss of the whole batch: the
+same global batch on 1 and on 8 devices gives the same loss and update.
+
+Host-side controllers feed `ctrl = {"start_step", "xbm_weight", "lr_scale"}` as
+traced scalars, so memory switch-on, weight ramps and learning-rate drops never
+recompile the step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from xbm_jax import losses, memory as memory_lib
+from xbm_jax.embeddings import Embeddings
+from xbm_jax.parallel import DATA_AXIS
+from xbm_jax.train.state import TrainState
+
+COUNT_KEYS = ("pos_pairs", "neg_pairs")
+
+
+def _sum_or_mean(name, x):
+  if name.endswith(COUNT_KEYS):
+    return jax.lax.psum(x, DATA_AXIS)
+  return jax.lax.pmean(x, DATA_AXIS)
+
+
+def make_train_step(*, model, direction: optax.GradientTransformation, schedule: Callable,
+                    loss_fn: Callable, loss_kwargs: dict,
+                    memory_loss_kwargs: Optional[dict] = None, mesh,
+                    donate: bool = True) -> Callable:
+  """Returns `train_step(state, batch, ctrl) -> (state, metrics)`, jitted.
+
+  Args:
+    model: a Flax module, `apply(vars, images, train=True, mutable=["batch_stats"])
+      -> [b, D]` float32 unit rows, with BatchNorm `axis_name=DATA_AXIS`.
+    direction: optimiser transform without the learning rate (`optim.make_direction`).
+    schedule: `step -> lr`.
+    loss_fn, loss_kwargs, memory_loss_kwargs: see `losses.xbm_total_loss`.
+    mesh: 1-D mesh with axis `DATA_AXIS`.
+  The batch is `{"image": [B, H, W, C], "label": [B] int32}` sharded over
+  `data`; B must divide by the mesh size.
+  """
+  loss_kwargs = dict(loss_kwargs)
+  index_mode = (loss_kwargs.get("self_exclusion") == "index"
+                or (memory_loss_kwargs or {}).get("self_exclusion") == "index")
+
+  def per_device(state: TrainState, images, labels, ctrl):
+    b = labels.shape[0]
+
+    def objective(params):
+      emb, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
+                                  images, train=True, mutable=["batch_stats"])
+      local = Embeddings(emb, labels)
+      glob = Embeddings(jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
+                        jax.lax.all_gather(labels, DATA_AXIS, tiled=True))
+      extra = {}
+      if index_mode:
+        # This device's anchors sit at offset i*b of the global batch, and the
+        # enqueue writes the global batch from the current pointer on.
+        idx = jax.lax.axis_index(DATA_AXIS) * b + jnp.arange(b, dtype=jnp.int32)
+        extra = {"batch_self_index": idx,
+                 "memory_self_index": (state.memory.ptr + idx) % state.memory.emb.shape[0]}
+      total, mem, aux = losses.xbm_total_loss(
+          local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
+          weight=ctrl["xbm_weight"], loss_fn=loss_fn,
+          memory_loss_kwargs=memory_loss_kwargs, **extra, **loss_kwargs)
+      return total, (mem, new_vars.get("batch_stats", state.batch_stats), aux)
+
+    (loss, (mem, batch_stats, aux)), grads = jax.value_and_grad(
+        objective, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, DATA_AXIS)
+    updates, opt_state = direction.update(grads, state.opt_state, state.params)
+    lr = schedule(state.step) * ctrl["lr_scale"]
+    params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, memory=mem)
+    metrics = {"loss": jax.lax.pmean(loss, DATA_AXIS),
+               "grad_norm": optax.tree.norm(grads), "lr": lr,
+               "memory_fill": memory_lib.fill(mem)}
+    metrics.update({k: _sum_or_mean(k, v) for k, v in aux.items()})
+    return new_state, metrics
+
+  mapped = jax.shard_map(per_device, mesh=mesh,
+                         in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
+                         out_specs=(P(), P()),
+                         # The memory and params are replicated by construction
+                         # (gathered batch, pmean'd grads); pmap semantics.
+                         check_vma=False)
+
+  def train_step(state, batch, ctrl):
+    return mapped(state, batch["image"], batch["label"], ctrl)
+
+  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+
+
+def make_embed_fn(model, mesh) -> Callable:
+  """`embed(variables, images [B, ...]) -> [B, D]` eval-mode, sharded over `data`."""
+  def per_device(variables, images):
+    return model.apply(variables, images, train=False)
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                               out_specs=P(DATA_AXIS), check_vma=False))
