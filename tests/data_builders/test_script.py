@@ -1,0 +1,35 @@
+"""scripts/prepare_data.py end to end, as a user runs it."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.data_builders import fakes
+from xbm_jax.data import sources
+
+_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "scripts",
+                       "prepare_data.py")
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, _SCRIPT, *args], capture_output=True,
+                        text=True, timeout=120, check=False)
+
+
+def test_prepare_script_cub_then_malformed_list(tmp_path):
+  manual, data = str(tmp_path / "m"), str(tmp_path / "d")
+  fakes.cub(manual)
+  out = _run("--dataset", "cub", "--manual_dir", manual, "--data_dir", data)
+  assert out.returncode == 0, out.stderr
+  assert "prepared" in out.stdout and "'train': 6" in out.stdout
+  assert "cub/train" in out.stderr  # the tqdm bar
+  np.testing.assert_array_equal(sources.load("cub", "test", data).labels,
+                                [101, 101, 150, 150, 200, 200])
+  images_txt = os.path.join(manual, "CUB_200_2011", "images.txt")
+  with open(images_txt, "a") as f:
+    f.write("13\n")
+  out = _run("--dataset", "cub", "--manual_dir", manual, "--data_dir",
+             str(tmp_path / "d2"))
+  assert out.returncode != 0
+  assert "images.txt:13: expected 2 fields" in out.stderr
