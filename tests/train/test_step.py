@@ -44,7 +44,7 @@ def run_steps(n_devices, batches, *, loss_name="contrastive", loss_kwargs=None,
   st = jax.device_put(st, parallel.replicated(mesh))
   train_step = step_lib.make_train_step(
       model=model, direction=direction, schedule=optim.make_schedule(optim_cfg(), 10),
-      loss_fn=losses.get(loss_name), loss_kwargs=loss_kwargs or {}, mesh=mesh)
+      loss_name=loss_name, loss_kwargs=loss_kwargs or {}, mesh=mesh)
   ctrl = {"start_step": jnp.int32(start_step), "xbm_weight": jnp.float32(1.0),
           "lr_scale": jnp.float32(1.0)}
   history = []

@@ -21,9 +21,10 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xbm_jax import losses, memory as memory_lib
+from xbm_jax import losses, memory as memory_lib, sharded_losses
+from xbm_jax import sharded_memory as sharded_memory_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train.state import TrainState
@@ -37,10 +38,24 @@ def _sum_or_mean(name, x):
   return jax.lax.pmean(x, DATA_AXIS)
 
 
+def state_specs(state: TrainState, *, sharded_memory: bool = False):
+  """PartitionSpecs of the train state: replicated, but a sharded memory's rows."""
+  specs = jax.tree.map(lambda _: P(), state)
+  if sharded_memory:
+    specs = specs.replace(memory=sharded_memory_lib.specs(DATA_AXIS))
+  return specs
+
+
+def state_shardings(state: TrainState, mesh, *, sharded_memory: bool = False):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s),
+                      state_specs(state, sharded_memory=sharded_memory),
+                      is_leaf=lambda x: isinstance(x, P))
+
+
 def make_train_step(*, model, direction: optax.GradientTransformation, schedule: Callable,
-                    loss_fn: Callable, loss_kwargs: dict,
+                    loss_name: str, loss_kwargs: dict,
                     memory_loss_kwargs: Optional[dict] = None, mesh,
-                    donate: bool = True) -> Callable:
+                    sharded_memory: bool = False, donate: bool = True) -> Callable:
   """Returns `train_step(state, batch, ctrl) -> (state, metrics)`, jitted.
 
   Args:
@@ -48,12 +63,18 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
       -> [b, D]` float32 unit rows, with BatchNorm `axis_name=DATA_AXIS`.
     direction: optimiser transform without the learning rate (`optim.make_direction`).
     schedule: `step -> lr`.
-    loss_fn, loss_kwargs, memory_loss_kwargs: see `losses.xbm_total_loss`.
+    loss_name, loss_kwargs, memory_loss_kwargs: see `losses.xbm_total_loss`.
     mesh: 1-D mesh with axis `DATA_AXIS`.
+    sharded_memory: the memory's rows are split over the devices
+      (`xbm_jax.sharded_memory`): each device enqueues its local batch into its
+      shard and the memory term is combined exactly across shards.
   The batch is `{"image": [B, H, W, C], "label": [B] int32}` sharded over
   `data`; B must divide by the mesh size.
   """
   loss_kwargs = dict(loss_kwargs)
+  loss_fn = losses.get(loss_name)
+  if sharded_memory and memory_loss_kwargs:
+    raise ValueError("config.xbm.memory_loss_kwargs is not supported with a sharded memory")
   index_mode = (loss_kwargs.get("self_exclusion") == "index"
                 or (memory_loss_kwargs or {}).get("self_exclusion") == "index")
 
@@ -67,16 +88,21 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
       glob = Embeddings(jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
                         jax.lax.all_gather(labels, DATA_AXIS, tiled=True))
       extra = {}
-      if index_mode:
+      if index_mode and not sharded_memory:
         # This device's anchors sit at offset i*b of the global batch, and the
         # enqueue writes the global batch from the current pointer on.
         idx = jax.lax.axis_index(DATA_AXIS) * b + jnp.arange(b, dtype=jnp.int32)
         extra = {"batch_self_index": idx,
                  "memory_self_index": (state.memory.ptr + idx) % state.memory.emb.shape[0]}
-      total, mem, aux = losses.xbm_total_loss(
-          local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
-          weight=ctrl["xbm_weight"], loss_fn=loss_fn,
-          memory_loss_kwargs=memory_loss_kwargs, **extra, **loss_kwargs)
+      if sharded_memory:  # the defaults of the sharded helper handle "index" mode
+        total, mem, aux = sharded_losses.xbm_total_loss(
+            local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
+            weight=ctrl["xbm_weight"], loss=loss_name, axis_name=DATA_AXIS, **loss_kwargs)
+      else:
+        total, mem, aux = losses.xbm_total_loss(
+            local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
+            weight=ctrl["xbm_weight"], loss_fn=loss_fn,
+            memory_loss_kwargs=memory_loss_kwargs, **extra, **loss_kwargs)
       return total, (mem, new_vars.get("batch_stats", state.batch_stats), aux)
 
     (loss, (mem, batch_stats, aux)), grads = jax.value_and_grad(
@@ -89,18 +115,19 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
                               opt_state=opt_state, memory=mem)
     metrics = {"loss": jax.lax.pmean(loss, DATA_AXIS),
                "grad_norm": optax.tree.norm(grads), "lr": lr,
-               "memory_fill": memory_lib.fill(mem)}
+               "memory_fill": jax.lax.pmean(memory_lib.fill(mem), DATA_AXIS)}
     metrics.update({k: _sum_or_mean(k, v) for k, v in aux.items()})
     return new_state, metrics
 
-  mapped = jax.shard_map(per_device, mesh=mesh,
-                         in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
-                         out_specs=(P(), P()),
-                         # The memory and params are replicated by construction
-                         # (gathered batch, pmean'd grads); pmap semantics.
-                         check_vma=False)
-
   def train_step(state, batch, ctrl):
+    specs = state_specs(state, sharded_memory=sharded_memory)
+    mapped = jax.shard_map(per_device, mesh=mesh,
+                           in_specs=(specs, P(DATA_AXIS), P(DATA_AXIS), P()),
+                           out_specs=(specs, P()),
+                           # Params and a replicated memory are identical on every
+                           # device by construction (gathered batch, pmean'd grads):
+                           # pmap semantics, so the replication check is off.
+                           check_vma=False)
     return mapped(state, batch["image"], batch["label"], ctrl)
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())

@@ -1,0 +1,32 @@
+r"""CUB-200-2011 (classes 1-100 train, 101-200 test); BN-Inception 512-d: R@1 65.8 (paper).
+
+    python scripts/prepare_data.py --dataset cub --manual_dir ~/cub --data_dir ~/tfds
+    python scripts/train.py --config=configs/cub.py --workdir=/tmp/xbm_cub \
+        --config.input.data_dir=~/tfds --config.model.init_from=~/weights/bninception.msgpack
+
+Leave-one-out R@1/2/4/8 on the test classes. The training sets are small
+(~5-8k images), so the memory covers the whole set.
+"""
+from xbm_jax.train import config as config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, smoke=False)
+  c = config_lib.base()
+  c.input.dataset = "cub"
+  c.model.name, c.model.embed_dim = "bninception", 512
+  c.xbm.size, c.xbm.start_step = 5_000, 1000
+  c.optim.plateau.metric = "eval/cub/recall@1"
+  c.train.steps, c.train.best_metric = 5_000, "eval/cub/recall@1"
+  c.evals.cub = dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8), every_steps=500,
+                   map_at_r=True)
+  if args.smoke:
+    c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 32, 8
+    c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                             flip=True)
+    c.input.batch_size, c.input.eval_batch_size = 16, 32
+    c.xbm.size, c.xbm.start_step = 64, 2
+    c.train.steps, c.train.log_every, c.train.checkpoint_every = 6, 2, 3
+    c.evals.cub.every_steps, c.evals.cub.ks = 6, (1, 2)
+    c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
+  return c

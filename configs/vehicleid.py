@@ -1,0 +1,35 @@
+r"""VehicleID: small / medium / large test sets (800 / 1600 / 2400 identities).
+
+    python scripts/prepare_data.py --dataset vehicleid --manual_dir ~/VehicleID_V1.0 --data_dir ~/tfds
+    python scripts/train.py --config=configs/vehicleid.py --workdir=/tmp/xbm_vid \
+        --config.input.data_dir=~/tfds --config.model.init_from=~/weights/resnet50.msgpack
+
+Metrics: R@1 / R@5 on each test size (the paper's VehicleID table gives the
+targets for its backbones; they are not restated here). 13,134 train identities.
+"""
+from xbm_jax.train import config as config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, smoke=False)
+  c = config_lib.base()
+  c.input.dataset = "vehicleid"
+  c.model.name, c.model.embed_dim = "resnet50", 128
+  c.xbm.size, c.xbm.start_step = 100_000, 1000
+  c.optim.plateau.metric = "eval/vehicleid_small/recall@1"
+  c.train.steps, c.train.best_metric = 35_000, "eval/vehicleid_small/recall@1"
+  for name, split in (("small", "test_800"), ("medium", "test_1600"),
+                      ("large", "test_2400")):
+    c.evals[f"vehicleid_{name}"] = dict(type="vehicleid", split=split, ks=(1, 5),
+                                        every_steps=5000, map_at_r=False)
+  if args.smoke:
+    c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 32, 8
+    c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                             flip=True)
+    c.input.batch_size, c.input.eval_batch_size = 16, 32
+    c.xbm.size, c.xbm.start_step = 64, 2
+    c.train.steps, c.train.log_every, c.train.checkpoint_every = 6, 2, 3
+    for ev in c.evals.values():
+      ev.every_steps = 6
+    c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
+  return c

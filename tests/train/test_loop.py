@@ -1,0 +1,168 @@
+"""train_and_evaluate end to end on a tiny prepared tfds dataset: logs, evals,
+pictures, checkpoints; exact resume after a kill; non-finite stop; config errors."""
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from xbm_jax.data import writer as data_writer
+from xbm_jax.train import checkpoint, loop, step as step_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
+                                                                    name + ".py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """12 train classes x 6 images, 6 test classes x 5, 20x20 RGB blobs per class."""
+  root = str(tmp_path_factory.mktemp("tfds"))
+  rng = np.random.default_rng(0)
+
+  def split(classes, per):
+    for c in classes:
+      base = rng.integers(0, 256, size=(20, 20, 3))
+      for _ in range(per):
+        img = np.clip(base + rng.normal(0, 30, size=base.shape), 0, 255).astype(np.uint8)
+        yield img, int(c), None
+
+  data_writer.write_dataset("tiny", root, {"train": list(split(range(12), 6)),
+                                           "test": list(split(range(100, 106), 5))},
+                            progress=False)
+  return root
+
+
+def tiny_config(data_dir, **overrides):
+  c = load_config("sop", "smoke")
+  c.input.dataset, c.input.data_dir = "tiny", data_dir
+  c.input.transform.resize, c.input.transform.crop = 20, 16
+  c.input.eval_batch_size = 16
+  c.model.embed_dim, c.model.width = 8, 4
+  c.optim.schedule = "constant"
+  c.optim.lr = 1e-3
+  c.train.progress = False
+  c.pictures.num_queries, c.pictures.top_k = 3, 2
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def read_log(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def final_state(workdir, like_config):
+  ck = checkpoint.Checkpointer(workdir)
+  raw = ck.last.restore(ck.latest_step())
+  ck.close()
+  return raw["state"]
+
+
+def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
+  wd = str(tmp_path / "run")
+  out = loop.train_and_evaluate(tiny_config(data_dir), wd)
+  assert 0.0 <= out["eval/sop/recall@1"] <= 1.0
+  log = read_log(wd)
+  train_lines = [l for l in log if "train/loss" in l]
+  # Logged every 2 steps, and at each checkpoint (3), where finiteness is checked.
+  assert [l["step"] for l in train_lines] == [2, 3, 4, 6]
+  for key in ("train/loss_batch", "train/loss_xbm", "train/memory_fill", "train/lr",
+              "train/grad_norm", "train/images_per_s", "train/batch/pos_pairs"):
+    assert key in train_lines[-1], key
+  # start_step=2: the memory acts at steps > 2, i.e. the 0-based steps 3, 4 and 5,
+  # which enqueue 16 each into 64 slots.
+  assert train_lines[-1]["train/memory_fill"] == pytest.approx(48 / 64)
+  assert train_lines[0]["train/xbm_weight"] == 0.0
+  assert any("train/drift@2" in l for l in log)
+  assert os.path.exists(os.path.join(wd, "pictures", "retrieval_sop_0000006.png"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
+  assert os.path.exists(os.path.join(wd, "config.json"))
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3", "6"]
+
+
+def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
+  cfg = tiny_config(data_dir, **{"drift.enabled": False, "pictures.enabled": False})
+  wd_full, wd_kill = str(tmp_path / "full"), str(tmp_path / "killed")
+  loop.train_and_evaluate(cfg, wd_full)
+
+  real = step_lib.make_train_step
+  calls = {"n": 0}
+
+  def dying(**kw):
+    fn = real(**kw)
+    def wrapped(*a):
+      calls["n"] += 1
+      if calls["n"] == 5:   # killed during step 5, after the checkpoint at step 3
+        raise KeyboardInterrupt
+      return fn(*a)
+    return wrapped
+
+  monkeypatch.setattr(step_lib, "make_train_step", dying)
+  with pytest.raises(KeyboardInterrupt):
+    loop.train_and_evaluate(cfg, wd_kill)
+  monkeypatch.setattr(step_lib, "make_train_step", real)
+  loop.train_and_evaluate(cfg, wd_kill)
+
+  a, b = final_state(wd_full, cfg), final_state(wd_kill, cfg)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+  full = {l["step"]: l for l in read_log(wd_full) if "train/loss" in l}
+  kill = {l["step"]: l for l in read_log(wd_kill) if "train/loss" in l}
+  assert sorted(kill) == sorted(full)
+  for s in full:
+    assert kill[s]["train/loss"] == pytest.approx(full[s]["train/loss"], rel=1e-6)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path,
+                                                             monkeypatch):
+  real = step_lib.make_train_step
+
+  def poisoned(**kw):
+    fn = real(**kw)
+    def wrapped(state, batch, ctrl):
+      step = int(jax.device_get(state.step))   # read before the state is donated
+      new, metrics = fn(state, batch, ctrl)
+      if step == 3:   # the 4th step (index 3)
+        metrics = dict(metrics, loss=metrics["loss"] * np.nan)
+      return new, metrics
+    return wrapped
+
+  monkeypatch.setattr(step_lib, "make_train_step", poisoned)
+  wd = str(tmp_path / "nan")
+  with pytest.raises(FloatingPointError, match="step 3.*checkpoint is step 3"):
+    loop.train_and_evaluate(tiny_config(data_dir), wd)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"input.batch_size": 18}, "not divisible by config.input.samples_per_class"),
+    ({"input.batch_size": 12, "input.samples_per_class": 3}, "not divisible by the 8"),
+    ({"xbm.size": 8}, "smaller than the global batch"),
+    ({"input.dataset": "nope"}, "nope"),
+    ({"xbm.memory_sharding": "striped"}, "memory_sharding"),
+])
+def test_bad_config_fails_before_training(data_dir, tmp_path, overrides, match):
+  wd = tmp_path / "bad"
+  with pytest.raises((ValueError, FileNotFoundError, KeyError), match=match):
+    loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(wd))
+  assert not (wd / "checkpoints").exists()
+
+
+def test_unknown_config_key_is_an_error(data_dir, tmp_path):
+  c = tiny_config(data_dir)
+  c.xbm.sise = 10
+  with pytest.raises(KeyError, match="xbm.sise"):
+    loop.train_and_evaluate(c, str(tmp_path / "typo"))

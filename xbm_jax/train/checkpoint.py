@@ -1,0 +1,97 @@
+"""Checkpoints with orbax: the whole train state (memory and pointer included) plus
+a JSON side-car for host state (pipeline position, controllers, drift snapshots).
+
+Two managers under `workdir/checkpoints`: `last/` keeps the newest N, `best/`
+keeps the one with the best eval metric. Orbax writes into a temporary
+directory and renames it when complete, so a run killed mid-save leaves the
+previous checkpoint as the latest.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _to_json(x):
+  if isinstance(x, dict):
+    return {k: _to_json(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_to_json(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def _from_json(x):
+  if isinstance(x, dict):
+    if "__ndarray__" in x:
+      return np.asarray(x["__ndarray__"], dtype=x["dtype"])
+    return {k: _from_json(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return [_from_json(v) for v in x]
+  return x
+
+
+class Checkpointer:
+  """Save / restore `(TrainState, host_state)`; automatic resume from the workdir."""
+
+  def __init__(self, workdir: str, *, keep: int = 2, best_metric: str = ""):
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.best_metric = best_metric
+    self.last = ocp.CheckpointManager(
+        os.path.join(root, "last"), options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+    self.best = None
+    if best_metric:
+      self.best = ocp.CheckpointManager(
+          os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
+              best_mode="max", enable_async_checkpointing=False))
+
+  def latest_step(self) -> Optional[int]:
+    return self.last.latest_step()
+
+  @staticmethod
+  def _args(state, host_state):
+    return ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              host=ocp.args.JsonSave(_to_json(host_state)))
+
+  def save(self, step: int, state, host_state: dict) -> None:
+    if self.last.latest_step() == step:
+      return
+    self.last.save(step, args=self._args(state, host_state))
+    self.last.wait_until_finished()
+
+  def save_best(self, step: int, state, host_state: dict, metrics: dict) -> None:
+    if self.best is None or self.best_metric not in metrics:
+      return
+    self.best.save(step, args=self._args(state, host_state),
+                   metrics={self.best_metric: float(metrics[self.best_metric])})
+    self.best.wait_until_finished()
+
+  def restore(self, abstract_state, step: Optional[int] = None
+              ) -> Optional[tuple[Any, dict]]:
+    """The state at `step` (default: latest), laid out like `abstract_state`
+    (a pytree of `jax.ShapeDtypeStruct` with shardings), or None if none saved."""
+    step = self.last.latest_step() if step is None else step
+    if step is None:
+      return None
+    out = self.last.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
+    return out["state"], _from_json(out["host"])
+
+  def close(self) -> None:
+    self.last.close()
+    if self.best is not None:
+      self.best.close()
+
+
+def abstract_like(state):
+  """ShapeDtypeStructs (with shardings) of a concrete state, for restore."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

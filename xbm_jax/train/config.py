@@ -1,0 +1,112 @@
+"""The config skeleton every experiment shares: every key the trainer reads, with
+its default, in grouped sub-dicts. Experiment files in `configs/` start from
+`base()` and override; `parse_arg` reads `get_config("smoke,seed=1")` arguments.
+The trainer calls `check` so a mistyped key fails before training starts.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from xbm_jax import models
+
+# Sections whose keys are free-form (names chosen by the experiment).
+OPEN_SECTIONS = ("evals", "loss.kwargs", "xbm.memory_loss_kwargs")
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """`"smoke,seed=1"` -> ConfigDict(smoke=True, seed=1), typed by `defaults`."""
+  out = ml_collections.ConfigDict(dict(defaults))
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+    default = defaults[key]
+    if not value:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.input = dict(
+      dataset="glyphs",               # 'glyphs' (embedded) or a prepared tfds name
+      data_dir=config_dict.placeholder(str),
+      train_split="train",
+      batch_size=64,                  # global batch B = P classes x K samples
+      samples_per_class=4,            # K (P = B / K)
+      min_class_size=1,
+      worker_count=0,                 # grain worker processes
+      transform=dict(resize=256, crop=224, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                     flip=True),
+      eval_batch_size=128,            # must divide by the device count
+  )
+  c.model = models.default_config()
+
+  c.loss = dict(name="contrastive", kwargs={})  # kwargs: the loss's keyword options
+
+  c.xbm = dict(
+      enabled=True,
+      size=55_000,                    # memory slots (>= global batch)
+      # int, or "auto" (switch on when drift is slow); the memory acts at steps > start.
+      start_step=config_dict.FieldReference(1000, field_type=object),
+      weight=1.0,                     # w in L(B, B) + w * L(B, M)
+      dtype="float32",                # memory storage: float32 | bfloat16
+      memory_sharding="replicated",   # replicated | sharded
+      memory_loss_kwargs={},          # overrides for the memory term, e.g. reduction=mean
+      ramp_steps=0,
+      threshold=0.05,                 # drift threshold for "auto" and back-off
+      min_auto_step=0,
+      auto_max_step=config_dict.placeholder(int),
+      backoff=False,
+      backoff_factor=0.5,
+      min_weight=0.0,
+      recover_steps=1000,
+  )
+
+  c.optim = dict(
+      name="adam", lr=1e-4, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
+      schedule="plateau",             # constant | step | cosine | plateau
+      warmup_steps=0, decay_every=10_000, decay_factor=0.1,
+      plateau=dict(metric="", factor=0.5, patience=4, threshold=1e-4, min_scale=1e-3),
+  )
+
+  c.train = dict(
+      steps=35_000,
+      num_devices=config_dict.placeholder(int),   # default: all visible devices
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=2,
+      best_metric="",                 # e.g. "eval/sop/recall@1": also keep the best
+      progress=True,
+  )
+
+  c.evals = ml_collections.ConfigDict()   # name -> dict(type=..., split=..., ks=..., every_steps=...)
+
+  c.drift = dict(enabled=True, interval=500, deltas=(500, 1000), probe_size=256)
+  c.pictures = dict(enabled=True, evaluator="", num_queries=6, top_k=5, seed=0)
+  return c
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Unknown keys (a typo in an experiment file) are an error naming the key."""
+  ref = base()
+
+  def walk(cfg, ref_cfg, prefix):
+    for key in cfg.keys():
+      path = f"{prefix}{key}"
+      if any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS):
+        continue
+      if key not in ref_cfg:
+        raise KeyError(f"unknown config key {path!r}; valid keys under "
+                       f"{prefix or 'the top level'}: {sorted(ref_cfg.keys())}")
+      if isinstance(ref_cfg[key], ml_collections.ConfigDict):
+        walk(cfg[key], ref_cfg[key], path + ".")
+
+  walk(config, ref, "")

@@ -1,0 +1,122 @@
+"""Periodic evaluation inside the training loop: the configured evaluators, the
+drift probe embeddings, and the retrieval pictures.
+
+Each eval round embeds every split it needs once (cached for that round), so
+several evaluators and the pictures share one extraction.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from xbm_jax import parallel
+from xbm_jax.data import pipeline, transforms
+from xbm_jax.evaluation import evaluators as evaluators_lib
+from xbm_jax.evaluation.extract import extract
+from xbm_jax.insight import pictures
+from xbm_jax.train import setup, step as step_lib
+
+
+def _splits(cfg) -> tuple[str, str]:
+  """(query split, gallery split) of an evaluator config."""
+  if "split" in cfg:
+    return cfg["split"], cfg["split"]
+  return cfg["query_split"], cfg["gallery_split"]
+
+
+class EvalRunner:
+  """Runs evaluators by schedule; embeds images with the current state."""
+
+  def __init__(self, config, model, mesh, *, train_src, writer, workdir: str):
+    self.config, self.mesh, self.writer, self.workdir = config, mesh, writer, workdir
+    self.embed = step_lib.make_embed_fn(model, mesh)
+    self.evaluators = {name: evaluators_lib.create(name, cfg, mesh=mesh)
+                       for name, cfg in config.evals.items()}
+    self.every = {name: int(cfg.get("every_steps", config.train.steps))
+                  for name, cfg in config.evals.items()}
+    self.tcfg = transforms.TransformConfig.from_config(config.input.transform)
+    self.probe = None
+    if config.drift.enabled:
+      idx = setup.probe_indices(len(train_src), int(config.drift.probe_size),
+                                int(config.seed))
+      self.probe = np.stack([transforms.eval_transform(np.asarray(train_src[int(i)]["image"]),
+                                                       self.tcfg) for i in idx])
+
+  def due(self, done: int, total: int) -> list[str]:
+    return [n for n, every in self.every.items() if done % every == 0 or done == total]
+
+  def _variables(self, state):
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+  def embed_images(self, state, images: np.ndarray) -> np.ndarray:
+    """`[N, H, W, C]` uint8 -> `[N, D]` float32 eval-mode embeddings (host)."""
+    n = self.mesh.size
+    pad = (-len(images)) % n
+    if pad:
+      images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    x = jax.device_put(images, parallel.batch_sharded(self.mesh))
+    return np.asarray(jax.device_get(self.embed(self._variables(state), x)))[:len(images) - pad]
+
+  def embed_probe(self, state) -> np.ndarray:
+    return self.embed_images(state, self.probe)
+
+  def run(self, names: list[str], state, step: int) -> dict:
+    variables = self._variables(state)
+    cache, sources = {}, {}
+
+    def embed_fn(images):
+      return self.embed(variables, parallel.global_batch({"image": images}, self.mesh)["image"])
+
+    def embed_split(split: str) -> dict:
+      if split not in cache:
+        sources[split] = setup.load_source(self.config.input, split)
+        batches = pipeline.eval_batches(
+            sources[split], batch_size=int(self.config.input.eval_batch_size),
+            transform_cfg=self.tcfg, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        # embed_fn lays each host batch out over the mesh itself (multi-host safe).
+        cache[split] = extract(embed_fn, batches)
+      return cache[split]
+
+    metrics = {}
+    for name in names:
+      metrics.update(self.evaluators[name].run(embed_split))
+    self.writer.write_scalars(step, metrics)
+    self._pictures(names, embed_split, sources, step)
+    return metrics
+
+  def _pictures(self, names, embed_split, sources, step):
+    pc = self.config.pictures
+    name = pc.evaluator or (names[0] if names else "")
+    if not pc.enabled or name not in names or jax.process_index() != 0:
+      return
+    qs, gs = _splits(self.config.evals[name])
+    q, g = embed_split(qs), embed_split(gs)
+    chosen = pictures.choose_queries(int(pc.num_queries), len(q["labels"]), int(pc.seed))
+    self_index = chosen if qs == gs else None
+    topk, correct = pictures.retrieve(q["emb"][chosen], g["emb"], q["labels"][chosen],
+                                      g["labels"], k=int(pc.top_k), self_index=self_index)
+    load = lambda split, rows: [np.asarray(sources[split][int(i)]["image"])
+                                for i in embed_split(split)["index"][rows]]
+    q_img = load(qs, chosen)
+    g_rows = np.unique(topk)
+    g_img = load(gs, g_rows)
+    remap = np.searchsorted(g_rows, topk)
+    grid = pictures.retrieval_grid(_same_size(q_img), _same_size(g_img), remap, correct)
+    out = os.path.join(self.workdir, "pictures", f"retrieval_{name}_{step:07d}.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    pictures.save_png(out, grid)
+    self.writer.write_image(step, f"eval/{name}/retrieval", grid)
+
+
+def _same_size(images: list, size: int = 96) -> np.ndarray:
+  """Images to one common square size for the grid (source images vary in size)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  shapes = {im.shape for im in images}
+  if len(shapes) == 1 and max(next(iter(shapes))[:2]) <= size:
+    return np.stack(images)
+  squeeze = lambda im: im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im
+  return np.stack([np.asarray(Image.fromarray(squeeze(im)).resize((size, size)))
+                   for im in images])

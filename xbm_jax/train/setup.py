@@ -1,0 +1,94 @@
+"""What the loop needs before its first step: config checks, data sources, the
+model and the initial train state. Every check here runs before any state is
+created or any file is written."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from xbm_jax import losses, memory, models
+from xbm_jax.train import config as config_lib
+
+MEMORY_SHARDINGS = ("replicated", "sharded")
+
+
+def batch_shape(config) -> tuple[int, int, int]:
+  """(global batch B, classes per batch P, samples per class K)."""
+  b, k = int(config.input.batch_size), int(config.input.samples_per_class)
+  return b, b // k, k
+
+
+def validate(config, *, num_devices: int) -> None:
+  """Clear errors for a config that cannot train, before training starts."""
+  config_lib.check(config)
+  b, k = int(config.input.batch_size), int(config.input.samples_per_class)
+  if k < 2:
+    raise ValueError(f"config.input.samples_per_class={k}: need >= 2 so that every "
+                     "anchor has a positive in the batch")
+  if b % k:
+    raise ValueError(f"config.input.batch_size={b} is not divisible by "
+                     f"config.input.samples_per_class={k}")
+  if b % num_devices:
+    raise ValueError(f"config.input.batch_size={b} is not divisible by the "
+                     f"{num_devices} devices of the mesh")
+  if int(config.input.eval_batch_size) % num_devices:
+    raise ValueError(f"config.input.eval_batch_size={config.input.eval_batch_size} is not "
+                     f"divisible by the {num_devices} devices of the mesh")
+  losses.get(config.loss.name)
+  x = config.xbm
+  if x.enabled:
+    if int(x.size) < b:
+      raise ValueError(f"config.xbm.size={x.size} is smaller than the global batch {b}")
+    if x.memory_sharding not in MEMORY_SHARDINGS:
+      raise ValueError(f"config.xbm.memory_sharding={x.memory_sharding!r}; valid: "
+                       f"{MEMORY_SHARDINGS}")
+    if x.memory_sharding == "sharded" and int(x.size) % num_devices:
+      raise ValueError(f"config.xbm.size={x.size} must divide by the {num_devices} "
+                       "devices for a sharded memory")
+    if not (x.start_step == "auto" or isinstance(x.start_step, int)):
+      raise ValueError(f"config.xbm.start_step={x.start_step!r}: an int or 'auto'")
+  if config.optim.schedule == "plateau" and not config.optim.plateau.metric:
+    raise ValueError("config.optim.schedule='plateau' needs config.optim.plateau.metric "
+                     "(an eval metric name such as 'eval/sop/recall@1')")
+  for name, ev in config.evals.items():
+    if int(ev.get("every_steps", 1)) <= 0:
+      raise ValueError(f"config.evals.{name}.every_steps must be positive")
+
+
+def load_source(input_cfg, split: str):
+  """The dataset split as a random-access source (see xbm_jax.data.sources)."""
+  if input_cfg.dataset == "glyphs":
+    from xbm_jax.data import glyphs  # pylint: disable=g-import-not-at-top
+    return glyphs.load_embedded(split)
+  if not input_cfg.data_dir:
+    raise ValueError(f"config.input.data_dir is not set for dataset "
+                     f"{input_cfg.dataset!r}; prepare it with scripts/prepare_data.py "
+                     "--dataset ... --manual_dir ... --data_dir ...")
+  from xbm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  return sources.load(input_cfg.dataset, split, input_cfg.data_dir)
+
+
+def init_memory(config, num_devices: int):
+  dim = int(config.model.embed_dim)
+  dtype = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}[config.xbm.dtype]
+  size = int(config.xbm.size) if config.xbm.enabled else batch_shape(config)[0]
+  if config.xbm.enabled and config.xbm.memory_sharding == "sharded":
+    from xbm_jax import sharded_memory  # pylint: disable=g-import-not-at-top
+    return sharded_memory.init(size=size, dim=dim, n_shards=num_devices, dtype=dtype)
+  return memory.init(size=size, dim=dim, dtype=dtype)
+
+
+def init_model(config, channels: int, rng):
+  from xbm_jax.parallel import DATA_AXIS  # pylint: disable=g-import-not-at-top
+  # BatchNorm statistics are averaged over the data-parallel axis in train mode;
+  # in eval mode the same module uses its running statistics.
+  model = models.create(config.model, axis_name=DATA_AXIS)
+  variables = models.init_variables(model, rng, image_size=int(config.input.transform.crop),
+                                    channels=channels, init_from=config.model.init_from)
+  return model, variables
+
+
+def probe_indices(n: int, size: int, seed: int) -> np.ndarray:
+  """A fixed probe set of training images for the drift measurement."""
+  rng = np.random.default_rng(seed + 12345)
+  return np.sort(rng.choice(n, size=min(size, n), replace=False))
