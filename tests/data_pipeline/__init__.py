@@ -1,0 +1,1 @@
+"""Tests of the glyph data, the P x K sampler, transforms and the input pipeline."""
