@@ -82,9 +82,10 @@ def enqueue(mem: MemoryState, batch: Embeddings, *, when=True) -> MemoryState:
     raise ValueError(f"batch of {b} is larger than the memory of {k} slots; "
                      "use a memory at least as large as the (global) batch")
   when = jnp.asarray(when, jnp.bool_)
-  slots = (mem.ptr + jnp.arange(b, dtype=jnp.int32)) % k
-  # Out-of-range slots are dropped by the scatter: that is how `when=False` skips.
-  slots = jnp.where(when, slots, k)
+  offsets = jnp.arange(b, dtype=jnp.int32)
+  # Out-of-range slots (distinct, so the scatter's indices stay unique) are
+  # dropped by the scatter: that is how `when=False` skips.
+  slots = jnp.where(when, (mem.ptr + offsets) % k, k + offsets)
   emb = jax.lax.stop_gradient(batch.emb).astype(mem.emb.dtype)
   put = lambda arr, val: arr.at[slots].set(val, mode="drop", unique_indices=True)
   return MemoryState(
