@@ -180,3 +180,18 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match="mining"):
     losses.triplet(xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)),
                    xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)), mining="easy")
+
+
+def test_bf16_memory_never_keeps_the_anchors_own_slot():
+  """Rounding to bf16 moves a unit vector's self-similarity off 1 by ~1e-3; the default
+  threshold must still drop the anchor's own memory slot (labels all distinct here)."""
+  rng = np.random.default_rng(0)
+  q = xbm_jax.Embeddings(jnp.asarray(unit(rng, 8, 128)), jnp.arange(8, dtype=jnp.int32))
+  mem = xbm_jax.memory.enqueue(xbm_jax.memory.init(size=16, dim=128, dtype=jnp.bfloat16), q)
+  for name in losses.LOSSES:
+    loss, st = losses.get(name)(q, mem, reduction="mean", return_stats=True)
+    assert int(st["pos_pairs"]) == 0, name
+  loss, _ = losses.contrastive(q, mem, reduction="mean", return_stats=True)
+  assert float(loss) == 0.0
+  assert losses.self_threshold(q, mem) == 1 - 1e-2
+  assert losses.self_threshold(q, q) == 1 - 1e-5

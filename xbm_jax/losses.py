@@ -15,7 +15,11 @@ whatever the input dtype (bf16 inputs accumulate in f32).
 Common keyword-only options:
   self_exclusion: how an anchor's own entry is removed from its positives.
     "similarity" (default, the reference code): positives need S < pos_threshold,
-    which also drops exact duplicates of the anchor. "index": drop exactly the
+    which also drops exact duplicates of the anchor. `pos_threshold=None` (the
+    default) means 1 - 1e-5 (the reference) when both sides are float32, and
+    1 - 1e-2 when either side is 16-bit: rounding a unit vector to bf16 moves
+    its self-similarity by up to ~1e-3, which would keep the anchor's own
+    memory slot as a positive. "index": drop exactly the
     reference entry `self_index[i]` (e.g. `memory.last_slots(...)`, or
     `arange(B)` for the in-batch term). "none": keep every same-label pair.
   reduction: "paper" (default): the sum over anchors of each anchor's loss,
@@ -37,6 +41,13 @@ from xbm_jax import memory as memory_lib
 from xbm_jax.embeddings import check, valid_mask
 
 EPS_SELF = 1e-5
+EPS_SELF_16BIT = 1e-2
+
+
+def self_threshold(query, reference) -> float:
+  """The default `pos_threshold` for these inputs' dtypes (see module doc)."""
+  narrow = any(jnp.finfo(x.emb.dtype).bits < 32 for x in (query, reference))
+  return 1.0 - (EPS_SELF_16BIT if narrow else EPS_SELF)
 _SENTINEL = -4.0  # below any cosine similarity; marks masked-out negatives when sorted
 
 
@@ -51,7 +62,7 @@ def similarity(query, reference) -> jax.Array:
 
 
 def pair_masks(query, reference, sim: jax.Array, *, self_exclusion: str = "similarity",
-               pos_threshold: float = 1.0 - EPS_SELF,
+               pos_threshold: Optional[float] = None,
                self_index: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
   """`([B, R], [B, R])` bool positive and negative pair masks.
 
@@ -62,6 +73,8 @@ def pair_masks(query, reference, sim: jax.Array, *, self_exclusion: str = "simil
   both = valid_mask(query)[:, None] & valid_mask(reference)[None, :]
   pos, neg = same & both, ~same & both
   if self_exclusion == "similarity":
+    if pos_threshold is None:
+      pos_threshold = self_threshold(query, reference)
     pos = pos & (sim < pos_threshold)
   elif self_exclusion == "index":
     if self_index is None:
@@ -112,7 +125,7 @@ def _reduce(per_anchor, query, n_active, reduction):
 
 
 def contrastive(query, reference, *, margin: float = 0.5,
-                pos_threshold: float = 1.0 - EPS_SELF,
+                pos_threshold: Optional[float] = None,
                 self_exclusion: str = "similarity", self_index=None,
                 reduction: str = "paper", return_stats: bool = False):
   """XBM's contrastive loss (paper Eq. 4 as coded).
@@ -145,7 +158,7 @@ def _log1p_sum_exp(x, mask):
 
 def multi_similarity(query, reference, *, alpha: float = 2.0, beta: float = 40.0,
                      lam: float = 0.5, mining_margin: float = 0.1,
-                     pos_threshold: float = 1.0 - EPS_SELF,
+                     pos_threshold: Optional[float] = None,
                      self_exclusion: str = "similarity", self_index=None,
                      reduction: str = "paper", return_stats: bool = False):
   """Multi-similarity loss (Wang et al., CVPR 2019) with its pair mining, as coded
@@ -186,7 +199,7 @@ _searchsorted_rows = jax.vmap(
 
 
 def triplet(query, reference, *, margin: float = 0.1, mining: str = "hard",
-            pos_threshold: float = 1.0 - EPS_SELF,
+            pos_threshold: Optional[float] = None,
             self_exclusion: str = "similarity", self_index=None,
             reduction: str = "paper", return_stats: bool = False):
   """Hinge triplet loss on cosine similarity: relu(S_an - S_ap + margin).

@@ -36,7 +36,7 @@ Options are those of `xbm_jax.losses`; `self_exclusion="index"` takes
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +122,7 @@ def _stats(c: _Ctx, pos_active, neg_active) -> dict:
 
 
 def contrastive(query, shard, *, axis_name: str = "data", margin: float = 0.5,
-                pos_threshold: float = 1.0 - EPS_SELF, self_exclusion: str = "similarity",
+                pos_threshold: Optional[float] = None, self_exclusion: str = "similarity",
                 self_index=None, reduction: str = "paper", return_stats: bool = False):
   """`losses.contrastive(query, full_memory)` with the memory sharded (see module doc).
 
@@ -152,7 +152,7 @@ def _log1p_sum_exp(c: _Ctx, x, mask):
 
 def multi_similarity(query, shard, *, axis_name: str = "data", alpha: float = 2.0,
                      beta: float = 40.0, lam: float = 0.5, mining_margin: float = 0.1,
-                     pos_threshold: float = 1.0 - EPS_SELF, self_exclusion: str = "similarity",
+                     pos_threshold: Optional[float] = None, self_exclusion: str = "similarity",
                      self_index=None, reduction: str = "paper", return_stats: bool = False):
   """`losses.multi_similarity(query, full_memory)` with the memory sharded."""
   c = _setup(query, shard, axis_name, self_exclusion, pos_threshold, self_index, reduction)
@@ -196,7 +196,7 @@ def _full_rows(c: _Ctx):
 
 
 def triplet(query, shard, *, axis_name: str = "data", margin: float = 0.1,
-            mining: str = "hard", pos_threshold: float = 1.0 - EPS_SELF,
+            mining: str = "hard", pos_threshold: Optional[float] = None,
             self_exclusion: str = "similarity", self_index=None,
             reduction: str = "paper", return_stats: bool = False):
   """`losses.triplet(query, full_memory)` with the memory sharded.
