@@ -166,3 +166,16 @@ def test_unknown_config_key_is_an_error(data_dir, tmp_path):
   c.xbm.sise = 10
   with pytest.raises(KeyError, match="xbm.sise"):
     loop.train_and_evaluate(c, str(tmp_path / "typo"))
+
+
+def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
+  src = str(tmp_path / "src")
+  loop.train_and_evaluate(tiny_config(data_dir, **{"xbm.enabled": False,
+                                                   "drift.enabled": False}), src)
+  cfg = tiny_config(data_dir, **{"train.steps": 1, "train.init_from": src,
+                                 "optim.lr": 0.0, "optim.weight_decay": 0.0,
+                                 "drift.enabled": False, "pictures.enabled": False})
+  wd = str(tmp_path / "warm")
+  loop.train_and_evaluate(cfg, wd)   # lr 0: params stay the source's
+  a, b = final_state(src, None), final_state(wd, None)
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])

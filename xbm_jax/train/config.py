@@ -11,7 +11,7 @@ from ml_collections import config_dict
 from xbm_jax import models
 
 # Sections whose keys are free-form (names chosen by the experiment).
-OPEN_SECTIONS = ("evals", "loss.kwargs", "xbm.memory_loss_kwargs")
+OPEN_SECTIONS = ("evals",)
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -29,6 +29,22 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
     else:
       out[key] = type(default)(value)
   return out
+
+
+def loss_kwargs_fields() -> dict:
+  """Every keyword option of the losses, unset: `--config.loss.kwargs.margin=0.3`."""
+  f, s = config_dict.placeholder(float), config_dict.placeholder(str)
+  return dict(margin=f, pos_threshold=config_dict.placeholder(float),
+              self_exclusion=s, reduction=config_dict.placeholder(str),
+              alpha=config_dict.placeholder(float), beta=config_dict.placeholder(float),
+              lam=config_dict.placeholder(float),
+              mining_margin=config_dict.placeholder(float),
+              mining=config_dict.placeholder(str))
+
+
+def set_kwargs(cfg) -> dict:
+  """The options of a kwargs section that are set (not None)."""
+  return {k: v for k, v in cfg.items() if v is not None}
 
 
 def base() -> ml_collections.ConfigDict:
@@ -49,7 +65,8 @@ def base() -> ml_collections.ConfigDict:
   )
   c.model = models.default_config()
 
-  c.loss = dict(name="contrastive", kwargs={})  # kwargs: the loss's keyword options
+  # kwargs: the loss's keyword options; unset (None) ones keep the loss's defaults.
+  c.loss = dict(name="contrastive", kwargs=loss_kwargs_fields())
 
   c.xbm = dict(
       enabled=True,
@@ -59,7 +76,9 @@ def base() -> ml_collections.ConfigDict:
       weight=1.0,                     # w in L(B, B) + w * L(B, M)
       dtype="float32",                # memory storage: float32 | bfloat16
       memory_sharding="replicated",   # replicated | sharded
-      memory_loss_kwargs={},          # overrides for the memory term, e.g. reduction=mean
+      # Overrides for the memory term only, e.g. reduction="mean" (average the
+      # memory term over its active pairs instead of the paper's sum / anchors).
+      memory_loss_kwargs=loss_kwargs_fields(),
       ramp_steps=0,
       threshold=0.05,                 # drift threshold for "auto" and back-off
       min_auto_step=0,
@@ -84,6 +103,9 @@ def base() -> ml_collections.ConfigDict:
       checkpoint_every=1000,
       keep_checkpoints=2,
       best_metric="",                 # e.g. "eval/sop/recall@1": also keep the best
+      # Warm start: another run's workdir; its latest params and BN statistics
+      # initialise this run (optimiser, memory and step start fresh).
+      init_from=config_dict.placeholder(str),
       progress=True,
   )
 

@@ -22,6 +22,7 @@ from xbm_jax import parallel
 from xbm_jax.data import pipeline
 from xbm_jax.insight import controller as controller_lib, drift as drift_lib
 from xbm_jax.train import checkpoint, evaluation, optim, setup
+from xbm_jax.train import config as config_lib
 from xbm_jax.train import state as state_lib, step as step_lib
 from xbm_jax.train.writer import MetricWriter
 
@@ -39,6 +40,27 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
   last = stacked[-1][1]
   return {k: float(last[k]) if k in LAST_VALUE_KEYS else
           float(np.mean([m[1][k] for m in stacked])) for k in last}, first_bad
+
+
+def _warm_start(state, workdir: str):
+  """Params and BN statistics from another run's latest checkpoint (whatever its
+  memory size), placed like this run's."""
+  src = checkpoint.Checkpointer(workdir, keep=1000)
+  step = src.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.train.init_from={workdir!r} has no checkpoint")
+  raw = src.last.restore(step)["state"]   # plain arrays, no target needed
+  src.close()
+  out = {}
+  for key in ("params", "batch_stats"):
+    mine = getattr(state, key)
+    theirs = raw[key]
+    if jax.tree.structure(mine) != jax.tree.structure(theirs):
+      raise ValueError(f"config.train.init_from={workdir!r}: its {key} do not match this "
+                       "model (different config.model?)")
+    out[key] = jax.tree.map(lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding),
+                            mine, theirs)
+  return state.replace(**out)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -68,6 +90,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   host = {}
   if restored is not None:
     state, host = restored
+  elif config.train.init_from:
+    state = _warm_start(state, config.train.init_from)
   start = int(jax.device_get(state.step))
 
   writer = MetricWriter(workdir, resume_step=start if restored else None,
@@ -94,8 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       seed=int(config.seed), state=host.get("pipeline"))
   train_step = step_lib.make_train_step(
       model=model, direction=direction, schedule=schedule,
-      loss_name=config.loss.name, loss_kwargs=dict(config.loss.kwargs),
-      memory_loss_kwargs=dict(config.xbm.memory_loss_kwargs), mesh=mesh,
+      loss_name=config.loss.name, loss_kwargs=config_lib.set_kwargs(config.loss.kwargs),
+      memory_loss_kwargs=config_lib.set_kwargs(config.xbm.memory_loss_kwargs), mesh=mesh,
       sharded_memory=sharded)
   evals = evaluation.EvalRunner(config, model, mesh, train_src=train_src, writer=writer,
                                 workdir=workdir)

@@ -3,6 +3,8 @@ model and the initial train state. Every check here runs before any state is
 created or any file is written."""
 from __future__ import annotations
 
+import inspect
+
 import jax
 import numpy as np
 
@@ -34,7 +36,13 @@ def validate(config, *, num_devices: int) -> None:
   if int(config.input.eval_batch_size) % num_devices:
     raise ValueError(f"config.input.eval_batch_size={config.input.eval_batch_size} is not "
                      f"divisible by the {num_devices} devices of the mesh")
-  losses.get(config.loss.name)
+  params = inspect.signature(losses.get(config.loss.name)).parameters
+  for section in ("loss.kwargs", "xbm.memory_loss_kwargs"):
+    head, tail = section.split(".")
+    for key in config_lib.set_kwargs(config[head][tail]):
+      if key not in params:
+        raise ValueError(f"config.{section}.{key} is not an option of the "
+                         f"{config.loss.name!r} loss")
   x = config.xbm
   if x.enabled:
     if int(x.size) < b:
