@@ -61,8 +61,8 @@ def initialize_distributed(*, coordinator_address: Optional[str] = None,
     process_id = int(os.environ["XBM_PROCESS_ID"])
   if coordinator_address is None:
     return
-  if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    # CPU collectives across processes need an implementation (gloo).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # CPU collectives across processes need an implementation (gloo); harmless
+  # on GPU/TPU. (Asking for the backend here would initialise it too early.)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)

@@ -54,6 +54,28 @@ def run_steps(n_devices, batches, *, loss_name="contrastive", loss_kwargs=None,
   return jax.device_get(st), history, train_step
 
 
+def run_steps_local(local_batches):
+  """Steps over all devices of all processes; each process passes its own rows."""
+  mesh = parallel.make_mesh()
+  model = TinyEmbedder()
+  variables = model.init(jax.random.PRNGKey(0), local_batches[0]["image"][:2], train=False)
+  direction = optim.make_direction(optim_cfg())
+  st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
+                        tx=direction, memory=memory.init(size=40, dim=8),
+                        rng=jax.random.PRNGKey(1))
+  st = jax.device_put(st, parallel.replicated(mesh))
+  train_step = step_lib.make_train_step(
+      model=model, direction=direction, schedule=optim.make_schedule(optim_cfg(), 10),
+      loss_name="contrastive", loss_kwargs={}, mesh=mesh)
+  ctrl = {"start_step": jnp.int32(1), "xbm_weight": jnp.float32(1.0),
+          "lr_scale": jnp.float32(1.0)}
+  history = []
+  for batch in local_batches:
+    st, metrics = train_step(st, parallel.global_batch(batch, mesh), ctrl)
+    history.append({k: np.asarray(v.addressable_data(0)) for k, v in metrics.items()})
+  return history
+
+
 def make_batches(n, seed=0, b=16):
   rng = np.random.default_rng(seed)
   return [{"image": rng.integers(0, 256, size=(b, 4, 4, 1), dtype=np.uint8),
