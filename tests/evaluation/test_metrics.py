@@ -1,0 +1,187 @@
+"""Retrieval metrics against a brute-force NumPy oracle and hand-computed values."""
+import jax
+import numpy as np
+import pytest
+
+from xbm_jax.evaluation import metrics
+
+
+def oracle(q, ql, g=None, gl=None, ks=(1,), self_exclude=True):
+  """Full sort per query: stable by (score desc, index asc); self removed by index."""
+  if g is None:
+    g, gl = q, ql
+  s = q.astype(np.float64) @ g.astype(np.float64).T
+  hits = {k: [] for k in ks}
+  aps, rps, p1s, excluded = [], [], [], 0
+  for i in range(len(q)):
+    idx = np.arange(len(g))
+    if self_exclude:
+      idx = idx[idx != i]
+    order = idx[np.lexsort((idx, -s[i, idx]))]
+    rel = gl[order] == ql[i]
+    r = int(rel.sum())
+    if r == 0:
+      excluded += 1
+      continue
+    first = int(np.argmax(rel))
+    for k in ks:
+      hits[k].append(first < k)
+    top = rel[:r]
+    aps.append(np.sum(np.cumsum(top) / np.arange(1, r + 1) * top) / r)
+    rps.append(top.sum() / r)
+    p1s.append(float(rel[0]))
+  out = {f"recall@{k}": float(np.mean(hits[k])) for k in ks}
+  out.update({"map@r": float(np.mean(aps)), "r_precision": float(np.mean(rps)),
+              "precision@1": float(np.mean(p1s)), "num_queries": len(aps),
+              "num_singleton_excluded": excluded})
+  return out
+
+
+def assert_same(got, want):
+  assert set(got) == set(want), (sorted(got), sorted(want))
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def clustered(n, d, classes, noise, seed):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, classes, n) * 7 - 5  # arbitrary integers, negatives too
+  centers = rng.standard_normal((classes * 7, d))
+  x = centers[labels + 5] + noise * rng.standard_normal((n, d))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  return x.astype(np.float32), labels
+
+
+def mesh8():
+  return jax.make_mesh((8,), ("gallery",))
+
+
+KS = (1, 2, 4, 8, 500)
+
+
+def test_random_leave_one_out_matches_oracle_with_ragged_blocks():
+  x, l = clustered(203, 16, 40, 1.0, seed=0)  # 203 = 3 * 64 + 11: blocks do not divide N
+  got = metrics.retrieval_metrics(x, l, ks=KS, self_exclude=True, block_size=64)
+  assert_same(got, oracle(x, l, ks=KS))
+  assert got["recall@500"] == 1.0  # K beyond N: every scored query hits
+
+
+def test_random_query_gallery_with_labels_missing_from_gallery():
+  q, ql = clustered(97, 8, 30, 0.8, seed=1)
+  g, gl = clustered(150, 8, 30, 0.8, seed=2)
+  ql = ql.copy()
+  ql[:9] = 10_000  # never in the gallery: excluded and counted
+  got = metrics.retrieval_metrics(q, ql, g, gl, ks=KS, self_exclude=False, block_size=40)
+  want = oracle(q, ql, g, gl, ks=KS, self_exclude=False)
+  assert_same(got, want)
+  assert got["num_singleton_excluded"] >= 9
+
+
+def tie_set():
+  """Exactly representable scores: ties are real ties in float32 and float64."""
+  x = np.array([[1, 0], [.5, 0], [.5, 0], [.5, 0], [0, 1], [0, 1], [0, .5], [1, 0]],
+               np.float32)
+  l = np.array([0, 1, 0, 2, 3, 4, 3, 1])
+  return x, l
+
+
+def test_hand_made_ties_break_by_gallery_index():
+  x, l = tie_set()
+  got = metrics.retrieval_metrics(x, l, ks=(1, 2), self_exclude=True, block_size=3)
+  # Query 0 (label 0): item 7 (label 1) scores 1.0 > its positive 2 (0.5), and negative 1
+  # ties the positive at 0.5 with a smaller index -> rank 2: miss at 1 and 2.
+  # Query 1 (label 1): positive 7 scores 0.5, tied with item 0 (smaller index) -> rank 1.
+  # Query 2 (label 0): positive 0 scores 0.5, tied with item 7 (larger index) -> rank 0.
+  # Query 4 (label 3): item 5 scores 1.0 before positive 6 (0.5) -> rank 1.
+  # Query 6 (label 3): positive 4 scores 0.5, tied with 5 (larger index) -> rank 0.
+  # Query 7 (label 1): item 0 scores 1.0 before positive 1 (0.5) -> rank 1.
+  # Queries 3 (label 2) and 5 (label 4) are singletons.
+  assert got["num_singleton_excluded"] == 2
+  assert got["num_queries"] == 6
+  assert got["recall@1"] == pytest.approx(2 / 6)  # queries 2 and 6
+  assert got["recall@2"] == pytest.approx(5 / 6)  # all but query 0
+  assert_same(got, oracle(x, l, ks=(1, 2)))
+
+
+def test_positive_before_tied_negative_hits():
+  # Swapping which of two tied items has the lower index flips the outcome.
+  x = np.array([[1, 0], [.5, 0], [.5, 0]], np.float32)
+  hit = metrics.recall_at_k(x, np.array([0, 0, 1]), ks=(1,), self_exclude=True)
+  miss = metrics.recall_at_k(x, np.array([0, 1, 0]), ks=(1,), self_exclude=True)
+  # Query 0: positive at index 1 vs tied negative at 2 -> hit; swapped -> miss.
+  # The other queries: query 1 (label 0) top is item 0 (0.5 > 0.25) -> hit; query 2
+  # (label 1) is a singleton in the first set; in the second, query 2 (label 0) hits.
+  assert hit["recall@1"] == 1.0 and hit["num_queries"] == 2
+  assert miss["recall@1"] == pytest.approx(1 / 2) and miss["num_queries"] == 2
+
+
+def test_self_excluded_by_index_not_by_rank_zero():
+  # Items 0 and 1 are identical; 1 is the query. Dropping "rank 0" would drop item 0
+  # (a negative with the same score and a smaller index) and keep self: a false hit.
+  x = np.array([[1, 0], [1, 0], [.5, 0]], np.float32)
+  l = np.array([5, 0, 0])
+  loo = metrics.retrieval_metrics(x, l, ks=(1, 2), self_exclude=True)
+  # Query 1: item 0 (negative, 1.0) before item 2 (positive, 0.5): rank 1.
+  # Query 2: item 0 (1*.5 = .5, negative, index 0) ties item 1 (positive) -> rank 1.
+  assert loo["recall@1"] == 0.0 and loo["recall@2"] == 1.0
+  assert loo["num_singleton_excluded"] == 1
+  assert_same(loo, oracle(x, l, ks=(1, 2)))
+
+
+def test_singletons_are_excluded_and_counted():
+  x, l = clustered(60, 4, 10, 0.5, seed=3)
+  l = l.copy()
+  l[[0, 5, 9]] = [1001, 1002, 1003]
+  got = metrics.retrieval_metrics(x, l, ks=(1, 4), self_exclude=True)
+  want = oracle(x, l, ks=(1, 4))
+  assert_same(got, want)
+  assert got["num_singleton_excluded"] >= 3
+  assert got["num_queries"] + got["num_singleton_excluded"] == 60
+
+
+def test_map_at_r_hand_computed():
+  # Query 0 (label 0, R = 2): ranking 1 (pos), 2 (neg), 3 (pos) -> top-2 = [pos, neg]:
+  # MAP@R = (1/1) / 2 = 0.5, R-precision = 1/2.
+  x = np.array([[1, 0, 0], [.75, .5, 0], [.5, 0, 0], [.25, 0, 0]], np.float32)
+  l = np.array([0, 0, 1, 0])
+  got = metrics.map_at_r(x[:1], l[:1], x[1:], l[1:], self_exclude=False)
+  assert got["map@r"] == pytest.approx(0.5)
+  assert got["r_precision"] == pytest.approx(0.5)
+  assert got["precision@1"] == 1.0
+
+
+@pytest.mark.parametrize("self_exclude", [True, False])
+def test_eight_devices_equal_one(self_exclude):
+  assert jax.device_count() >= 8
+  x, l = clustered(203, 8, 30, 1.0, seed=4)  # 203 gallery rows: padded on 8 shards
+  tx, tl = tie_set()
+  tx = np.pad(tx, ((0, 0), (0, x.shape[1] - tx.shape[1])))
+  x = np.concatenate([x, tx]).astype(np.float32)
+  l = np.concatenate([l, tl + 100_000])
+  if self_exclude:
+    args = (x, l)
+  else:
+    args = (x[:77], l[:77], x[50:], l[50:])
+  one = metrics.retrieval_metrics(*args, ks=KS, self_exclude=self_exclude, block_size=48)
+  eight = metrics.retrieval_metrics(*args, ks=KS, self_exclude=self_exclude,
+                                    block_size=48, mesh=mesh8())
+  assert one == eight
+  assert_same(eight, oracle(*args, ks=KS, self_exclude=self_exclude))
+  if self_exclude:  # a 2-D mesh: the gallery is sharded over both axes
+    two_d = metrics.retrieval_metrics(*args, ks=KS, self_exclude=True, block_size=48,
+                                      mesh=jax.make_mesh((2, 4), ("data", "model")))
+    assert two_d == one
+
+
+def test_per_query_ranks_and_errors():
+  x, l = tie_set()
+  res = metrics.retrieval_metrics(x, l, ks=(1,), self_exclude=True, per_query=True)
+  np.testing.assert_array_equal(res["rank"], [2, 1, 0, -1, 1, -1, 0, 1])
+  with pytest.raises(ValueError, match="self_exclude"):
+    metrics.retrieval_metrics(x, l, x[:3], l[:3], self_exclude=True)
+  with pytest.raises(ValueError, match="query_labels"):
+    metrics.retrieval_metrics(x, l[:3], self_exclude=True)
+  with pytest.raises(ValueError, match="ks"):
+    metrics.retrieval_metrics(x, l, ks=(0,), self_exclude=True)
+  with pytest.raises(TypeError, match="labels"):
+    metrics.retrieval_metrics(x, l.astype(np.float32), self_exclude=True)

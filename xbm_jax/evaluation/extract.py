@@ -1,0 +1,66 @@
+"""Embedding extraction over an evaluation split: padded batches in, host arrays out."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def _place(images, mesh: Optional[Mesh]):
+  """Shards the batch over all mesh devices when it divides evenly, else replicates."""
+  if mesh is None:
+    return images
+  n = mesh.devices.size
+  spec = P(mesh.axis_names) if images.shape[0] % n == 0 else P()
+  return jax.device_put(images, NamedSharding(mesh, spec))
+
+
+def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
+            mesh: Optional[Mesh] = None) -> dict:
+  """Embeds every real record of a split.
+
+  Args:
+    embed_fn: jitted `images [b, H, W, C] -> embeddings [b, D]` (the trainer closes it over
+      the parameters, sharded over `mesh` if given).
+    batches: iterator of dicts `{"image": uint8 [b, H, W, C], "label": int [b],
+      "mask": bool [b]}`; the last batch is padded and `mask` is False on padding. A record
+      may carry `"index"` (int [b], e.g. its position in the split's list file).
+    mesh: optional mesh; each batch is sharded over all its devices (batch dimension).
+  Returns:
+    `dict(emb=float32 [N, D], labels=int64 [N], index=int64 [N])` on the host, padded rows
+    dropped, in iteration order. `index` is the record's own index if batches carry one,
+    else its running position among real records.
+  """
+  embs, labels, index, masks = [], [], [], []
+  seen = 0
+  for i, batch in enumerate(batches):
+    for key in ("image", "label", "mask"):
+      if key not in batch:
+        raise KeyError(f"batch {i} has no {key!r}; keys: {sorted(batch)}")
+    mask = np.asarray(batch["mask"]).astype(bool)
+    b = mask.shape[0]
+    if np.shape(batch["image"])[0] != b or np.shape(batch["label"])[0] != b:
+      raise ValueError(f"batch {i}: image {np.shape(batch['image'])}, label "
+                       f"{np.shape(batch['label'])} and mask {mask.shape} disagree on b")
+    # Dispatch now, fetch later: the device embeds batch i while the host loads i + 1.
+    embs.append(embed_fn(_place(batch["image"], mesh)))
+    masks.append(mask)
+    labels.append(np.asarray(batch["label"]).astype(np.int64)[mask])
+    if "index" in batch:
+      index.append(np.asarray(batch["index"]).astype(np.int64)[mask])
+    else:
+      index.append(np.arange(seen, seen + int(mask.sum()), dtype=np.int64))
+    seen += int(mask.sum())
+  if not embs:
+    raise ValueError("extract got no batches")
+  out = []
+  for i, (e, m) in enumerate(zip(embs, masks)):
+    e = np.asarray(jax.device_get(e), dtype=np.float32)
+    if e.ndim != 2 or e.shape[0] != m.shape[0]:
+      raise ValueError(f"embed_fn returned shape {e.shape} for batch {i} of {m.shape[0]} "
+                       "images; expected [b, D]")
+    out.append(e[m])
+  return dict(emb=np.concatenate(out), labels=np.concatenate(labels),
+              index=np.concatenate(index))
