@@ -38,6 +38,10 @@ def _from_json(x):
   return x
 
 
+def _handlers():
+  return {"state": ocp.StandardCheckpointHandler(), "host": ocp.JsonCheckpointHandler()}
+
+
 class Checkpointer:
   """Save / restore `(TrainState, host_state)`; automatic resume from the workdir."""
 
@@ -46,13 +50,15 @@ class Checkpointer:
     self.best_metric = best_metric
     self.last = ocp.CheckpointManager(
         os.path.join(root, "last"), options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False))
+            max_to_keep=keep, create=True, enable_async_checkpointing=False),
+        item_handlers=_handlers())
     self.best = None
     if best_metric:
       self.best = ocp.CheckpointManager(
           os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(
               max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
-              best_mode="max", enable_async_checkpointing=False))
+              best_mode="max", enable_async_checkpointing=False),
+          item_handlers=_handlers())
 
   def latest_step(self) -> Optional[int]:
     return self.last.latest_step()
@@ -85,6 +91,40 @@ class Checkpointer:
     out = self.last.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
     return out["state"], _from_json(out["host"])
+
+  def saved_memory_ptr_shape(self, step: Optional[int] = None) -> Optional[tuple]:
+    """Shape of the saved memory pointer: `()` replicated, `(n,)` sharded over n."""
+    step = self.last.latest_step() if step is None else step
+    if step is None:
+      return None
+    return tuple(self.last.item_metadata(step)["state"]["memory"]["ptr"].shape)
+
+  def restore_resharded(self, state, shardings, mesh, *, sharded_memory: bool):
+    """Restores onto another memory layout (a sharded memory saved with another
+    device count, or a replicated one): the memory is restored to the host as
+    saved, then re-laid by `sharded_memory.restore` (see its docstring)."""
+    from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
+    ptr_shape = self.saved_memory_ptr_shape()
+    abstract = abstract_like(state)
+    host_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mem = abstract.memory._replace(ptr=jax.ShapeDtypeStruct(ptr_shape, jax.numpy.int32))
+    mem = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                      sharding=host_sharding), mem)
+    restored = self.restore(abstract.replace(memory=mem))
+    if restored is None:
+      return None
+    st, host = restored
+    saved_mem = jax.tree.map(np.asarray, st.memory)
+    if sharded_memory:
+      new_mem = sm.restore(saved_mem, mesh)
+    else:
+      if saved_mem.ptr.shape != ():
+        raise ValueError("the checkpoint holds a sharded memory but "
+                         "config.xbm.memory_sharding='replicated'; restoring a sharded "
+                         "memory into a replicated one is not supported")
+      new_mem = saved_mem
+    st = jax.device_put(st.replace(memory=new_mem), shardings)
+    return st, host
 
   def close(self) -> None:
     self.last.close()

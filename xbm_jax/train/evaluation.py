@@ -23,6 +23,9 @@ def _splits(cfg) -> tuple[str, str]:
   """(query split, gallery split) of an evaluator config."""
   if "split" in cfg:
     return cfg["split"], cfg["split"]
+  if "splits" in cfg:   # VehicleID: pictures of its first test set
+    first = list(cfg["splits"].values())[0]
+    return first, first
   return cfg["query_split"], cfg["gallery_split"]
 
 

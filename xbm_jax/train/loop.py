@@ -82,11 +82,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            batch_stats=variables.get("batch_stats", {}), tx=direction,
                            memory=setup.init_memory(config, mesh.size), rng=state_rng)
   sharded = config.xbm.enabled and config.xbm.memory_sharding == "sharded"
-  state = jax.device_put(state, step_lib.state_shardings(state, mesh, sharded_memory=sharded))
+  shardings = step_lib.state_shardings(state, mesh, sharded_memory=sharded)
+  state = jax.device_put(state, shardings)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
                                  best_metric=config.train.best_metric)
-  restored = ckpt.restore(checkpoint.abstract_like(state))
+  if ckpt.latest_step() is not None and ckpt.saved_memory_ptr_shape() != state.memory.ptr.shape:
+    # A sharded memory saved on another device count: re-laid on restore.
+    restored = ckpt.restore_resharded(state, shardings, mesh, sharded_memory=sharded)
+  else:
+    restored = ckpt.restore(checkpoint.abstract_like(state))
   host = {}
   if restored is not None:
     state, host = restored
