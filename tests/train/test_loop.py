@@ -203,3 +203,18 @@ def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_
   st = final_state(shd, None)
   assert st["memory"]["ptr"].shape == (4,)
   assert int(np.sum(st["memory"]["valid"])) == 64   # 48 before + 16 from step 7
+
+
+def test_prefill_fills_the_memory_from_the_model_at_the_start(data_dir, tmp_path):
+  """With prefill, the memory is full from its first active step: 64 eval-mode
+  embeddings of training images (the tiny set has 72), then the step enqueues."""
+  cfg = tiny_config(data_dir, **{"xbm.prefill": True, "drift.enabled": False,
+                                 "pictures.enabled": False, "train.log_every": 1,
+                                 "optim.lr": 0.0, "optim.weight_decay": 0.0})
+  wd = str(tmp_path / "prefill")
+  loop.train_and_evaluate(cfg, wd)
+  fills = {l["step"]: l["train/memory_fill"] for l in read_log(wd) if "train/loss" in l}
+  assert fills[3] == 0.0 and fills[4] == 1.0
+  st = final_state(wd, None)
+  mem_emb = np.asarray(st["memory"]["emb"], np.float64)
+  np.testing.assert_allclose(np.linalg.norm(mem_emb, axis=1), 1.0, rtol=1e-5)

@@ -76,6 +76,7 @@ def base() -> ml_collections.ConfigDict:
       weight=1.0,                     # w in L(B, B) + w * L(B, M)
       dtype="float32",                # memory storage: float32 | bfloat16
       memory_sharding="replicated",   # replicated | sharded
+      prefill=False,                  # fill the memory from the model at the start
       # Overrides for the memory term only, e.g. reduction="mean" (average the
       # memory term over its active pairs instead of the paper's sum / anchors).
       memory_loss_kwargs=loss_kwargs_fields(),

@@ -65,6 +65,30 @@ class EvalRunner:
   def embed_probe(self, state) -> np.ndarray:
     return self.embed_images(state, self.probe)
 
+  def prefill(self, state, source, *, size: int, seed: int):
+    """A full memory of eval-mode embeddings of `size` random training images
+    from the current model (the paper's initialisation after warm-up).
+
+    Returns a replicated-layout host `MemoryState` (numpy), oldest first.
+    """
+    rng = np.random.default_rng(seed)
+    n = min(size, len(source))
+    idx = rng.choice(len(source), size=n, replace=False)
+    emb, labels = [], []
+    chunk = int(self.config.input.eval_batch_size)
+    for lo in range(0, n, chunk):
+      recs = [source[int(i)] for i in idx[lo:lo + chunk]]
+      emb.append(self.embed_images(state, np.stack(
+          [transforms.eval_transform(np.asarray(r["image"]), self.tcfg) for r in recs])))
+      labels.extend(int(r["label"]) for r in recs)
+    mem = jax.tree.map(np.asarray, jax.device_get(state.memory))
+    out_emb = np.zeros((size,) + mem.emb.shape[1:], mem.emb.dtype)
+    out_emb[:n] = np.concatenate(emb).astype(mem.emb.dtype)
+    out_labels = np.zeros((size,), np.int32)
+    out_labels[:n] = labels
+    valid = np.arange(size) < n
+    return type(mem)(out_emb, out_labels, valid, np.asarray(n % size, np.int32))
+
   def run(self, names: list[str], state, step: int) -> dict:
     variables = self._variables(state)
     cache, sources = {}, {}

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from xbm_jax import parallel
+from xbm_jax import parallel, sharded_memory
 from xbm_jax.data import pipeline
 from xbm_jax.insight import controller as controller_lib, drift as drift_lib
 from xbm_jax.train import checkpoint, evaluation, optim, setup
@@ -131,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def host_state(step):
     out = {"pipeline": batches.get_state(), "controller": controller.state_dict(),
-           "plateau": plateau.state_dict()}
+           "plateau": plateau.state_dict(), "prefilled": bool(host.get("prefilled"))}
     if monitor is not None:
       out["drift"] = monitor.state_dict()
     return out
@@ -151,6 +151,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ctrl = {"start_step": jnp.int32(min(mem_start + 1, NEVER)),  # acts at step > start
             "xbm_weight": jnp.float32(mem_weight),
             "lr_scale": jnp.float32(plateau.scale)}
+    if (config.xbm.enabled and config.xbm.prefill and not host.get("prefilled")
+        and step > mem_start):
+      # The paper's initialisation: fill the memory from the current model first.
+      full = evals.prefill(state, train_src, size=int(config.xbm.size),
+                           seed=int(config.seed) * 7919 + step)
+      if sharded:
+        full = sharded_memory.reshard(full, mesh.size)
+      state = state.replace(memory=jax.device_put(full, shardings.memory))
+      host["prefilled"] = True
     host_batch = next(batches)
     state, metrics = train_step(state, parallel.global_batch(host_batch, mesh), ctrl)
     pending.append((step, metrics))
