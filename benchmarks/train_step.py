@@ -59,7 +59,7 @@ def main():
                           tx=direction, memory=memory.init(size=args.memory,
                                                            dim=args.embed_dim),
                           rng=jax.random.PRNGKey(1))
-    st = jax.device_put(st, parallel.replicated(mesh))
+    st = jax.device_put(st, step_lib.state_shardings(st, mesh))
     ctrl = {"start_step": jnp.int32(start), "xbm_weight": jnp.float32(1.0),
             "lr_scale": jnp.float32(1.0)}
     st, m = step_fn(st, batch, ctrl)          # compile (one program serves both)

@@ -92,6 +92,12 @@ def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
   assert os.path.exists(os.path.join(wd, "config.json"))
   assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3", "6"]
+  # The report reads the logs of a real (smoke) run.
+  from xbm_jax.insight import report
+  paths = report.build_report([wd], str(tmp_path / "report"))
+  for kind in ("loss", "recall", "drift"):
+    assert os.path.getsize(paths[kind]) > 0, kind
+  assert "eval/sop/recall@1" in open(paths["table"]).read()
 
 
 def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ def run_steps(n_devices, batches, *, loss_name="contrastive", loss_kwargs=None,
   st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
                         tx=direction, memory=memory.init(size=mem_size, dim=8),
                         rng=jax.random.PRNGKey(1))
-  st = jax.device_put(st, parallel.replicated(mesh))
+  st = jax.device_put(st, step_lib.state_shardings(st, mesh))
   train_step = step_lib.make_train_step(
       model=model, direction=direction, schedule=optim.make_schedule(optim_cfg(), 10),
       loss_name=loss_name, loss_kwargs=loss_kwargs or {}, mesh=mesh)
@@ -63,7 +63,7 @@ def run_steps_local(local_batches):
   st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
                         tx=direction, memory=memory.init(size=40, dim=8),
                         rng=jax.random.PRNGKey(1))
-  st = jax.device_put(st, parallel.replicated(mesh))
+  st = jax.device_put(st, step_lib.state_shardings(st, mesh))
   train_step = step_lib.make_train_step(
       model=model, direction=direction, schedule=optim.make_schedule(optim_cfg(), 10),
       loss_name="contrastive", loss_kwargs={}, mesh=mesh)
@@ -129,3 +129,28 @@ def test_step_matches_single_device_by_hand():
   big = np.abs(np.asarray(g)) > 1e-4
   np.testing.assert_allclose(delta[big], -1e-2 * np.sign(np.asarray(g))[big], rtol=1e-3)
   assert step_fn._cache_size() == 1
+
+
+def test_controller_values_never_recompile_the_step():
+  """Start step, memory weight and LR scale change every step: one compiled program."""
+  batches = make_batches(4, seed=9)
+  mesh = parallel.make_mesh(2)
+  model = TinyEmbedder()
+  variables = model.init(jax.random.PRNGKey(0), batches[0]["image"][:2], train=False)
+  direction = optim.make_direction(optim_cfg())
+  st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
+                        tx=direction, memory=memory.init(size=40, dim=8),
+                        rng=jax.random.PRNGKey(1))
+  st = jax.device_put(st, step_lib.state_shardings(st, mesh))
+  fn = step_lib.make_train_step(model=model, direction=direction,
+                                schedule=optim.make_schedule(optim_cfg(), 10),
+                                loss_name="contrastive", loss_kwargs={}, mesh=mesh)
+  weights = []
+  for i, batch in enumerate(batches):
+    ctrl = {"start_step": jnp.int32([2**31 - 1, 1, 1, 0][i]),
+            "xbm_weight": jnp.float32([0.0, 0.5, 1.0, 0.25][i]),
+            "lr_scale": jnp.float32([1.0, 1.0, 0.5, 0.1][i])}
+    st, m = fn(st, parallel.global_batch(batch, mesh), ctrl)
+    weights.append(float(m["xbm_weight"]))
+  assert weights == [0.0, 0.5, 1.0, 0.25]
+  assert fn._cache_size() == 1

@@ -39,10 +39,16 @@ def _sum_or_mean(name, x):
 
 
 def state_specs(state: TrainState, *, sharded_memory: bool = False):
-  """PartitionSpecs of the train state: replicated, but a sharded memory's rows."""
-  specs = jax.tree.map(lambda _: P(), state)
+  """PartitionSpecs of the train state: replicated, but a sharded memory's rows.
+
+  Specs are full-rank (`P(None, None)` rather than `P()`): that is how the
+  step's outputs come back, so the state fed to the next step has the same
+  shardings as the first one and the step never recompiles.
+  """
+  full = lambda x, first=None: P(first, *([None] * (jnp.ndim(x) - 1))) if jnp.ndim(x) else P()
+  specs = jax.tree.map(full, state)
   if sharded_memory:
-    specs = specs.replace(memory=sharded_memory_lib.specs(DATA_AXIS))
+    specs = specs.replace(memory=jax.tree.map(lambda x: full(x, DATA_AXIS), state.memory))
   return specs
 
 
