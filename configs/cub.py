@@ -21,12 +21,5 @@ def get_config(arg=None):
   c.evals.cub = dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8), every_steps=500,
                    map_at_r=True)
   if args.smoke:
-    c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 32, 8
-    c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                             flip=True)
-    c.input.batch_size, c.input.eval_batch_size = 16, 32
-    c.xbm.size, c.xbm.start_step = 64, 2
-    c.train.steps, c.train.log_every, c.train.checkpoint_every = 6, 2, 3
-    c.evals.cub.every_steps, c.evals.cub.ks = 6, (1, 2)
-    c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
+    config_lib.apply_smoke(c, eval_ks=(1, 2))
   return c

@@ -21,12 +21,5 @@ def get_config(arg=None):
   c.evals.inshop = dict(type="query_gallery", query_split="query", gallery_split="gallery",
                         ks=(1, 10, 20, 30, 40, 50), every_steps=5000, map_at_r=True)
   if args.smoke:
-    c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 32, 8
-    c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                             flip=True)
-    c.input.batch_size, c.input.eval_batch_size = 16, 32
-    c.xbm.size, c.xbm.start_step = 64, 2
-    c.train.steps, c.train.log_every, c.train.checkpoint_every = 6, 2, 3
-    c.evals.inshop.every_steps, c.evals.inshop.ks = 6, (1, 2)
-    c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
+    config_lib.apply_smoke(c, eval_ks=(1, 2))
   return c

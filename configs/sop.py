@@ -30,19 +30,6 @@ def get_config(arg=None):
                      every_steps=5000, map_at_r=True)
   c.drift.interval, c.drift.deltas = 500, (500, 1000)
   if args.smoke:
-    _smoke(c)
+    config_lib.apply_smoke(c)
   return c
 
-
-def _smoke(c):
-  """A few steps of a tiny model: checks the wiring, not the numbers."""
-  c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 32, 8
-  c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                           flip=True)
-  c.input.batch_size, c.input.samples_per_class = 16, 4
-  c.input.eval_batch_size = 32
-  c.xbm.size, c.xbm.start_step = 64, 2
-  c.train.steps, c.train.log_every, c.train.checkpoint_every = 6, 2, 3
-  c.evals.sop.every_steps = 6
-  c.evals.sop.ks = (1, 2)
-  c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16

@@ -23,13 +23,5 @@ def get_config(arg=None):
                            splits=dict(small="test_800", medium="test_1600",
                                        large="test_2400"))
   if args.smoke:
-    c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 32, 8
-    c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                             flip=True)
-    c.input.batch_size, c.input.eval_batch_size = 16, 32
-    c.xbm.size, c.xbm.start_step = 64, 2
-    c.train.steps, c.train.log_every, c.train.checkpoint_every = 6, 2, 3
-    for ev in c.evals.values():
-      ev.every_steps = 6
-    c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
+    config_lib.apply_smoke(c, eval_ks=(1, 5))
   return c

@@ -306,8 +306,14 @@ def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
                             self_index=batch_self_index, **loss_kwargs)
   loss_m, stats_m = loss_fn(query, mem, return_stats=True,
                             self_index=memory_self_index, **mem_kwargs)
+  loss, aux = combine_terms(loss_b, stats_b, loss_m, stats_m, active=active, weight=weight)
+  return loss, mem, aux
+
+
+def combine_terms(loss_b, stats_b, loss_m, stats_m, *, active, weight):
+  """`(L_B + w * L_M, aux)` with w = weight where `active`, else 0 (traced)."""
   w = jnp.where(active, jnp.asarray(weight, jnp.float32), 0.0)
   aux = {"loss_batch": loss_b, "loss_xbm": loss_m, "xbm_weight": w}
   aux.update({f"batch/{k}": v for k, v in stats_b.items()})
   aux.update({f"xbm/{k}": v for k, v in stats_m.items()})
-  return loss_b + w * loss_m, mem, aux
+  return loss_b + w * loss_m, aux

@@ -263,7 +263,8 @@ def get(name: str) -> Callable:
 def xbm_total_loss(query, batch, shard, *, step, start_step, weight=1.0,
                    loss: str = "contrastive", axis_name: str = "data",
                    enqueue: bool = True, batch_self_index=None,
-                   memory_self_index=None, **loss_kwargs):
+                   memory_self_index=None, memory_loss_kwargs: Optional[dict] = None,
+                   **loss_kwargs):
   """`losses.xbm_total_loss` for a sharded memory (call inside shard_map).
 
   From `start_step` on, this device enqueues its own `query` (detached) into
@@ -284,17 +285,16 @@ def xbm_total_loss(query, batch, shard, *, step, start_step, weight=1.0,
   b = query.emb.shape[0]
   if enqueue:
     shard = sharded_memory.enqueue_local(shard, query, when=active)
-  if loss_kwargs.get("self_exclusion") == "index":
-    if batch_self_index is None:
-      batch_self_index = jax.lax.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
+  if loss_kwargs.get("self_exclusion") == "index" and batch_self_index is None:
+    batch_self_index = jax.lax.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
+  if {**loss_kwargs, **(memory_loss_kwargs or {})}.get("self_exclusion") == "index":
     if memory_self_index is None:
       memory_self_index = sharded_memory.local_last_slots(shard, b, axis_name=axis_name)
   loss_b, stats_b = losses.get(loss)(query, batch, return_stats=True,
                                      self_index=batch_self_index, **loss_kwargs)
   loss_m, stats_m = get(loss)(query, shard, axis_name=axis_name, return_stats=True,
-                              self_index=memory_self_index, **loss_kwargs)
-  w = jnp.where(active, jnp.asarray(weight, jnp.float32), 0.0)
-  aux = {"loss_batch": loss_b, "loss_xbm": loss_m, "xbm_weight": w}
-  aux.update({f"batch/{k}": v for k, v in stats_b.items()})
-  aux.update({f"xbm/{k}": v for k, v in stats_m.items()})
-  return loss_b + w * loss_m, shard, aux
+                              self_index=memory_self_index,
+                              **{**loss_kwargs, **(memory_loss_kwargs or {})})
+  total, aux = losses.combine_terms(loss_b, stats_b, loss_m, stats_m, active=active,
+                                    weight=weight)
+  return total, shard, aux

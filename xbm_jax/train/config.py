@@ -117,6 +117,22 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+def apply_smoke(c: ml_collections.ConfigDict, *, eval_ks=(1, 2)) -> ml_collections.ConfigDict:
+  """The `:smoke` variant shared by the dataset configs: a tiny CNN, tiny images and
+  batches, a few steps; checks the wiring, not the numbers."""
+  c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 32, 8
+  c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                           flip=True)
+  c.input.batch_size, c.input.samples_per_class = 16, 4
+  c.input.eval_batch_size = 32
+  c.xbm.size, c.xbm.start_step = 64, 2
+  c.train.steps, c.train.log_every, c.train.checkpoint_every = 6, 2, 3
+  for ev in c.evals.values():
+    ev.every_steps, ev.ks = 6, tuple(eval_ks)
+  c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
+  return c
+
+
 def check(config: ml_collections.ConfigDict) -> None:
   """Unknown keys (a typo in an experiment file) are an error naming the key."""
   ref = base()

@@ -79,8 +79,6 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
   """
   loss_kwargs = dict(loss_kwargs)
   loss_fn = losses.get(loss_name)
-  if sharded_memory and memory_loss_kwargs:
-    raise ValueError("config.xbm.memory_loss_kwargs is not supported with a sharded memory")
   index_mode = (loss_kwargs.get("self_exclusion") == "index"
                 or (memory_loss_kwargs or {}).get("self_exclusion") == "index")
 
@@ -103,7 +101,8 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
       if sharded_memory:  # the defaults of the sharded helper handle "index" mode
         total, mem, aux = sharded_losses.xbm_total_loss(
             local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
-            weight=ctrl["xbm_weight"], loss=loss_name, axis_name=DATA_AXIS, **loss_kwargs)
+            weight=ctrl["xbm_weight"], loss=loss_name, axis_name=DATA_AXIS,
+            memory_loss_kwargs=memory_loss_kwargs, **loss_kwargs)
       else:
         total, mem, aux = losses.xbm_total_loss(
             local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
