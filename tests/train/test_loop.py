@@ -224,3 +224,31 @@ def test_prefill_fills_the_memory_from_the_model_at_the_start(data_dir, tmp_path
   st = final_state(wd, None)
   mem_emb = np.asarray(st["memory"]["emb"], np.float64)
   np.testing.assert_allclose(np.linalg.norm(mem_emb, axis=1), 1.0, rtol=1e-5)
+
+
+def test_drift_of_the_model_is_zero_unchanged_and_grows_with_perturbation(data_dir):
+  from xbm_jax import parallel
+  from xbm_jax.data import sources
+  from xbm_jax.insight import drift
+  from xbm_jax.train import evaluation, setup
+  from xbm_jax.train.writer import MetricWriter
+
+  cfg = tiny_config(data_dir)
+  mesh = parallel.make_mesh()
+  model, variables = setup.init_model(cfg, 3, jax.random.PRNGKey(0))
+  src = sources.load("tiny", "train", data_dir)
+  runner = evaluation.EvalRunner(cfg, model, mesh, train_src=src,
+                                 writer=MetricWriter("/tmp", enabled=False), workdir="/tmp")
+
+  class S:  # the two fields embed_probe reads
+    def __init__(self, params):
+      self.params, self.batch_stats = params, variables["batch_stats"]
+
+  base = runner.embed_probe(S(variables["params"]))
+  assert drift.mean_cosine_drift(base, runner.embed_probe(S(variables["params"]))) == 0.0
+  values = []
+  for scale in (1e-3, 1e-2, 1e-1):
+    noisy = jax.tree.map(lambda p: p + scale * np.random.default_rng(0).normal(
+        size=p.shape).astype(p.dtype), variables["params"])
+    values.append(drift.mean_cosine_drift(base, runner.embed_probe(S(noisy))))
+  assert 0 < values[0] < values[1] < values[2]
