@@ -38,8 +38,17 @@ lane_b() {
   run warm_naive_s1 "${WARM[@]}" --config.seed=1
   run warm_mean_s1 "${WARM[@]}" --config.xbm.memory_loss_kwargs.reduction=mean --config.seed=1
 }
+# Smaller batches relative to the number of classes (8 x 4), where the in-batch term
+# sees the fewest negatives: the regime the memory is meant for.
+lane_c() {
+  while [ ! -f "$OUT/scratch_base_s0/DONE" ]; do sleep 20; done
+  run warm32_base_s0 "${WARM[@]}" --config.xbm.enabled=False --config.input.batch_size=32
+  run warm32_mean_s0 "${WARM[@]}" --config.input.batch_size=32 \
+    --config.xbm.memory_loss_kwargs.reduction=mean
+}
 case $LANE in
   a) lane_a ;;
+  c) lane_c ;;
   b) lane_b ;;
   all) lane_a; lane_b ;;
 esac
