@@ -46,9 +46,20 @@ lane_c() {
   run warm32_mean_s0 "${WARM[@]}" --config.input.batch_size=32 \
     --config.xbm.memory_loss_kwargs.reduction=mean
 }
+# Second seed of the scratch comparison; the auto start with back-off from the warm start.
+lane_d() {
+  run scratch_base_s1 "${SCRATCH[@]}" --config.xbm.enabled=False --config.seed=1
+  run scratch_xbm_s1 "${SCRATCH[@]}" --config.seed=1
+}
+lane_e() {
+  run scratch_auto_s1 "${SCRATCH[@]}" --config.xbm.start_step=auto --config.seed=1
+  run warm_autobackoff_s0 "${WARM[@]}" --config.xbm.start_step=auto --config.xbm.backoff=True
+}
 case $LANE in
   a) lane_a ;;
   c) lane_c ;;
+  d) lane_d ;;
+  e) lane_e ;;
   b) lane_b ;;
   all) lane_a; lane_b ;;
 esac
