@@ -55,11 +55,18 @@ lane_e() {
   run scratch_auto_s1 "${SCRATCH[@]}" --config.xbm.start_step=auto --config.seed=1
   run warm_autobackoff_s0 "${WARM[@]}" --config.xbm.start_step=auto --config.xbm.backoff=True
 }
+lane_f() {
+  run warm32_base_s1 "${WARM[@]}" --config.xbm.enabled=False --config.input.batch_size=32 \
+    --config.seed=1
+  run warm32_mean_s1 "${WARM[@]}" --config.input.batch_size=32 \
+    --config.xbm.memory_loss_kwargs.reduction=mean --config.seed=1
+}
 case $LANE in
   a) lane_a ;;
   c) lane_c ;;
   d) lane_d ;;
   e) lane_e ;;
+  f) lane_f ;;
   b) lane_b ;;
   all) lane_a; lane_b ;;
 esac
