@@ -182,7 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       scalars = {f"train/{kk}": v for kk, v in means.items()}
       scalars.update({"train/steps_per_s": steps_since / dt,
                       "train/images_per_s": steps_since * b / dt})
-      scalars.update(controller.log())
+      if config.xbm.enabled:
+        scalars.update(controller.log())
       scalars.update(extra)
       extra = {}
       writer.write_scalars(done, scalars)
