@@ -11,11 +11,14 @@ evaluation is leave-one-out Recall@K on the test classes. The numbers measured
 with this config (with and without memory, two seeds) are in the README.
 Variants: `:smoke` (a few steps, for tests).
 """
+import os
+
+from xbm_jax.data import glyphs
 from xbm_jax.train import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, smoke=False, seed=0)
+  args = config_lib.parse_arg(arg, smoke=False, seed=0, warm=False)
   c = config_lib.base()
   c.seed = args.seed
   c.input.dataset = "glyphs"
@@ -33,6 +36,13 @@ def get_config(arg=None):
   c.evals.glyphs = dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8),
                         every_steps=400, map_at_r=True)
   c.drift.interval, c.drift.deltas, c.drift.probe_size = 100, (100, 200), 256
+  if args.warm:
+    # The paper's regime (a trained backbone at a low learning rate): start from the
+    # committed 1,200-step no-memory run and fine-tune with the memory on at once.
+    c.train.init_from = os.path.join(os.path.dirname(glyphs.__file__), "glyphs_data",
+                                     "warm_start_small_cnn32.msgpack")
+    c.train.steps, c.optim.lr, c.xbm.start_step = 600, 1e-4, 0
+    c.evals.glyphs.every_steps = 200
   if args.smoke:
     c.input.batch_size, c.input.eval_batch_size = 16, 64
     c.model.embed_dim, c.model.width = 16, 8

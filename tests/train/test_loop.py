@@ -185,6 +185,13 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   loop.train_and_evaluate(cfg, wd)   # lr 0: params stay the source's
   a, b = final_state(src, None), final_state(wd, None)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+  # The same through an exported .msgpack file.
+  exported = str(tmp_path / "warm.msgpack")
+  assert checkpoint.export_params(src, exported) == 6
+  cfg.train.init_from = exported
+  wd2 = str(tmp_path / "warm2")
+  loop.train_and_evaluate(cfg, wd2)
+  jax.tree.map(np.testing.assert_array_equal, a["params"], final_state(wd2, None)["params"])
 
 
 def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_dir,

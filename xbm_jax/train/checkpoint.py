@@ -135,3 +135,32 @@ class Checkpointer:
 def abstract_like(state):
   """ShapeDtypeStructs (with shardings) of a concrete state, for restore."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def export_params(workdir: str, out: str) -> int:
+  """Writes the latest checkpoint's params and batch_stats of `workdir` to a small
+  msgpack file (atomically); returns the step exported."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  ck = Checkpointer(workdir, keep=1000)
+  step = ck.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{workdir} has no checkpoint")
+  raw = ck.last.restore(step)["state"]
+  ck.close()
+  blob = serialization.msgpack_serialize(
+      jax.tree.map(np.asarray, {"params": raw["params"], "batch_stats": raw["batch_stats"],
+                                "step": np.asarray(step)}))
+  tmp = out + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(blob)
+  os.replace(tmp, out)
+  return step
+
+
+def load_params(path: str) -> dict:
+  """`{"params", "batch_stats"}` from `export_params`' file."""
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no parameter file {path}")
+  with open(path, "rb") as f:
+    return serialization.msgpack_restore(f.read())

@@ -44,13 +44,16 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
 
 def _warm_start(state, workdir: str):
   """Params and BN statistics from another run's latest checkpoint (whatever its
-  memory size), placed like this run's."""
-  src = checkpoint.Checkpointer(workdir, keep=1000)
-  step = src.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"config.train.init_from={workdir!r} has no checkpoint")
-  raw = src.last.restore(step)["state"]   # plain arrays, no target needed
-  src.close()
+  memory size) or an exported `.msgpack`, placed like this run's."""
+  if workdir.endswith(".msgpack"):   # exported with scripts/export_params.py
+    raw = checkpoint.load_params(workdir)
+  else:
+    src = checkpoint.Checkpointer(workdir, keep=1000)
+    step = src.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config.train.init_from={workdir!r} has no checkpoint")
+    raw = src.last.restore(step)["state"]   # plain arrays, no target needed
+    src.close()
   out = {}
   for key in ("params", "batch_stats"):
     mine = getattr(state, key)
