@@ -32,11 +32,10 @@ def optim_cfg(**kw):
   return cfg
 
 
-def run_steps(n_devices, batches, *, loss_name="contrastive", loss_kwargs=None,
-              start_step=1, mem_size=40):
-  mesh = parallel.make_mesh(n_devices)
+def build(mesh, first_batch, *, loss_name="contrastive", loss_kwargs=None, mem_size=40):
+  """(placed initial state, jitted step) for the tiny embedder on `mesh`."""
   model = TinyEmbedder()
-  variables = model.init(jax.random.PRNGKey(0), batches[0]["image"][:2], train=False)
+  variables = model.init(jax.random.PRNGKey(0), first_batch["image"][:2], train=False)
   direction = optim.make_direction(optim_cfg())
   st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
                         tx=direction, memory=memory.init(size=mem_size, dim=8),
@@ -45,11 +44,22 @@ def run_steps(n_devices, batches, *, loss_name="contrastive", loss_kwargs=None,
   train_step = step_lib.make_train_step(
       model=model, direction=direction, schedule=optim.make_schedule(optim_cfg(), 10),
       loss_name=loss_name, loss_kwargs=loss_kwargs or {}, mesh=mesh)
-  ctrl = {"start_step": jnp.int32(start_step), "xbm_weight": jnp.float32(1.0),
-          "lr_scale": jnp.float32(1.0)}
+  return st, train_step
+
+
+def ctrl_of(start_step, weight=1.0, lr_scale=1.0):
+  return {"start_step": jnp.int32(start_step), "xbm_weight": jnp.float32(weight),
+          "lr_scale": jnp.float32(lr_scale)}
+
+
+def run_steps(n_devices, batches, *, loss_name="contrastive", loss_kwargs=None,
+              start_step=1, mem_size=40):
+  mesh = parallel.make_mesh(n_devices)
+  st, train_step = build(mesh, batches[0], loss_name=loss_name, loss_kwargs=loss_kwargs,
+                         mem_size=mem_size)
   history = []
   for batch in batches:
-    st, metrics = train_step(st, parallel.global_batch(batch, mesh), ctrl)
+    st, metrics = train_step(st, parallel.global_batch(batch, mesh), ctrl_of(start_step))
     history.append(jax.device_get(metrics))
   return jax.device_get(st), history, train_step
 
@@ -57,21 +67,10 @@ def run_steps(n_devices, batches, *, loss_name="contrastive", loss_kwargs=None,
 def run_steps_local(local_batches):
   """Steps over all devices of all processes; each process passes its own rows."""
   mesh = parallel.make_mesh()
-  model = TinyEmbedder()
-  variables = model.init(jax.random.PRNGKey(0), local_batches[0]["image"][:2], train=False)
-  direction = optim.make_direction(optim_cfg())
-  st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
-                        tx=direction, memory=memory.init(size=40, dim=8),
-                        rng=jax.random.PRNGKey(1))
-  st = jax.device_put(st, step_lib.state_shardings(st, mesh))
-  train_step = step_lib.make_train_step(
-      model=model, direction=direction, schedule=optim.make_schedule(optim_cfg(), 10),
-      loss_name="contrastive", loss_kwargs={}, mesh=mesh)
-  ctrl = {"start_step": jnp.int32(1), "xbm_weight": jnp.float32(1.0),
-          "lr_scale": jnp.float32(1.0)}
+  st, train_step = build(mesh, local_batches[0])
   history = []
   for batch in local_batches:
-    st, metrics = train_step(st, parallel.global_batch(batch, mesh), ctrl)
+    st, metrics = train_step(st, parallel.global_batch(batch, mesh), ctrl_of(1))
     history.append({k: np.asarray(v.addressable_data(0)) for k, v in metrics.items()})
   return history
 
@@ -135,21 +134,10 @@ def test_controller_values_never_recompile_the_step():
   """Start step, memory weight and LR scale change every step: one compiled program."""
   batches = make_batches(4, seed=9)
   mesh = parallel.make_mesh(2)
-  model = TinyEmbedder()
-  variables = model.init(jax.random.PRNGKey(0), batches[0]["image"][:2], train=False)
-  direction = optim.make_direction(optim_cfg())
-  st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
-                        tx=direction, memory=memory.init(size=40, dim=8),
-                        rng=jax.random.PRNGKey(1))
-  st = jax.device_put(st, step_lib.state_shardings(st, mesh))
-  fn = step_lib.make_train_step(model=model, direction=direction,
-                                schedule=optim.make_schedule(optim_cfg(), 10),
-                                loss_name="contrastive", loss_kwargs={}, mesh=mesh)
+  st, fn = build(mesh, batches[0])
   weights = []
   for i, batch in enumerate(batches):
-    ctrl = {"start_step": jnp.int32([2**31 - 1, 1, 1, 0][i]),
-            "xbm_weight": jnp.float32([0.0, 0.5, 1.0, 0.25][i]),
-            "lr_scale": jnp.float32([1.0, 1.0, 0.5, 0.1][i])}
+    ctrl = ctrl_of([2**31 - 1, 1, 1, 0][i], [0.0, 0.5, 1.0, 0.25][i], [1.0, 1.0, 0.5, 0.1][i])
     st, m = fn(st, parallel.global_batch(batch, mesh), ctrl)
     weights.append(float(m["xbm_weight"]))
   assert weights == [0.0, 0.5, 1.0, 0.25]
