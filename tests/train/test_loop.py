@@ -259,3 +259,20 @@ def test_drift_of_the_model_is_zero_unchanged_and_grows_with_perturbation(data_d
         size=p.shape).astype(p.dtype), variables["params"])
     values.append(drift.mean_cosine_drift(base, runner.embed_probe(S(noisy))))
   assert 0 < values[0] < values[1] < values[2]
+
+
+def test_each_drift_reading_reaches_the_controller_once(data_dir, tmp_path, monkeypatch):
+  """Back-off acts per reading: a stale reading fed on every step would compound it."""
+  from xbm_jax.insight import controller as controller_lib
+  seen = []
+  real = controller_lib.MemoryController.update
+
+  def spy(self, step, drift=None):
+    if drift:
+      seen.append(step)
+    return real(self, step, drift)
+
+  monkeypatch.setattr(controller_lib.MemoryController, "update", spy)
+  loop.train_and_evaluate(tiny_config(data_dir, **{"pictures.enabled": False}),
+                          str(tmp_path / "spy"))
+  assert seen == [2, 4]   # drift.interval = 2 with deltas (2, 4): readings at steps 2, 4

@@ -145,9 +145,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   unit="step", dynamic_ncols=True)
   extra = {}
   for step in range(start, total):
+    drift_now = None   # a reading reaches the controller once, on its own step
     if monitor is not None and step % int(config.drift.interval) == 0:
-      extra.update(monitor.update(step, evals.embed_probe(state)))
-    drift_now = {kk: v for kk, v in extra.items() if kk.startswith("train/drift@")}
+      drift_now = monitor.update(step, evals.embed_probe(state))
+      extra.update(drift_now)
     mem_start, mem_weight = controller.update(step, drift_now or None)
     if not config.xbm.enabled:
       mem_start, mem_weight = NEVER, 0.0
