@@ -7,19 +7,14 @@ r"""Cars196 (classes 1-98 train, 99-196 test); BN-Inception 512-d: R@1 82.0 (pap
 Leave-one-out R@1/2/4/8 on the test classes. The training sets are small
 (~5-8k images), so the memory covers the whole set.
 """
-from xbm_jax.train import config as config_lib
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "_cub_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "cub.py"))
+_cub = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_cub)
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, smoke=False)
-  c = config_lib.base()
-  c.input.dataset = "cars"
-  c.model.name, c.model.embed_dim = "bninception", 512
-  c.xbm.size, c.xbm.start_step = 5_000, 1000
-  c.optim.plateau.metric = "eval/cars/recall@1"
-  c.train.steps, c.train.best_metric = 5_000, "eval/cars/recall@1"
-  c.evals.cars = dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8), every_steps=500,
-                   map_at_r=True)
-  if args.smoke:
-    config_lib.apply_smoke(c, eval_ks=(1, 2))
-  return c
+  return _cub.build("cars", arg)

@@ -11,15 +11,20 @@ from xbm_jax.train import config as config_lib
 
 
 def get_config(arg=None):
+  return build("cub", arg)
+
+
+def build(dataset: str, arg=None):
+  """The CUB / Cars recipe (the same but for the dataset's name); cars.py calls it."""
   args = config_lib.parse_arg(arg, smoke=False)
   c = config_lib.base()
-  c.input.dataset = "cub"
+  c.input.dataset = dataset
   c.model.name, c.model.embed_dim = "bninception", 512
   c.xbm.size, c.xbm.start_step = 5_000, 1000
-  c.optim.plateau.metric = "eval/cub/recall@1"
-  c.train.steps, c.train.best_metric = 5_000, "eval/cub/recall@1"
-  c.evals.cub = dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8), every_steps=500,
-                   map_at_r=True)
+  c.optim.plateau.metric = f"eval/{dataset}/recall@1"
+  c.train.steps, c.train.best_metric = 5_000, f"eval/{dataset}/recall@1"
+  c.evals[dataset] = dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8),
+                          every_steps=500, map_at_r=True)
   if args.smoke:
     config_lib.apply_smoke(c, eval_ks=(1, 2))
   return c

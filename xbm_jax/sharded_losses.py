@@ -254,9 +254,9 @@ LOSSES: dict[str, Callable] = {"contrastive": contrastive,
 
 
 def get(name: str) -> Callable:
-  """The sharded loss called `name`; a clear error lists the valid ones."""
-  if name not in LOSSES:
-    raise ValueError(f"unknown loss {name!r}; valid: {sorted(LOSSES)}")
+  """The sharded loss called `name` (the names of `losses.LOSSES`; `losses.get`
+  gives the clear error for an unknown one)."""
+  losses.get(name)
   return LOSSES[name]
 
 
