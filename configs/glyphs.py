@@ -17,7 +17,8 @@ without, 0.816 / 0.819 with weight 1, 0.8615 / 0.8595 with the memory term avera
 over its active pairs (`--config.xbm.memory_loss_kwargs.reduction=mean`): no regime
 with a clear gain was found on this set. `--config.xbm.start_step=auto` keeps the
 memory off while drift is fast (equal to the baseline from scratch).
-Variants: `:smoke` (a few steps, for tests), `:warm`, `:seed=1`.
+Variants: `:smoke` (a few steps, for tests), `:warm`, `:seed=1`, `:study` (the fair-comparison
+protocol of benchmarks/xbm_study.py: train on train_fit, tune on val, test at the end).
 """
 import os
 
@@ -26,7 +27,7 @@ from xbm_jax.train import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, smoke=False, seed=0, warm=False)
+  args = config_lib.parse_arg(arg, smoke=False, seed=0, warm=False, study=False)
   c = config_lib.base()
   c.seed = args.seed
   c.input.dataset = "glyphs"
@@ -51,11 +52,25 @@ def get_config(arg=None):
                                      "warm_start_small_cnn32.msgpack")
     c.train.steps, c.optim.lr, c.xbm.start_step = 600, 1e-4, 0
     c.evals.glyphs.every_steps = 200
+  if args.study:
+    # benchmarks/xbm_study.py: train on 1,200 of the 1,500 train classes, tune on the
+    # other 300 ("val", R@1 every 100 steps), report test once at the end.
+    c.input.train_split = "train_fit"
+    c.train.steps, c.train.checkpoint_every = 400, 10**9
+    c.train.best_metric = ""
+    c.evals = dict(
+        val=dict(type="leave_one_out", split="val", ks=(1, 8), every_steps=100,
+                 map_at_r=True),
+        test=dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8), every_steps=10**9,
+                  map_at_r=True))
+    c.pictures.enabled = False
+    c.drift.interval, c.drift.deltas = 50, (50, 100)
   if args.smoke:
     c.input.batch_size, c.input.eval_batch_size = 16, 64
     c.model.embed_dim, c.model.width = 16, 8
     c.xbm.size, c.xbm.start_step = 64, 2
     c.train.steps, c.train.log_every, c.train.checkpoint_every = 6, 2, 3
-    c.evals.glyphs.every_steps = 6
+    for ev in c.evals.values():
+      ev.every_steps = min(int(ev.every_steps), 6)
     c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
   return c

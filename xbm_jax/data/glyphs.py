@@ -313,6 +313,10 @@ def save(data: dict[str, np.ndarray], path: str = DATA_FILE, *, bits: int = 8) -
 
 
 SPLITS = {"train": 0, "test": 1}
+# A validation split carved from the TRAIN classes (for tuning without touching test):
+# a fixed, seeded 20% of the train classes is "val", the rest "train_fit".
+CARVED_SPLITS = {"train_fit": False, "val": True}
+VAL_FRACTION, VAL_SEED = 0.2, 2020
 
 
 @functools.lru_cache(maxsize=2)
@@ -327,15 +331,25 @@ def _load_all(path: str, mtime: float) -> dict[str, np.ndarray]:
 def load_arrays(split: str, path: str = DATA_FILE) -> dict[str, np.ndarray]:
   """This split's arrays: images uint8 [n, H, W, 1], labels int64 [n], faces int64 [n],
   plus the whole set's chars <U1 [C] (label -> character) and face_names."""
-  if split not in SPLITS:
-    raise ValueError(f"glyph split must be one of {sorted(SPLITS)}, got {split!r}")
+  if split not in SPLITS and split not in CARVED_SPLITS:
+    raise ValueError(f"glyph split must be one of {sorted({**SPLITS, **CARVED_SPLITS})}, "
+                     f"got {split!r}")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"embedded glyph data missing: {path} "
                             "(rebuild with scripts/build_glyphs.py)")
   z = _load_all(path, os.path.getmtime(path))
-  sel = z["split"] == SPLITS[split]
+  sel = z["split"] == SPLITS.get(split, SPLITS["train"])
+  if split in CARVED_SPLITS:
+    sel &= np.isin(z["labels"], val_classes(z["labels"][sel])) == CARVED_SPLITS[split]
   return {"images": z["images"][sel][..., None], "labels": z["labels"][sel],
           "faces": z["faces"][sel], "chars": z["chars"], "face_names": z["face_names"]}
+
+
+def val_classes(train_labels: np.ndarray) -> np.ndarray:
+  """The train classes held out as "val": a fixed seeded VAL_FRACTION of them."""
+  classes = np.unique(train_labels)
+  n_val = int(round(VAL_FRACTION * len(classes)))
+  return np.sort(np.random.default_rng(VAL_SEED).choice(classes, n_val, replace=False))
 
 
 def load_embedded(split: str, path: str = DATA_FILE):

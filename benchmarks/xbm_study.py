@@ -1,0 +1,269 @@
+r"""The XBM study (issue 11): does the memory help on reachable data, measured fairly?
+
+    python benchmarks/xbm_study.py run --out OUT [--stage batch_size|fair|...] [--smoke]
+    python benchmarks/xbm_study.py table --out OUT      # OUT/study.md, study.json, *.png
+
+Protocol (Musgrave et al. 2020, "A metric learning reality check"): every arm is tuned on
+a validation split carved from the TRAIN classes (`configs/glyphs.py:study`: train on
+1,200 train classes, "val" = the other 300), never on test. For each arm, every grid
+point (lr, and for the memory arms the weight) runs with seed 0; the point with the best
+final val R@1 is then run with the remaining seeds; the table reports mean +- std over
+seeds of the TEST R@1 / R@8 / MAP@R at that point. A run that stops on non-finite values
+counts as failed (val R@1 = 0) and is listed. Every number in the table is read back from
+the runs' metrics.jsonl files; re-running the command skips finished runs.
+
+Stages (each a list of arms; `--stage all` runs them in order):
+- batch_size: no memory, B = 32 / 64 / 128 / 256 (K = 4), equal steps, lr tuned per B,
+  contrastive loss (and multi-similarity in `batch_size_ms`). "A big batch for the price
+  of a small one": if a bigger batch does not beat B = 64, no memory can.
+- fair: B = 64 from scratch, memory 8,192 switched on at step 100: no memory; the paper's
+  summed memory term; the memory term averaged over its active pairs; the drift-aware
+  auto start. lr (and weight) tuned per arm.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "scripts", "train.py")
+VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
+SEEDS = (0, 1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One arm: fixed overrides, a tuning grid ({config key: values}), a plot position."""
+  stage: str
+  name: str
+  fixed: dict
+  grid: dict
+  x: float | None = None     # e.g. the batch size, for the curve plots
+  group: str = ""            # the curve an arm belongs to
+
+
+def _batch_arms(stage, loss, lrs, sizes=(32, 64, 128, 256)):
+  return [Arm(stage, f"{loss}_B{b}", {"loss.name": loss, "xbm.enabled": False,
+                                      "input.batch_size": b},
+              {"optim.lr": lrs}, x=b, group=loss) for b in sizes]
+
+
+def _fair_arms(lrs):
+  mem = {"xbm.enabled": True, "xbm.size": 8192, "xbm.start_step": 100}
+  return [
+      Arm("fair", "no_memory", {"xbm.enabled": False}, {"optim.lr": lrs}),
+      Arm("fair", "memory_paper_sum", mem,
+          {"optim.lr": lrs, "xbm.weight": (0.1, 1.0)}),
+      Arm("fair", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"},
+          {"optim.lr": lrs, "xbm.weight": (0.5, 1.0)}),
+      Arm("fair", "memory_auto_start", {**mem, "xbm.start_step": "auto"},
+          {"optim.lr": lrs}),
+  ]
+
+
+def arms(smoke: bool) -> list[Arm]:
+  if smoke:   # two tiny arms: wiring only
+    return [Arm("smoke", "no_memory", {"xbm.enabled": False}, {"optim.lr": (1e-3,)}),
+            Arm("smoke", "memory", {"xbm.enabled": True}, {"optim.lr": (1e-3, 1e-2)})]
+  lrs = (3e-4, 1e-3, 3e-3)
+  return (_batch_arms("batch_size", "contrastive", lrs) + _fair_arms((3e-4, 1e-3))
+          + _batch_arms("batch_size_ms", "multi_similarity", lrs))
+
+
+def grid_points(arm: Arm) -> list[dict]:
+  keys = sorted(arm.grid)
+  return [dict(zip(keys, vals)) for vals in itertools.product(*(arm.grid[k] for k in keys))]
+
+
+def run_name(arm: Arm, point: dict, seed: int) -> str:
+  tag = "_".join(f"{k.split('.')[-1]}{v:g}" for k, v in sorted(point.items()))
+  return os.path.join(arm.stage, arm.name, tag, f"s{seed}")
+
+
+def read_run(workdir: str) -> dict | None:
+  """The run's record (status, wall time) merged with its last logged metrics."""
+  path = os.path.join(workdir, "run.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rec = json.load(f)
+  last, curves = {}, {}
+  mpath = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(mpath):
+    with open(mpath) as f:
+      for line in f:
+        row = json.loads(line)
+        for k, v in row.items():
+          if k != "step":
+            last[k] = v
+            curves.setdefault(k, []).append((row["step"], v))
+  rec.update(last=last, curves=curves)
+  return rec
+
+
+def _fmt(v) -> str:
+  return v if isinstance(v, str) else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
+  """Runs one training (skipped when its run.json exists); returns its record."""
+  workdir = os.path.join(out, run_name(arm, point, seed))
+  rec = read_run(workdir)
+  if rec is not None:
+    return rec
+  os.makedirs(workdir, exist_ok=True)
+  overrides = {**arm.fixed, **point, "seed": seed}
+  cmd = [sys.executable, TRAIN, f"--config=configs/glyphs.py:study{',smoke' if smoke else ''}",
+         f"--workdir={workdir}", "--config.train.progress=False"]
+  cmd += [f"--config.{k}={_fmt(v)}" for k, v in overrides.items()]
+  t0 = time.time()
+  with open(os.path.join(workdir, "train.log"), "w") as log:
+    rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+  rec = {"status": "ok" if rc == 0 else f"failed (exit {rc})", "wall_s": time.time() - t0,
+         "overrides": overrides, "cmd": cmd}
+  with open(os.path.join(workdir, "run.json.tmp"), "w") as f:
+    json.dump(rec, f, indent=1)
+  os.replace(os.path.join(workdir, "run.json.tmp"), os.path.join(workdir, "run.json"))
+  print(f"{run_name(arm, point, seed)}: {rec['status']} in {rec['wall_s']:.0f} s", flush=True)
+  return read_run(workdir)
+
+
+def val_score(rec: dict) -> float:
+  return rec["last"].get(VAL, 0.0) if rec["status"] == "ok" else 0.0
+
+
+def run_arm(out: str, arm: Arm, smoke: bool) -> None:
+  seeds = SEEDS[:1] if smoke else SEEDS
+  points = grid_points(arm)
+  scores = [val_score(launch(out, arm, p, seeds[0], smoke)) for p in points]
+  best = points[int(np.argmax(scores))]
+  for seed in seeds[1:]:
+    launch(out, arm, best, seed, smoke)
+
+
+def _mean_std(values) -> str:
+  v = np.asarray(values, float)
+  return "n/a" if v.size == 0 else f"{v.mean():.4f} ± {v.std(ddof=1) if v.size > 1 else 0:.4f}"
+
+
+def summarize(out: str, arm: Arm) -> dict | None:
+  """The arm's tuning scores, chosen point and per-seed records (None if not run)."""
+  points = grid_points(arm)
+  tuning = [read_run(os.path.join(out, run_name(arm, p, SEEDS[0]))) for p in points]
+  if any(r is None for r in tuning):
+    return None
+  scores = [val_score(r) for r in tuning]
+  best = points[int(np.argmax(scores))]
+  recs = [read_run(os.path.join(out, run_name(arm, best, s))) for s in SEEDS]
+  recs = [r for r in recs if r is not None and r["status"] == "ok"]
+  col = lambda key: [r["last"][key] for r in recs if key in r["last"]]
+  return {"arm": arm.name, "stage": arm.stage, "x": arm.x, "group": arm.group,
+          "chosen": best, "seeds": len(recs),
+          "tuning": [{"point": p, "val_r1": sc, "status": r["status"]}
+                     for p, sc, r in zip(points, scores, tuning)],
+          "test_r1": col(TEST), "test_r8": col("eval/test/recall@8"),
+          "test_map_r": col("eval/test/map@r"), "val_r1": col(VAL),
+          "drift100": col("train/drift@100"), "wall_s": [r["wall_s"] for r in recs],
+          "steps": [int(r["curves"]["train/loss"][-1][0]) for r in recs
+                    if "train/loss" in r["curves"]],
+          "curves": [r["curves"] for r in recs]}
+
+
+def _table_md(rows: list[dict]) -> str:
+  head = ("| stage | arm | chosen (val) | seeds | steps | test R@1 | test R@8 | test MAP@R "
+          "| val R@1 | drift@100 (last) | wall s / run |\n|" + "---|" * 11)
+  lines = [head]
+  for r in rows:
+    chosen = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in r["chosen"].items())
+    lines.append(
+        f"| {r['stage']} | {r['arm']} | {chosen} | {r['seeds']} | "
+        f"{max(r['steps'], default=0)} | {_mean_std(r['test_r1'])} | "
+        f"{_mean_std(r['test_r8'])} | {_mean_std(r['test_map_r'])} | "
+        f"{_mean_std(r['val_r1'])} | {_mean_std(r['drift100'])} | "
+        f"{np.mean(r['wall_s']):.0f} |")
+  lines += ["", "Tuning (seed 0, final val R@1):", "",
+            "| arm | grid point | val R@1 | status |", "|---|---|---|---|"]
+  for r in rows:
+    for t in r["tuning"]:
+      pt = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in t["point"].items())
+      lines.append(f"| {r['stage']}/{r['arm']} | {pt} | {t['val_r1']:.4f} | {t['status']} |")
+  return "\n".join(lines) + "\n"
+
+
+def _plots(out: str, rows: list[dict]) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  curve_rows = [r for r in rows if r["x"] is not None and r["test_r1"]]
+  if curve_rows:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for group in sorted({r["group"] for r in curve_rows}):
+      g = sorted((r for r in curve_rows if r["group"] == group), key=lambda r: r["x"])
+      ax.errorbar([r["x"] for r in g], [np.mean(r["test_r1"]) for r in g],
+                  yerr=[np.std(r["test_r1"], ddof=1) if len(r["test_r1"]) > 1 else 0
+                        for r in g], marker="o", capsize=3, label=group)
+    ax.set(xscale="log", xlabel="batch size B (K = 4), lr tuned per B",
+           ylabel="test R@1 (mean ± std over seeds)", title="R@1 vs batch size, no memory")
+    ax.set_xticks([r["x"] for r in curve_rows], [str(r["x"]) for r in curve_rows])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "r1_vs_batch.png"), dpi=120)
+    plt.close(fig)
+  for stage in sorted({r["stage"] for r in rows if r["x"] is None}):
+    g = [r for r in rows if r["stage"] == stage and r["curves"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in g:
+      for ax, key in zip(axes, (VAL, "train/drift@100")):
+        series = [c[key] for c in r["curves"] if key in c]
+        if series:
+          n = min(len(s) for s in series)
+          ax.plot([s for s, _ in series[0][:n]],
+                  np.mean([[v for _, v in s[:n]] for s in series], axis=0), label=r["arm"])
+    axes[0].set(xlabel="step", ylabel="val R@1 (seed mean)", title=f"{stage}: R@1")
+    axes[1].set(xlabel="step", ylabel="drift@100", title=f"{stage}: drift per 100 steps")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{stage}_curves.png"), dpi=120)
+    plt.close(fig)
+
+
+def write_table(out: str, chosen: list[Arm]) -> list[dict]:
+  """Writes OUT/study.md, OUT/study.json and the plots from the runs on disk."""
+  rows = [r for r in (summarize(out, a) for a in chosen) if r is not None]
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "study.md"), "w") as f:
+    f.write(_table_md(rows))
+  with open(os.path.join(out, "study.json"), "w") as f:
+    json.dump([{k: v for k, v in r.items() if k != "curves"} for r in rows], f, indent=1)
+  _plots(out, rows)
+  print(open(os.path.join(out, "study.md")).read())
+  return rows
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("command", choices=("run", "table"))
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--stage", default="all")
+  parser.add_argument("--smoke", action="store_true")
+  args = parser.parse_args(argv)
+  chosen = [a for a in arms(args.smoke) if args.stage in ("all", a.stage)]
+  if not chosen:
+    parser.error(f"--stage {args.stage!r} names no arm; stages: "
+                 f"{sorted({a.stage for a in arms(args.smoke)})}")
+  if args.command == "run":
+    for arm in chosen:
+      run_arm(args.out, arm, args.smoke)
+  write_table(args.out, chosen)
+
+
+if __name__ == "__main__":
+  main()
