@@ -52,13 +52,20 @@ _SENTINEL = -4.0  # below any cosine similarity; marks masked-out negatives when
 
 
 def similarity(query, reference) -> jax.Array:
-  """`[B, R]` float32 cosine similarities of unit rows (computed in f32)."""
+  """`[B, R]` float32 cosine similarities of unit rows (computed in f32).
+
+  `Precision.HIGHEST` because the self rule `S < 1 - 1e-5` needs the exact
+  float32 product: at the DEFAULT precision a GPU rounds float32 operands to
+  TF32 (10-bit mantissa) and a TPU to bf16, which moves a unit row's
+  self-similarity by ~1e-3 and keeps the anchor's own copy as a positive.
+  """
   q, r = query.emb, reference.emb
   if q.shape[-1] != r.shape[-1]:
     raise ValueError(f"query dim {q.shape[-1]} does not match reference dim {r.shape[-1]}")
   if q.dtype != r.dtype:
     q, r = q.astype(jnp.float32), r.astype(jnp.float32)
-  return jnp.matmul(q, r.T, preferred_element_type=jnp.float32).astype(jnp.float32)
+  return jnp.matmul(q, r.T, precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32).astype(jnp.float32)
 
 
 def pair_masks(query, reference, sim: jax.Array, *, self_exclusion: str = "similarity",
