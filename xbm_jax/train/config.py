@@ -9,6 +9,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from xbm_jax import models
+from xbm_jax.train.errors import ConfigError, ConfigKeyError
 
 # Sections whose keys are free-form (names chosen by the experiment).
 OPEN_SECTIONS = ("evals",)
@@ -20,7 +21,7 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   for part in filter(None, (arg or "").split(",")):
     key, _, value = part.partition("=")
     if key not in defaults:
-      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+      raise ConfigError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
     default = defaults[key]
     if not value:
       out[key] = True
@@ -108,6 +109,9 @@ def base() -> ml_collections.ConfigDict:
       # initialise this run (optimiser, memory and step start fresh).
       init_from=config_dict.placeholder(str),
       progress=True,
+      # Resume even though the config differs from the saved one (in ways that
+      # keep the state's shapes); the changes are logged.
+      allow_config_change=False,
   )
 
   c.evals = ml_collections.ConfigDict()   # name -> dict(type=..., split=..., ks=..., every_steps=...)
@@ -143,7 +147,7 @@ def check(config: ml_collections.ConfigDict) -> None:
       if any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS):
         continue
       if key not in ref_cfg:
-        raise KeyError(f"unknown config key {path!r}; valid keys under "
+        raise ConfigKeyError(f"unknown config key {path!r}; valid keys under "
                        f"{prefix or 'the top level'}: {sorted(ref_cfg.keys())}")
       if isinstance(ref_cfg[key], ml_collections.ConfigDict):
         walk(cfg[key], ref_cfg[key], path + ".")

@@ -10,21 +10,24 @@ function of (seed, t), and the state holds everything else).
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
 
 from xbm_jax import parallel, sharded_memory
 from xbm_jax.data import pipeline
 from xbm_jax.insight import controller as controller_lib, drift as drift_lib
-from xbm_jax.train import checkpoint, evaluation, optim, setup
+from xbm_jax.train import checkpoint, evaluation, guards, optim, setup
 from xbm_jax.train import config as config_lib
 from xbm_jax.train import state as state_lib, step as step_lib
-from xbm_jax.train.writer import MetricWriter
+from xbm_jax.train.errors import NonFiniteError, ResumeError
+from xbm_jax.train.progress import Progress
+from xbm_jax.train.writer import MetricWriter, config_json
 
 NEVER = controller_lib.NEVER
 LAST_VALUE_KEYS = ("memory_fill", "lr", "xbm_weight")  # states, not per-step rates
@@ -32,14 +35,17 @@ LAST_VALUE_KEYS = ("memory_fill", "lr", "xbm_weight")  # states, not per-step ra
 
 def _host_mean(pending: list) -> tuple[dict, int | None]:
   """Means of the step metrics since the last log (last values for states), and the
-  first step whose loss is not finite (None if all are)."""
+  first step with anything non-finite (loss, gradients, updates, parameters), or
+  None if all are finite."""
   stacked = jax.device_get(pending)
-  losses_ = np.array([m[1]["loss"] for m in stacked])
-  bad = np.flatnonzero(~np.isfinite(losses_))
+  bad_flags = np.array([float(m[1].get("nonfinite", 0.0)) > 0
+                        or not np.isfinite(m[1]["loss"]) for m in stacked])
+  bad = np.flatnonzero(bad_flags)
   first_bad = int(stacked[bad[0]][0]) if bad.size else None
   last = stacked[-1][1]
   return {k: float(last[k]) if k in LAST_VALUE_KEYS else
-          float(np.mean([m[1][k] for m in stacked])) for k in last}, first_bad
+          float(np.mean([m[1][k] for m in stacked])) for k in last
+          if k != "nonfinite"}, first_bad
 
 
 def _warm_start(state, workdir: str):
@@ -66,16 +72,78 @@ def _warm_start(state, workdir: str):
   return state.replace(**out)
 
 
+def evals_due(config, done: int, total: int) -> bool:
+  """Whether any evaluator runs after step `done` (as `EvalRunner.due`)."""
+  return any(done % int(ev.get("every_steps", total)) == 0 or done == total
+             for ev in config.evals.values())
+
+
+def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
+  """`(state, host)` from the workdir's latest checkpoint, or None. The config was
+  compared with the saved one first, so a failure here is a mismatch that check
+  does not know: still one line, not an orbax traceback."""
+  step = ckpt.latest_step()
+  if step is None:
+    return None
+  try:
+    if ckpt.saved_memory_ptr_shape() != state.memory.ptr.shape:
+      # A sharded memory saved on another device count: re-laid on restore.
+      return ckpt.restore_resharded(state, shardings, mesh, sharded_memory=sharded)
+    return ckpt.restore(checkpoint.abstract_like(state))
+  except Exception as e:  # pylint: disable=broad-except
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    raise ResumeError(f"cannot restore the checkpoint at step {step} in {workdir} with "
+                      f"this config ({first}); use a new --workdir") from e
+
+
+def _check_resume_config(config, workdir: str, ckpt) -> str:
+  """Refuses a resume with a config other than the saved one, unless allowed; then
+  returns the changes as text to log ("" when none)."""
+  step = ckpt.latest_step()
+  if step is None:
+    return ""
+  saved = guards.read_saved_config(workdir)
+  diff = guards.check_resume(saved, config_json(config),
+                             allow_change=bool(config.train.allow_config_change))
+  if not diff:
+    return ""
+  text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+  guards.log.warning("resuming step %d with config changes: %s", step, text)
+  if jax.process_index() == 0:   # keep the config the checkpoint was written with
+    with open(os.path.join(workdir, f"config.step{step}.json"), "w") as f:
+      json.dump(saved, f, indent=2, sort_keys=True)
+  return text
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains, evaluates, checkpoints and logs into `workdir`; returns the last metrics."""
+  """Trains, evaluates, checkpoints and logs into `workdir`; returns the last metrics.
+
+  Checks first, in this order, before anything is written: the config (keys and
+  every enumerated value), the workdir lock (one live run per workdir), and on a
+  resume the saved config against this one.
+  """
   config = ml_collections.ConfigDict(config)
+  guards.expand_paths(config)
+  workdir = guards.expand_path(workdir)
   mesh = parallel.make_mesh(config.train.num_devices)
   setup.validate(config, num_devices=mesh.size)
+  with guards.WorkdirLock(workdir, jax.process_index()):
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir: str, mesh) -> dict:
   b, p, k = setup.batch_shape(config)
   total = int(config.train.steps)
   pidx, pcount = jax.process_index(), jax.process_count()
-
   train_src = setup.load_source(config.input, config.input.train_split)
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
+                                 best_metric=config.train.best_metric)
+  try:
+    changes = _check_resume_config(config, workdir, ckpt)
+  except ResumeError:
+    ckpt.close()
+    raise
+
   channels = int(np.asarray(train_src[0]["image"]).shape[-1])
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   model, variables = setup.init_model(config, channels, init_rng)
@@ -88,13 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   shardings = step_lib.state_shardings(state, mesh, sharded_memory=sharded)
   state = jax.device_put(state, shardings)
 
-  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
-                                 best_metric=config.train.best_metric)
-  if ckpt.latest_step() is not None and ckpt.saved_memory_ptr_shape() != state.memory.ptr.shape:
-    # A sharded memory saved on another device count: re-laid on restore.
-    restored = ckpt.restore_resharded(state, shardings, mesh, sharded_memory=sharded)
-  else:
-    restored = ckpt.restore(checkpoint.abstract_like(state))
+  restored = _restore(ckpt, state, shardings, mesh, sharded=sharded, workdir=workdir)
   host = {}
   if restored is not None:
     state, host = restored
@@ -106,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         enabled=pidx == 0)
   if pidx == 0:
     writer.write_config(config)
+  if changes:
+    writer.write_text(start, "config_change", changes)
 
   controller = controller_lib.MemoryController.from_config(config.xbm, global_batch=b)
   plateau = optim.Plateau(**{kk: v for kk, v in config.optim.plateau.items()
@@ -129,8 +193,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       loss_name=config.loss.name, loss_kwargs=config_lib.set_kwargs(config.loss.kwargs),
       memory_loss_kwargs=config_lib.set_kwargs(config.xbm.memory_loss_kwargs), mesh=mesh,
       sharded_memory=sharded)
+  progress = Progress(total=total, start=start, enabled=bool(config.train.progress) and pidx == 0,
+                      eval_steps=[s for s in range(1, total + 1) if s > start
+                                  and evals_due(config, s, total)])
   evals = evaluation.EvalRunner(config, model, mesh, train_src=train_src, writer=writer,
-                                workdir=workdir)
+                                workdir=workdir, say=progress.write)
+  watch = guards.CollapseWatch()
 
   def host_state(step):
     out = {"pipeline": batches.get_state(), "controller": controller.state_dict(),
@@ -141,13 +209,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   pending, last = [], {}
   t_log, steps_since = time.time(), 0
-  bar = tqdm.tqdm(total=total, initial=start, disable=not (config.train.progress and pidx == 0),
-                  unit="step", dynamic_ncols=True)
   extra = {}
   for step in range(start, total):
     drift_now = None   # a reading reaches the controller once, on its own step
     if monitor is not None and step % int(config.drift.interval) == 0:
-      drift_now = monitor.update(step, evals.embed_probe(state))
+      probe = evals.embed_probe(state)
+      watch.probe(step, probe)
+      drift_now = monitor.update(step, probe)
       extra.update(drift_now)
     mem_start, mem_weight = controller.update(step, drift_now or None)
     if not config.xbm.enabled:
@@ -168,7 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, metrics = train_step(state, parallel.global_batch(host_batch, mesh), ctrl)
     pending.append((step, metrics))
     done, steps_since = step + 1, steps_since + 1
-    bar.update(1)
+    progress.update()
 
     log_now = done % int(config.train.log_every) == 0 or done == total
     ckpt_now = done % int(config.train.checkpoint_every) == 0 or done == total
@@ -177,11 +245,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       means, first_bad = _host_mean(pending)
       pending = []
       if first_bad is not None:
+        progress.close()
         ckpt.close()
         writer.close()
-        raise FloatingPointError(
-            f"non-finite loss at step {first_bad}; stopping. The last good checkpoint "
-            f"is step {ckpt.latest_step()} in {workdir}")
+        raise NonFiniteError(
+            f"non-finite loss, gradients or parameters at step {first_bad}; stopping. The "
+            f"last good checkpoint is step {ckpt.latest_step()} in {workdir}")
       dt = time.time() - t_log
       scalars = {f"train/{kk}": v for kk, v in means.items()}
       scalars.update({"train/steps_per_s": steps_since / dt,
@@ -192,10 +261,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       extra = {}
       writer.write_scalars(done, scalars)
       last.update(scalars)
-      bar.set_postfix(loss=f"{means['loss']:.4f}", fill=f"{means['memory_fill']:.2f}")
+      watch.grad_norm(done, means["grad_norm"])
+      progress.postfix(loss=f"{means['loss']:.4f}", fill=f"{means['memory_fill']:.2f}")
       t_log, steps_since = time.time(), 0
     if eval_names:
+      t_eval = time.time()
       ev = evals.run(eval_names, state, done)
+      progress.evaluated(time.time() - t_eval)
+      t_log = time.time()   # steps_per_s counts steps, not the evaluation
       last.update(ev)
       metric = config.optim.plateau.metric
       if config.optim.schedule == "plateau" and metric in ev:
@@ -203,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       ckpt.save_best(done, state, host_state(done), ev)
     if ckpt_now:
       ckpt.save(done, state, host_state(done))
-  bar.close()
+  progress.close()
   batches.close()
   writer.close()
   ckpt.close()

@@ -38,6 +38,15 @@ def _sum_or_mean(name, x):
   return jax.lax.pmean(x, DATA_AXIS)
 
 
+def all_finite(tree) -> jax.Array:
+  """`[]` bool: no NaN/inf anywhere in `tree`. One reduction per leaf, fused into
+  the step: a fraction of the backward pass, and it catches weights gone NaN while
+  the loss still reads 0 (a NaN similarity fails every pair mask)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
+
+
 def state_specs(state: TrainState, *, sharded_memory: bool = False):
   """PartitionSpecs of the train state: replicated, but a sharded memory's rows.
 
@@ -118,7 +127,11 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
     params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, memory=mem)
-    metrics = {"loss": jax.lax.pmean(loss, DATA_AXIS),
+    mean_loss = jax.lax.pmean(loss, DATA_AXIS)
+    ok = all_finite((mean_loss, grads, updates, params, batch_stats))
+    metrics = {"loss": mean_loss,
+               # 1.0 when anything of this step is NaN/inf; the loop stops on it.
+               "nonfinite": jax.lax.pmax(1.0 - ok.astype(jnp.float32), DATA_AXIS),
                "grad_norm": optax.tree.norm(grads), "lr": lr,
                "memory_fill": jax.lax.pmean(memory_lib.fill(mem), DATA_AXIS)}
     metrics.update({k: _sum_or_mean(k, v) for k, v in aux.items()})

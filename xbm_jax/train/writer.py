@@ -183,6 +183,11 @@ def truncate_jsonl(path: str, max_step: int) -> int:
     return dropped
 
 
+def config_json(config: Any) -> dict:
+    """The config as ``config.json`` holds it (tuples as lists), for comparisons."""
+    return json.loads(json.dumps(_jsonable(config)))
+
+
 class MetricWriter:
     """Writes ``<workdir>/metrics.jsonl`` and ``<workdir>/events.out.tfevents.*``.
 

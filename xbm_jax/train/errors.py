@@ -1,0 +1,38 @@
+"""Errors a user can fix (config, data, resume mismatch, a busy workdir).
+
+`scripts/train.py` prints such an error as one line and exits non-zero; anything
+else is a bug and keeps its traceback. Each class also derives from the builtin
+exception callers already catch (ValueError, KeyError, ...).
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+  """A mistake the user can fix; its message alone says what and how."""
+
+
+class ConfigError(UserError, ValueError):
+  """The config cannot train (bad value, unknown key, inconsistent sizes)."""
+
+
+class ConfigKeyError(ConfigError, KeyError):
+  """An unknown config key (a typo)."""
+
+  def __str__(self):   # KeyError would quote the whole message
+    return str(self.args[0]) if self.args else ""
+
+
+class DataError(UserError, FileNotFoundError):
+  """The dataset is missing or unreadable."""
+
+
+class ResumeError(UserError, ValueError):
+  """The workdir's checkpoint was written with another config."""
+
+
+class WorkdirLockedError(UserError, RuntimeError):
+  """Another live run holds the workdir."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Training produced NaN/inf (loss, gradients, updates, parameters or embeddings)."""
