@@ -104,3 +104,29 @@ def test_config_errors():
         MemoryController(start_step="soon")
     c = MemoryController.from_config({"start": 5, "weight": 0.1}, global_batch=64)
     assert c.update(6) == (5, pytest.approx(0.1))
+
+
+def test_guard_switches_off_when_relational_drift_outpaces_the_memory_free_rate():
+    c = MemoryController(start_step=100, weight=1.0, guard=True, guard_ratio=3.0)
+    rel = lambda d, v: {f"train/rel_drift@{d}": v, f"train/drift@{d}": 0.5}
+    assert c.update(50, rel(50, 0.01)) == (100, 0.0)          # base rate 0.01 / 50
+    assert c.update(100, rel(50, 0.02)) == (100, 0.0)         # still before the start
+    assert c.base_rate == pytest.approx(0.02 / 50)
+    # The lag 100 -> 150 window starts at the switch-on: counted; 2.5x the base: on.
+    assert c.update(150, rel(50, 0.05)) == (100, 1.0)
+    # A window straddling the start (lag 100 at step 150 covers 50..150) is ignored.
+    assert c.update(151, {"train/rel_drift@100": 1.0}) == (100, 1.0)
+    # 0.07 / 50 = 3.5x the base rate: off for good, whatever comes later.
+    assert c.update(200, rel(50, 0.07)) == (100, 0.0)
+    assert c.log()["train/xbm_guard_off_step"] == 200.0
+    assert c.update(250, rel(50, 0.0)) == (100, 0.0)
+    other = MemoryController(start_step=100, weight=1.0, guard=True)
+    other.load_state_dict(c.state_dict())
+    assert other.update(300) == (100, 0.0) and other.base_rate == c.base_rate
+
+
+def test_guard_needs_a_calibration_before_it_acts():
+    c = MemoryController(start_step=0, weight=1.0, guard=True)
+    assert c.update(50, {"train/rel_drift@50": 1.9}) == (0, 1.0)   # no base rate: stays on
+    with pytest.raises(ValueError, match="guard_ratio"):
+        MemoryController(start_step=0, guard=True, guard_ratio=1.0)

@@ -37,9 +37,25 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from xbm_jax.insight.drift import parse_drift_metrics
+from xbm_jax.insight.drift import REL_PREFIX, parse_drift_metrics
 
 NEVER = 2**31 - 1  # the start fed while the memory is off: step > NEVER never holds
+
+
+def relational_rate(metrics: Optional[Mapping[str, float]], *, since: Optional[int] = None,
+                    step: int = 0) -> Optional[float]:
+    """Relational drift per step (``train/rel_drift@<delta>`` / delta) at the largest lag
+    in ``metrics``; with ``since``, only lags measured wholly after that step count."""
+    vals = {}
+    for name, value in (metrics or {}).items():
+        if name.startswith(REL_PREFIX):
+            d = int(name[len(REL_PREFIX):])
+            if since is None or step - d >= since:
+                vals[d] = float(value)
+    if not vals:
+        return None
+    d = max(vals)
+    return vals[d] / d
 
 
 def span_drift(drifts: Mapping[int, float], span: float) -> Optional[float]:
@@ -75,6 +91,11 @@ class MemoryController:
       backoff: enable the back-off; backoff_threshold defaults to ``threshold``.
       backoff_factor: multiplier on each cut (0 < f < 1); min_weight: floor of a cut.
       recover_steps: steps of calm drift to win back a full ``weight``.
+      guard: switch the memory off for good when, after the switch-on, the relational
+        drift (:func:`xbm_jax.insight.drift.relational_drift`, the change of the probe
+        set's similarities, blind to rotations) per step exceeds ``guard_ratio`` times
+        its rate measured before the switch-on (the model's own, memory-free rate).
+        Needs readings before the start (a start step >= the largest drift delta).
     """
 
     def __init__(self, *, start_step: Union[int, str] = 1000, weight: float = 1.0,
@@ -83,7 +104,8 @@ class MemoryController:
                  auto_max_step: Optional[int] = None, ramp_steps: int = 0,
                  backoff: bool = False, backoff_threshold: Optional[float] = None,
                  backoff_factor: float = 0.5, min_weight: float = 0.0,
-                 recover_steps: int = 1000):
+                 recover_steps: int = 1000, guard: bool = False,
+                 guard_ratio: float = 3.0):
         self.auto = start_step == "auto"
         if not self.auto and not isinstance(start_step, (int, np.integer)):
             raise ValueError(f"xbm start_step must be an int or 'auto', got {start_step!r}")
@@ -103,6 +125,11 @@ class MemoryController:
         if ramp_steps < 0 or recover_steps <= 0:
             raise ValueError(f"xbm ramp_steps must be >= 0 and recover_steps > 0, got "
                              f"{ramp_steps}, {recover_steps}")
+        if guard and guard_ratio <= 1.0:
+            raise ValueError(f"xbm guard_ratio must be > 1, got {guard_ratio}")
+        self.guard, self.guard_ratio = bool(guard), float(guard_ratio)
+        self.base_rate = float("nan")   # relational drift per step before the switch-on
+        self.guard_off = -1             # the step the guard switched the memory off
         self.weight = float(weight)
         self.span = float(memory_size) / float(global_batch)
         self.threshold = threshold
@@ -137,7 +164,8 @@ class MemoryController:
                   auto_max_step=get("auto_max_step"), ramp_steps=get("ramp_steps", 0),
                   backoff=get("backoff", False), backoff_threshold=get("backoff_threshold"),
                   backoff_factor=get("backoff_factor", 0.5),
-                  min_weight=get("min_weight", 0.0), recover_steps=get("recover_steps", 1000))
+                  min_weight=get("min_weight", 0.0), recover_steps=get("recover_steps", 1000),
+                  guard=get("guard", False), guard_ratio=get("guard_ratio", 3.0))
         return cls(**kw)
 
     def _ramp(self, step: int) -> float:
@@ -184,8 +212,21 @@ class MemoryController:
                     self.cur_weight = min(self.weight, self.cur_weight
                                           + self.weight * since / self.recover_steps)
                 self.last_measure = step
-        self._fed_weight = self._ramp(step) * self.cur_weight
+        if self.guard:
+            self._update_guard(step, drift_metrics)
+        self._fed_weight = (0.0 if self.guard_off >= 0
+                            else self._ramp(step) * self.cur_weight)
         return self.start, self._fed_weight
+
+    def _update_guard(self, step: int, drift_metrics) -> None:
+        if step <= self.start:   # memory off: calibrate the memory-free rate
+            rate = relational_rate(drift_metrics)
+            if rate is not None:
+                self.base_rate = rate
+        elif self.guard_off < 0 and np.isfinite(self.base_rate):
+            rate = relational_rate(drift_metrics, since=self.start, step=step)
+            if rate is not None and rate > self.guard_ratio * self.base_rate:
+                self.guard_off = step
 
     def log(self) -> Dict[str, float]:
         """Metrics for the writer: the weight last fed, the auto start (once fired) and
@@ -195,6 +236,8 @@ class MemoryController:
             out["train/xbm_auto_start_step"] = float(self.start)
         if np.isfinite(self.last_span_drift):
             out["train/xbm_span_drift"] = float(self.last_span_drift)
+        if self.guard and self.guard_off >= 0:
+            out["train/xbm_guard_off_step"] = float(self.guard_off)
         return out
 
     def state_dict(self) -> Dict[str, np.ndarray]:
@@ -203,7 +246,9 @@ class MemoryController:
                 "cur_weight": np.asarray(self.cur_weight, np.float64),
                 "last_measure": np.asarray(self.last_measure, np.int64),
                 "last_span_drift": np.asarray(self.last_span_drift, np.float64),
-                "fed_weight": np.asarray(self._fed_weight, np.float64)}
+                "fed_weight": np.asarray(self._fed_weight, np.float64),
+                "base_rate": np.asarray(self.base_rate, np.float64),
+                "guard_off": np.asarray(self.guard_off, np.int64)}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restores :meth:`state_dict` output. A fixed start keeps the config's value
@@ -218,3 +263,5 @@ class MemoryController:
         self.last_measure = int(state["last_measure"])
         self.last_span_drift = float(state.get("last_span_drift", float("nan")))
         self._fed_weight = float(state.get("fed_weight", 0.0))
+        self.base_rate = float(state.get("base_rate", float("nan")))
+        self.guard_off = int(state.get("guard_off", -1))

@@ -24,6 +24,11 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 METRIC_PREFIX = "train/drift@"
+# Ranking-relevant drift (issue 16): how much the probe set's similarity structure
+# changed, which a rotation of the whole embedding space leaves at exactly 0.
+REL_PREFIX = "train/rel_drift@"
+RANK_PREFIX = "train/rank_drift@"
+RANK_K = 10
 
 
 def mean_cosine_drift(a: np.ndarray, b: np.ndarray, *, eps: float = 1e-12) -> float:
@@ -49,6 +54,46 @@ def mean_cosine_drift(a: np.ndarray, b: np.ndarray, *, eps: float = 1e-12) -> fl
     # For unit rows 1 - cos = |a - b|^2 / 2: exactly 0 for equal rows and free of the
     # cancellation that 1 - (a . b) suffers when the drift is tiny.
     return float(np.mean(0.5 * np.sum((a - b) ** 2, axis=1)))
+
+
+def _unit(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def relational_drift(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over probe pairs i != j of ``|cos(a_i, a_j) - cos(b_i, b_j)|``.
+
+    What a retrieval ranking and a pair loss see is the similarity between images, not
+    the coordinates: any rotation (orthogonal map) of the whole space gives 0 here, while
+    :func:`mean_cosine_drift` can be large. ``a``, ``b``: ``[P, D]``, P >= 2.
+    """
+    a, b = _unit(a), _unit(b)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"relational_drift needs two [P, D] arrays, P >= 2, of the same "
+                         f"shape; got {a.shape} and {b.shape}")
+    diff = np.abs(a @ a.T - b @ b.T)
+    p = a.shape[0]
+    return float((diff.sum() - np.trace(diff)) / (p * (p - 1)))
+
+
+def rank_drift(a: np.ndarray, b: np.ndarray, *, k: int = RANK_K) -> float:
+    """``1 - mean_i |top-k(a, i) & top-k(b, i)| / k``: the share of each probe's k
+    nearest probe neighbours (itself excluded) that changed. In [0, 1]."""
+    a, b = _unit(a), _unit(b)
+    p = a.shape[0]
+    k = min(int(k), p - 1)
+    if k < 1:
+        raise ValueError(f"rank_drift needs at least 2 probes, got {p}")
+
+    def topk(x):
+        s = x @ x.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+    ta, tb = topk(a), topk(b)
+    overlap = [len(np.intersect1d(ta[i], tb[i], assume_unique=True)) for i in range(p)]
+    return float(1.0 - np.mean(overlap) / k)
 
 
 def parse_drift_metrics(metrics: Optional[Dict[str, float]]) -> Dict[int, float]:
@@ -109,7 +154,10 @@ class DriftMonitor:
           probe_emb: ``[P, D]`` float, the fixed probe set embedded in eval mode.
 
         Returns:
-          ``{"train/drift@<delta>": float}`` for each delta whose earlier snapshot exists.
+          ``{"train/drift@<delta>": float, "train/rel_drift@<delta>": float,
+          "train/rank_drift@<delta>": float}`` for each delta whose earlier snapshot
+          exists (see :func:`mean_cosine_drift`, :func:`relational_drift`,
+          :func:`rank_drift`).
         """
         step = int(step)
         emb = np.asarray(probe_emb, np.float32)
@@ -127,7 +175,10 @@ class DriftMonitor:
         for d in self.deltas:
             slot = self._slot(step - d)
             if step - d >= 0 and self._steps[slot] == step - d:
-                out[f"{METRIC_PREFIX}{d}"] = mean_cosine_drift(emb, self._embs[slot])
+                old = self._embs[slot]
+                out[f"{METRIC_PREFIX}{d}"] = mean_cosine_drift(emb, old)
+                out[f"{REL_PREFIX}{d}"] = relational_drift(emb, old)
+                out[f"{RANK_PREFIX}{d}"] = rank_drift(emb, old)
         slot = self._slot(step)
         self._embs[slot] = emb
         self._steps[slot] = step

@@ -89,6 +89,10 @@ def base() -> ml_collections.ConfigDict:
       backoff_factor=0.5,
       min_weight=0.0,
       recover_steps=1000,
+      # Switch the memory off for good when its relational drift per step exceeds
+      # guard_ratio x the memory-free rate measured before the start (issue 16).
+      guard=False,
+      guard_ratio=3.0,
   )
 
   c.optim = dict(
