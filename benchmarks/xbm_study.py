@@ -48,6 +48,7 @@ class Arm:
   grid: dict
   x: float | None = None     # e.g. the batch size, for the curve plots
   group: str = ""            # the curve an arm belongs to
+  seeds: tuple = SEEDS
 
 
 def _batch_arms(stage, loss, lrs, sizes=(32, 64, 128, 256)):
@@ -69,13 +70,33 @@ def _fair_arms(lrs):
   ]
 
 
+WARM_START = os.path.join(ROOT, "xbm_jax", "data", "glyphs_data",
+                          "warm_start_small_cnn32.msgpack")
+
+
+def _guard_arms():
+  """Issue 16, not a tuned comparison: the warm-start regime (the committed no-memory
+  weights, lr 1e-4, 600 steps), memory 8,192 on at step 100 so the guard can measure
+  the memory-free drift first; two seeds, test R@1 only (the warm weights saw the val
+  classes, so val is not clean here)."""
+  warm = {"train.init_from": WARM_START, "train.steps": 600, "optim.lr": 1e-4}
+  mem = {**warm, "xbm.enabled": True, "xbm.size": 8192, "xbm.start_step": 100}
+  one = {"xbm.weight": (1.0,)}
+  return [Arm("guard", "no_memory", {**warm, "xbm.enabled": False}, one, seeds=(0, 1)),
+          Arm("guard", "memory_paper_sum", mem, one, seeds=(0, 1)),
+          Arm("guard", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"},
+              one, seeds=(0, 1)),
+          Arm("guard", "memory_paper_sum_guard", {**mem, "xbm.guard": True}, one,
+              seeds=(0, 1))]
+
+
 def arms(smoke: bool) -> list[Arm]:
   if smoke:   # two tiny arms: wiring only
     return [Arm("smoke", "no_memory", {"xbm.enabled": False}, {"optim.lr": (1e-3,)}),
             Arm("smoke", "memory", {"xbm.enabled": True}, {"optim.lr": (1e-3, 1e-2)})]
   lrs = (3e-4, 1e-3, 3e-3)
   return (_batch_arms("batch_size", "contrastive", lrs) + _fair_arms((3e-4, 1e-3))
-          + _batch_arms("batch_size_ms", "multi_similarity", lrs))
+          + _guard_arms() + _batch_arms("batch_size_ms", "multi_similarity", lrs))
 
 
 def grid_points(arm: Arm) -> list[dict]:
@@ -141,7 +162,7 @@ def val_score(rec: dict) -> float:
 
 
 def run_arm(out: str, arm: Arm, smoke: bool) -> None:
-  seeds = SEEDS[:1] if smoke else SEEDS
+  seeds = arm.seeds[:1] if smoke else arm.seeds
   points = grid_points(arm)
   scores = [val_score(launch(out, arm, p, seeds[0], smoke)) for p in points]
   best = points[int(np.argmax(scores))]
@@ -162,7 +183,7 @@ def summarize(out: str, arm: Arm) -> dict | None:
     return None
   scores = [val_score(r) for r in tuning]
   best = points[int(np.argmax(scores))]
-  recs = [read_run(os.path.join(out, run_name(arm, best, s))) for s in SEEDS]
+  recs = [read_run(os.path.join(out, run_name(arm, best, s))) for s in arm.seeds]
   recs = [r for r in recs if r is not None and r["status"] == "ok"]
   col = lambda key: [r["last"][key] for r in recs if key in r["last"]]
   return {"arm": arm.name, "stage": arm.stage, "x": arm.x, "group": arm.group,
@@ -171,7 +192,8 @@ def summarize(out: str, arm: Arm) -> dict | None:
                      for p, sc, r in zip(points, scores, tuning)],
           "test_r1": col(TEST), "test_r8": col("eval/test/recall@8"),
           "test_map_r": col("eval/test/map@r"), "val_r1": col(VAL),
-          "drift100": col("train/drift@100"), "wall_s": [r["wall_s"] for r in recs],
+          "drift100": col("train/drift@100"), "rel100": col("train/rel_drift@100"),
+          "wall_s": [r["wall_s"] for r in recs],
           "steps": [int(r["curves"]["train/loss"][-1][0]) for r in recs
                     if "train/loss" in r["curves"]],
           "curves": [r["curves"] for r in recs]}
@@ -179,7 +201,8 @@ def summarize(out: str, arm: Arm) -> dict | None:
 
 def _table_md(rows: list[dict]) -> str:
   head = ("| stage | arm | chosen (val) | seeds | steps | test R@1 | test R@8 | test MAP@R "
-          "| val R@1 | drift@100 (last) | wall s / run |\n|" + "---|" * 11)
+          "| val R@1 | drift@100 (last) | rel_drift@100 (last) | wall s / run |\n|"
+          + "---|" * 12)
   lines = [head]
   for r in rows:
     chosen = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in r["chosen"].items())
@@ -188,6 +211,7 @@ def _table_md(rows: list[dict]) -> str:
         f"{max(r['steps'], default=0)} | {_mean_std(r['test_r1'])} | "
         f"{_mean_std(r['test_r8'])} | {_mean_std(r['test_map_r'])} | "
         f"{_mean_std(r['val_r1'])} | {_mean_std(r['drift100'])} | "
+        f"{_mean_std(r['rel100'])} | "
         f"{np.mean(r['wall_s']):.0f} |")
   lines += ["", "Tuning (seed 0, final val R@1):", "",
             "| arm | grid point | val R@1 | status |", "|---|---|---|---|"]
@@ -219,16 +243,18 @@ def _plots(out: str, rows: list[dict]) -> None:
     plt.close(fig)
   for stage in sorted({r["stage"] for r in rows if r["x"] is None}):
     g = [r for r in rows if r["stage"] == stage and r["curves"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for r in g:
-      for ax, key in zip(axes, (VAL, "train/drift@100")):
+      for ax, key in zip(axes, (VAL, "train/drift@100", "train/rel_drift@100")):
         series = [c[key] for c in r["curves"] if key in c]
         if series:
           n = min(len(s) for s in series)
           ax.plot([s for s, _ in series[0][:n]],
                   np.mean([[v for _, v in s[:n]] for s in series], axis=0), label=r["arm"])
     axes[0].set(xlabel="step", ylabel="val R@1 (seed mean)", title=f"{stage}: R@1")
-    axes[1].set(xlabel="step", ylabel="drift@100", title=f"{stage}: drift per 100 steps")
+    axes[1].set(xlabel="step", ylabel="drift@100", title=f"{stage}: 1 - cos per 100 steps")
+    axes[2].set(xlabel="step", ylabel="rel_drift@100",
+                title=f"{stage}: similarity change per 100 steps")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"{stage}_curves.png"), dpi=120)
