@@ -85,3 +85,47 @@ def test_config_from_mapping_and_errors():
     T.TransformConfig(resize=8, crop=10)
   with pytest.raises(ValueError, match="uint8"):
     T.eval_transform(np.zeros((4, 4, 3), np.float32), T.TransformConfig(resize=4, crop=4))
+
+
+def _smooth(h, w, seed=0):
+  """A photo-like smooth image (upsampled noise), so JPEG keeps it close."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  low = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  return np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC))
+
+
+def _jpeg(img):
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="JPEG", quality=90)
+  data = buf.getvalue()
+  return data, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_jpeg_bytes_below_twice_resize_equal_the_array_path():
+  """Shorter side < 2 x resize: full-scale decode, exactly the decoded array's output."""
+  data, decoded = _jpeg(_smooth(500, 460))
+  cfg = T.TransformConfig()
+  assert T.load(data, cfg.resize)[0].size == (460, 500)
+  for seed in range(4):
+    np.testing.assert_array_equal(T.train_transform(data, cfg, T.record_rng(0, seed, 1)),
+                                  T.train_transform(decoded, cfg, T.record_rng(0, seed, 1)))
+  np.testing.assert_array_equal(T.eval_transform(data, cfg), T.eval_transform(decoded, cfg))
+
+
+def test_large_jpeg_decodes_reduced_with_the_same_geometry():
+  """Shorter side 1100 >= 4 x 256: a 1/4-scale decode (275 px, still >= 256); the crop
+  box and draws are the full-size ones, so outputs match the array path up to the
+  downscale filter (a misplaced box would differ by tens of levels)."""
+  data, decoded = _jpeg(_smooth(1100, 1300, seed=1))
+  cfg = T.TransformConfig()
+  assert T.load(data, cfg.resize)[0].size == (325, 275)
+  for seed in range(4):
+    a = T.train_transform(data, cfg, T.record_rng(0, seed, 1)).astype(int)
+    b = T.train_transform(decoded, cfg, T.record_rng(0, seed, 1)).astype(int)
+    assert np.mean(np.abs(a - b)) < 0.75, seed  # measured ~0.37; a 1 px shift ~1-1.6
+  a, b = T.eval_transform(data, cfg).astype(int), T.eval_transform(decoded, cfg).astype(int)
+  assert np.mean(np.abs(a - b)) < 0.75
+  shifted = T.eval_transform(decoded[8:], cfg).astype(int)  # the oracle can tell a shift
+  assert np.mean(np.abs(shifted - b)) > 3 * np.mean(np.abs(a - b))

@@ -9,12 +9,23 @@ The train path folds "resize then crop then resize" into one PIL resize with a s
 in original-image coordinates: the same geometry as torchvision's two steps, one resampling
 instead of two (faster, slightly less blur). The crop box is drawn as torchvision's
 ``RandomResizedCrop.get_params`` draws it, on the resized image's size.
+
+Images come as uint8 arrays, or as encoded bytes (a JPEG straight from the record), which
+``load`` decodes. A JPEG is decoded at a reduced DCT scale (libjpeg's 1/2, 1/4, 1/8 via
+PIL ``Image.draft``) only when the reduced image still has at least the resolution of the
+reference's ``Resize(resize)`` image in both sides, i.e. never below the pixels the
+reference itself resamples from. The crop geometry and every random draw are unchanged
+(they are computed on the full-size image's dimensions); what changes is the pixel values:
+the first 1/s downscale is the DCT's (a box-like filter) instead of PIL's bilinear one.
+SOP-like 500 px photos (shorter side < 2 x 256) always decode at full scale, so their
+augmentation is exactly the array path's.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import numpy as np
 from PIL import Image
@@ -53,10 +64,31 @@ class TransformConfig:
     return cls(**d)
 
 
+ImageLike = Union[np.ndarray, bytes]
+
+
 def _to_pil(image: np.ndarray) -> Image.Image:
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
     raise ValueError(f"image must be uint8 [H, W, 1|3], got {image.dtype} {image.shape}")
   return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def load(image: ImageLike, resize: int) -> tuple[Image.Image, int, int, int]:
+  """``(PIL image, full height, full width, channels)`` of an array or encoded bytes.
+
+  Encoded JPEGs decode at the smallest DCT scale whose shorter side stays >= ``resize``
+  (see module doc); the returned height/width are the full-size image's, so callers draw
+  crops in full-size coordinates and scale them by ``img.width / width``.
+  """
+  if isinstance(image, (bytes, bytearray, memoryview)):
+    img = Image.open(io.BytesIO(image))
+    h, w = img.height, img.width
+    rh, rw = resized_size(h, w, resize)
+    if img.format == "JPEG":
+      img.draft("RGB", (rw, rh))  # the largest 1/s reduction still >= (rw, rh)
+    return (img if img.mode == "RGB" else img.convert("RGB")), h, w, 3
+  image = np.asarray(image)
+  return _to_pil(image), image.shape[0], image.shape[1], image.shape[-1]
 
 
 def _from_pil(img: Image.Image, channels: int) -> np.ndarray:
@@ -101,26 +133,28 @@ def random_resized_crop_box(height: int, width: int, *, scale, ratio,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def eval_transform(image: np.ndarray, cfg: TransformConfig) -> np.ndarray:
-  """uint8 [H, W, C] -> uint8 [crop, crop, C]: shorter side to ``resize``, centre crop."""
-  c = image.shape[-1]
-  img = _to_pil(image)
-  h, w = resized_size(img.height, img.width, cfg.resize)
+def eval_transform(image: ImageLike, cfg: TransformConfig) -> np.ndarray:
+  """uint8 [H, W, C] (or encoded bytes) -> uint8 [crop, crop, C]: shorter side to
+  ``resize``, centre crop."""
+  img, height, width, c = load(image, cfg.resize)
+  h, w = resized_size(height, width, cfg.resize)
   if (h, w) != (img.height, img.width):
     img = img.resize((w, h), Image.BILINEAR)
   top, left = center_crop_box(h, w, cfg.crop)
   return _from_pil(img, c)[top:top + cfg.crop, left:left + cfg.crop]
 
 
-def train_transform(image: np.ndarray, cfg: TransformConfig,
+def train_transform(image: ImageLike, cfg: TransformConfig,
                     rng: np.random.Generator) -> np.ndarray:
-  """uint8 [H, W, C] -> uint8 [crop, crop, C]: random resized crop (+ flip), seeded by rng."""
-  c = image.shape[-1]
-  img = _to_pil(image)
-  rh, rw = resized_size(img.height, img.width, cfg.resize)
+  """uint8 [H, W, C] (or encoded bytes) -> uint8 [crop, crop, C]: random resized crop
+  (+ flip), seeded by rng."""
+  img, height, width, c = load(image, cfg.resize)
+  rh, rw = resized_size(height, width, cfg.resize)
   top, left, h, w = random_resized_crop_box(rh, rw, scale=cfg.scale, ratio=cfg.ratio, rng=rng)
-  # Map the box on the resized image back to the original image: one resampling.
-  sy, sx = img.height / rh, img.width / rw
+  # Map the box on the resized image back to the decoded image: one resampling. A
+  # 1/s-scale decode's pixel i covers full-size pixels [s i, s (i + 1)): divide by s.
+  s = round(width / img.width)
+  sy, sx = height / rh / s, width / rw / s
   box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
   img = img.resize((cfg.crop, cfg.crop), Image.BILINEAR, box=box)
   if cfg.flip and rng.random() < 0.5:
