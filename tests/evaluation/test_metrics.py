@@ -185,3 +185,28 @@ def test_per_query_ranks_and_errors():
     metrics.retrieval_metrics(x, l, ks=(0,), self_exclude=True)
   with pytest.raises(TypeError, match="labels"):
     metrics.retrieval_metrics(x, l.astype(np.float32), self_exclude=True)
+
+
+def test_nan_scores_never_count_as_hits():
+  """Finite embeddings whose positive score overflows to NaN (1e60 - 1e60 = inf - inf):
+  a NaN best positive used to have "nothing ranked above it", rank 0, a hit. By hand:
+  items 0 and 1 (class 0) score NaN with each other and 0 with class 1, so neither
+  finds its positive; items 2 and 3 (class 1) score 1 with each other: hits."""
+  e = np.array([[1e30, 1e30, 0], [1e30, -1e30, 0], [0, 0, 1], [0, 0, 1]], np.float32)
+  labels = np.array([0, 0, 1, 1])
+  res = metrics.retrieval_metrics(e, labels, ks=(1, 2), self_exclude=True, per_query=True)
+  assert res["recall@1"] == res["recall@2"] == 0.5
+  assert list(res["rank"][:2] >= 2) == [True, True] and list(res["rank"][2:]) == [0, 0]
+  assert res["map@r"] == 0.5 and res["precision@1"] == 0.5
+
+
+def test_non_finite_embeddings_are_refused():
+  e = np.eye(4, dtype=np.float32)
+  e[2, 1] = np.nan
+  with pytest.raises(ValueError, match="query_emb has 1 of 4 rows with NaN/inf"):
+    metrics.retrieval_metrics(e, np.array([0, 0, 1, 1]), self_exclude=True)
+  g = np.eye(4, dtype=np.float32)
+  g[0, 0] = np.inf
+  with pytest.raises(ValueError, match="gallery_emb has 1 of 4"):
+    metrics.retrieval_metrics(np.eye(4, dtype=np.float32), np.arange(4), g, np.arange(4),
+                              self_exclude=False)

@@ -55,6 +55,11 @@ def _check_set(emb, labels, name):
     raise ValueError(f"{name}_emb must be [N, D]; got shape {emb.shape}")
   if not np.issubdtype(emb.dtype, np.floating):
     raise TypeError(f"{name}_emb must be floating point; got dtype {emb.dtype}")
+  bad = ~np.isfinite(emb).all(axis=1)
+  if bad.any():
+    # NaN rows would rank as perfect retrieval; a broken model must not score.
+    raise ValueError(f"{name}_emb has {int(bad.sum())} of {len(bad)} rows with NaN/inf "
+                     f"(first row {int(np.flatnonzero(bad)[0])}); refusing to score them")
   if labels.shape != emb.shape[:1]:
     raise ValueError(f"{name}_labels must be [N]={emb.shape[:1]} to match {name}_emb "
                      f"{emb.shape}; got shape {labels.shape}")
@@ -108,12 +113,19 @@ def _block_fn(q, q_self, q_pos, q_labels, q_npos, g, g_labels, *, n_gallery, top
   offset = jax.lax.axis_index(axis) * size
   s = jax.lax.dot_general(q, g, (((1,), (1,)), ((), ())),
                           precision=jax.lax.Precision.HIGHEST)  # [B, G]
+  # A NaN score (finite inputs can overflow to inf - inf) ranks first and is never a
+  # hit: as +inf it is counted before any positive, and a NaN positive is never the
+  # best one. Compared against NaN, it would rank nowhere and a NaN best positive
+  # would have nothing before it: rank 0, a "hit".
+  nan = jnp.isnan(s)
+  s = jnp.where(nan, jnp.inf, s)
 
   # Best positive: gathered from this very matrix, so p is bit-identical to s[i, jpos].
   local = q_pos - offset
   mine = (q_pos >= 0) & (local >= 0) & (local < size)
   vals = jnp.take_along_axis(s, jnp.clip(local, 0, size - 1), axis=1)
-  vals = jnp.where(mine, vals, -jnp.inf)
+  pos_nan = jnp.take_along_axis(nan, jnp.clip(local, 0, size - 1), axis=1)
+  vals = jnp.where(mine & ~pos_nan, vals, -jnp.inf)
   p = jax.lax.pmax(jnp.max(vals, axis=1), axis)  # [B]; -inf where no positive
   jpos = jnp.where(mine & (vals == p[:, None]), q_pos, _BIG_INDEX)
   jpos = jax.lax.pmin(jnp.min(jpos, axis=1), axis)  # [B]
@@ -152,17 +164,20 @@ def _block_fn(q, q_self, q_pos, q_labels, q_npos, g, g_labels, *, n_gallery, top
   ixg = ix + offset
   v = jnp.where(ixg < n_gallery, v, -jnp.inf)
   lab = g_labels[ix]
+  was_nan = jnp.take_along_axis(nan, ix, axis=1)
   v = jax.lax.all_gather(v, axis, axis=1, tiled=True)
   ixg = jax.lax.all_gather(ixg, axis, axis=1, tiled=True)
   lab = jax.lax.all_gather(lab, axis, axis=1, tiled=True)
+  was_nan = jax.lax.all_gather(was_nan, axis, axis=1, tiled=True)
   if v.shape[1] > top_k:
     v, sel = jax.lax.top_k(v, top_k)
     ixg = jnp.take_along_axis(ixg, sel, axis=1)
     lab = jnp.take_along_axis(lab, sel, axis=1)
+    was_nan = jnp.take_along_axis(was_nan, sel, axis=1)
   keep = (ixg != q_self[:, None]) & (v > -jnp.inf)
   pos_in_list = jnp.cumsum(keep, axis=1) - 1  # 0-based rank among non-self items
   r = q_npos[:, None]
-  rel = keep & (lab == q_labels[:, None]) & (pos_in_list < r)
+  rel = keep & ~was_nan & (lab == q_labels[:, None]) & (pos_in_list < r)
   hits_so_far = jnp.cumsum(rel, axis=1)
   prec = hits_so_far / (pos_in_list + 1).astype(jnp.float32)
   denom = jnp.maximum(q_npos, 1).astype(jnp.float32)

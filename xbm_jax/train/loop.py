@@ -248,9 +248,11 @@ def _train(config, workdir: str, mesh) -> dict:
         progress.close()
         ckpt.close()
         writer.close()
+        good = ckpt.latest_step()
         raise NonFiniteError(
-            f"non-finite loss, gradients or parameters at step {first_bad}; stopping. The "
-            f"last good checkpoint is step {ckpt.latest_step()} in {workdir}")
+            f"non-finite loss, gradients or parameters at step {first_bad}; stopping. " + (
+                f"The last good checkpoint is step {good} in {workdir}" if good is not None
+                else "No checkpoint was saved") + " (a too large learning rate?)")
       dt = time.time() - t_log
       scalars = {f"train/{kk}": v for kk, v in means.items()}
       scalars.update({"train/steps_per_s": steps_since / dt,
