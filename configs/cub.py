@@ -19,6 +19,9 @@ def build(dataset: str, arg=None):
   args = config_lib.parse_arg(arg, smoke=False)
   c = config_lib.base()
   c.input.dataset = dataset
+  # A grain worker per core but one (-1); in-process for the tiny smoke images.
+  c.input.worker_count = 0 if args.smoke else -1
+  c.model.dtype = "auto"         # bf16 activations on GPU/TPU, float32 on CPU
   c.model.name, c.model.embed_dim = "bninception", 512
   c.xbm.size, c.xbm.start_step = 5_000, 1000
   c.optim.plateau.metric = f"eval/{dataset}/recall@1"

@@ -16,6 +16,9 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, smoke=False)
   c = config_lib.base()
   c.input.dataset = "sop"
+  # A grain worker per core but one (-1); in-process for the tiny smoke images.
+  c.input.worker_count = 0 if args.smoke else -1
+  c.model.dtype = "auto"         # bf16 activations on GPU/TPU, float32 on CPU
   c.input.batch_size, c.input.samples_per_class = 64, 4      # 16 classes x 4
   c.model.name, c.model.embed_dim, c.model.pool = "resnet50", 128, "max"
   c.model.stem_relu = False                                  # the reference's stem

@@ -14,6 +14,9 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, smoke=False)
   c = config_lib.base()
   c.input.dataset = "vehicleid"
+  # A grain worker per core but one (-1); in-process for the tiny smoke images.
+  c.input.worker_count = 0 if args.smoke else -1
+  c.model.dtype = "auto"         # bf16 activations on GPU/TPU, float32 on CPU
   c.model.name, c.model.embed_dim = "resnet50", 128
   c.xbm.size, c.xbm.start_step = 100_000, 1000
   c.optim.plateau.metric = "eval/vehicleid/small/recall@1"

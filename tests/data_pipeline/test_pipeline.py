@@ -1,5 +1,7 @@
 """Input pipeline: batches follow the sampler, hosts split the global batch, resume,
-eval padding masks."""
+eval padding masks, worker sizing, device prefetch."""
+import time
+
 import numpy as np
 import pytest
 
@@ -134,3 +136,60 @@ def test_worker_processes_give_the_same_batches(source):
     np.testing.assert_array_equal(have["image"], want["image"])
     np.testing.assert_array_equal(have["label"], want["label"])
   assert got.get_state() == {"step": 3, "seed": 3}
+
+
+def test_worker_count_auto_is_cores_minus_one(monkeypatch):
+  for cores, want in ((16, 15), (2, 1), (1, 0)):
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda _, c=cores: set(range(c)),
+                        raising=False)
+    assert pipeline.resolve_worker_count("auto") == want
+    assert pipeline.resolve_worker_count(-1) == want
+  assert pipeline.resolve_worker_count(3) == 3
+  with pytest.raises(ValueError, match="worker_count"):
+    pipeline.resolve_worker_count(-2)
+
+
+def test_prefetch_to_device_keeps_order_and_the_consumed_state(source):
+  """The wrapper reads ahead, yet its state is that of the batches handed out: resuming
+  from it gives the batch that comes next (oracle: the un-prefetched iterator)."""
+  ref = [b["label"] for b in _train(source, num_steps=6)]
+  inner = _train(source, num_steps=6)
+  it = pipeline.prefetch_to_device(inner, lambda b: {**b, "put": True}, size=2)
+  got = [next(it) for _ in range(3)]
+  for g, r in zip(got, ref):
+    assert g["put"]
+    np.testing.assert_array_equal(g["label"], r)
+  for _ in range(100):           # let the thread run ahead (queue of 2 + one in hand)
+    if inner.step >= 6:
+      break
+    time.sleep(0.02)
+  assert inner.step == 6 and it.get_state() == {"step": 3, "seed": 3}
+  resumed = _train(source, num_steps=3, state=it.get_state())
+  np.testing.assert_array_equal(next(resumed)["label"], ref[3])
+  assert [b["label"].tolist() for b in it] == [r.tolist() for r in ref[3:]]
+  with pytest.raises(StopIteration):
+    next(it)
+  it.close()
+
+
+def test_prefetch_to_device_reraises_errors():
+  def gen():
+    yield 1
+    raise RuntimeError("decode failed")
+  it = pipeline.prefetch_to_device(gen(), lambda x: x * 10, size=1)
+  assert next(it) == 10
+  with pytest.raises(RuntimeError, match="decode failed"):
+    next(it)
+
+
+def test_extract_with_prefetch_equals_without(source):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from xbm_jax.evaluation.extract import extract  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  embed = jax.jit(lambda x: jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
+  runs = [extract(embed, pipeline.eval_batches(source, batch_size=16, transform_cfg=TCFG),
+                  mesh=mesh, prefetch=p) for p in (0, 2)]
+  for k in ("emb", "labels", "index"):
+    np.testing.assert_array_equal(runs[1][k], runs[0][k])
+  assert len(runs[0]["emb"]) == len(source)

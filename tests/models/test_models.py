@@ -95,7 +95,7 @@ def test_default_config_and_create():
                         "bninception, googlenet, small_cnn"),
     ({"depth": 3}, r"unknown model config key\(s\) \['depth'\]; valid: \["),
     ({"pool": "sum"}, "unknown model.pool 'sum'; valid: max, avg, gem"),
-    ({"dtype": "float16"}, "unknown model.dtype 'float16'; valid: float32, bfloat16"),
+    ({"dtype": "float16"}, "unknown model.dtype 'float16'; valid: float32, bfloat16, auto"),
     ({"embed_dim": 0}, "embed_dim must be a positive int"),
 ])
 def test_create_rejects_bad_config(override, match):
@@ -152,6 +152,21 @@ def test_bfloat16_compute_close_to_float32(small_vars):
   assert np.min(np.sum(np.asarray(bf16) * np.asarray(f32), axis=1)) > 0.999
   params = jax.eval_shape(lambda: bf16_model.init(jax.random.PRNGKey(0), images[:1]))
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_auto_dtype_is_bf16_on_accelerators_and_f32_on_cpu(small_vars):
+  for backend, want in (("gpu", jnp.bfloat16), ("cuda", jnp.bfloat16), ("tpu", jnp.bfloat16),
+                        ("cpu", jnp.float32)):
+    assert models.factory.resolve_dtype("auto", backend) == want, backend
+  assert models.factory.resolve_dtype("bfloat16", "cpu") == jnp.bfloat16
+  assert jax.default_backend() == "cpu"
+  auto = small(dtype="auto")
+  assert auto.backbone.dtype == jnp.float32
+  images = gray_images(4, seed=4)
+  # BN statistics stay float32 under bf16 compute (flax reduces them in float32).
+  _, upd = small(dtype="bfloat16").apply(small_vars, images, train=True,
+                                         mutable=["batch_stats"])
+  assert {x.dtype for x in jax.tree.leaves(upd)} == {jnp.dtype(jnp.float32)}
 
 
 def test_bn_axis_name_averages_stats_across_devices(small_vars):

@@ -18,10 +18,18 @@ this package), so ``worker_count=0`` suits tests and tiny datasets.
 
 ``eval_batches`` walks a source in order, each host a contiguous chunk, and pads the last
 batch to the full size with ``mask`` False (all hosts yield the same number of batches).
+
+``worker_count`` may be -1 or "auto": one worker per usable core, minus one for the main
+process (``resolve_worker_count``). ``prefetch_to_device`` moves batches onto the devices
+from a background thread, ``size`` steps ahead, so the host work and the transfer overlap
+the training step.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+import os
+import queue
+import threading
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import numpy as np
@@ -32,12 +40,28 @@ from xbm_jax.data import transforms
 _FOREVER = 1 << 50  # "infinite" number of steps; grain's range dataset is lazy
 
 
-def _to_iter(ds: grain.MapDataset, *, worker_count: int, read_threads: int,
+def resolve_worker_count(worker_count: int | str) -> int:
+  """Grain worker processes for ``worker_count``: an int >= 0 as is; -1 or "auto" -> the
+  usable cores minus one (the main process feeds the devices), 0 on a 1-core machine."""
+  if worker_count == "auto" or worker_count == -1:
+    try:
+      cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+      cores = os.cpu_count() or 1
+    return max(cores - 1, 0)
+  n = int(worker_count)
+  if n < 0:
+    raise ValueError(f"worker_count must be >= 0, -1 or 'auto'; got {worker_count!r}")
+  return n
+
+
+def _to_iter(ds: grain.MapDataset, *, worker_count: int | str, read_threads: int,
              prefetch_batches: int) -> grain.IterDataset:
   # grain's default ReadOptions prefetch 500 elements on 16 threads; an element here is a
   # whole batch (64 x 224 x 224 x 3 = 9.6 MB), so keep the read-ahead to a few batches.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=prefetch_batches))
+  worker_count = resolve_worker_count(worker_count)
   if worker_count <= 0:
     return ds
   # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they
@@ -72,7 +96,7 @@ class TrainBatches(Iterator[dict]):
   """Iterator of host batches with a tiny resumable state (the next step and the seed)."""
 
   def __init__(self, fn: _TrainStep, *, start_step: int, num_steps: int | None,
-               worker_count: int, read_threads: int = 1, prefetch_batches: int = 2):
+               worker_count: int | str, read_threads: int = 1, prefetch_batches: int = 2):
     stop = _FOREVER if num_steps is None else start_step + num_steps
     ds = _to_iter(grain.MapDataset.range(start_step, stop).map(fn),
                   worker_count=worker_count, read_threads=read_threads,
@@ -108,8 +132,8 @@ class TrainBatches(Iterator[dict]):
 
 
 def train_batches(source, *, sampler, transform_cfg, global_batch_size: int,
-                  process_index: int = 0, process_count: int = 1, worker_count: int = 0,
-                  seed: int = 0, state: Mapping[str, Any] | None = None,
+                  process_index: int = 0, process_count: int = 1,
+                  worker_count: int | str = 0, seed: int = 0, state: Mapping[str, Any] | None = None,
                   num_steps: int | None = None, read_threads: int = 1,
                   prefetch_batches: int = 2) -> TrainBatches:
   """Infinite (or ``num_steps``) iterator of augmented P x K host batches.
@@ -122,7 +146,8 @@ def train_batches(source, *, sampler, transform_cfg, global_batch_size: int,
       ``seed``, ``process_index`` and ``process_count``.
     transform_cfg: ``TransformConfig`` or mapping (resize, crop, scale, ratio, flip).
     global_batch_size: must equal P * K (checked, so a config mismatch fails loudly).
-    worker_count: grain worker processes (0 = in this process).
+    worker_count: grain worker processes (0 = in this process; -1 or "auto": one per core
+      but one, see ``resolve_worker_count``).
     seed: seeds the sampler (when built here) and the per-record augmentation.
     state: a ``get_state()`` dict to resume from; default starts at step 0.
     num_steps: stop after this many batches (default: never).
@@ -175,8 +200,8 @@ class _EvalBatch:
 
 
 def eval_batches(source, *, batch_size: int, transform_cfg, process_index: int = 0,
-                 process_count: int = 1, worker_count: int = 0, read_threads: int = 1,
-                 prefetch_batches: int = 2) -> Iterator[dict]:
+                 process_count: int = 1, worker_count: int | str = 0,
+                 read_threads: int = 1, prefetch_batches: int = 2) -> Iterator[dict]:
   """One ordered pass over ``source`` in batches of ``batch_size // process_count`` per host.
 
   Host p takes the contiguous chunk [p * n, (p + 1) * n) with n = ceil(N / process_count),
@@ -201,3 +226,73 @@ def eval_batches(source, *, batch_size: int, transform_cfg, process_index: int =
   ds = grain.MapDataset.range(num_batches).map(_EvalBatch(source, cfg, lo, hi, b))
   return iter(_to_iter(ds, worker_count=worker_count, read_threads=read_threads,
                        prefetch_batches=prefetch_batches))
+
+
+_END = object()
+
+
+class DevicePrefetch(Iterator[Any]):
+  """Iterator of ``put(batch)`` computed ``size`` batches ahead in a daemon thread.
+
+  ``put`` is e.g. ``lambda b: parallel.global_batch(b, mesh)``: a device transfer issued
+  while the device runs the current step. ``get_state()`` is the wrapped iterator's state
+  as of the batches handed out (not the ones read ahead), so checkpoints resume exactly.
+  Errors in the thread re-raise on the next ``next()``.
+  """
+
+  def __init__(self, batches: Iterator, put: Callable[[Any], Any], size: int = 2):
+    if size < 1:
+      raise ValueError(f"prefetch size must be >= 1; got {size}")
+    self._batches = batches
+    self._state = batches.get_state() if hasattr(batches, "get_state") else None
+    self._queue: queue.Queue = queue.Queue(maxsize=size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._fill, args=(put,), daemon=True)
+    self._thread.start()
+
+  def _fill(self, put):
+    try:
+      for batch in self._batches:
+        state = self._batches.get_state() if self._state is not None else None
+        item = (put(batch), state)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if self._stop.is_set():
+          return
+      self._queue.put((_END, None))
+    except BaseException as e:  # pylint: disable=broad-except
+      self._queue.put((e, None))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item, state = self._queue.get()
+    if item is _END:
+      self._queue.put((_END, None))   # stay exhausted
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    self._state = state
+    return item
+
+  def get_state(self):
+    return self._state
+
+  def close(self):
+    """Stops the thread, then closes the wrapped iterator (its workers, if any)."""
+    self._stop.set()
+    self._thread.join(timeout=10)
+    close = getattr(self._batches, "close", None)
+    if close is not None:
+      close()
+
+
+def prefetch_to_device(batches: Iterator, put: Callable[[Any], Any],
+                       size: int = 2) -> DevicePrefetch:
+  """``put(b)`` for each host batch b, ``size`` batches ahead (see ``DevicePrefetch``)."""
+  return DevicePrefetch(batches, put, size)

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from xbm_jax.data import pipeline
+
 
 def _place(images, mesh: Optional[Mesh]):
   """Shards the batch over all mesh devices when it divides evenly, else replicates."""
@@ -17,23 +19,8 @@ def _place(images, mesh: Optional[Mesh]):
   return jax.device_put(images, NamedSharding(mesh, spec))
 
 
-def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
-            mesh: Optional[Mesh] = None) -> dict:
-  """Embeds every real record of a split.
-
-  Args:
-    embed_fn: jitted `images [b, H, W, C] -> embeddings [b, D]` (the trainer closes it over
-      the parameters, sharded over `mesh` if given).
-    batches: iterator of dicts `{"image": uint8 [b, H, W, C], "label": int [b],
-      "mask": bool [b]}`; the last batch is padded and `mask` is False on padding. A record
-      may carry `"index"` (int [b], e.g. its position in the split's list file).
-    mesh: optional mesh; each batch is sharded over all its devices (batch dimension).
-  Returns:
-    `dict(emb=float32 [N, D], labels=int64 [N], index=int64 [N])` on the host, padded rows
-    dropped, in iteration order. `index` is the record's own index if batches carry one,
-    else its running position among real records.
-  """
-  embs, labels, index, masks = [], [], [], []
+def _consume(embed_fn, batches, embs, labels, index, masks):
+  """Dispatches every batch to `embed_fn`, collecting per-batch outputs in the lists."""
   seen = 0
   for i, batch in enumerate(batches):
     for key in ("image", "label", "mask"):
@@ -45,7 +32,7 @@ def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
       raise ValueError(f"batch {i}: image {np.shape(batch['image'])}, label "
                        f"{np.shape(batch['label'])} and mask {mask.shape} disagree on b")
     # Dispatch now, fetch later: the device embeds batch i while the host loads i + 1.
-    embs.append(embed_fn(_place(batch["image"], mesh)))
+    embs.append(embed_fn(batch["image"]))   # placed on the mesh already
     masks.append(mask)
     labels.append(np.asarray(batch["label"]).astype(np.int64)[mask])
     if "index" in batch:
@@ -53,6 +40,39 @@ def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
     else:
       index.append(np.arange(seen, seen + int(mask.sum()), dtype=np.int64))
     seen += int(mask.sum())
+
+
+def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
+            mesh: Optional[Mesh] = None, prefetch: int = 2) -> dict:
+  """Embeds every real record of a split.
+
+  Args:
+    embed_fn: jitted `images [b, H, W, C] -> embeddings [b, D]` (the trainer closes it over
+      the parameters, sharded over `mesh` if given).
+    batches: iterator of dicts `{"image": uint8 [b, H, W, C], "label": int [b],
+      "mask": bool [b]}`; the last batch is padded and `mask` is False on padding. A record
+      may carry `"index"` (int [b], e.g. its position in the split's list file).
+    mesh: optional mesh; each batch is sharded over all its devices (batch dimension).
+    prefetch: batches read (and placed on `mesh`) ahead in a background thread, so
+      loading overlaps the device's work; 0 reads in this thread.
+  Returns:
+    `dict(emb=float32 [N, D], labels=int64 [N], index=int64 [N])` on the host, padded rows
+    dropped, in iteration order. `index` is the record's own index if batches carry one,
+    else its running position among real records.
+  """
+  embs, labels, index, masks = [], [], [], []
+  if prefetch > 0:
+    batches = pipeline.prefetch_to_device(
+        iter(batches), lambda b: {**b, "image": _place(b["image"], mesh)}
+        if "image" in b else b, size=prefetch)
+  else:
+    batches = ({**b, "image": _place(b["image"], mesh)} if "image" in b else b
+               for b in batches)
+  try:
+    _consume(embed_fn, batches, embs, labels, index, masks)
+  finally:
+    if hasattr(batches, "close"):
+      batches.close()
   if not embs:
     raise ValueError("extract got no batches")
   out = []

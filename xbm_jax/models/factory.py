@@ -22,7 +22,21 @@ from xbm_jax.models.resnet import ResNet
 from xbm_jax.models.small import SmallCNN
 
 NAMES = ("resnet50", "resnet18", "bninception", "googlenet", "small_cnn")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# "auto": bfloat16 activations on GPU/TPU (their matmul units' native type; params, BN
+# statistics, the head and the embeddings stay float32), float32 on CPU (bf16 is slow there).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "auto": None}
+_ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_dtype(name: str, backend: Optional[str] = None) -> Any:
+  """The compute dtype for a `model.dtype` name; "auto" looks at `backend`
+  (default `jax.default_backend()`)."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown model.dtype {name!r}; valid: {', '.join(DTYPES)}")
+  if name != "auto":
+    return DTYPES[name]
+  backend = backend or jax.default_backend()
+  return jnp.bfloat16 if backend in _ACCELERATORS else jnp.float32
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -34,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
       "stem_relu": False,     # ResNet only: reference stem has NO ReLU after bn1
       "layer4_stride": 2,     # ResNet only: 1 keeps layer4 at 1/16 resolution
       "frozen_bn": False,     # BN uses running stats and never updates
-      "dtype": "float32",     # compute dtype: float32 | bfloat16 (params stay float32)
+      "dtype": "float32",     # compute dtype: float32 | bfloat16 | auto (params stay f32)
       "init_from": ml_collections.config_dict.placeholder(str),  # converted .msgpack
       "width": 32,            # small_cnn only: channels of the first block
   })
@@ -101,13 +115,12 @@ def create(model_cfg: Mapping[str, Any], *, axis_name: Optional[str] = None) -> 
     raise ValueError(f"unknown model name {cfg['name']!r}; valid: {', '.join(NAMES)}")
   if cfg["pool"] not in POOLS:
     raise ValueError(f"unknown model.pool {cfg['pool']!r}; valid: {', '.join(POOLS)}")
-  if cfg["dtype"] not in DTYPES:
-    raise ValueError(f"unknown model.dtype {cfg['dtype']!r}; valid: {', '.join(DTYPES)}")
+  dtype = resolve_dtype(cfg["dtype"])
   if not isinstance(cfg["embed_dim"], int) or cfg["embed_dim"] < 1:
     raise ValueError(f"model.embed_dim must be a positive int; got {cfg['embed_dim']!r}")
   backbone = make_backbone(cfg["name"], stem_relu=bool(cfg["stem_relu"]),
                            layer4_stride=int(cfg["layer4_stride"]),
-                           frozen_bn=bool(cfg["frozen_bn"]), dtype=DTYPES[cfg["dtype"]],
+                           frozen_bn=bool(cfg["frozen_bn"]), dtype=dtype,
                            axis_name=axis_name, width=int(cfg["width"]))
   return EmbeddingModel(backbone=backbone, embed_dim=cfg["embed_dim"], pool=cfg["pool"])
 
