@@ -148,7 +148,12 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
   t0 = time.time()
   with open(os.path.join(workdir, "train.log"), "w") as log:
     rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  rec = {"status": "ok" if rc == 0 else f"failed (exit {rc})", "wall_s": time.time() - t0,
+  with open(os.path.join(workdir, "train.log")) as log:
+    tail = log.read()[-3000:]
+  if rc != 0 and "non-finite" not in tail:
+    # A crash is not a result: stop the study rather than record a 0.
+    raise RuntimeError(f"{workdir}: train.py exited {rc}:\n{tail}")
+  rec = {"status": "ok" if rc == 0 else "diverged (non-finite)", "wall_s": time.time() - t0,
          "overrides": overrides, "cmd": cmd}
   with open(os.path.join(workdir, "run.json.tmp"), "w") as f:
     json.dump(rec, f, indent=1)
