@@ -7,14 +7,18 @@ r"""Prepare a benchmark dataset as a tfds array_record dataset (offline, no TF).
 /data/manual/Stanford_Online_Products/Ebay_train.txt, or the folder itself).
 Datasets: sop, cub, cars (alias cars196), inshop, vehicleid, listfile
 (`<split>.txt` files of `relative/path.jpg,label`, or `<split>/<class>/`
-folders; needs --name).
+folders; needs --name; `--splits train,test` names the splits, default: the files
+named like splits, so a README.txt beside them is not a split).
+A mistake in the inputs prints one line and exits non-zero (--verbose: traceback).
 Read back with `xbm_jax.data.sources.load(name, split, data_dir)`.
 """
+import os
 import sys
 
 from absl import app, flags, logging
 
 from xbm_jax.data import builders, writer
+from xbm_jax.data.builders import listfile
 
 _DATASET = flags.DEFINE_enum("dataset", None,
                              list(builders.DATASETS) + list(builders.ALIASES),
@@ -27,18 +31,35 @@ _ON_CORRUPT = flags.DEFINE_enum("on_corrupt", "fail", ["fail", "skip"],
                                 "What to do with a corrupt or missing image.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Replace an existing prepared version.")
+_SPLITS = flags.DEFINE_list("splits", None, "listfile: the splits to read, e.g. "
+                            "train,test (default: the <split>.txt named like splits).")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for input errors.")
 flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
+USER_ERRORS = (builders.ListFileError, writer.CorruptImageError, FileExistsError,
+               FileNotFoundError, NotADirectoryError, ValueError)
+
+
+def say_list_files(manual_dir: str) -> None:
+  """Which list files a listfile dataset reads, and which it leaves alone."""
+  lists, ignored = listfile.split_files(manual_dir, _SPLITS.value)
+  if lists:
+    print("reading " + ", ".join(f"{s} <- {os.path.basename(p)}" for s, p in lists.items())
+          + (f"; ignoring {', '.join(ignored)}" if ignored else ""))
 
 
 def main(argv):
   del argv
+  manual_dir = os.path.expandvars(os.path.expanduser(_MANUAL_DIR.value))
+  data_dir = os.path.expandvars(os.path.expanduser(_DATA_DIR.value))
   try:
-    result = builders.prepare(_DATASET.value, manual_dir=_MANUAL_DIR.value,
-                              data_dir=_DATA_DIR.value, name=_NAME.value,
-                              on_corrupt=_ON_CORRUPT.value,
-                              overwrite=_OVERWRITE.value)
-  except (builders.ListFileError, writer.CorruptImageError,
-          FileExistsError) as e:  # user errors: the message says it all
+    if builders.ALIASES.get(_DATASET.value, _DATASET.value) == builders.CUSTOM:
+      say_list_files(manual_dir)
+    result = builders.prepare(_DATASET.value, manual_dir=manual_dir, data_dir=data_dir,
+                              name=_NAME.value, on_corrupt=_ON_CORRUPT.value,
+                              overwrite=_OVERWRITE.value, splits=_SPLITS.value)
+  except USER_ERRORS as e:  # the message says it all; --verbose for the traceback
+    if _VERBOSE.value:
+      raise
     sys.exit(f"prepare_data: {type(e).__name__}: {e}")
   for split, n in result.num_examples.items():
     skipped = result.skipped[split]

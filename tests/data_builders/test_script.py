@@ -33,3 +33,22 @@ def test_prepare_script_cub_then_malformed_list(tmp_path):
              str(tmp_path / "d2"))
   assert out.returncode != 0
   assert "images.txt:13: expected 2 fields" in out.stderr
+
+
+def test_prepare_script_reads_the_named_splits_and_errors_in_one_line(tmp_path):
+  lists = tmp_path / "lists"
+  fakes.image(str(lists / "imgs" / "x.png"), seed=0, fmt="PNG")
+  for split in ("train", "test"):
+    fakes.write(str(lists / f"{split}.txt"), "imgs/x.png,1\nimgs/x.png,2\n")
+  fakes.write(str(lists / "README.txt"), "my data set\n")
+  out = _run("--dataset", "listfile", "--name", "mine", "--manual_dir", str(lists),
+             "--data_dir", str(tmp_path / "d"))
+  assert out.returncode == 0, out.stderr
+  assert "reading test <- test.txt, train <- train.txt; ignoring README.txt" in out.stdout
+  assert sorted(sources.splits("mine", str(tmp_path / "d"))) == ["test", "train"]
+  out = _run("--dataset", "listfile", "--name", "mine2", "--manual_dir", str(lists),
+             "--data_dir", str(tmp_path / "d"), "--splits", "train,valid")
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines() == [
+      f"prepare_data: ListFileError: {lists}: no list file for split(s) ['valid'] "
+      "(expected valid.txt); found: ['README.txt', 'test.txt', 'train.txt']"]

@@ -10,6 +10,7 @@ from PIL import Image
 
 from tests.data_builders import fakes
 from xbm_jax.data import builders, sources, writer
+from xbm_jax.data.builders import listfile
 
 
 def _rng_images(n, h=5, w=7, seed=0):
@@ -233,3 +234,22 @@ def test_array_source():
     sources.ArraySource(images.astype(np.float32), np.zeros(4, int))
   with pytest.raises(ValueError, match="4 images but 3 labels"):
     sources.ArraySource(images, np.zeros(3, int))
+
+
+def test_listfile_splits_are_taken_by_name_not_every_txt(tmp_path):
+  """A README.txt or classes.txt beside train.txt/test.txt used to become a split
+  (and fail to parse, or worse, parse)."""
+  lists = tmp_path / "lists"
+  fakes.image(str(lists / "imgs" / "x.png"), seed=0, fmt="PNG")
+  for split in ("train", "test", "val"):
+    fakes.write(str(lists / f"{split}.txt"), "imgs/x.png,1\n")
+  fakes.write(str(lists / "classes.txt"), "imgs/x.png,1\n")   # parses, but no split
+  fakes.write(str(lists / "README.txt"), "my data set\n")
+  chosen, ignored = listfile.split_files(str(lists))
+  assert sorted(chosen) == ["test", "train", "val"]
+  assert ignored == ["README.txt", "classes.txt"]
+  assert sorted(builders.entries("listfile", str(lists))) == ["test", "train", "val"]
+  got = builders.entries("listfile", str(lists), splits=["train", "test"])
+  assert sorted(got) == ["test", "train"]
+  with pytest.raises(builders.ListFileError, match=r"split\(s\) \['tset'\].*tset.txt"):
+    builders.entries("listfile", str(lists), splits=["train", "tset"])

@@ -25,11 +25,12 @@ Entry = common.Entry
 ListFileError = common.ListFileError
 
 
-def entries(dataset: str, manual_dir: str) -> dict[str, list[common.Entry]]:
-  """The parsed splits of `dataset` under `manual_dir` (no image is read)."""
+def entries(dataset: str, manual_dir: str, splits=None) -> dict[str, list[common.Entry]]:
+  """The parsed splits of `dataset` under `manual_dir` (no image is read);
+  `splits` names a listfile dataset's splits (see `listfile.split_files`)."""
   dataset = ALIASES.get(dataset, dataset)
   if dataset == CUSTOM:
-    return listfile.entries(manual_dir)
+    return listfile.entries(manual_dir, splits)
   if dataset not in BUILDERS:
     raise ValueError(f"unknown dataset {dataset!r}; known: {DATASETS}")
   out = BUILDERS[dataset].entries(manual_dir)
@@ -42,7 +43,7 @@ def entries(dataset: str, manual_dir: str) -> dict[str, list[common.Entry]]:
 
 def prepare(dataset: str, *, manual_dir: str, data_dir: str,
             name: str | None = None, on_corrupt: str = "fail",
-            overwrite: bool = False, progress: bool = True,
+            overwrite: bool = False, progress: bool = True, splits=None,
             **write_kwargs: Any):
   """Parses `dataset` in `manual_dir` and writes it to `data_dir/<name>/<version>`.
 
@@ -57,6 +58,7 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str,
     on_corrupt: "fail" or "skip" (see `writer.write_dataset`).
     overwrite: replace an existing prepared version.
     progress: tqdm bars.
+    splits: listfile only: the split names to read (default: files named like splits).
     **write_kwargs: passed to `writer.write_dataset` (e.g. version).
 
   Returns:
@@ -76,7 +78,9 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str,
       os.makedirs(data_dir, exist_ok=True)
       scratch = tempfile.mkdtemp(prefix=f".extract-{name}-", dir=data_dir)
       manual_dir = common.extract_overlay(manual_dir, scratch)
-    splits = entries(dataset, manual_dir)
+    if splits and dataset != CUSTOM:
+      raise ValueError(f"splits are fixed for {dataset!r}; only listfile takes splits")
+    splits = entries(dataset, manual_dir, splits)
     if dataset == CUSTOM:
       description = listfile.DESCRIPTION.format(
           kind=manual_dir, label="the given integer label / class folder")
