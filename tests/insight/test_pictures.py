@@ -71,3 +71,18 @@ def test_save_png_round_trip(tmp_path):
     save_png(str(path), img)
     assert (np.asarray(Image.open(path)) == img).all()
     assert sorted(p.name for p in path.parent.iterdir()) == ["grid.png"]
+
+
+def test_saved_pictures_have_the_mode_of_any_new_file(tmp_path):
+    """mkstemp's 0600 used to leak into the pictures (unreadable to a group or web server)."""
+    import os
+    old = os.umask(0o022)
+    try:
+        path = str(tmp_path / "p.png")
+        save_png(path, np.zeros((4, 4), np.uint8))
+        with open(str(tmp_path / "plain"), "w"):
+            pass   # the oracle: what open() gives a new file under this umask
+        assert os.stat(path).st_mode & 0o777 == os.stat(str(tmp_path / "plain")).st_mode & 0o777
+        assert os.stat(path).st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)

@@ -5,6 +5,7 @@ import os
 import pytest
 from PIL import Image
 
+from xbm_jax.insight import report
 from xbm_jax.insight.report import build_report, load_metrics
 from xbm_jax.train.writer import MetricWriter
 
@@ -73,3 +74,12 @@ def test_script_names_the_missing_workdir(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "nope" in err and "metrics.jsonl" in err
+
+
+def test_legend_says_which_run_is_xbm_and_which_the_baseline(tmp_path):
+    """From the config, not the folder name: two folders named alike stay distinct."""
+    for name, enabled in (("run_a", True), ("run_b", False)):
+        with MetricWriter(str(tmp_path / name)) as w:
+            w.write_config({"xbm": {"enabled": enabled, "size": 8192, "start_step": 300}})
+    assert report.run_label(str(tmp_path / "run_a")) == "run_a: XBM (memory 8192 from step 300)"
+    assert report.run_label(str(tmp_path / "run_b")) == "run_b: baseline (no memory)"

@@ -120,6 +120,12 @@ def retrieve(query_emb: np.ndarray, gallery_emb: np.ndarray, query_labels: np.nd
     return topk.astype(np.int64), correct
 
 
+def _umask() -> int:
+    mask = os.umask(0)   # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def save_png(path: str, img: np.ndarray) -> None:
     """Writes uint8 ``[H, W]`` / ``[H, W, 3]`` / ``[H, W, 4]`` as PNG atomically (temp file
     in the same folder, then rename), so a reader never sees half a file."""
@@ -136,6 +142,8 @@ def save_png(path: str, img: np.ndarray) -> None:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(img.squeeze(-1) if img.ndim == 3 and img.shape[-1] == 1
                             else img).save(f, format="PNG")
+        # mkstemp makes 0600 files; a picture gets the mode of any new file (0644).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -56,7 +56,10 @@ def load_metrics(workdir: str) -> Series:
 
 
 def run_label(workdir: str) -> str:
-    """``config.json``'s ``label`` / ``name`` if present, else the folder's name."""
+    """``config.json``'s ``label`` / ``name`` if present, else the folder's name with
+    what the config says the run is: ``XBM (memory 8192 from step 300)`` or
+    ``baseline (no memory)``, so the legend never relies on how a folder was named."""
+    folder = os.path.basename(os.path.normpath(workdir))
     path = os.path.join(workdir, CONFIG_FILE)
     if os.path.isfile(path):
         try:
@@ -65,9 +68,15 @@ def run_label(workdir: str) -> str:
             for key in ("label", "name", "run_name"):
                 if isinstance(cfg.get(key), str) and cfg[key]:
                     return cfg[key]
+            xbm = cfg.get("xbm") or {}
+            if "enabled" in xbm:
+                if not xbm["enabled"]:
+                    return f"{folder}: baseline (no memory)"
+                return (f"{folder}: XBM (memory {xbm.get('size')} from step "
+                        f"{xbm.get('start_step')})")
         except (ValueError, OSError, AttributeError):
             pass
-    return os.path.basename(os.path.normpath(workdir))
+    return folder
 
 
 def _plot(path: str, panels: List[Tuple[str, List[Tuple[str, str, np.ndarray, np.ndarray]]]],
