@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from xbm_jax import losses, memory, sharded_losses, sharded_memory  # noqa: E402
+from xbm_jax import losses, memory, sharded_memory  # noqa: E402
 from xbm_jax.embeddings import Embeddings, l2_normalize  # noqa: E402
 from xbm_jax.memory import MemoryState  # noqa: E402
 
@@ -64,7 +64,7 @@ def _step_fn(mode, mesh, loss_name, batch):
   b = batch // n
   if mode == "sharded":
     mem_spec = sharded_memory.specs(AX)
-    loss_fn = sharded_losses.get(loss_name)
+    loss_fn = losses.get(loss_name)
   else:
     mem_spec = MemoryState(P(), P(), P(), P())
     loss_fn = losses.get(loss_name)

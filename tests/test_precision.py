@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from xbm_jax import losses, memory, sharded_losses, sharded_memory
+from xbm_jax import losses, memory, sharded_memory
 from xbm_jax.embeddings import Embeddings
 from tests import precision as prec
 
@@ -100,7 +100,7 @@ def mesh():
 @functools.lru_cache(maxsize=None)
 def _sharded(mesh, name, kw_items, bits, truncate):
   """Per-device `(loss, stats)` of the sharded loss, its body emulated."""
-  fn = functools.partial(sharded_losses.get(name), axis_name=AX, return_stats=True,
+  fn = functools.partial(losses.get(name), axis_name=AX, return_stats=True,
                          **dict(kw_items))
 
   def body(e, l, mem):

@@ -13,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from xbm_jax import losses, memory, sharded_losses, sharded_memory
+from xbm_jax import losses, memory, sharded_memory
 from xbm_jax.embeddings import Embeddings, l2_normalize
 from xbm_jax.memory import MemoryState
 
@@ -102,7 +102,7 @@ CASES = [  # each options value is covered at least once (compiles are the cost)
 def _sharded_fns(mesh, name, kw, *, inbody=False):
   """jit(values, stats, grad of the whole shard_map wrt the global query); with
   `inbody`, the grad is instead taken inside the body, per device (a train step)."""
-  fn = functools.partial(sharded_losses.get(name), axis_name=AX, **kw)
+  fn = functools.partial(losses.get(name), axis_name=AX, **kw)
   spec = sharded_memory.specs(AX)
   in_specs = (P(AX), P(AX), P(AX), P(AX), spec, P(AX))
 
@@ -376,10 +376,10 @@ def _train(mesh, sharding, loss_name, loss_kw, batches, *, steps=4, start_step=1
       batch = Embeddings(jax.lax.all_gather(q.emb, AX, tiled=True),
                          jax.lax.all_gather(labels, AX, tiled=True))
       if sharding == "sharded":
-        return sharded_losses.xbm_total_loss(q, batch, mem, step=step, start_step=start_step,
-                                             loss=loss_name, axis_name=AX, **loss_kw)
+        return losses.xbm_total_loss(q, batch, mem, step=step, start_step=start_step,
+                                     loss=loss_name, axis_name=AX, **loss_kw)
       return losses.xbm_total_loss(q, batch, mem, step=step, start_step=start_step,
-                                   loss_fn=losses.get(loss_name), enqueue=False, **loss_kw)
+                                   loss=loss_name, enqueue=False, **loss_kw)
     (loss, (new_mem, aux)), g = jax.value_and_grad(
         lambda p: (lambda o: (o[0], o[1:]))(loss_fn(p)), has_aux=True)(params)
     g = jax.lax.pmean(g, AX)

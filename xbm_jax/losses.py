@@ -29,16 +29,30 @@ Common keyword-only options:
     anchors with mined pairs).
   return_stats: also return a dict of auxiliary statistics (active positive /
     negative pair counts and their mean similarities).
+  axis_name: None (default): `reference` is whole. A mesh axis name: `reference`
+    is this device's slice of a reference split over that axis (a sharded memory,
+    rows shard-major; call inside shard_map), and the loss returns exactly what
+    the same loss gives for the local anchors against the whole reference (value,
+    stats and gradient). Each loss is one set of per-anchor reductions over the
+    reference; when split, the anchors are all-gathered (`[n*b, D]`, small), each
+    device reduces its slice, and the partial results combine with psum (sums,
+    counts, log-sum-exp under a pmax'd stabiliser), pmin/pmax (mining
+    thresholds; hardest pairs, re-read through a psum so the gradient reaches
+    the winning slice) or, for triplet "semihard"/"all", an all_to_all that
+    brings each device its anchors' whole rows. `self_exclusion="index"` then
+    takes GLOBAL slot ids (`sharded_memory.local_last_slots`).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from xbm_jax import memory as memory_lib
-from xbm_jax.embeddings import check, valid_mask
+from xbm_jax import memory as memory_lib, sharded_memory
+from xbm_jax.embeddings import Embeddings, check, valid_mask
+
+sg = jax.lax.stop_gradient
 
 EPS_SELF = 1e-5
 EPS_SELF_16BIT = 1e-2
@@ -88,9 +102,7 @@ def pair_masks(query, reference, sim: jax.Array, *, self_exclusion: str = "simil
       raise ValueError("self_exclusion='index' needs self_index: [B] int, the reference "
                        "index of each anchor's own entry (-1 for none)")
     self_index = jnp.asarray(self_index)
-    if self_index.shape != query.labels.shape:
-      raise ValueError(f"self_index must be [B]={query.labels.shape}; got "
-                       f"{self_index.shape}")
+    _check_self_index(self_index, query.labels.shape)
     ref_idx = jnp.arange(reference.labels.shape[0], dtype=jnp.int32)
     pos = pos & (ref_idx[None, :] != self_index[:, None])
   elif self_exclusion != "none":
@@ -99,42 +111,97 @@ def pair_masks(query, reference, sim: jax.Array, *, self_exclusion: str = "simil
   return pos, neg
 
 
-def _prepare(query, reference, self_exclusion, pos_threshold, self_index, reduction):
+class _Ref(NamedTuple):
+  """Anchors scored against a reference set that may be split over a mesh axis.
+
+  Every loss below is a set of per-anchor reductions (sums, minima, maxima) over
+  the reference's columns. With `axis=None` the reference is whole and `sim` is
+  `[b, R]`; with a mesh axis each device holds a `[k, D]` slice of it, `sim` is
+  ALL `G = n*b` anchors (all-gathered) against the local slice, and each
+  reduction completes across devices with a collective, so every device then
+  keeps its own anchors' rows. One code path, the same value either way.
+  """
+  sim: jax.Array          # [G, R] f32
+  pos: jax.Array          # [G, R] bool
+  neg: jax.Array          # [G, R] bool
+  axis: Optional[str]
+  start: jax.Array        # [] int32: this device's first row in G (0 if whole)
+  b: int                  # local anchors
+  local_valid: jax.Array  # [b] bool
+
+
+def _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index,
+           reduction) -> _Ref:
   check(query, "query")
   check(reference, "reference")
   if reduction not in ("paper", "mean"):
     raise ValueError(f"reduction must be 'paper' or 'mean'; got {reduction!r}")
+  local_valid, b = valid_mask(query), query.emb.shape[0]
+  start = jnp.int32(0)
+  if axis_name is not None:
+    k = reference.emb.shape[0]
+    me = jax.lax.axis_index(axis_name)
+    gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+    query = Embeddings(gather(query.emb), gather(query.labels), gather(local_valid))
+    start = (me * b).astype(jnp.int32)
+    if self_exclusion == "index" and self_index is not None:
+      _check_self_index(self_index, (b,))
+      # Global slot ids -> this slice's local rows; other slices' ids fall outside.
+      idx = gather(jnp.asarray(self_index).astype(jnp.int32)) - me * k
+      self_index = jnp.where(idx >= 0, idx, k)
   sim = similarity(query, reference)
   pos, neg = pair_masks(query, reference, sim, self_exclusion=self_exclusion,
                         pos_threshold=pos_threshold, self_index=self_index)
-  return sim, pos, neg
+  return _Ref(sim, pos, neg, axis_name, start, b, local_valid)
 
 
-def _masked_mean(x, mask):
-  n = jnp.sum(mask)
-  return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1), n
+def _check_self_index(self_index, shape):
+  if jnp.shape(self_index) != tuple(shape):
+    raise ValueError(f"self_index must be [B]={tuple(shape)}; got {jnp.shape(self_index)}")
 
 
-def _stats(sim, pos_active, neg_active) -> dict:
-  mean_pos, n_pos = _masked_mean(sim, pos_active)
-  mean_neg, n_neg = _masked_mean(sim, neg_active)
-  return {"pos_pairs": n_pos.astype(jnp.int32), "neg_pairs": n_neg.astype(jnp.int32),
-          "mean_pos_sim": mean_pos, "mean_neg_sim": mean_neg}
+def _own(c: _Ref, x):
+  """This device's rows of a `[G, ...]` per-anchor array."""
+  if c.axis is None:
+    return x
+  return jax.lax.dynamic_slice_in_dim(x, c.start, c.b, axis=0)
 
 
-def _reduce(per_anchor, query, n_active, reduction):
-  total = jnp.sum(per_anchor)
-  if reduction == "paper":
-    denom = jnp.sum(valid_mask(query))
-  else:
-    denom = n_active
-  return total / jnp.maximum(denom, 1).astype(jnp.float32)
+def _across(c: _Ref, op, x):
+  """Completes a per-anchor reduction over the reference's slices (psum/pmin/pmax)."""
+  return x if c.axis is None else op(x, c.axis)
+
+
+def _allsum(c: _Ref, x, mask):
+  """`[G]` per-anchor sum over the whole reference of x where mask."""
+  return _across(c, jax.lax.psum, jnp.sum(jnp.where(mask, x, 0), axis=1))
+
+
+def _rowsum(c: _Ref, x, mask):
+  """`[b]` per-local-anchor sum over the whole reference of x where mask."""
+  return _own(c, _allsum(c, x, mask))
+
+
+def _reduce(c: _Ref, per_anchor, n_active, reduction):
+  denom = jnp.sum(c.local_valid) if reduction == "paper" else n_active
+  return jnp.sum(per_anchor) / jnp.maximum(denom, 1).astype(jnp.float32)
+
+
+def _stats(c: _Ref, pos_active, neg_active) -> dict:
+  s = sg(c.sim)
+  out = {}
+  for name, mask in (("pos", pos_active), ("neg", neg_active)):
+    n = jnp.sum(_rowsum(c, jnp.ones_like(s, jnp.int32), mask))
+    out[f"{name}_pairs"] = n.astype(jnp.int32)
+    out[f"mean_{name}_sim"] = jnp.sum(_rowsum(c, s, mask)) / jnp.maximum(n, 1)
+  return {k: out[k] for k in ("pos_pairs", "neg_pairs", "mean_pos_sim", "mean_neg_sim")}
 
 
 def contrastive(query, reference, *, margin: float = 0.5,
                 pos_threshold: Optional[float] = None,
                 self_exclusion: str = "similarity", self_index=None,
-                reduction: str = "paper", return_stats: bool = False):
+                reduction: str = "paper", return_stats: bool = False,
+                axis_name: Optional[str] = None):
   """XBM's contrastive loss (paper Eq. 4 as coded).
 
   L(A, R) = 1/|A| sum_i [ sum_{y_j = y_i, S_ij < 1-eps} (1 - S_ij)
@@ -142,32 +209,37 @@ def contrastive(query, reference, *, margin: float = 0.5,
 
   Args:
     query: anchors, emb `[B, D]`, labels `[B]`, optional valid `[B]`.
-    reference: emb `[R, D]`, labels `[R]`, optional valid `[R]` (a batch or memory).
+    reference: emb `[R, D]`, labels `[R]`, optional valid `[R]` (a batch or memory);
+      with `axis_name`, this device's slice of a reference split over that mesh axis
+      (call inside shard_map; see the module doc).
   Returns:
     `[]` float32 loss (and a stats dict if `return_stats`).
   """
-  sim, pos, neg = _prepare(query, reference, self_exclusion, pos_threshold, self_index,
-                           reduction)
-  neg_active = neg & (sim > margin)
-  per_anchor = (jnp.sum(jnp.where(pos, 1.0 - sim, 0.0), axis=1)
-                + jnp.sum(jnp.where(neg_active, sim, 0.0), axis=1))
-  n_active = jnp.sum(pos) + jnp.sum(neg_active)
-  loss = _reduce(per_anchor, query, n_active, reduction)
-  return (loss, _stats(sim, pos, neg_active)) if return_stats else loss
+  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index,
+             reduction)
+  neg_active = c.neg & (sg(c.sim) > margin)
+  per_anchor = _rowsum(c, 1.0 - c.sim, c.pos) + _rowsum(c, c.sim, neg_active)
+  n_active = jnp.sum(_rowsum(c, 1, c.pos)) + jnp.sum(_rowsum(c, 1, neg_active))
+  loss = _reduce(c, per_anchor, n_active, reduction)
+  return (loss, _stats(c, c.pos, neg_active)) if return_stats else loss
 
 
-def _log1p_sum_exp(x, mask):
-  """`[B]` log(1 + sum_j mask_ij * exp(x_ij)), stable and NaN-free in grad."""
-  m = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.where(mask, x, -jnp.inf), axis=1), 0.0))
+def _log1p_sum_exp(c: _Ref, x, mask):
+  """`[b]` log(1 + sum over the whole reference of mask * exp(x)): stable (a max
+  stabiliser taken across slices) and NaN-free in grad."""
+  m = _across(c, jax.lax.pmax, jnp.max(jnp.where(mask, sg(x), -jnp.inf), axis=1))
+  m = jnp.maximum(m, 0.0)
   e = jnp.where(mask, jnp.exp(jnp.where(mask, x - m[:, None], 0.0)), 0.0)
-  return m + jnp.log(jnp.exp(-m) + jnp.sum(e, axis=1))
+  m = _own(c, m)
+  return m + jnp.log(jnp.exp(-m) + _rowsum(c, e, True))
 
 
 def multi_similarity(query, reference, *, alpha: float = 2.0, beta: float = 40.0,
                      lam: float = 0.5, mining_margin: float = 0.1,
                      pos_threshold: Optional[float] = None,
                      self_exclusion: str = "similarity", self_index=None,
-                     reduction: str = "paper", return_stats: bool = False):
+                     reduction: str = "paper", return_stats: bool = False,
+                     axis_name: Optional[str] = None):
   """Multi-similarity loss (Wang et al., CVPR 2019) with its pair mining, as coded
   in the XBM reference.
 
@@ -175,20 +247,47 @@ def multi_similarity(query, reference, *, alpha: float = 2.0, beta: float = 40.0
   S - margin < max negative S; anchors lacking either contribute 0; else
     1/alpha log(1 + sum_pos exp(-alpha (S - lam))) + 1/beta log(1 + sum_neg exp(beta (S - lam))).
   """
-  sim, pos, neg = _prepare(query, reference, self_exclusion, pos_threshold, self_index,
-                           reduction)
-  min_pos = jnp.min(jnp.where(pos, sim, jnp.inf), axis=1, keepdims=True)
-  max_neg = jnp.max(jnp.where(neg, sim, -jnp.inf), axis=1, keepdims=True)
-  neg_keep = neg & (sim + mining_margin > min_pos)
-  pos_keep = pos & (sim - mining_margin < max_neg)
-  has = jnp.any(neg_keep, axis=1) & jnp.any(pos_keep, axis=1)
-  pos_term = _log1p_sum_exp(-alpha * (sim - lam), pos_keep) / alpha
-  neg_term = _log1p_sum_exp(beta * (sim - lam), neg_keep) / beta
+  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index,
+             reduction)
+  s = sg(c.sim)
+  min_pos = _across(c, jax.lax.pmin, jnp.min(jnp.where(c.pos, s, jnp.inf), axis=1))
+  max_neg = _across(c, jax.lax.pmax, jnp.max(jnp.where(c.neg, s, -jnp.inf), axis=1))
+  neg_keep = c.neg & (s + mining_margin > min_pos[:, None])
+  pos_keep = c.pos & (s - mining_margin < max_neg[:, None])
+  has_all = (_allsum(c, 1, neg_keep) > 0) & (_allsum(c, 1, pos_keep) > 0)  # [G]
+  has = _own(c, has_all)
+  pos_term = _log1p_sum_exp(c, -alpha * (c.sim - lam), pos_keep) / alpha
+  neg_term = _log1p_sum_exp(c, beta * (c.sim - lam), neg_keep) / beta
   per_anchor = jnp.where(has, pos_term + neg_term, 0.0)
-  loss = _reduce(per_anchor, query, jnp.sum(has), reduction)
+  loss = _reduce(c, per_anchor, jnp.sum(has), reduction)
   if return_stats:
-    return loss, _stats(sim, pos_keep & has[:, None], neg_keep & has[:, None])
+    return loss, _stats(c, pos_keep & has_all[:, None], neg_keep & has_all[:, None])
   return loss
+
+
+def _extreme(c: _Ref, x, mask, fill, kind: str):
+  """`[G]` min or max over the whole reference of x where mask. Across slices, the
+  value is re-read through a psum so the gradient reaches the winning entries
+  (split evenly over ties, as `jnp.min` does)."""
+  local_fn, op = (jnp.min, jax.lax.pmin) if kind == "min" else (jnp.max, jax.lax.pmax)
+  xm = jnp.where(mask, x, fill)
+  loc = local_fn(xm, axis=1)
+  if c.axis is None:
+    return loc
+  best = op(sg(loc), c.axis)
+  ties = jnp.sum(sg(xm) == best[:, None], axis=1)
+  n_ties = jnp.maximum(jax.lax.psum(ties, c.axis), 1)
+  delta = jnp.where(sg(loc) == best, (loc - sg(loc)) * ties, 0.0)
+  return best + jax.lax.psum(delta, c.axis) / n_ties
+
+
+def _full_rows(c: _Ref) -> _Ref:
+  """This device's anchors against the WHOLE reference, as a whole-reference `_Ref`
+  (`[b, R]` rows in global column order; all_to_all when split)."""
+  if c.axis is None:
+    return c
+  a2a = lambda x: jax.lax.all_to_all(x, c.axis, split_axis=0, concat_axis=1, tiled=True)
+  return _Ref(a2a(c.sim), a2a(c.pos), a2a(c.neg), None, jnp.int32(0), c.b, c.local_valid)
 
 
 def _sorted_negatives(sim, neg):
@@ -205,10 +304,51 @@ _searchsorted_rows = jax.vmap(
     lambda row, v, side: jnp.searchsorted(row, v, side=side), in_axes=(0, 0, None))
 
 
+def _triplet_hard(c: _Ref, margin):
+  has_both = (_allsum(c, 1, c.pos) > 0) & (_allsum(c, 1, c.neg) > 0)   # [G]
+  hp = _extreme(c, c.sim, c.pos, 2.0, "min")
+  hn = _extreme(c, c.sim, c.neg, -2.0, "max")
+  per_all = jnp.where(has_both, jax.nn.relu(hn - hp + margin), 0.0)
+  on = (sg(per_all) > 0)[:, None]
+  s = sg(c.sim)
+  pos_act = c.pos & (s == sg(hp)[:, None]) & on
+  neg_act = c.neg & (s == sg(hn)[:, None]) & on
+  per = _own(c, per_all)
+  return c, per, jnp.sum(per > 0), pos_act, neg_act
+
+
+def _triplet_sorted(c: _Ref, margin, mining):
+  """"semihard" / "all" on whole rows: negatives sorted once per anchor, each
+  (a, p) pair resolved by binary search (never the [B, R, R] cube)."""
+  c = _full_rows(c)
+  sim, pos, neg = c.sim, c.pos, c.neg
+  s, suffix, first = _sorted_negatives(sim, neg)
+  r = sim.shape[1]
+  if mining == "all":
+    t = sim - margin                                     # [b, R] per (a, p)
+    idx = jnp.maximum(_searchsorted_rows(s, t, "right"), first[:, None])
+    count = (r - idx).astype(jnp.float32)
+    pair = jnp.where(pos, jnp.take_along_axis(suffix, idx, axis=1) - count * t, 0.0)
+    n_active = jnp.sum(jnp.where(pos, count, 0.0))
+  else:
+    idx = _searchsorted_rows(s, sim, "left") - 1         # largest negative < S_ap
+    ok = idx >= first[:, None]
+    idx = jnp.where(ok, idx, jnp.minimum(first, r - 1)[:, None])
+    s_an = jnp.take_along_axis(s, idx, axis=1)
+    has_neg = jnp.any(neg, axis=1)
+    pair = jnp.where(pos & has_neg[:, None], jax.nn.relu(s_an - sim + margin), 0.0)
+    n_active = jnp.sum(pair > 0)
+  pos_act = pos & (pair > 0)
+  neg_act = neg & (sim > (jnp.max(jnp.where(pos_act, sim, -2.0), axis=1, keepdims=True)
+                          - margin))
+  return c, jnp.sum(pair, axis=1), n_active, pos_act, neg_act
+
+
 def triplet(query, reference, *, margin: float = 0.1, mining: str = "hard",
             pos_threshold: Optional[float] = None,
             self_exclusion: str = "similarity", self_index=None,
-            reduction: str = "paper", return_stats: bool = False):
+            reduction: str = "paper", return_stats: bool = False,
+            axis_name: Optional[str] = None):
   """Hinge triplet loss on cosine similarity: relu(S_an - S_ap + margin).
 
   mining:
@@ -218,44 +358,19 @@ def triplet(query, reference, *, margin: float = 0.1, mining: str = "hard",
     "all": every (anchor, positive, negative) triplet.
   "semihard" and "all" never build the `[B, R, R]` cube: negatives are sorted
   once per anchor and each (a, p) pair is resolved by binary search, so the
-  cost is O(B R log R) and a full memory is affordable.
+  cost is O(B R log R) and a full memory is affordable. With a split reference
+  they first bring each device its anchors' whole rows (all_to_all, `[b, R]`).
   """
   if mining not in ("hard", "semihard", "all"):
     raise ValueError(f"mining must be 'hard', 'semihard' or 'all'; got {mining!r}")
-  sim, pos, neg = _prepare(query, reference, self_exclusion, pos_threshold, self_index,
-                           reduction)
-  has_pos, has_neg = jnp.any(pos, axis=1), jnp.any(neg, axis=1)
+  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index,
+             reduction)
   if mining == "hard":
-    hp = jnp.min(jnp.where(pos, sim, 2.0), axis=1)
-    hn = jnp.max(jnp.where(neg, sim, -2.0), axis=1)
-    per = jnp.where(has_pos & has_neg, jax.nn.relu(hn - hp + margin), 0.0)
-    per_anchor, n_active = per, jnp.sum(per > 0)
-    pos_act = pos & (sim == hp[:, None]) & (per > 0)[:, None]
-    neg_act = neg & (sim == hn[:, None]) & (per > 0)[:, None]
+    c, per_anchor, n_active, pos_act, neg_act = _triplet_hard(c, margin)
   else:
-    s, suffix, first = _sorted_negatives(sim, neg)
-    r = sim.shape[1]
-    if mining == "all":
-      t = sim - margin                                     # [B, R] per (a, p)
-      idx = _searchsorted_rows(s, t, "right")              # first negative > t
-      idx = jnp.maximum(idx, first[:, None])
-      count = (r - idx).astype(jnp.float32)
-      total = jnp.take_along_axis(suffix, idx, axis=1) - count * t
-      pair = jnp.where(pos, total, 0.0)
-      n_active = jnp.sum(jnp.where(pos, count, 0.0))
-    else:
-      idx = _searchsorted_rows(s, sim, "left") - 1         # largest negative < S_ap
-      ok = idx >= first[:, None]
-      idx = jnp.where(ok, idx, jnp.minimum(first, r - 1)[:, None])
-      s_an = jnp.take_along_axis(s, idx, axis=1)
-      pair = jnp.where(pos & has_neg[:, None], jax.nn.relu(s_an - sim + margin), 0.0)
-      n_active = jnp.sum(pair > 0)
-    per_anchor = jnp.sum(pair, axis=1)
-    pos_act = pos & (pair > 0)
-    neg_act = neg & (sim > (jnp.max(jnp.where(pos_act, sim, -2.0), axis=1,
-                                    keepdims=True) - margin))
-  loss = _reduce(per_anchor, query, n_active, reduction)
-  return (loss, _stats(sim, pos_act, neg_act)) if return_stats else loss
+    c, per_anchor, n_active, pos_act, neg_act = _triplet_sorted(c, margin, mining)
+  loss = _reduce(c, per_anchor, n_active, reduction)
+  return (loss, _stats(c, pos_act, neg_act)) if return_stats else loss
 
 
 LOSSES: dict[str, Callable] = {"contrastive": contrastive,
@@ -271,13 +386,14 @@ def get(name: str) -> Callable:
 
 
 def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
-                   loss_fn: Callable = contrastive, enqueue: bool = True,
-                   batch_self_index=None, memory_self_index=None,
+                   loss: Union[str, Callable] = "contrastive",
+                   axis_name: Optional[str] = None, enqueue: bool = True,
+                   batch_self_index=None, memory_self_index=None, query_offset=None,
                    memory_loss_kwargs: Optional[dict] = None, **loss_kwargs):
   """XBM's objective for one step: enqueue first, then L(Q, B) + w * L(Q, M).
 
   From `start_step` on (`step >= start_step`, both may be traced) the detached
-  `batch` is enqueued into `mem` before the losses, so the memory term also
+  batch is enqueued into `mem` before the losses, so the memory term also
   sees the current batch, as in the reference. Before it, the memory is left
   untouched and its term is weighted by 0 — chosen with `jnp.where`, so one
   compiled step serves the whole run.
@@ -286,35 +402,58 @@ def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
     query: anchors (the local batch under data parallelism), `[Bq, D]`.
     batch: the (gathered, global) batch `[B, D]`; the in-batch term sends
       gradient to both sides.
-    mem: a `MemoryState`; the memory term sends gradient to the anchors only.
+    mem: a `MemoryState` (whole on every device), or with `axis_name` this
+      device's shard of a memory split over that mesh axis
+      (`xbm_jax.sharded_memory`; call inside shard_map): each device then
+      enqueues its own `query` into its own shard.
     step, start_step: ints or `[]` int arrays. weight: float or `[]` array.
-    loss_fn: one of `contrastive`, `multi_similarity`, `triplet` (or alike).
-    enqueue: False if the caller enqueued already (e.g. a sharded memory).
+    loss: a name of `LOSSES`, or any pair loss with their calling convention
+      (`loss(query, reference, *, return_stats=True, self_index=..., **kw)` ->
+      `(value, stats)`, plus `axis_name=` for a sharded memory): a user's own
+      pair loss gets the memory this way.
+    enqueue: False if the caller enqueued already.
     batch_self_index / memory_self_index: `self_index` for each term when
-      `self_exclusion="index"` (memory default: the slots of this enqueue,
-      assuming `query` is the whole batch).
+      `self_exclusion="index"`; defaults: the anchors' rows in `batch` and
+      their slots in this enqueue, known when `query` is the whole batch, when
+      `query_offset` (its first row in `batch`, e.g. `axis_index * b` for a
+      local slice of a gathered batch) is given, or under `axis_name`.
     memory_loss_kwargs: overrides of `loss_kwargs` for the memory term only,
       e.g. `{"reduction": "mean"}` to average it over its active pairs.
   Returns:
     `(loss, new_mem, aux)` with aux = {"loss_batch", "loss_xbm", "xbm_weight",
     "batch/<stat>", "xbm/<stat>"}.
   """
+  loss_fn = get(loss) if isinstance(loss, str) else loss
   active = jnp.asarray(step) >= jnp.asarray(start_step)
-  if enqueue:
-    mem = memory_lib.enqueue(mem, batch, when=active)
-  if loss_kwargs.get("self_exclusion") == "index" and batch_self_index is None:
-    if query.emb.shape[0] == batch.emb.shape[0]:
-      batch_self_index = jnp.arange(batch.emb.shape[0], dtype=jnp.int32)
   mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
+  b = query.emb.shape[0]
+  if axis_name is not None:
+    if enqueue:
+      mem = sharded_memory.enqueue_local(mem, query, when=active)
+    own_rows = jax.lax.axis_index(axis_name) * b + jnp.arange(b, dtype=jnp.int32)
+    last_slots = lambda: sharded_memory.local_last_slots(mem, b, axis_name=axis_name)
+    mem_extra = {"axis_name": axis_name}
+  else:
+    if enqueue:
+      mem = memory_lib.enqueue(mem, batch, when=active)
+    n = batch.emb.shape[0]
+    if query_offset is None and b == n:
+      query_offset = 0
+    own_rows = (None if query_offset is None
+                else query_offset + jnp.arange(b, dtype=jnp.int32))
+    last_slots = lambda: (None if own_rows is None
+                          else memory_lib.last_slots(mem, n)[own_rows])
+    mem_extra = {}
+  if loss_kwargs.get("self_exclusion") == "index" and batch_self_index is None:
+    batch_self_index = own_rows
   if mem_kwargs.get("self_exclusion") == "index" and memory_self_index is None:
-    if query.emb.shape[0] == batch.emb.shape[0]:
-      memory_self_index = memory_lib.last_slots(mem, batch.emb.shape[0])
+    memory_self_index = last_slots()
   loss_b, stats_b = loss_fn(query, batch, return_stats=True,
                             self_index=batch_self_index, **loss_kwargs)
-  loss_m, stats_m = loss_fn(query, mem, return_stats=True,
-                            self_index=memory_self_index, **mem_kwargs)
-  loss, aux = combine_terms(loss_b, stats_b, loss_m, stats_m, active=active, weight=weight)
-  return loss, mem, aux
+  loss_m, stats_m = loss_fn(query, mem, return_stats=True, self_index=memory_self_index,
+                            **mem_extra, **mem_kwargs)
+  total, aux = combine_terms(loss_b, stats_b, loss_m, stats_m, active=active, weight=weight)
+  return total, mem, aux
 
 
 def combine_terms(loss_b, stats_b, loss_m, stats_m, *, active, weight):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xbm_jax import losses, memory as memory_lib, sharded_losses
+from xbm_jax import losses, memory as memory_lib
 from xbm_jax import sharded_memory as sharded_memory_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.parallel import DATA_AXIS
@@ -88,8 +88,6 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
   """
   loss_kwargs = dict(loss_kwargs)
   loss_fn = losses.get(loss_name)
-  index_mode = (loss_kwargs.get("self_exclusion") == "index"
-                or (memory_loss_kwargs or {}).get("self_exclusion") == "index")
 
   def per_device(state: TrainState, images, labels, ctrl):
     b = labels.shape[0]
@@ -100,23 +98,12 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
       local = Embeddings(emb, labels)
       glob = Embeddings(jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
                         jax.lax.all_gather(labels, DATA_AXIS, tiled=True))
-      extra = {}
-      if index_mode and not sharded_memory:
-        # This device's anchors sit at offset i*b of the global batch, and the
-        # enqueue writes the global batch from the current pointer on.
-        idx = jax.lax.axis_index(DATA_AXIS) * b + jnp.arange(b, dtype=jnp.int32)
-        extra = {"batch_self_index": idx,
-                 "memory_self_index": (state.memory.ptr + idx) % state.memory.emb.shape[0]}
-      if sharded_memory:  # the defaults of the sharded helper handle "index" mode
-        total, mem, aux = sharded_losses.xbm_total_loss(
-            local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
-            weight=ctrl["xbm_weight"], loss=loss_name, axis_name=DATA_AXIS,
-            memory_loss_kwargs=memory_loss_kwargs, **loss_kwargs)
-      else:
-        total, mem, aux = losses.xbm_total_loss(
-            local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
-            weight=ctrl["xbm_weight"], loss_fn=loss_fn,
-            memory_loss_kwargs=memory_loss_kwargs, **extra, **loss_kwargs)
+      total, mem, aux = losses.xbm_total_loss(
+          local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
+          weight=ctrl["xbm_weight"], loss=loss_fn,
+          axis_name=DATA_AXIS if sharded_memory else None,
+          query_offset=jax.lax.axis_index(DATA_AXIS) * b,
+          memory_loss_kwargs=memory_loss_kwargs, **loss_kwargs)
       return total, (mem, new_vars.get("batch_stats", state.batch_stats), aux)
 
     (loss, (mem, batch_stats, aux)), grads = jax.value_and_grad(
