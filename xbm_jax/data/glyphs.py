@@ -317,6 +317,10 @@ SPLITS = {"train": 0, "test": 1}
 # a fixed, seeded 20% of the train classes is "val", the rest "train_fit".
 CARVED_SPLITS = {"train_fit": False, "val": True}
 VAL_FRACTION, VAL_SEED = 0.2, 2020
+# Few-shot views of the carved splits (issue 11's "paper regime": SOP has ~5 images per
+# class): the same classes, each keeping a fixed seeded subset of <= FEW_SHOT typefaces.
+FEW_SHOT_SPLITS = {"train_fit5": "train_fit", "val5": "val"}
+FEW_SHOT, FEW_SHOT_SEED = 5, 5
 
 
 @functools.lru_cache(maxsize=2)
@@ -331,9 +335,13 @@ def _load_all(path: str, mtime: float) -> dict[str, np.ndarray]:
 def load_arrays(split: str, path: str = DATA_FILE) -> dict[str, np.ndarray]:
   """This split's arrays: images uint8 [n, H, W, 1], labels int64 [n], faces int64 [n],
   plus the whole set's chars <U1 [C] (label -> character) and face_names."""
-  if split not in SPLITS and split not in CARVED_SPLITS:
-    raise ValueError(f"glyph split must be one of {sorted({**SPLITS, **CARVED_SPLITS})}, "
-                     f"got {split!r}")
+  known = {**SPLITS, **CARVED_SPLITS, **FEW_SHOT_SPLITS}
+  if split not in known:
+    raise ValueError(f"glyph split must be one of {sorted(known)}, got {split!r}")
+  if split in FEW_SHOT_SPLITS:
+    a = load_arrays(FEW_SHOT_SPLITS[split], path)
+    keep = few_shot_mask(a["labels"], FEW_SHOT, FEW_SHOT_SEED)
+    return {k: (v[keep] if k in ("images", "labels", "faces") else v) for k, v in a.items()}
   if not os.path.isfile(path):
     raise FileNotFoundError(f"embedded glyph data missing: {path} "
                             "(rebuild with scripts/build_glyphs.py)")
@@ -350,6 +358,22 @@ def val_classes(train_labels: np.ndarray) -> np.ndarray:
   classes = np.unique(train_labels)
   n_val = int(round(VAL_FRACTION * len(classes)))
   return np.sort(np.random.default_rng(VAL_SEED).choice(classes, n_val, replace=False))
+
+
+def few_shot_mask(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+  """bool [n]: at most ``k`` rows of each class, a seeded draw per class.
+
+  Each class's draw is seeded by (seed, label) alone, so a class keeps the same typefaces
+  whatever other classes the split holds.
+  """
+  labels = np.asarray(labels)
+  keep = np.zeros(len(labels), bool)
+  for c in np.unique(labels):
+    rows = np.flatnonzero(labels == c)
+    if len(rows) > k:
+      rows = np.random.default_rng([seed, int(c)]).choice(rows, k, replace=False)
+    keep[rows] = True
+  return keep
 
 
 def load_embedded(split: str, path: str = DATA_FILE):
