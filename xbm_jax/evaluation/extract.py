@@ -1,10 +1,23 @@
-"""Embedding extraction over an evaluation split: padded batches in, host arrays out."""
+"""Embedding extraction over an evaluation split: padded batches in, host arrays out.
+
+Multi-host: each process reads its own contiguous part of the split
+(`pipeline.eval_batches(process_index=...)`), embeds it on its own devices and
+fetches only its own rows (`addressable_shards`: a global array spans devices
+other processes own, so `device_get` of it fails). The parts are then gathered
+with `process_allgather`, so every process holds the whole split's embeddings
+in split order. Why gather rather than keep the gallery sharded: the host copy
+is small next to the images (1M x 512 float32 = 2 GB per host), the metrics
+then lay the gallery out over all devices of all hosts anyway
+(`retrieval_metrics` with the global mesh: each device scores `Ng / devices`
+rows), and the pictures and per-query results need host arrays.
+"""
 from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xbm_jax.data import pipeline
@@ -17,6 +30,33 @@ def _place(images, mesh: Optional[Mesh]):
   n = mesh.devices.size
   spec = P(mesh.axis_names) if images.shape[0] % n == 0 else P()
   return jax.device_put(images, NamedSharding(mesh, spec))
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in order (all rows when the array
+  is fully addressable). Replicas of one row block are taken once."""
+  if getattr(x, "is_fully_addressable", True):   # numpy, or one process
+    return np.asarray(jax.device_get(x))
+  blocks = {}
+  for shard in x.addressable_shards:
+    blocks.setdefault(shard.index[0].start or 0, shard.data)
+  return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
+
+
+def gather_processes(parts: dict) -> dict:
+  """Concatenates every process's `{name: [n_p, ...]}` in process order (n_p may
+  differ); identity with one process."""
+  if jax.process_count() == 1:
+    return parts
+  counts = multihost_utils.process_allgather(np.int32(len(parts["labels"])))
+  most = int(np.max(counts))
+  out = {}
+  for key, x in parts.items():
+    padded = np.zeros((most,) + x.shape[1:], x.dtype)
+    padded[:len(x)] = x
+    everyone = np.asarray(multihost_utils.process_allgather(padded))  # [P, most, ...]
+    out[key] = np.concatenate([everyone[p, :int(c)] for p, c in enumerate(counts)])
+  return out
 
 
 def _consume(embed_fn, batches, embs, labels, index, masks):
@@ -43,7 +83,8 @@ def _consume(embed_fn, batches, embs, labels, index, masks):
 
 
 def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
-            mesh: Optional[Mesh] = None, prefetch: int = 2) -> dict:
+            mesh: Optional[Mesh] = None, prefetch: int = 2,
+            across_processes: bool = True) -> dict:
   """Embeds every real record of a split.
 
   Args:
@@ -55,6 +96,9 @@ def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
     mesh: optional mesh; each batch is sharded over all its devices (batch dimension).
     prefetch: batches read (and placed on `mesh`) ahead in a background thread, so
       loading overlaps the device's work; 0 reads in this thread.
+    across_processes: with several processes, `batches` are this process's part of the
+      split (in process order) and the parts of all processes are gathered, so every
+      process returns the whole split; every process must call `extract` then.
   Returns:
     `dict(emb=float32 [N, D], labels=int64 [N], index=int64 [N])` on the host, padded rows
     dropped, in iteration order. `index` is the record's own index if batches carry one,
@@ -77,10 +121,11 @@ def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
     raise ValueError("extract got no batches")
   out = []
   for i, (e, m) in enumerate(zip(embs, masks)):
-    e = np.asarray(jax.device_get(e), dtype=np.float32)
+    e = np.asarray(local_rows(e), dtype=np.float32)
     if e.ndim != 2 or e.shape[0] != m.shape[0]:
       raise ValueError(f"embed_fn returned shape {e.shape} for batch {i} of {m.shape[0]} "
                        "images; expected [b, D]")
     out.append(e[m])
-  return dict(emb=np.concatenate(out), labels=np.concatenate(labels),
+  mine = dict(emb=np.concatenate(out), labels=np.concatenate(labels),
               index=np.concatenate(index))
+  return gather_processes(mine) if across_processes else mine

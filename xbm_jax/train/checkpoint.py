@@ -92,6 +92,17 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
     return out["state"], _from_json(out["host"])
 
+  def restore_plain(self, step: int) -> dict:
+    """The saved train state at `step` as a plain dict of arrays on this process's
+    first device, whatever devices saved it (a pod's checkpoint read on one host:
+    orbax refuses the saved topology without a target)."""
+    meta = self.last.item_metadata(step)["state"]
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                            meta)
+    return self.last.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+
   def saved_memory_ptr_shape(self, step: Optional[int] = None) -> Optional[tuple]:
     """Shape of the saved memory pointer: `()` replicated, `(n,)` sharded over n."""
     step = self.last.latest_step() if step is None else step
@@ -145,7 +156,7 @@ def export_params(workdir: str, out: str) -> int:
   step = ck.latest_step()
   if step is None:
     raise FileNotFoundError(f"{workdir} has no checkpoint")
-  raw = ck.last.restore(step)["state"]
+  raw = ck.restore_plain(step)
   ck.close()
   blob = serialization.msgpack_serialize(
       jax.tree.map(np.asarray, {"params": raw["params"], "batch_stats": raw["batch_stats"],

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from xbm_jax import parallel
 from xbm_jax.data import pipeline, transforms
@@ -64,14 +65,29 @@ class EvalRunner:
   def _variables(self, state):
     return {"params": state.params, "batch_stats": state.batch_stats}
 
+  def embed_rows(self, state, n: int, load: Callable[[np.ndarray], np.ndarray]
+                 ) -> np.ndarray:
+    """Eval-mode embeddings `[n, D]` float32 of rows `0..n-1`, whole on every process.
+
+    `load(rows) -> uint8 [len(rows), H, W, C]` gives images by row. Each process loads
+    and embeds only the rows of its own devices (the batch is padded to the mesh
+    size); the rows are then gathered from all processes (`process_allgather`):
+    a global array cannot be `device_get` by one process.
+    """
+    sharding = parallel.batch_sharded(self.mesh)
+    total = n + (-n) % self.mesh.size
+    blocks = sorted({(sl[0].start or 0, sl[0].stop or total) for sl in
+                     sharding.addressable_devices_indices_map((total,)).values()})
+    mine = np.concatenate([np.arange(a, b) for a, b in blocks])
+    images = load(np.minimum(mine, n - 1))   # padding repeats the last row
+    x = jax.make_array_from_process_local_data(sharding, images,
+                                               (total,) + images.shape[1:])
+    emb = self.embed(self._variables(state), x)
+    return np.asarray(multihost_utils.process_allgather(emb, tiled=True))[:n]
+
   def embed_images(self, state, images: np.ndarray) -> np.ndarray:
-    """`[N, H, W, C]` uint8 -> `[N, D]` float32 eval-mode embeddings (host)."""
-    n = self.mesh.size
-    pad = (-len(images)) % n
-    if pad:
-      images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-    x = jax.device_put(images, parallel.batch_sharded(self.mesh))
-    return np.asarray(jax.device_get(self.embed(self._variables(state), x)))[:len(images) - pad]
+    """`[N, H, W, C]` uint8, the same on every process -> `[N, D]` float32 (host)."""
+    return self.embed_rows(state, len(images), lambda rows: images[rows])
 
   def embed_probe(self, state) -> np.ndarray:
     return self.embed_images(state, self.probe)
@@ -80,19 +96,19 @@ class EvalRunner:
     """A full memory of eval-mode embeddings of `size` random training images
     from the current model (the paper's initialisation after warm-up).
 
-    Returns a replicated-layout host `MemoryState` (numpy), oldest first.
+    Every process draws the same images; each loads and embeds its devices' share
+    (`embed_rows`). Returns a replicated-layout host `MemoryState` (numpy), oldest
+    first, the same on every process.
     """
     rng = np.random.default_rng(seed)
     n = min(size, len(source))
     idx = rng.choice(len(source), size=n, replace=False)
-    emb, labels = [], []
+    labels = np.asarray([int(source[int(i)]["label"]) for i in idx], np.int32)
     chunk = int(self.config.input.eval_batch_size)
-    for lo in range(0, n, chunk):
-      recs = [source[int(i)] for i in idx[lo:lo + chunk]]
-      emb.append(self.embed_images(state, np.stack(
-          [transforms.eval_transform(np.asarray(r["image"]), self.tcfg) for r in recs])))
-      labels.extend(int(r["label"]) for r in recs)
-    mem = jax.tree.map(np.asarray, jax.device_get(state.memory))
+    load = lambda lo: lambda rows: np.stack([transforms.eval_transform(
+        np.asarray(source[int(idx[lo + r])]["image"]), self.tcfg) for r in rows])
+    emb = [self.embed_rows(state, min(chunk, n - lo), load(lo)) for lo in range(0, n, chunk)]
+    mem = state.memory   # shapes and dtypes only: no fetch of a global array
     out_emb = np.zeros((size,) + mem.emb.shape[1:], mem.emb.dtype)
     out_emb[:n] = np.concatenate(emb).astype(mem.emb.dtype)
     out_labels = np.zeros((size,), np.int32)
@@ -113,8 +129,9 @@ class EvalRunner:
         batches = pipeline.eval_batches(
             sources[split], batch_size=int(self.config.input.eval_batch_size),
             transform_cfg=self.tcfg, process_index=jax.process_index(),
-            process_count=jax.process_count())
-        # embed_fn lays each host batch out over the mesh itself (multi-host safe).
+            process_count=jax.process_count(), worker_count=self.config.input.worker_count)
+        # embed_fn lays this process's batch out over its devices; extract gathers the
+        # processes' parts, so every process scores the whole split (see extract).
         cache[split] = check_finite(extract(embed_fn, batches), split, step)
       return cache[split]
 
