@@ -32,7 +32,8 @@ def optim_cfg(**kw):
   return cfg
 
 
-def build(mesh, first_batch, *, loss_name="contrastive", loss_kwargs=None, mem_size=40):
+def build(mesh, first_batch, *, loss_name="contrastive", loss_kwargs=None, mem_size=40,
+          accumulate=1):
   """(placed initial state, jitted step) for the tiny embedder on `mesh`."""
   model = TinyEmbedder()
   variables = model.init(jax.random.PRNGKey(0), first_batch["image"][:2], train=False)
@@ -43,7 +44,7 @@ def build(mesh, first_batch, *, loss_name="contrastive", loss_kwargs=None, mem_s
   st = jax.device_put(st, step_lib.state_shardings(st, mesh))
   train_step = step_lib.make_train_step(
       model=model, direction=direction, schedule=optim.make_schedule(optim_cfg(), 10),
-      loss_name=loss_name, loss_kwargs=loss_kwargs or {}, mesh=mesh)
+      loss_name=loss_name, loss_kwargs=loss_kwargs or {}, mesh=mesh, accumulate=accumulate)
   return st, train_step
 
 
@@ -92,7 +93,9 @@ def test_one_device_equals_eight(loss_name, loss_kwargs):
   s1, h1, _ = run_steps(1, batches, loss_name=loss_name, loss_kwargs=loss_kwargs)
   s8, h8, _ = run_steps(8, batches, loss_name=loss_name, loss_kwargs=loss_kwargs)
   for a, b in zip(h1, h8):
-    for k in ("loss", "loss_batch", "loss_xbm", "batch/pos_pairs", "xbm/neg_pairs"):
+    for k in ("loss", "loss_batch", "loss_xbm", "batch/pos_pairs", "xbm/neg_pairs",
+              "batch/mean_pos_sim", "batch/mean_neg_sim", "xbm/mean_pos_sim",
+              "xbm/mean_neg_sim"):   # pair-weighted across devices
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
   for name, t1, t8 in [("params", s1.params, s8.params),
                        ("batch_stats", s1.batch_stats, s8.batch_stats),
@@ -142,3 +145,44 @@ def test_controller_values_never_recompile_the_step():
     weights.append(float(m["xbm_weight"]))
   assert weights == [0.0, 0.5, 1.0, 0.25]
   assert fn._cache_size() == 1
+
+
+def test_accumulated_step_is_micro_steps_at_frozen_params():
+  """accumulate=2 over 2 devices x 8 rows: the memory, BN statistics, loss and pair
+  statistics of two plain steps on the micro-batches (each device's rows 0-3, then
+  4-7) at frozen parameters (lr_scale=0), and their mean gradient (Adam's first
+  moment after one step is 0.1 g, so it is the mean of the plain steps' moments)."""
+  mesh = parallel.make_mesh(2)
+  (big,) = make_batches(1, seed=4)
+  micro = [{k: np.concatenate([v[d * 8 + i * 4:d * 8 + i * 4 + 4] for d in range(2)])
+            for k, v in big.items()} for i in range(2)]
+  frozen = ctrl_of(0, lr_scale=0.0)
+  def mu(s):   # Adam's first moments
+    return [np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(s.opt_state)[0]
+            if "mu" in jax.tree_util.keystr(path)]
+  st0, plain = build(mesh, big)
+  opt0 = jax.device_get(st0.opt_state)
+  s1, m1 = plain(jax.tree.map(jnp.copy, st0), parallel.global_batch(micro[0], mesh), frozen)
+  mu1 = mu(s1)
+  s1 = s1.replace(step=st0.step, opt_state=jax.device_put(
+      opt0, jax.tree.map(lambda x: x.sharding, st0.opt_state)))
+  s2, m2 = plain(s1, parallel.global_batch(micro[1], mesh), frozen)
+  mu2 = mu(s2)
+  st0, acc = build(mesh, big, accumulate=2)
+  sa, ma = acc(st0, parallel.global_batch(big, mesh), frozen)
+  m1, m2, ma, s2, sa = jax.device_get((m1, m2, ma, s2, sa))
+  assert mu1
+  for a, b, c in zip(mu(sa), mu1, mu2):
+    np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(ma["loss"], (m1["loss"] + m2["loss"]) / 2, rtol=1e-5)
+  for k in ("batch/pos_pairs", "xbm/neg_pairs"):
+    assert ma[k] == m1[k] + m2[k], k
+  for k in ("batch/mean_pos_sim", "xbm/mean_neg_sim"):
+    n = k.replace("mean_", "").replace("_sim", "_pairs")
+    want = (m1[k] * m1[n] + m2[k] * m2[n]) / max(m1[n] + m2[n], 1)
+    np.testing.assert_allclose(ma[k], want, rtol=1e-5, err_msg=k)
+  for name in ("memory", "batch_stats"):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6,
+                                                         err_msg=name),
+                 getattr(s2, name), getattr(sa, name))
+  assert int(sa.memory.ptr) == 16 and int(sa.step) == 1

@@ -116,6 +116,9 @@ def base() -> ml_collections.ConfigDict:
       # Resume even though the config differs from the saved one (in ways that
       # keep the state's shapes); the changes are logged.
       allow_config_change=False,
+      # Gradient accumulation: each step's batch runs as this many micro-batches in
+      # turn, one update (see step.make_train_step for what the memory sees).
+      accumulate=1,
   )
 
   c.evals = ml_collections.ConfigDict()   # name -> dict(type=..., split=..., ks=..., every_steps=...)

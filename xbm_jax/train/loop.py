@@ -25,7 +25,7 @@ from xbm_jax.insight import controller as controller_lib, drift as drift_lib
 from xbm_jax.train import checkpoint, evaluation, guards, optim, setup
 from xbm_jax.train import config as config_lib
 from xbm_jax.train import state as state_lib, step as step_lib
-from xbm_jax.train.errors import NonFiniteError, ResumeError
+from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError
 from xbm_jax.train.progress import Progress
 from xbm_jax.train.writer import MetricWriter, config_json
 
@@ -58,7 +58,7 @@ def _warm_start(state, workdir: str):
     step = src.latest_step()
     if step is None:
       raise FileNotFoundError(f"config.train.init_from={workdir!r} has no checkpoint")
-    raw = src.last.restore(step)["state"]   # plain arrays, no target needed
+    raw = src.restore_plain(step)   # plain arrays, whatever devices saved them
     src.close()
   out = {}
   for key in ("params", "batch_stats"):
@@ -115,6 +115,19 @@ def _check_resume_config(config, workdir: str, ckpt) -> str:
   return text
 
 
+def _check_accumulate(config, num_devices: int) -> None:
+  """Each device's rows must split into micro-batches of whole classes (K rows each),
+  so that every anchor of a micro-batch has its positives."""
+  n, k = int(config.train.accumulate), int(config.input.samples_per_class)
+  rows = int(config.input.batch_size) // num_devices
+  if n == 1:
+    return   # one micro-batch: the whole global batch, however devices split classes
+  if n < 1 or rows % n or (rows // n) % k:
+    raise ConfigError(f"config.train.accumulate={n}: each device's {rows} rows must split "
+                      f"into {n} micro-batches of whole classes "
+                      f"(config.input.samples_per_class={k} rows each)")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates, checkpoints and logs into `workdir`; returns the last metrics.
 
@@ -127,6 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = guards.expand_path(workdir)
   mesh = parallel.make_mesh(config.train.num_devices)
   setup.validate(config, num_devices=mesh.size)
+  _check_accumulate(config, mesh.size)
   with guards.WorkdirLock(workdir, jax.process_index()):
     return _train(config, workdir, mesh)
 
@@ -186,13 +200,17 @@ def _train(config, workdir: str, mesh) -> dict:
       train_src, sampler={"classes_per_batch": p, "samples_per_class": k,
                           "min_class_size": int(config.input.min_class_size)},
       transform_cfg=config.input.transform, global_batch_size=b, process_index=pidx,
-      process_count=pcount, worker_count=int(config.input.worker_count),
+      process_count=pcount, worker_count=config.input.worker_count,
       seed=int(config.seed), state=host.get("pipeline"))
+  # Host batches become global arrays (this process's rows on its devices) two steps
+  # ahead in a thread; get_state() is as of the batches handed out, so resume is exact.
+  batches = pipeline.prefetch_to_device(batches, lambda hb: parallel.global_batch(hb, mesh),
+                                        size=2)
   train_step = step_lib.make_train_step(
       model=model, direction=direction, schedule=schedule,
       loss_name=config.loss.name, loss_kwargs=config_lib.set_kwargs(config.loss.kwargs),
       memory_loss_kwargs=config_lib.set_kwargs(config.xbm.memory_loss_kwargs), mesh=mesh,
-      sharded_memory=sharded)
+      sharded_memory=sharded, accumulate=int(config.train.accumulate))
   progress = Progress(total=total, start=start, enabled=bool(config.train.progress) and pidx == 0,
                       eval_steps=[s for s in range(1, total + 1) if s > start
                                   and evals_due(config, s, total)])
@@ -232,8 +250,7 @@ def _train(config, workdir: str, mesh) -> dict:
         full = sharded_memory.reshard(full, mesh.size)
       state = state.replace(memory=jax.device_put(full, shardings.memory))
       host["prefilled"] = True
-    host_batch = next(batches)
-    state, metrics = train_step(state, parallel.global_batch(host_batch, mesh), ctrl)
+    state, metrics = train_step(state, next(batches), ctrl)
     pending.append((step, metrics))
     done, steps_since = step + 1, steps_since + 1
     progress.update()

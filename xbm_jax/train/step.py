@@ -32,10 +32,32 @@ from xbm_jax.train.state import TrainState
 COUNT_KEYS = ("pos_pairs", "neg_pairs")
 
 
-def _sum_or_mean(name, x):
-  if name.endswith(COUNT_KEYS):
-    return jax.lax.psum(x, DATA_AXIS)
-  return jax.lax.pmean(x, DATA_AXIS)
+def combine_stats(aux: dict, total: Callable) -> dict:
+  """Loss statistics of a whole batch from those of its parts (devices, micro-batches).
+
+  `total(x)` sums `x` over the parts. Pair counts (`*pos_pairs`, `*neg_pairs`) are
+  summed; a mean similarity `<p>mean_<kind>_sim` is weighted by its part's
+  `<p><kind>_pairs` (a part with no such pair adds nothing), so it is the mean over
+  all pairs of the batch, as one device holding the whole batch would log it;
+  anything else is a plain mean over the parts.
+  """
+  out = {}
+  for name, x in aux.items():
+    head, _, tail = name.rpartition("mean_")
+    count = f"{head}{tail[:-len('_sim')]}_pairs" if tail.endswith("_sim") else None
+    if name.endswith(COUNT_KEYS):
+      out[name] = total(x)
+    elif count in aux:
+      n = aux[count].astype(jnp.float32)
+      out[name] = total(x * n) / jnp.maximum(total(n), 1)
+    else:
+      out[name] = total(x) / total(jnp.ones_like(x, jnp.float32))
+  return out
+
+
+def device_stats(aux: dict) -> dict:
+  """`combine_stats` over the devices of the mesh (inside the mapped step)."""
+  return combine_stats(aux, lambda x: jax.lax.psum(x, DATA_AXIS))
 
 
 def all_finite(tree) -> jax.Array:
@@ -70,7 +92,8 @@ def state_shardings(state: TrainState, mesh, *, sharded_memory: bool = False):
 def make_train_step(*, model, direction: optax.GradientTransformation, schedule: Callable,
                     loss_name: str, loss_kwargs: dict,
                     memory_loss_kwargs: Optional[dict] = None, mesh,
-                    sharded_memory: bool = False, donate: bool = True) -> Callable:
+                    sharded_memory: bool = False, donate: bool = True,
+                    accumulate: int = 1) -> Callable:
   """Returns `train_step(state, batch, ctrl) -> (state, metrics)`, jitted.
 
   Args:
@@ -83,31 +106,72 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
     sharded_memory: the memory's rows are split over the devices
       (`xbm_jax.sharded_memory`): each device enqueues its local batch into its
       shard and the memory term is combined exactly across shards.
+    accumulate: gradient accumulation over this many micro-batches per step (to
+      train a batch whose activations do not fit). Micro-batch i is rows
+      `[i * b / N, (i + 1) * b / N)` of every device's `b` rows; the micro-batches run
+      in turn at the step's parameters, and each meets the memory exactly as one
+      step of the reference with that smaller batch would: its batch loss is
+      against the micro-batch only, its memory loss against the memory holding
+      the previous micro-batches (enqueued as each finishes), and its BN
+      statistics update in turn. The loss and gradients are the means over the
+      micro-batches, applied in one optimiser update; so the loss, memory and BN
+      statistics equal N steps on the micro-batches with the parameters frozen
+      (tests/train/test_step.py), not one step on the whole batch.
   The batch is `{"image": [B, H, W, C], "label": [B] int32}` sharded over
   `data`; B must divide by the mesh size.
   """
   loss_kwargs = dict(loss_kwargs)
   loss_fn = losses.get(loss_name)
 
-  def per_device(state: TrainState, images, labels, ctrl):
+  def micro_step(state, batch_stats, memory, images, labels, ctrl):
+    """Loss, gradients, BN statistics, memory and statistics of one (micro-)batch."""
     b = labels.shape[0]
 
     def objective(params):
-      emb, new_vars = model.apply({"params": params, "batch_stats": state.batch_stats},
+      emb, new_vars = model.apply({"params": params, "batch_stats": batch_stats},
                                   images, train=True, mutable=["batch_stats"])
       local = Embeddings(emb, labels)
       glob = Embeddings(jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
                         jax.lax.all_gather(labels, DATA_AXIS, tiled=True))
       total, mem, aux = losses.xbm_total_loss(
-          local, glob, state.memory, step=state.step, start_step=ctrl["start_step"],
+          local, glob, memory, step=state.step, start_step=ctrl["start_step"],
           weight=ctrl["xbm_weight"], loss=loss_fn,
           axis_name=DATA_AXIS if sharded_memory else None,
           query_offset=jax.lax.axis_index(DATA_AXIS) * b,
           memory_loss_kwargs=memory_loss_kwargs, **loss_kwargs)
-      return total, (mem, new_vars.get("batch_stats", state.batch_stats), aux)
+      return total, (mem, new_vars.get("batch_stats", batch_stats), aux)
 
-    (loss, (mem, batch_stats, aux)), grads = jax.value_and_grad(
+    (loss, (mem, new_stats, aux)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params)
+    return loss, grads, new_stats, mem, aux
+
+  def accumulated(state, images, labels, ctrl):
+    """`accumulate` micro-batches in turn (see make_train_step), gradients averaged."""
+    if labels.shape[0] % accumulate:
+      raise ValueError(f"the per-device batch {labels.shape[0]} does not divide into "
+                       f"accumulate={accumulate} micro-batches")
+    split = lambda x: x.reshape((accumulate, -1) + x.shape[1:])
+
+    def body(carry, xs):
+      grad_sum, batch_stats, memory = carry
+      loss, grads, batch_stats, memory, aux = micro_step(state, batch_stats, memory,
+                                                         *xs, ctrl)
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      return (grad_sum, batch_stats, memory), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grad_sum, batch_stats, mem), (loss, aux) = jax.lax.scan(
+        body, (zeros, state.batch_stats, state.memory), (split(images), split(labels)))
+    grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
+    aux = combine_stats(aux, lambda x: jnp.sum(x, axis=0))
+    return jnp.mean(loss), grads, batch_stats, mem, aux
+
+  def per_device(state: TrainState, images, labels, ctrl):
+    if accumulate == 1:
+      loss, grads, batch_stats, mem, aux = micro_step(
+          state, state.batch_stats, state.memory, images, labels, ctrl)
+    else:
+      loss, grads, batch_stats, mem, aux = accumulated(state, images, labels, ctrl)
     grads = jax.lax.pmean(grads, DATA_AXIS)
     updates, opt_state = direction.update(grads, state.opt_state, state.params)
     lr = schedule(state.step) * ctrl["lr_scale"]
@@ -121,7 +185,7 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
                "nonfinite": jax.lax.pmax(1.0 - ok.astype(jnp.float32), DATA_AXIS),
                "grad_norm": optax.tree.norm(grads), "lr": lr,
                "memory_fill": jax.lax.pmean(memory_lib.fill(mem), DATA_AXIS)}
-    metrics.update({k: _sum_or_mean(k, v) for k, v in aux.items()})
+    metrics.update(device_stats(aux))
     return new_state, metrics
 
   def train_step(state, batch, ctrl):
