@@ -159,12 +159,21 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path,
     ({"xbm.size": 8}, "smaller than the global batch"),
     ({"input.dataset": "nope"}, "nope"),
     ({"xbm.memory_sharding": "striped"}, "memory_sharding"),
+    ({"train.accumulate": 2}, "micro-batches of whole classes"),   # 2 rows per device
 ])
 def test_bad_config_fails_before_training(data_dir, tmp_path, overrides, match):
   wd = tmp_path / "bad"
   with pytest.raises((ValueError, FileNotFoundError, KeyError), match=match):
     loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(wd))
   assert not (wd / "checkpoints").exists()
+
+
+def test_a_run_with_gradient_accumulation(data_dir, tmp_path):
+  """The loop wires train.accumulate through (the step's semantics: test_step.py)."""
+  out = loop.train_and_evaluate(
+      tiny_config(data_dir, **{"train.num_devices": 2, "train.accumulate": 2}),
+      str(tmp_path / "acc"))
+  assert np.isfinite(out["train/loss"]) and out["train/xbm/pos_pairs"] > 0
 
 
 def test_unknown_config_key_is_an_error(data_dir, tmp_path):
