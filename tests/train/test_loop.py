@@ -160,6 +160,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path,
     ({"input.dataset": "nope"}, "nope"),
     ({"xbm.memory_sharding": "striped"}, "memory_sharding"),
     ({"train.accumulate": 2}, "micro-batches of whole classes"),   # 2 rows per device
+    ({"input.worker_count": -2}, "worker_count=-2"),
 ])
 def test_bad_config_fails_before_training(data_dir, tmp_path, overrides, match):
   wd = tmp_path / "bad"

@@ -59,7 +59,8 @@ def base() -> ml_collections.ConfigDict:
       batch_size=64,                  # global batch B = P classes x K samples
       samples_per_class=4,            # K (P = B / K)
       min_class_size=1,
-      worker_count=0,                 # grain worker processes; -1: one per core but one
+      # grain worker processes: an int >= 0, or -1 / "auto" (one per core but one)
+      worker_count=config_dict.FieldReference(0, field_type=object),
       transform=dict(resize=256, crop=224, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
                      flip=True),
       eval_batch_size=128,            # must divide by the device count

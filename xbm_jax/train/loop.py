@@ -115,9 +115,16 @@ def _check_resume_config(config, workdir: str, ckpt) -> str:
   return text
 
 
-def _check_accumulate(config, num_devices: int) -> None:
-  """Each device's rows must split into micro-batches of whole classes (K rows each),
-  so that every anchor of a micro-batch has its positives."""
+def _check_input(config, num_devices: int) -> None:
+  """A worker count grain can use; with accumulation, each device's rows must split
+  into micro-batches of whole classes (K rows each), so that every anchor of a
+  micro-batch has its positives."""
+  wc = config.input.worker_count
+  try:
+    pipeline.resolve_worker_count(wc)
+  except (TypeError, ValueError):
+    raise ConfigError(f"config.input.worker_count={wc!r}: an int >= 0, -1 or 'auto' "
+                      "(one worker per core but one)") from None
   n, k = int(config.train.accumulate), int(config.input.samples_per_class)
   rows = int(config.input.batch_size) // num_devices
   if n == 1:
@@ -140,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = guards.expand_path(workdir)
   mesh = parallel.make_mesh(config.train.num_devices)
   setup.validate(config, num_devices=mesh.size)
-  _check_accumulate(config, mesh.size)
+  _check_input(config, mesh.size)
   with guards.WorkdirLock(workdir, jax.process_index()):
     return _train(config, workdir, mesh)
 
