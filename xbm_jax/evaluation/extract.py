@@ -24,9 +24,16 @@ from xbm_jax.data import pipeline
 
 
 def _place(images, mesh: Optional[Mesh]):
-  """Shards the batch over all mesh devices when it divides evenly, else replicates."""
+  """Shards the batch over all mesh devices when it divides evenly, else replicates.
+
+  With several processes `images` is this process's part of a global batch, laid
+  on its own devices (it must divide by them: replicating would need every
+  process to hold the same rows)."""
   if mesh is None:
     return images
+  if jax.process_count() > 1:
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(mesh.axis_names)),
+                                                  np.asarray(images))
   n = mesh.devices.size
   spec = P(mesh.axis_names) if images.shape[0] % n == 0 else P()
   return jax.device_put(images, NamedSharding(mesh, spec))

@@ -117,7 +117,8 @@ class Checkpointer:
     from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
     ptr_shape = self.saved_memory_ptr_shape()
     abstract = abstract_like(state)
-    host_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # Every process reads the whole saved memory onto one of its own devices.
+    host_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     mem = abstract.memory._replace(ptr=jax.ShapeDtypeStruct(ptr_shape, jax.numpy.int32))
     mem = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                       sharding=host_sharding), mem)
