@@ -6,6 +6,8 @@ checkpoints.
   and every eval metric equal a one-process run on 4 devices (the same global batch);
 - sharded memory: both processes SIGKILLed after a checkpoint and restarted end with
   the parameters of the uninterrupted two-process run.
+Each launch is a whole `scripts/train.py` (start-up and compilation dominate): about
+55 s and 85 s on 2 shared CPU cores, hence `slow` (CI runs them all the same).
 """
 import json
 import os
