@@ -19,6 +19,17 @@ with a clear gain was found on this set. `--config.xbm.start_step=auto` keeps th
 memory off while drift is fast (equal to the baseline from scratch).
 Variants: `:smoke` (a few steps, for tests), `:warm`, `:seed=1`, `:study` (the fair-comparison
 protocol of benchmarks/xbm_study.py: train on train_fit, tune on val, test at the end).
+
+`:pretrained` (issue 11, "the paper's regime in miniature"; compose as `study,pretrained`):
+start from `glyphs_data/pretrained_small_cnn32.msgpack`, an encoder pretrained by
+classification on 3,390 JIS level-2 kanji that are NOT target classes
+(scripts/pretrain_glyphs.py; the analog of ImageNet), then fine-tune on "train_fit5"
+(the 1,200 train_fit classes, a fixed seeded 5 typefaces each: 6,000 images, SOP-like)
+at lr 1e-4 with the memory holding the whole train set (6,000 slots) from step 0.
+Evaluation is unchanged (with `study`: val = all faces of the 300 val classes, test at
+the end). Everything else (B = 64, K = 4, contrastive margin 0.5, weight 1, Adam wd 5e-4)
+is the default above; with `study`, 400 steps (~4 epochs of train_fit5).
+PRETRAINED_NUMBERS
 """
 import os
 
@@ -27,7 +38,8 @@ from xbm_jax.train import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, smoke=False, seed=0, warm=False, study=False)
+  args = config_lib.parse_arg(arg, smoke=False, seed=0, warm=False, study=False,
+                              pretrained=False)
   c = config_lib.base()
   c.seed = args.seed
   c.input.dataset = "glyphs"
@@ -73,4 +85,24 @@ def get_config(arg=None):
     for ev in c.evals.values():
       ev.every_steps = min(int(ev.every_steps), 6)
     c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
+  if args.pretrained:
+    _paper_regime(c)
   return c
+
+
+PRETRAINED = os.path.join(os.path.dirname(glyphs.__file__), "glyphs_data",
+                          "pretrained_small_cnn32.msgpack")
+TRAIN_FIT5_IMAGES = 6000  # len(glyphs.load_arrays("train_fit5")): 1,200 classes x 5
+
+
+def _paper_regime(c):
+  """`:pretrained`: fine-tune the disjoint-corpus encoder on the few-shot split.
+
+  Sits after `:smoke`: the weights fix the model's shape, so `pretrained,smoke` keeps the
+  real small_cnn (width 32, embed_dim 64) and only shortens the run.
+  """
+  c.train.init_from = PRETRAINED
+  c.model.embed_dim, c.model.width = 64, 32
+  c.input.train_split = "train_fit5"
+  c.optim.lr = 1e-4
+  c.xbm.size, c.xbm.start_step = TRAIN_FIT5_IMAGES, 0

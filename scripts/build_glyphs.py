@@ -89,6 +89,8 @@ def write_fonts_md(data: dict[str, np.ndarray], path: str, args) -> None:
       fname += f" ({int(data['face_indices'][i])})"
     lines.append(f"| {i} | {name} | {fname} | {pkg} | "
                  f"{debian_licences(pkg) if pkg != '?' else '?'} | {counts.get(i, 0)} |")
+  lines += ["", "The encoder pretrained on a disjoint corpus of level-2 kanji "
+            "(`pretrained_small_cnn32.msgpack`, issue 11's paper regime): see PRETRAINED.md."]
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
