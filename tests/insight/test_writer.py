@@ -1,4 +1,4 @@
-"""MetricWriter: crc32c vectors, JSONL round trip and resume, tfevents read by TensorBoard."""
+"""MetricWriter: JSONL round trip and resume; event files read back by TensorBoard itself."""
 import glob
 import json
 import os
@@ -6,27 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from xbm_jax.train.writer import MetricWriter, crc32c, masked_crc32c, tfrecord
-
-
-def test_crc32c_known_vectors():
-    assert crc32c(b"123456789") == 0xE3069283
-    assert crc32c(b"") == 0
-    # RFC 3720 (iSCSI) appendix B.4.
-    assert crc32c(bytes(32)) == 0x8A9136AA
-    assert crc32c(b"\xff" * 32) == 0x62A8AB43
-    assert crc32c(bytes(range(32))) == 0x46DD794E
-    assert crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
-
-
-def test_masked_crc_matches_tensorboard():
-    pw = pytest.importorskip("tensorboard.compat.tensorflow_stub.pywrap_tensorflow")
-    rng = np.random.default_rng(0)
-    for n in (0, 1, 8, 100):
-        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert masked_crc32c(data) == pw.masked_crc32c(data)
-    rec = tfrecord(b"abc")
-    assert len(rec) == 8 + 4 + 3 + 4 and rec[:8] == (3).to_bytes(8, "little")
+from xbm_jax.train.writer import MetricWriter
 
 
 def _lines(workdir):
@@ -97,7 +77,7 @@ def test_event_file_parses_with_tensorboard(tmp_path):
     from PIL import Image
     import io
     assert (np.asarray(Image.open(io.BytesIO(im.encoded_image_string))) == img).all()
-    texts = [v for e in events for v in e.summary.value if v.tag == "config"]
+    texts = [v for e in events for v in e.summary.value if v.tag.startswith("config")]
     assert texts and texts[0].metadata.plugin_data.plugin_name == "text"
     assert b'"size": 8000' in texts[0].tensor.string_val[0]
     recall = [v.simple_value for e in events for v in e.summary.value

@@ -262,3 +262,39 @@ def test_script_and_load_pretrained(resnet18_state, tmp_path, monkeypatch):
   bad.write_bytes(b"\x80")
   with pytest.raises(ValueError, match="not a converted backbone file"):
     models.load_pretrained(shapes("resnet18"), str(bad))
+
+
+# ------------------------------------------------------------------ BN vs torch
+def test_batchnorm_running_stats_follow_torch_batchnorm2d():
+  """Three train-mode updates at n = 2 x 4 x 4 = 32 values per channel: outputs and
+  running mean / (unbiased) running variance equal torch.nn.BatchNorm2d's; eval mode
+  then gives torch's eval output."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(1.0, 2.0, (2, 4, 4, 3)).astype(np.float32) for _ in range(3)]
+  tbn = torch.nn.BatchNorm2d(3, momentum=0.1, eps=1e-5)
+  with torch.no_grad():
+    tbn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    tbn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+  train_bn = layers.batch_norm(train=True, frozen=False, axis_name=None,
+                               dtype=jnp.float32)()
+  variables = train_bn.init(jax.random.PRNGKey(0), jnp.asarray(xs[0]))
+  variables = {"params": {"scale": jnp.array([0.5, 1.0, 2.0]),
+                          "bias": jnp.array([0.1, -0.2, 0.3])},
+               "batch_stats": variables["batch_stats"]}
+  tbn.train()
+  for x in xs:
+    want = tbn(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy()
+    got, upd = train_bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
+    variables = {**variables, "batch_stats": upd["batch_stats"]}
+    np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), atol=1e-5)
+  np.testing.assert_allclose(variables["batch_stats"]["mean"], tbn.running_mean.numpy(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(variables["batch_stats"]["var"], tbn.running_var.numpy(),
+                             rtol=1e-6)
+  tbn.eval()
+  eval_bn = layers.batch_norm(train=False, frozen=False, axis_name=None,
+                              dtype=jnp.float32)()
+  want = tbn(torch.from_numpy(xs[0].transpose(0, 3, 1, 2))).detach().numpy()
+  np.testing.assert_allclose(np.asarray(eval_bn.apply(variables, jnp.asarray(xs[0]))),
+                             want.transpose(0, 2, 3, 1), atol=1e-5)

@@ -21,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from xbm_jax.train.writer import CONFIG_FILE, METRICS_FILE
+from xbm_jax.insight.run_files import CONFIG_FILE, METRICS_FILE
 
 Series = Dict[str, Tuple[np.ndarray, np.ndarray]]  # name -> (steps int64, values f64)
 LOSS_NAMES = ("train/loss", "train/loss_batch", "train/loss_xbm")

@@ -57,16 +57,63 @@ def conv(*, dtype: Any, use_bias: bool = False):
                            param_dtype=jnp.float32, kernel_init=kaiming_fan_out)
 
 
+class BatchNorm(nn.Module):
+  """torch.nn.BatchNorm2d semantics on NHWC (channels last).
+
+  Train mode normalises with the batch mean and *biased* variance (as flax's
+  nn.BatchNorm and torch do) but, like torch and unlike flax, updates the running
+  variance with the *unbiased* one, `var * n / (n - 1)` (n = values per channel
+  over the whole batch, all devices of `axis_name` included): the running
+  statistics then match a torch run of the same weights, so eval-mode outputs do.
+  Params `scale`/`bias` and statistics `mean`/`var` keep flax's names, so
+  converted torchvision checkpoints load unchanged. Statistics and the
+  normalisation are computed in float32 whatever `dtype` (the output's).
+  """
+  use_running_average: bool
+  momentum: float = 0.9           # flax convention: torch momentum 0.1
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    feat = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (feat,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (feat,), jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, (feat,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (feat,), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean, mean2 = jnp.mean(xf, axes), jnp.mean(jnp.square(xf), axes)
+      n = math.prod(x.shape[:-1])
+      if self.axis_name is not None:
+        mean, mean2 = jax.lax.pmean((mean, mean2), self.axis_name)
+        n = n * jax.lax.psum(1, self.axis_name)
+      var = jnp.maximum(mean2 - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * mean
+        ra_var.value = m * ra_var.value + (1.0 - m) * unbiased
+    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype or x.dtype)
+
+
 def batch_norm(*, train: bool, frozen: bool, axis_name: Optional[str], dtype: Any,
                epsilon: float = 1e-5):
-  """An nn.BatchNorm factory matching torch BatchNorm2d (momentum 0.1 -> flax 0.9).
+  """A `BatchNorm` factory (torch BatchNorm2d, momentum 0.1 -> 0.9 here).
 
   Running statistics are used (and never updated) in eval mode and when `frozen`.
   `axis_name` averages batch statistics over a mapped axis (e.g. "data" in shard_map).
   """
   use_running = (not train) or frozen
   return functools.partial(
-      nn.BatchNorm, use_running_average=use_running, momentum=0.9, epsilon=epsilon,
+      BatchNorm, use_running_average=use_running, momentum=0.9, epsilon=epsilon,
       dtype=dtype, param_dtype=jnp.float32,
       axis_name=None if use_running else axis_name)
 
