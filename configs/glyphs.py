@@ -29,7 +29,12 @@ at lr 1e-4 with the memory holding the whole train set (6,000 slots) from step 0
 Evaluation is unchanged (with `study`: val = all faces of the 300 val classes, test at
 the end). Everything else (B = 64, K = 4, contrastive margin 0.5, weight 1, Adam wd 5e-4)
 is the default above; with `study`, 400 steps (~4 epochs of train_fit5).
-PRETRAINED_NUMBERS
+Sanity numbers (`study,pretrained`, seed 0, one run each, no tuning, 2 shared CPU cores;
+test R@1 / R@8 / MAP@R): the pretrained encoder un-finetuned (0 steps) 0.774 / 0.893 /
+-; fine-tuned 400 steps without memory (`--config.xbm.enabled=False`) 0.798 / 0.903 /
+0.483; with the memory as above 0.767 / 0.889 / 0.423; from scratch without memory
+(`--config.train.init_from= --config.optim.lr=1e-3`) 0.709 / 0.861 / 0.351. The
+pretraining transfers (+6.5 points before any fine-tuning); the memory arm is untuned.
 """
 import os
 
