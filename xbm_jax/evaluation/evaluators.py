@@ -15,7 +15,10 @@ The trainer calls `create(name, cfg)` once, then `evaluator.run(embed_split)` ev
 (`xbm_jax.evaluation.extract.extract`). Metric names: `eval/<name>/recall@<k>`,
 `eval/<name>/map@r`, `eval/<name>/r_precision`, `eval/<name>/precision@1`,
 `eval/<name>/num_queries`, `eval/<name>/num_singleton_excluded` (VehicleID adds the set:
-`eval/<name>/small/recall@1`).
+`eval/<name>/small/recall@1`). `<name>` is the key in `config.evals`; one named after a
+stock dataset (as the shipped configs name theirs) takes the name of
+`config.input.dataset` before training (`xbm_jax.train.setup.name_evaluators`), so a
+config reused for `--config.input.dataset=mine` logs `eval/mine/...`.
 """
 from __future__ import annotations
 

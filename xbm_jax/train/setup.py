@@ -6,9 +6,11 @@ from __future__ import annotations
 import inspect
 
 import jax
+import ml_collections
 import numpy as np
 
 from xbm_jax import losses, memory, models
+from xbm_jax.data import builders
 from xbm_jax.evaluation import evaluators as evaluators_lib
 from xbm_jax.models import factory as model_factory, head as model_head
 from xbm_jax.train import config as config_lib, optim
@@ -64,6 +66,42 @@ def check_enumerated(config) -> None:
                       f"choose one of {names}")
 
 
+# Names of the datasets the library knows (and so the stock configs' evaluators).
+STOCK_DATASETS = frozenset(builders.BUILDERS) | frozenset(builders.ALIASES) | {"glyphs"}
+
+
+def name_evaluators(config) -> None:
+  """Evaluators named after a stock dataset take the name of `config.input.dataset`.
+
+  Every evaluator scores the configured dataset, and the stock configs name theirs
+  after it (`evals.glyphs` -> `eval/glyphs/recall@1`), so `--config.input.dataset=mine`
+  on such a config reports `eval/mine/...`; `train.best_metric`,
+  `optim.plateau.metric` and `pictures.evaluator` follow. Other names (`val`, `test`,
+  yours) are kept. Command-line overrides still use the config file's name
+  (`--config.evals.glyphs.every_steps=100`): this runs after them, in place, and is
+  idempotent.
+  """
+  dataset = str(config.input.dataset)
+  canonical = builders.ALIASES.get(dataset, dataset)
+  renames = {n: dataset for n in config.evals
+             if n in STOCK_DATASETS and builders.ALIASES.get(n, n) != canonical}
+  if not renames:
+    return
+  if len(renames) > 1 or dataset in config.evals:
+    raise ConfigError(f"config.evals {sorted(config.evals)}: evaluators named after a "
+                      f"dataset are renamed to config.input.dataset={dataset!r}, which "
+                      "would give two evaluators one name; rename them")
+  (old, new), = renames.items()
+  with config.unlocked():
+    config.evals = ml_collections.ConfigDict(
+        {(new if n == old else n): ev for n, ev in config.evals.items()})
+    for node, key in ((config.train, "best_metric"), (config.optim.plateau, "metric")):
+      if str(node[key] or "").startswith(f"eval/{old}/"):
+        node[key] = f"eval/{new}/" + node[key][len(f"eval/{old}/"):]
+    if config.pictures.evaluator == old:
+      config.pictures.evaluator = new
+
+
 def batch_shape(config) -> tuple[int, int, int]:
   """(global batch B, classes per batch P, samples per class K)."""
   b, k = int(config.input.batch_size), int(config.input.samples_per_class)
@@ -71,8 +109,10 @@ def batch_shape(config) -> tuple[int, int, int]:
 
 
 def validate(config, *, num_devices: int) -> None:
-  """Clear errors for a config that cannot train, before training starts."""
+  """Clear errors for a config that cannot train, before training starts. First names
+  the evaluators after the dataset (`name_evaluators`, in place)."""
   config_lib.check(config)
+  name_evaluators(config)
   check_enumerated(config)
   b, k = int(config.input.batch_size), int(config.input.samples_per_class)
   if k < 2:
