@@ -77,8 +77,7 @@ def _pretrained_arms(lrs):
   mem = {"xbm.enabled": True}
   return [
       Arm("pretrained", "no_memory", {"xbm.enabled": False}, {"optim.lr": lrs}),
-      Arm("pretrained", "memory_paper_sum", mem,
-          {"optim.lr": lrs, "xbm.weight": (0.1, 1.0)}),
+      Arm("pretrained", "memory_paper_sum", mem, {"optim.lr": lrs, "xbm.weight": (1.0,)}),
       Arm("pretrained", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"},
           {"optim.lr": lrs, "xbm.weight": (1.0,)}),
   ]
