@@ -1,6 +1,10 @@
 """Plots and a Markdown table from training runs' metrics.jsonl.
 
     python scripts/report.py --workdir runs/base --workdir runs/xbm --out runs/report
+
+writes loss/recall/drift/compare PNGs and report.md (per evaluator: R@1, R@K, MAP@R,
+the final loss terms and the training time of each run, labelled XBM or baseline from
+its config.json); see xbm_jax/insight/report.py.
 """
 import argparse
 import os

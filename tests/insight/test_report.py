@@ -1,6 +1,8 @@
 """The report on synthetic runs written by MetricWriter: PNGs, table, partial logs."""
 import importlib.util
+import json
 import os
+import re
 
 import pytest
 from PIL import Image
@@ -42,16 +44,59 @@ def test_report_on_two_runs(tmp_path):
             assert im.size[0] > 100 and im.size[1] > 100
     with open(os.path.join(out, "report.md")) as f:
         md = f.read()
-    header = next(line for line in md.splitlines() if line.startswith("| run"))
-    cols = [c.strip() for c in header.strip("|").split("|")]
-    assert cols[:2] == ["run", "last step"]
-    assert "eval/sop/recall@1" in cols and "train/loss_xbm" in cols
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in md.splitlines() if line.startswith("| ") and "---" not in line}
-    base, x = rows["baseline"], rows["contrastive + XBM"]
-    i = cols.index("eval/sop/recall@1")
-    assert (base[1], base[i], x[i]) == ("100", "0.5", "0.6")
-    assert base[cols.index("train/loss_xbm")] == "–"
+    assert "| baseline | 100 | 0.5000 | 0.6667 | – | 0.5000 | – |" in md
+    assert "| contrastive + XBM | 100 | 0.6000 | 0.6667 | – | 0.5000 | 0.5000 |" in md
+    assert "| eval/sop/recall@1 | 0.5000 | 0.6000 |" in md   # every final value
+
+
+def _write(workdir, lines, config):
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        f.write("\n".join(json.dumps(r) for r in lines) + "\n")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def test_report_md_is_a_narrow_table_of_readable_numbers(tmp_path):
+    """Hand-made logs: the row a person reads, not 2.465e+04 in a 30-column table."""
+    train = lambda s, rate, xbm: {"step": s, "train/loss": 1.23456, "train/loss_batch": 0.61234,
+                                  "train/steps_per_s": rate, "train/memory_fill": 1.0,
+                                  **({"train/loss_xbm": 0.62222} if xbm else {})}
+    ev = {"step": 200, "eval/sop/recall@1": 0.84172, "eval/sop/recall@10": 0.93,
+          "eval/sop/recall@100": 0.99, "eval/sop/map@r": 0.41234,
+          "eval/sop/num_queries": 24648.0}
+    xbm = {"xbm": {"enabled": True, "size": 8192, "start_step": 300}}
+    _write(str(tmp_path / "x"), [train(100, 2.0, True), train(200, 0.25, True), ev], xbm)
+    _write(str(tmp_path / "b"), [train(100, 2.0, False), train(200, 0.25, False),
+                                 {**ev, "eval/sop/recall@1": 0.8}],
+           {"xbm": {"enabled": False}})
+    build_report([str(tmp_path / "x"), str(tmp_path / "b")], str(tmp_path / "r"))
+    with open(str(tmp_path / "r" / "report.md")) as f:
+        md = f.read()
+    table = md[md.index("## eval/sop"):md.index("## All final values")]
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert rows[0] == ("| run | step | R@1 | R@10 | MAP@R | loss_batch | loss_xbm "
+                       "| train time |")
+    # 100 steps at 2/s + 100 steps at 0.25/s = 450 s
+    assert rows[2] == ("| x: XBM (memory 8192 from step 300) | 200 | 0.8417 | 0.9300 "
+                       "| 0.4123 | 0.6123 | 0.6222 | 7 min 30 s |")
+    assert rows[3] == ("| b: baseline (no memory) | 200 | 0.8000 | 0.9300 | 0.4123 "
+                       "| 0.6123 | – | 7 min 30 s |")
+    assert "| eval/sop/num_queries | 24,648 | 24,648 |" in md
+    assert not re.search(r"\de[+-]\d", md)
+
+
+@pytest.mark.parametrize("value,text", [
+    (24648.0, "24,648"), (24648.3, "24,648"), (0.84172, "0.8417"), (1.5, "1.5000"),
+    (123.456, "123.5"), (1.2e-5, "0.000012"), (0.0, "0.0000"), (float("nan"), "NaN"),
+    (None, "–")])
+def test_numbers_read_as_written_by_hand(value, text):
+    assert report.fmt(value) == text
+
+
+def test_seconds_read_as_a_duration():
+    assert [report.fmt_seconds(s) for s in (42.14, 409, 3723, None)] == [
+        "42.1 s", "6 min 49 s", "1 h 02 min", "–"]
 
 
 def test_partial_log_and_missing_workdir(tmp_path):

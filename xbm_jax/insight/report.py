@@ -8,7 +8,10 @@ writes into ``--out`` (each only when some run logged the metrics it needs):
 * ``recall.png``  one panel per evaluator, every ``eval/<name>/recall@K`` over steps;
 * ``drift.png``   one panel per ``train/drift@<delta>``;
 * ``compare.png`` the runs overlaid on each evaluator's R@1 (XBM vs baseline);
-* ``report.md``   the final value of each reported metric, one row per run.
+* ``report.md``   per evaluator a narrow table, one row per run: its last R@1, R@K
+  (K the second-smallest logged), MAP@R, the final train/loss_batch and
+  train/loss_xbm and the training time; then every final value (metric x run).
+  Numbers read as written by hand: ``0.8417``, ``24,648``, ``6 min 49 s``.
 
 All runs share each panel (one colour per run). Missing metrics are skipped.
 """
@@ -31,146 +34,226 @@ _TABLE = re.compile(r"^(eval/.*|train/loss.*|train/drift@.*|train/xbm_.*)$")
 
 
 def load_metrics(workdir: str) -> Series:
-    """Reads ``<workdir>/metrics.jsonl`` into per-metric step/value arrays, sorted by
-    step; if a step was logged twice (a replay after a restart) the last line wins.
-    Unparsable lines (e.g. cut short by a crash) are skipped."""
-    path = os.path.join(workdir, METRICS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {METRICS_FILE} in workdir {workdir!r} ({path})")
-    points: Dict[str, Dict[int, float]] = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-                step = int(rec.pop("step"))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
-            for name, v in rec.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    points.setdefault(name, {})[step] = float(v)
-    out = {}
-    for name, pts in points.items():
-        steps = np.array(sorted(pts), np.int64)
-        out[name] = (steps, np.array([pts[s] for s in steps], np.float64))
-    return out
+  """Reads ``<workdir>/metrics.jsonl`` into per-metric step/value arrays, sorted by
+  step; if a step was logged twice (a replay after a restart) the last line wins.
+  Unparsable lines (e.g. cut short by a crash) are skipped."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no {METRICS_FILE} in workdir {workdir!r} ({path})")
+  points: Dict[str, Dict[int, float]] = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+        step = int(rec.pop("step"))
+      except (ValueError, KeyError, TypeError, AttributeError):
+        continue
+      for name, v in rec.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          points.setdefault(name, {})[step] = float(v)
+  out = {}
+  for name, pts in points.items():
+    steps = np.array(sorted(pts), np.int64)
+    out[name] = (steps, np.array([pts[s] for s in steps], np.float64))
+  return out
 
 
 def run_label(workdir: str) -> str:
-    """``config.json``'s ``label`` / ``name`` if present, else the folder's name with
-    what the config says the run is: ``XBM (memory 8192 from step 300)`` or
-    ``baseline (no memory)``, so the legend never relies on how a folder was named."""
-    folder = os.path.basename(os.path.normpath(workdir))
-    path = os.path.join(workdir, CONFIG_FILE)
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                cfg = json.load(f)
-            for key in ("label", "name", "run_name"):
-                if isinstance(cfg.get(key), str) and cfg[key]:
-                    return cfg[key]
-            xbm = cfg.get("xbm") or {}
-            if "enabled" in xbm:
-                if not xbm["enabled"]:
-                    return f"{folder}: baseline (no memory)"
-                return (f"{folder}: XBM (memory {xbm.get('size')} from step "
-                        f"{xbm.get('start_step')})")
-        except (ValueError, OSError, AttributeError):
-            pass
-    return folder
+  """``config.json``'s ``label`` / ``name`` if present, else the folder's name with
+  what the config says the run is: ``XBM (memory 8192 from step 300)`` or
+  ``baseline (no memory)``, so the legend never relies on how a folder was named."""
+  folder = os.path.basename(os.path.normpath(workdir))
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        cfg = json.load(f)
+      for key in ("label", "name", "run_name"):
+        if isinstance(cfg.get(key), str) and cfg[key]:
+          return cfg[key]
+      xbm = cfg.get("xbm") or {}
+      if "enabled" in xbm:
+        if not xbm["enabled"]:
+          return f"{folder}: baseline (no memory)"
+        return (f"{folder}: XBM (memory {xbm.get('size')} from step "
+                f"{xbm.get('start_step')})")
+    except (ValueError, OSError, AttributeError):
+      pass
+  return folder
 
 
 def _plot(path: str, panels: List[Tuple[str, List[Tuple[str, str, np.ndarray, np.ndarray]]]],
           ylabel: str) -> bool:
-    """One figure, one panel per ``(title, [(run, line label, steps, values)])``."""
-    panels = [p for p in panels if p[1]]
-    if not panels:
-        return False
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+  """One figure, one panel per ``(title, [(run, line label, steps, values)])``."""
+  panels = [p for p in panels if p[1]]
+  if not panels:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels):
-        for label, style, steps, values in lines:
-            ax.plot(steps, values, style, label=label, marker="." if len(steps) < 30 else None)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    # Fixed margins: tight_layout doubles the cost of a small figure.
-    width = 5.0 * len(panels)  # inches
-    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.14, top=0.9,
-                        wspace=0.3)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+  for ax, (title, lines) in zip(axes[0], panels):
+    for label, style, steps, values in lines:
+      ax.plot(steps, values, style, label=label, marker="." if len(steps) < 30 else None)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  # Fixed margins: tight_layout doubles the cost of a small figure.
+  width = 5.0 * len(panels)  # inches
+  fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.14, top=0.9,
+                      wspace=0.3)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
 
 
-def _fmt(v: float) -> str:
-    return "–" if v is None else f"{v:.4g}"
+def fmt(v) -> str:
+  """A number as a person reads it: ``0.8417``, ``24,648``, ``3.5``, ``0.00012``
+  (never ``2.465e+04``); ``–`` when missing."""
+  if v is None:
+    return "–"
+  v = float(v)
+  if not np.isfinite(v):
+    return str(v).replace("nan", "NaN")
+  a = abs(v)
+  if v == int(v) and a >= 1:
+    return f"{int(v):,}"
+  if a >= 1000:
+    return f"{v:,.0f}"
+  if a >= 100:
+    return f"{v:,.1f}"
+  if a >= 1e-3 or a == 0:
+    return f"{v:.4f}"
+  return np.format_float_positional(v, precision=2, unique=False, fractional=False,
+                                    trim="-")
+
+
+def fmt_seconds(s) -> str:
+  """``42.1 s``, ``6 min 49 s``, ``1 h 02 min``; ``–`` when unknown."""
+  if s is None or not np.isfinite(s):
+    return "–"
+  if s < 60:
+    return f"{s:.1f} s"
+  m, sec = divmod(int(round(s)), 60)
+  if m < 60:
+    return f"{m} min {sec:02d} s"
+  return f"{m // 60} h {m % 60:02d} min"
+
+
+def train_seconds(series: Series):
+  """Seconds spent in training steps, from ``train/steps_per_s`` (each logged value
+  covers the steps since the previous log line; evaluation time is not in it)."""
+  if "train/steps_per_s" not in series:
+    return None
+  steps, rate = series["train/steps_per_s"]
+  prev = np.concatenate([[0], steps[:-1]])
+  ok = rate > 0
+  return float(np.sum((steps - prev)[ok] / rate[ok]))
+
+
+def _last(series: Series, name: str):
+  return (int(series[name][0][-1]), float(series[name][1][-1])) if name in series else None
+
+
+def _eval_table(ev: str, ks, runs) -> List[str]:
+  """One row per run: the evaluator's last R@1, R@K, MAP@R with the final loss terms."""
+  k = sorted(ks)[1] if len(ks) > 1 else sorted(ks)[0]
+  lines = [f"## eval/{ev}", "",
+           f"| run | step | R@1 | R@{k} | MAP@R | loss_batch | loss_xbm | train time |",
+           "|---|--:|--:|--:|--:|--:|--:|--:|"]
+  for label, series in runs:
+    r1, rk, mapr = (_last(series, f"eval/{ev}/{m}") for m in
+                    ("recall@1", f"recall@{k}", "map@r"))
+    step = next((x[0] for x in (r1, rk, mapr) if x), None)
+    lines.append(f"| {label} | {fmt(step)} | " + " | ".join(
+        fmt(x and x[1]) for x in (r1, rk, mapr)) + " | " + _train_cells(series) + " |")
+  return lines + [""]
+
+
+def _train_cells(series: Series) -> str:
+  vals = [_last(series, f"train/{n}") for n in ("loss_batch", "loss_xbm")]
+  return " | ".join(fmt(v and v[1]) for v in vals) + f" | {fmt_seconds(train_seconds(series))}"
+
+
+def _markdown(runs, workdirs, recall, written) -> str:
+  lines = ["# Run report", ""]
+  for ev, ks in sorted(recall.items()):
+    lines += _eval_table(ev, [k for k, _ in ks], runs)
+  if not recall:
+    lines += ["## training", "", "| run | step | loss_batch | loss_xbm | train time |",
+              "|---|--:|--:|--:|--:|"]
+    for label, series in runs:
+      step = max((int(s[0][-1]) for s in series.values() if len(s[0])), default=None)
+      lines.append(f"| {label} | {fmt(step)} | {_train_cells(series)} |")
+    lines.append("")
+  lines += ["Final loss terms are the last logged means; train time sums the logged "
+            "intervals at train/steps_per_s (evaluation excluded).", ""]
+  names = sorted({n for _, s in runs for n in s if _TABLE.match(n)})
+  lines += ["## All final values", "",
+            "| metric | " + " | ".join(lab for lab, _ in runs) + " |",
+            "|---|" + "--:|" * len(runs)]
+  for n in names:
+    lines.append(f"| {n} | " + " | ".join(fmt(s[n][1][-1]) if n in s else "–"
+                                          for _, s in runs) + " |")
+  lines += ["", "Runs: " + ", ".join(f"`{w}`" for w in workdirs),
+            "Plots: " + (", ".join(f"![{k}]({k}.png)" for k in written) or "none "
+                         "(no plottable metrics)")]
+  return "\n".join(lines) + "\n"
 
 
 def build_report(workdirs: Sequence[str], out: str) -> Dict[str, str]:
-    """Writes the plots and ``report.md`` into ``out``; returns ``{kind: path}`` of the
-    files written. Raises FileNotFoundError naming a workdir without metrics.jsonl."""
-    if not workdirs:
-        raise ValueError("build_report needs at least one workdir")
-    runs = [(run_label(w), load_metrics(w)) for w in workdirs]
-    labels = [lab for lab, _ in runs]
-    if len(set(labels)) < len(labels):  # keep legend entries distinct
-        runs = [(f"{lab} [{i}]", s) for i, (lab, s) in enumerate(runs)]
-    colours = [f"C{i % 10}" for i in range(len(runs))]
-    os.makedirs(out, exist_ok=True)
-    written = {}
+  """Writes the plots and ``report.md`` into ``out``; returns ``{kind: path}`` of the
+  files written. Raises FileNotFoundError naming a workdir without metrics.jsonl."""
+  if not workdirs:
+    raise ValueError("build_report needs at least one workdir")
+  runs = [(run_label(w), load_metrics(w)) for w in workdirs]
+  labels = [lab for lab, _ in runs]
+  if len(set(labels)) < len(labels):  # keep legend entries distinct
+    runs = [(f"{lab} [{i}]", s) for i, (lab, s) in enumerate(runs)]
+  colours = [f"C{i % 10}" for i in range(len(runs))]
+  os.makedirs(out, exist_ok=True)
+  written = {}
 
-    def panel_lines(pick):
-        lines = []
-        for (label, series), colour in zip(runs, colours):
-            for name, suffix, ls in pick(series):
-                steps, values = series[name]
-                lines.append((f"{label}{suffix}", colour + ls, steps, values))
-        return lines
+  def panel_lines(pick):
+    lines = []
+    for (label, series), colour in zip(runs, colours):
+      for name, suffix, ls in pick(series):
+        steps, values = series[name]
+        lines.append((f"{label}{suffix}", colour + ls, steps, values))
+    return lines
 
-    names = sorted({n for _, s in runs for n in s})
-    recall = {}
-    for n in names:
-        m = _RECALL.match(n)
-        if m:
-            recall.setdefault(m.group(1), []).append((int(m.group(2)), n))
-    drift = sorted((int(m.group(1)), n) for n in names for m in [_DRIFT.match(n)] if m)
-    styles = ["-", "--", ":", "-."]
+  names = sorted({n for _, s in runs for n in s})
+  recall = {}
+  for n in names:
+    m = _RECALL.match(n)
+    if m:
+      recall.setdefault(m.group(1), []).append((int(m.group(2)), n))
+  drift = sorted((int(m.group(1)), n) for n in names for m in [_DRIFT.match(n)] if m)
+  styles = ["-", "--", ":", "-."]
 
-    plots = {
-        "loss": ([(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else []))
-                  for n in LOSS_NAMES], "loss"),
-        "recall": ([(f"eval/{ev}", panel_lines(
-            lambda s, ks=ks: [(n, f" R@{k}", styles[i % 4])
-                              for i, (k, n) in enumerate(sorted(ks)) if n in s]))
-            for ev, ks in sorted(recall.items())], "recall"),
-        "drift": ([(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else []))
-                   for _, n in drift], "mean 1 - cos"),
-        "compare": ([(f"eval/{ev}/recall@{min(ks)[0]}", panel_lines(
-            lambda s, n=min(ks)[1]: [(n, "", "-")] if n in s else []))
-            for ev, ks in sorted(recall.items())], "recall"),
-    }
-    for kind, (panels, ylabel) in plots.items():
-        path = os.path.join(out, f"{kind}.png")
-        if _plot(path, panels, ylabel):
-            written[kind] = path
+  plots = {
+      "loss": ([(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else []))
+                for n in LOSS_NAMES], "loss"),
+      "recall": ([(f"eval/{ev}", panel_lines(
+          lambda s, ks=ks: [(n, f" R@{k}", styles[i % 4])
+                            for i, (k, n) in enumerate(sorted(ks)) if n in s]))
+          for ev, ks in sorted(recall.items())], "recall"),
+      "drift": ([(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else []))
+                 for _, n in drift], "mean 1 - cos"),
+      "compare": ([(f"eval/{ev}/recall@{min(ks)[0]}", panel_lines(
+          lambda s, n=min(ks)[1]: [(n, "", "-")] if n in s else []))
+          for ev, ks in sorted(recall.items())], "recall"),
+  }
+  for kind, (panels, ylabel) in plots.items():
+    path = os.path.join(out, f"{kind}.png")
+    if _plot(path, panels, ylabel):
+      written[kind] = path
 
-    cols = [n for n in names if _TABLE.match(n)]
-    lines = ["# Run report", "", "| run | last step | " + " | ".join(cols) + " |",
-             "|---|---|" + "---|" * len(cols)]
-    for (label, series), wd in zip(runs, workdirs):
-        last = max((int(s[0][-1]) for s in series.values() if len(s[0])), default=None)
-        vals = [_fmt(series[c][1][-1]) if c in series else "–" for c in cols]
-        lines.append(f"| {label} | {'–' if last is None else last} | " + " | ".join(vals) + " |")
-    lines += ["", "Runs: " + ", ".join(f"`{w}`" for w in workdirs),
-              "Plots: " + (", ".join(f"![{k}]({k}.png)" for k in written) or "none "
-                           "(no plottable metrics)")]
-    md = os.path.join(out, "report.md")
-    with open(md, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    written["table"] = md
-    return written
+  md = os.path.join(out, "report.md")
+  with open(md, "w") as f:
+    f.write(_markdown(runs, workdirs, recall, written))
+  written["table"] = md
+  return written
