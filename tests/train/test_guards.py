@@ -135,7 +135,7 @@ def test_config_diff_against_a_hand_made_pair():
     ("model.pool", "mean", "gem"),
     ("loss.kwargs.reduction", "sum", "paper"),
     ("xbm.memory_loss_kwargs.self_exclusion", "all", "similarity"),
-    ("train.best_metric", "eval/cub/recall@1", "sop"),
+    ("train.best_metric", "eval/cub/recall@1", "tiny"),
 ])
 def test_invalid_enumerated_value_fails_before_anything_runs(data_dir, tmp_path, key,
                                                              value, valid):
