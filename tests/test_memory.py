@@ -117,6 +117,18 @@ def test_memory_of_batch_size_equals_in_batch_loss(name):
   np.testing.assert_allclose(float(fn(b, mem)), float(fn(b, b)), rtol=1e-6)
 
 
+def test_start_rule_matches_the_reference_iteration_count():
+  """The reference: `iteration += 1; if iteration > START_ITERATION: use memory`."""
+  start = 3
+  uses, iteration = [], 0
+  for step in range(6):   # 0-based update index, as TrainState.step
+    iteration += 1
+    uses.append(iteration > start)
+    assert memory.active(step, start) == uses[-1]
+    assert bool(jax.jit(memory.active)(jnp.int32(step), jnp.int32(start))) == uses[-1]
+  assert uses.index(True) == start
+
+
 def test_total_loss_gates_on_start_step_and_compiles_once():
   b = unit_batch(1)
   mem0 = memory.init(size=32, dim=16)

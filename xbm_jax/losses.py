@@ -392,9 +392,9 @@ def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
                    memory_loss_kwargs: Optional[dict] = None, **loss_kwargs):
   """XBM's objective for one step: enqueue first, then L(Q, B) + w * L(Q, M).
 
-  From `start_step` on (`step >= start_step`, both may be traced) the detached
-  batch is enqueued into `mem` before the losses, so the memory term also
-  sees the current batch, as in the reference. Before it, the memory is left
+  Where `memory.active(step, start_step)` (the one start rule; both may be
+  traced) the detached batch is enqueued into `mem` before the losses, so the
+  memory term also sees the current batch, as in the reference. Before it, the memory is left
   untouched and its term is weighted by 0 — chosen with `jnp.where`, so one
   compiled step serves the whole run.
 
@@ -424,7 +424,7 @@ def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
     "batch/<stat>", "xbm/<stat>"}.
   """
   loss_fn = get(loss) if isinstance(loss, str) else loss
-  active = jnp.asarray(step) >= jnp.asarray(start_step)
+  active = memory_lib.active(jnp.asarray(step), jnp.asarray(start_step))
   mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
   b = query.emb.shape[0]
   if axis_name is not None:

@@ -111,5 +111,14 @@ def fill(mem: MemoryState) -> jax.Array:
   return jnp.mean(mem.valid.astype(jnp.float32))
 
 
-def as_embeddings(mem: MemoryState) -> Embeddings:
-  return Embeddings(mem.emb, mem.labels, mem.valid)
+def active(step, start_step):
+  """Whether the memory is used (enqueue and memory term) in the update `step`.
+
+  The one start rule of the project. `step` is the 0-based index of the update
+  about to run (`TrainState.step` before it); `start_step` is config.xbm.start_step.
+  The reference increments its 1-based `iteration` and then tests
+  `iteration > START_ITERATION`, i.e. `step + 1 > start_step`: with start 1000
+  the memory is first used at update 1001, whose 0-based index is 1000.
+  Works on Python ints (host controllers) and traced `[]` int arrays (the step).
+  """
+  return step >= start_step

@@ -16,16 +16,17 @@ def test_span_drift_interpolates_and_extrapolates():
 
 def test_fixed_start_with_ramp():
     c = MemoryController(start_step=100, weight=2.0, ramp_steps=50)
-    got = [c.update(s)[1] for s in (0, 100, 101, 125, 150, 400)]
-    assert got == pytest.approx([0.0, 0.0, 0.04, 1.0, 2.0, 2.0])
+    # Update 100 (0-based) is the first to use the memory, at 1 / 50 of the weight.
+    got = [c.update(s)[1] for s in (0, 99, 100, 101, 124, 149, 400)]
+    assert got == pytest.approx([0.0, 0.0, 0.04, 0.08, 1.0, 2.0, 2.0])
     assert c.update(7) == (100, 0.0)
     assert "train/xbm_auto_start_step" not in c.log()
 
 
 def test_fixed_start_is_the_default_and_ignores_drift():
     c = MemoryController()
-    assert c.update(1000, {"train/drift@100": 5.0}) == (1000, 0.0)
-    assert c.update(1001, {"train/drift@100": 5.0}) == (1000, 1.0)
+    assert c.update(999, {"train/drift@100": 5.0}) == (1000, 0.0)
+    assert c.update(1000, {"train/drift@100": 5.0}) == (1000, 1.0)
 
 
 def test_auto_start_fires_at_the_right_step():
@@ -41,8 +42,8 @@ def test_auto_start_fires_at_the_right_step():
     for s in range(0, 260, 5):
         out[s] = c.update(s, seq.get(s))
     assert out[195] == (NEVER, 0.0)
-    assert out[200] == (200, 0.0)
-    assert out[205] == (200, pytest.approx(0.5))
+    assert out[200] == (200, pytest.approx(0.1))   # fires and acts at once
+    assert out[205] == (200, pytest.approx(0.6))
     assert out[210] == (200, pytest.approx(1.0))
     assert out[250] == (200, pytest.approx(1.0))  # no back-off configured
     assert c.log()["train/xbm_auto_start_step"] == 200.0
@@ -102,15 +103,16 @@ def test_config_errors():
         MemoryController(start_step="auto", memory_size=10, global_batch=1)
     with pytest.raises(ValueError, match="start_step"):
         MemoryController(start_step="soon")
-    c = MemoryController.from_config({"start": 5, "weight": 0.1}, global_batch=64)
-    assert c.update(6) == (5, pytest.approx(0.1))
+    c = MemoryController.from_config({"start_step": 5, "weight": 0.1}, global_batch=64)
+    assert c.update(4) == (5, 0.0)
+    assert c.update(5) == (5, pytest.approx(0.1))
 
 
 def test_guard_switches_off_when_relational_drift_outpaces_the_memory_free_rate():
     c = MemoryController(start_step=100, weight=1.0, guard=True, guard_ratio=3.0)
     rel = lambda d, v: {f"train/rel_drift@{d}": v, f"train/drift@{d}": 0.5}
     assert c.update(50, rel(50, 0.01)) == (100, 0.0)          # base rate 0.01 / 50
-    assert c.update(100, rel(50, 0.02)) == (100, 0.0)         # still before the start
+    assert c.update(99, rel(50, 0.02)) == (100, 0.0)          # the last update without it
     assert c.base_rate == pytest.approx(0.02 / 50)
     # The lag 100 -> 150 window starts at the switch-on: counted; 2.5x the base: on.
     assert c.update(150, rel(50, 0.05)) == (100, 1.0)

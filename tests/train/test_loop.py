@@ -75,7 +75,7 @@ def final_state(workdir, like_config):
 def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   wd = str(tmp_path / "run")
   out = loop.train_and_evaluate(tiny_config(data_dir), wd)
-  assert 0.0 <= out["eval/sop/recall@1"] <= 1.0
+  assert 0.0 <= out["eval/tiny/recall@1"] <= 1.0
   log = read_log(wd)
   train_lines = [l for l in log if "train/loss" in l]
   # Logged every 2 steps, and at each checkpoint (3), where finiteness is checked.
@@ -83,12 +83,14 @@ def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   for key in ("train/loss_batch", "train/loss_xbm", "train/memory_fill", "train/lr",
               "train/grad_norm", "train/images_per_s", "train/batch/pos_pairs"):
     assert key in train_lines[-1], key
-  # start_step=2: the memory acts at steps > 2, i.e. the 0-based steps 3, 4 and 5,
-  # which enqueue 16 each into 64 slots.
-  assert train_lines[-1]["train/memory_fill"] == pytest.approx(48 / 64)
+  # Counting updates by hand (1-based, as the reference's `iteration`): start_step=2
+  # means `iteration > 2`, so updates 3, 4, 5 and 6 each enqueue the global batch of
+  # 16 into 64 slots; updates 1 and 2 leave the memory empty.
+  fills = {l["step"]: l["train/memory_fill"] for l in train_lines}
+  assert fills == pytest.approx({2: 0.0, 3: 16 / 64, 4: 32 / 64, 6: 64 / 64})
   assert train_lines[0]["train/xbm_weight"] == 0.0
   assert any("train/drift@2" in l for l in log)
-  assert os.path.exists(os.path.join(wd, "pictures", "retrieval_sop_0000006.png"))
+  assert os.path.exists(os.path.join(wd, "pictures", "retrieval_tiny_0000006.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
   assert os.path.exists(os.path.join(wd, "config.json"))
   assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3", "6"]
@@ -97,7 +99,7 @@ def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   paths = report.build_report([wd], str(tmp_path / "report"))
   for kind in ("loss", "recall", "drift"):
     assert os.path.getsize(paths[kind]) > 0, kind
-  assert "eval/sop/recall@1" in open(paths["table"]).read()
+  assert "eval/tiny/recall@1" in open(paths["table"]).read()
 
 
 def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
@@ -237,7 +239,7 @@ def test_prefill_fills_the_memory_from_the_model_at_the_start(data_dir, tmp_path
   wd = str(tmp_path / "prefill")
   loop.train_and_evaluate(cfg, wd)
   fills = {l["step"]: l["train/memory_fill"] for l in read_log(wd) if "train/loss" in l}
-  assert fills[3] == 0.0 and fills[4] == 1.0
+  assert fills[2] == 0.0 and fills[3] == 1.0   # prefilled before update 3, the first active
   st = final_state(wd, None)
   mem_emb = np.asarray(st["memory"]["emb"], np.float64)
   np.testing.assert_allclose(np.linalg.norm(mem_emb, axis=1), 1.0, rtol=1e-5)

@@ -1,16 +1,18 @@
 """Host-side control of the memory term: when it switches on and how much it weighs.
 
-The jitted step takes two traced scalars, ``xbm_start`` (int32) and ``xbm_weight``
-(float32), and adds ``xbm_weight * L(B, M)`` only when ``step > xbm_start`` (the
-reference's ``t > start``). Feeding them as arguments, not Python constants, means
-changing them never recompiles. :class:`MemoryController` computes them each step:
+The jitted step takes two traced scalars, ``ctrl["start_step"]`` (int32) and
+``ctrl["xbm_weight"]`` (float32), and enqueues and adds ``xbm_weight * L(B, M)``
+only where :func:`xbm_jax.memory.active` holds (``step >= start_step`` for the
+0-based update index: the reference's ``iteration > START_ITERATION`` after its
+increment). Feeding them as arguments, not Python constants, means changing them
+never recompiles. :class:`MemoryController` computes them each step:
 
 * fixed start (the default, the paper's behaviour): ``start_step=<int>``, weight constant;
 * ``start_step="auto"``: switch on at the first drift measurement whose estimated drift
   over the memory's span falls below ``threshold`` (glyph runs showed a memory switched
   on while embeddings still move fast collapses them: R@1 0.886 -> 0.487);
-* ``ramp_steps``: the weight rises linearly from 0 at ``start`` to full at
-  ``start + ramp_steps``;
+* ``ramp_steps``: the weight rises linearly, ``1 / ramp_steps`` at the first active
+  update ``start``, full from ``start + ramp_steps - 1`` on;
 * ``backoff``: while the memory is on, each drift measurement above
   ``backoff_threshold`` (default ``threshold``) multiplies the weight by
   ``backoff_factor`` (floor ``min_weight``); each one below it adds back
@@ -37,9 +39,10 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from xbm_jax import memory as memory_lib
 from xbm_jax.insight.drift import REL_PREFIX, parse_drift_metrics
 
-NEVER = 2**31 - 1  # the start fed while the memory is off: step > NEVER never holds
+NEVER = 2**31 - 1  # the start fed while the memory is off: an int32 step never reaches it
 
 
 def relational_rate(metrics: Optional[Mapping[str, float]], *, since: Optional[int] = None,
@@ -80,7 +83,8 @@ class MemoryController:
     """Decides the memory term's start step and weight on the host (see module doc).
 
     Args (keyword-only):
-      start_step: int (fixed; the memory term acts at steps > start_step) or "auto".
+      start_step: int (fixed; the first 0-based update using the memory, see
+        :func:`xbm_jax.memory.active`) or "auto".
       weight: the full weight of the memory term (paper: 1).
       memory_size, global_batch: give the span ``memory_size / global_batch`` (steps)
         that the drift is estimated over; needed for "auto" and back-off.
@@ -152,13 +156,12 @@ class MemoryController:
     @classmethod
     def from_config(cls, xbm, *, global_batch: int) -> "MemoryController":
         """Builds from the ``config.xbm`` section (a ConfigDict or a dict). Keys:
-        ``start`` or ``start_step``, ``weight``, ``size``, ``threshold``, ``min_auto_step``,
+        ``start_step``, ``weight``, ``size``, ``threshold``, ``min_auto_step``,
         ``auto_max_step``, ``ramp_steps``, ``backoff``, ``backoff_threshold``,
         ``backoff_factor``, ``min_weight``, ``recover_steps``; absent keys take the
         defaults above."""
         get = (lambda k, d=None: xbm.get(k, d))
-        start = get("start_step", get("start", 1000))
-        kw = dict(start_step=start, weight=get("weight", 1.0),
+        kw = dict(start_step=get("start_step", 1000), weight=get("weight", 1.0),
                   memory_size=get("size", 0), global_batch=global_batch,
                   threshold=get("threshold"), min_auto_step=get("min_auto_step", 0),
                   auto_max_step=get("auto_max_step"), ramp_steps=get("ramp_steps", 0),
@@ -169,11 +172,11 @@ class MemoryController:
         return cls(**kw)
 
     def _ramp(self, step: int) -> float:
-        if step <= self.start:
+        if not memory_lib.active(step, self.start):
             return 0.0
         if self.ramp_steps == 0:
             return 1.0
-        return min(1.0, (step - self.start) / self.ramp_steps)
+        return min(1.0, (step - self.start + 1) / self.ramp_steps)
 
     def update(self, step: int, drift_metrics: Optional[Dict[str, float]] = None
                ) -> Tuple[int, float]:
@@ -186,7 +189,7 @@ class MemoryController:
 
         Returns:
           ``(start, weight)``: int start (``NEVER`` while off) and float weight, already
-          ramped and backed off (0.0 while ``step <= start``).
+          ramped and backed off (0.0 while the memory is not active).
         """
         step = int(step)
         drifts = parse_drift_metrics(drift_metrics)
@@ -195,11 +198,11 @@ class MemoryController:
                 est = span_drift(drifts, self.span)
                 self.last_span_drift = est
                 if est < self.threshold:
-                    self.start = step  # fires now: the memory term acts from step + 1
+                    self.start = step  # fires now: this very update uses the memory
             if (self.start == NEVER and self.auto_max_step is not None
                     and step >= self.auto_max_step):
                 self.start = step
-        elif self.backoff and step > self.start and drifts:
+        elif self.backoff and memory_lib.active(step, self.start) and drifts:
             after = {d: v for d, v in drifts.items() if step - d >= self.start}
             est = span_drift(after, self.span)
             if est is not None:
@@ -219,7 +222,7 @@ class MemoryController:
         return self.start, self._fed_weight
 
     def _update_guard(self, step: int, drift_metrics) -> None:
-        if step <= self.start:   # memory off: calibrate the memory-free rate
+        if not memory_lib.active(step, self.start):   # off: the memory-free rate
             rate = relational_rate(drift_metrics)
             if rate is not None:
                 self.base_rate = rate
@@ -252,7 +255,7 @@ class MemoryController:
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Restores :meth:`state_dict` output. A fixed start keeps the config's value
-        (so ``--config.xbm.start=...`` on resume takes effect); "auto" keeps the saved
+        (so ``--config.xbm.start_step=...`` on resume takes effect); "auto" keeps the saved
         firing step."""
         missing = {"start", "cur_weight", "last_measure"} - set(state)
         if missing:

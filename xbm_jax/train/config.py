@@ -73,7 +73,9 @@ def base() -> ml_collections.ConfigDict:
   c.xbm = dict(
       enabled=True,
       size=55_000,                    # memory slots (>= global batch)
-      # int, or "auto" (switch on when drift is slow); the memory acts at steps > start.
+      # int, or "auto" (switch on when drift is slow): the first 0-based update that
+      # enqueues and uses the memory (xbm_jax.memory.active; the reference's
+      # `iteration > START_ITERATION`, so 1000 -> first used at update 1001).
       start_step=config_dict.FieldReference(1000, field_type=object),
       weight=1.0,                     # w in L(B, B) + w * L(B, M)
       dtype="float32",                # memory storage: float32 | bfloat16

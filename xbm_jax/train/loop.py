@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xbm_jax import parallel, sharded_memory
+from xbm_jax import memory as memory_lib, parallel, sharded_memory
 from xbm_jax.data import pipeline
 from xbm_jax.insight import controller as controller_lib, drift as drift_lib
 from xbm_jax.train import checkpoint, evaluation, guards, optim, setup
@@ -245,11 +245,10 @@ def _train(config, workdir: str, mesh) -> dict:
     mem_start, mem_weight = controller.update(step, drift_now or None)
     if not config.xbm.enabled:
       mem_start, mem_weight = NEVER, 0.0
-    ctrl = {"start_step": jnp.int32(min(mem_start + 1, NEVER)),  # acts at step > start
-            "xbm_weight": jnp.float32(mem_weight),
+    ctrl = {"start_step": jnp.int32(mem_start), "xbm_weight": jnp.float32(mem_weight),
             "lr_scale": jnp.float32(plateau.scale)}
     if (config.xbm.enabled and config.xbm.prefill and not host.get("prefilled")
-        and step > mem_start):
+        and memory_lib.active(step, mem_start)):
       # The paper's initialisation: fill the memory from the current model first.
       full = evals.prefill(state, train_src, size=int(config.xbm.size),
                            seed=int(config.seed) * 7919 + step)
