@@ -134,6 +134,52 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
     assert kill[s]["train/loss"] == pytest.approx(full[s]["train/loss"], rel=1e-6)
 
 
+def open_paths_under(root):
+  """Paths under `root` this process holds open (its file descriptors)."""
+  out = []
+  for fd in os.listdir("/proc/self/fd"):
+    try:
+      target = os.readlink(os.path.join("/proc/self/fd", fd))
+    except OSError:
+      continue   # closed while listing
+    if target.startswith(str(root)):
+      out.append(target)
+  return out
+
+
+def test_an_exception_mid_run_closes_everything(data_dir, tmp_path, monkeypatch):
+  """An error at step 2 (after the writer, checkpointer, lock and pipeline are
+  open) must leave no file of the workdir open, the lock free and no prefetch
+  thread running."""
+  from xbm_jax.data import pipeline
+  from xbm_jax.train import guards
+  cfg = tiny_config(data_dir, **{"drift.enabled": False, "pictures.enabled": False})
+  wd = tmp_path / "boom"
+  real = step_lib.make_train_step
+
+  def failing(**kw):
+    fn = real(**kw)
+    calls = []
+    def wrapped(*a):
+      calls.append(1)
+      if len(calls) == 2:
+        raise RuntimeError("boom")
+      return fn(*a)
+    return wrapped
+
+  monkeypatch.setattr(step_lib, "make_train_step", failing)
+  with pytest.raises(RuntimeError, match="boom"):
+    loop.train_and_evaluate(cfg, str(wd))
+  assert os.path.exists(wd / "metrics.jsonl")   # the writer had opened its files
+  assert open_paths_under(wd) == []
+  guards.WorkdirLock(str(wd)).acquire().release()   # raises WorkdirLockedError if held
+  import threading
+  fills = [t for t in threading.enumerate()
+           if getattr(t, "_target", None) is not None
+           and getattr(t._target, "__self__", None).__class__ is pipeline.DevicePrefetch]
+  assert fills == []
+
+
 def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path,
                                                              monkeypatch):
   real = step_lib.make_train_step

@@ -10,19 +10,22 @@ function of (seed, t), and the state holds everything else).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xbm_jax import memory as memory_lib, parallel, sharded_memory
+from xbm_jax import parallel
 from xbm_jax.data import pipeline
 from xbm_jax.insight import controller as controller_lib, drift as drift_lib
-from xbm_jax.train import checkpoint, evaluation, guards, optim, setup
+from xbm_jax.train import checkpoint, evaluation, guards, hooks as hooks_lib, optim, setup
 from xbm_jax.train import config as config_lib
 from xbm_jax.train import state as state_lib, step as step_lib
 from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError
@@ -140,7 +143,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Checks first, in this order, before anything is written: the config (keys and
   every enumerated value), the workdir lock (one live run per workdir), and on a
-  resume the saved config against this one.
+  resume the saved config against this one. Whatever ends the run (the last step,
+  a non-finite loss, any exception, Ctrl-C), one ExitStack closes everything it
+  opened: progress bar, pipeline workers, writer, checkpoint manager, lock.
   """
   config = ml_collections.ConfigDict(config)
   guards.expand_paths(config)
@@ -148,162 +153,199 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.train.num_devices)
   setup.validate(config, num_devices=mesh.size)
   _check_input(config, mesh.size)
-  with guards.WorkdirLock(workdir, jax.process_index()):
-    return _train(config, workdir, mesh)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(guards.WorkdirLock(workdir, jax.process_index()))
+    run = _build(config, workdir, mesh, stack)
+    return _train(run)
 
 
-def _train(config, workdir: str, mesh) -> dict:
-  b, p, k = setup.batch_shape(config)
-  total = int(config.train.steps)
-  pidx, pcount = jax.process_index(), jax.process_count()
-  train_src = setup.load_source(config.input, config.input.train_split)
-  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
-                                 best_metric=config.train.best_metric)
-  try:
-    changes = _check_resume_config(config, workdir, ckpt)
-  except ResumeError:
-    ckpt.close()
-    raise
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs, built once by `_build`."""
+  config: Any
+  workdir: str
+  state: Any
+  start: int
+  total: int
+  global_batch: int
+  ckpt: checkpoint.Checkpointer
+  writer: MetricWriter
+  batches: Any
+  train_step: Callable
+  evals: evaluation.EvalRunner
+  progress: Progress
+  host: hooks_lib.HostState
+  watch: guards.CollapseWatch
 
+
+def _build_state(config, mesh, train_src):
+  """The model and a fresh train state placed on the mesh."""
   channels = int(np.asarray(train_src[0]["image"]).shape[-1])
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   model, variables = setup.init_model(config, channels, init_rng)
   direction = optim.make_direction(config.optim)
-  schedule = optim.make_schedule(config.optim, total)
   state = state_lib.create(params=variables["params"],
                            batch_stats=variables.get("batch_stats", {}), tx=direction,
                            memory=setup.init_memory(config, mesh.size), rng=state_rng)
   sharded = config.xbm.enabled and config.xbm.memory_sharding == "sharded"
   shardings = step_lib.state_shardings(state, mesh, sharded_memory=sharded)
-  state = jax.device_put(state, shardings)
+  return model, direction, jax.device_put(state, shardings), shardings, sharded
+
+
+def _hooks(config, evals, train_src, shardings, mesh, *, sharded, watch, b):
+  """The drift monitor (if on), then the memory controller (if the memory is on):
+  in this order, so a drift reading reaches the controller on its own step."""
+  out = []
+  if config.drift.enabled:
+    monitor = drift_lib.DriftMonitor(interval=int(config.drift.interval),
+                                     deltas=tuple(config.drift.deltas))
+    out.append(hooks_lib.DriftHook(monitor, interval=int(config.drift.interval),
+                                   evals=evals, watch=watch))
+  if config.xbm.enabled:
+    controller = controller_lib.MemoryController.from_config(config.xbm, global_batch=b)
+    prefill = (hooks_lib.make_prefill(config, evals, train_src, shardings, mesh,
+                                      sharded=sharded) if config.xbm.prefill else None)
+    out.append(hooks_lib.MemoryHook(controller, prefill_fn=prefill))
+  return out
+
+
+def _pipeline(config, train_src, mesh, position, stack: contextlib.ExitStack):
+  """This process's batches from `position` (a restored one, or None: step 0);
+  both the grain iterator (its workers) and the prefetch thread close with `stack`."""
+  b, p, k = setup.batch_shape(config)
+  batches = pipeline.train_batches(
+      train_src, sampler={"classes_per_batch": p, "samples_per_class": k,
+                          "min_class_size": int(config.input.min_class_size)},
+      transform_cfg=config.input.transform, global_batch_size=b,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=config.input.worker_count, seed=int(config.seed), state=position)
+  stack.callback(batches.close)
+  # Host batches become global arrays (this process's rows on its devices) two steps
+  # ahead in a thread; get_state() is as of the batches handed out, so resume is exact.
+  out = pipeline.prefetch_to_device(batches, lambda hb: parallel.global_batch(hb, mesh),
+                                    size=2)
+  stack.callback(out.close)
+  return out
+
+
+def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
+  """Builds the run; each resource it opens is registered with `stack` at once."""
+  b = setup.batch_shape(config)[0]
+  total = int(config.train.steps)
+  pidx = jax.process_index()
+  train_src = setup.load_source(config.input, config.input.train_split)
+  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
+                                 best_metric=config.train.best_metric)
+  stack.callback(ckpt.close)
+  changes = _check_resume_config(config, workdir, ckpt)
+  model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
 
   restored = _restore(ckpt, state, shardings, mesh, sharded=sharded, workdir=workdir)
-  host = {}
   if restored is not None:
-    state, host = restored
-  elif config.train.init_from:
-    state = _warm_start(state, config.train.init_from)
+    state, saved_host = restored
+  else:
+    saved_host = {}
+    if config.train.init_from:
+      state = _warm_start(state, config.train.init_from)
   start = int(jax.device_get(state.step))
 
   writer = MetricWriter(workdir, resume_step=start if restored else None,
                         enabled=pidx == 0)
+  stack.callback(writer.close)
   if pidx == 0:
     writer.write_config(config)
   if changes:
     writer.write_text(start, "config_change", changes)
 
-  controller = controller_lib.MemoryController.from_config(config.xbm, global_batch=b)
-  plateau = optim.Plateau(**{kk: v for kk, v in config.optim.plateau.items()
-                             if kk != "metric"})
-  monitor = None
-  if config.drift.enabled:
-    monitor = drift_lib.DriftMonitor(interval=int(config.drift.interval),
-                                     deltas=tuple(config.drift.deltas))
-  for key, obj in (("controller", controller), ("plateau", plateau), ("drift", monitor)):
-    if obj is not None and key in host:
-      obj.load_state_dict(host[key])
-
-  batches = pipeline.train_batches(
-      train_src, sampler={"classes_per_batch": p, "samples_per_class": k,
-                          "min_class_size": int(config.input.min_class_size)},
-      transform_cfg=config.input.transform, global_batch_size=b, process_index=pidx,
-      process_count=pcount, worker_count=config.input.worker_count,
-      seed=int(config.seed), state=host.get("pipeline"))
-  # Host batches become global arrays (this process's rows on its devices) two steps
-  # ahead in a thread; get_state() is as of the batches handed out, so resume is exact.
-  batches = pipeline.prefetch_to_device(batches, lambda hb: parallel.global_batch(hb, mesh),
-                                        size=2)
-  train_step = step_lib.make_train_step(
-      model=model, direction=direction, schedule=schedule,
-      loss_name=config.loss.name, loss_kwargs=config_lib.set_kwargs(config.loss.kwargs),
-      memory_loss_kwargs=config_lib.set_kwargs(config.xbm.memory_loss_kwargs), mesh=mesh,
-      sharded_memory=sharded, accumulate=int(config.train.accumulate))
   progress = Progress(total=total, start=start, enabled=bool(config.train.progress) and pidx == 0,
                       eval_steps=[s for s in range(1, total + 1) if s > start
                                   and evals_due(config, s, total)])
+  stack.callback(progress.close)
   evals = evaluation.EvalRunner(config, model, mesh, train_src=train_src, writer=writer,
                                 workdir=workdir, say=progress.write)
   watch = guards.CollapseWatch()
+  plateau = optim.Plateau(**{kk: v for kk, v in config.optim.plateau.items()
+                             if kk != "metric"})
+  host = hooks_lib.HostState(plateau=plateau, hooks=_hooks(
+      config, evals, train_src, shardings, mesh, sharded=sharded, watch=watch, b=b))
+  host.load_state_dict(saved_host)
 
-  def host_state(step):
-    out = {"pipeline": batches.get_state(), "controller": controller.state_dict(),
-           "plateau": plateau.state_dict(), "prefilled": bool(host.get("prefilled"))}
-    if monitor is not None:
-      out["drift"] = monitor.state_dict()
-    return out
+  host.batches = batches = _pipeline(config, train_src, mesh, host.pipeline, stack)
+  train_step = step_lib.make_train_step(
+      model=model, direction=direction, schedule=optim.make_schedule(config.optim, total),
+      loss_name=config.loss.name, loss_kwargs=config_lib.set_kwargs(config.loss.kwargs),
+      memory_loss_kwargs=config_lib.set_kwargs(config.xbm.memory_loss_kwargs), mesh=mesh,
+      sharded_memory=sharded, accumulate=int(config.train.accumulate))
+  return Run(config=config, workdir=workdir, state=state, start=start, total=total,
+             global_batch=b, ckpt=ckpt, writer=writer, batches=batches,
+             train_step=train_step, evals=evals, progress=progress, host=host, watch=watch)
 
+
+def _before_step(run: Run, step: int) -> dict:
+  """Runs the hooks (which may replace the state, e.g. a pre-filled memory) and
+  returns the step's traced controls; without a memory hook the memory stays off."""
+  ctrl, notes = {"start_step": NEVER, "xbm_weight": 0.0}, {}
+  for hook in run.host.hooks:
+    run.state = hook.before_step(step, run.state, ctrl, notes)
+  return {"start_step": jnp.int32(ctrl["start_step"]),
+          "xbm_weight": jnp.float32(ctrl["xbm_weight"]),
+          "lr_scale": jnp.float32(run.host.plateau.scale)}
+
+
+def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict:
+  """Writes the means of the pending step metrics, or stops on a non-finite one."""
+  means, first_bad = _host_mean(pending)
+  if first_bad is not None:
+    good = run.ckpt.latest_step()
+    raise NonFiniteError(
+        f"non-finite loss, gradients or parameters at step {first_bad}; stopping. " + (
+            f"The last good checkpoint is step {good} in {run.workdir}" if good is not None
+            else "No checkpoint was saved") + " (a too large learning rate?)")
+  scalars = {f"train/{kk}": v for kk, v in means.items()}
+  scalars.update({"train/steps_per_s": steps / seconds,
+                  "train/images_per_s": steps * run.global_batch / seconds})
+  for hook in reversed(run.host.hooks):   # the controller's values, then the drift
+    scalars.update(hook.log())
+  run.writer.write_scalars(done, scalars)
+  run.watch.grad_norm(done, means["grad_norm"])
+  run.progress.postfix(loss=f"{means['loss']:.4f}", fill=f"{means['memory_fill']:.2f}")
+  return scalars
+
+
+def _evaluate(run: Run, names: list, done: int) -> dict:
+  """Runs the due evaluators, steps the plateau scheduler, keeps the best checkpoint."""
+  t_eval = time.time()
+  ev = run.evals.run(names, run.state, done)
+  run.progress.evaluated(time.time() - t_eval)
+  metric = run.config.optim.plateau.metric
+  if run.config.optim.schedule == "plateau" and metric in ev:
+    run.host.plateau.update(ev[metric])
+  run.ckpt.save_best(done, run.state, run.host.state_dict(), ev)
+  return ev
+
+
+def _train(run: Run) -> dict:
+  """The loop: hooks, the step, and at their steps the log, evaluation, checkpoint."""
+  cfg = run.config.train
   pending, last = [], {}
   t_log, steps_since = time.time(), 0
-  extra = {}
-  for step in range(start, total):
-    drift_now = None   # a reading reaches the controller once, on its own step
-    if monitor is not None and step % int(config.drift.interval) == 0:
-      probe = evals.embed_probe(state)
-      watch.probe(step, probe)
-      drift_now = monitor.update(step, probe)
-      extra.update(drift_now)
-    mem_start, mem_weight = controller.update(step, drift_now or None)
-    if not config.xbm.enabled:
-      mem_start, mem_weight = NEVER, 0.0
-    ctrl = {"start_step": jnp.int32(mem_start), "xbm_weight": jnp.float32(mem_weight),
-            "lr_scale": jnp.float32(plateau.scale)}
-    if (config.xbm.enabled and config.xbm.prefill and not host.get("prefilled")
-        and memory_lib.active(step, mem_start)):
-      # The paper's initialisation: fill the memory from the current model first.
-      full = evals.prefill(state, train_src, size=int(config.xbm.size),
-                           seed=int(config.seed) * 7919 + step)
-      if sharded:
-        full = sharded_memory.reshard(full, mesh.size)
-      state = state.replace(memory=jax.device_put(full, shardings.memory))
-      host["prefilled"] = True
-    state, metrics = train_step(state, next(batches), ctrl)
+  for step in range(run.start, run.total):
+    ctrl = _before_step(run, step)
+    run.state, metrics = run.train_step(run.state, next(run.batches), ctrl)
     pending.append((step, metrics))
     done, steps_since = step + 1, steps_since + 1
-    progress.update()
+    run.progress.update()
 
-    log_now = done % int(config.train.log_every) == 0 or done == total
-    ckpt_now = done % int(config.train.checkpoint_every) == 0 or done == total
-    eval_names = evals.due(done, total)
+    log_now = done % int(cfg.log_every) == 0 or done == run.total
+    ckpt_now = done % int(cfg.checkpoint_every) == 0 or done == run.total
+    eval_names = run.evals.due(done, run.total)
     if log_now or ckpt_now or eval_names:
-      means, first_bad = _host_mean(pending)
-      pending = []
-      if first_bad is not None:
-        progress.close()
-        ckpt.close()
-        writer.close()
-        good = ckpt.latest_step()
-        raise NonFiniteError(
-            f"non-finite loss, gradients or parameters at step {first_bad}; stopping. " + (
-                f"The last good checkpoint is step {good} in {workdir}" if good is not None
-                else "No checkpoint was saved") + " (a too large learning rate?)")
-      dt = time.time() - t_log
-      scalars = {f"train/{kk}": v for kk, v in means.items()}
-      scalars.update({"train/steps_per_s": steps_since / dt,
-                      "train/images_per_s": steps_since * b / dt})
-      if config.xbm.enabled:
-        scalars.update(controller.log())
-      scalars.update(extra)
-      extra = {}
-      writer.write_scalars(done, scalars)
-      last.update(scalars)
-      watch.grad_norm(done, means["grad_norm"])
-      progress.postfix(loss=f"{means['loss']:.4f}", fill=f"{means['memory_fill']:.2f}")
-      t_log, steps_since = time.time(), 0
+      last.update(_log(run, pending, done, steps_since, time.time() - t_log))
+      pending, t_log, steps_since = [], time.time(), 0
     if eval_names:
-      t_eval = time.time()
-      ev = evals.run(eval_names, state, done)
-      progress.evaluated(time.time() - t_eval)
+      last.update(_evaluate(run, eval_names, done))
       t_log = time.time()   # steps_per_s counts steps, not the evaluation
-      last.update(ev)
-      metric = config.optim.plateau.metric
-      if config.optim.schedule == "plateau" and metric in ev:
-        plateau.update(ev[metric])
-      ckpt.save_best(done, state, host_state(done), ev)
     if ckpt_now:
-      ckpt.save(done, state, host_state(done))
-  progress.close()
-  batches.close()
-  writer.close()
-  ckpt.close()
-  last["train/final_step"] = float(total)
+      run.ckpt.save(done, run.state, run.host.state_dict())
+  last["train/final_step"] = float(run.total)
   return last
