@@ -127,22 +127,39 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
     """Loss, gradients, BN statistics, memory and statistics of one (micro-)batch."""
     b = labels.shape[0]
 
+    active = memory_lib.active(state.step, ctrl["start_step"])
+
     def objective(params):
       emb, new_vars = model.apply({"params": params, "batch_stats": batch_stats},
                                   images, train=True, mutable=["batch_stats"])
       local = Embeddings(emb, labels)
       glob = Embeddings(jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
                         jax.lax.all_gather(labels, DATA_AXIS, tiled=True))
+      mem = memory
+      if not sharded_memory:
+        # Gathered "invarying": the same rows on every device, which shard_map's
+        # replication check can verify for the replicated memory (the gather that
+        # feeds the loss stays "varying": its transpose routes each device's
+        # gradient back to its rows).
+        mem = memory_lib.enqueue(mem, Embeddings(
+            jax.lax.all_gather(jax.lax.stop_gradient(emb), DATA_AXIS, tiled=True,
+                               to="invarying"),
+            jax.lax.all_gather(labels, DATA_AXIS, tiled=True, to="invarying")),
+                                 when=active)
       total, mem, aux = losses.xbm_total_loss(
-          local, glob, memory, step=state.step, start_step=ctrl["start_step"],
-          weight=ctrl["xbm_weight"], loss=loss_fn,
+          local, glob, mem, step=state.step, start_step=ctrl["start_step"],
+          weight=ctrl["xbm_weight"], loss=loss_fn, enqueue=sharded_memory,
           axis_name=DATA_AXIS if sharded_memory else None,
           query_offset=jax.lax.axis_index(DATA_AXIS) * b,
           memory_loss_kwargs=memory_loss_kwargs, **loss_kwargs)
       return total, (mem, new_vars.get("batch_stats", batch_stats), aux)
 
+    # Differentiate at a "varying" copy of the replicated params: each device's
+    # gradient of its own loss, reduced once by the pmean in per_device (at the
+    # invariant params the transpose would psum every micro-batch's gradient).
+    params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
     (loss, (mem, new_stats, aux)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
+        objective, has_aux=True)(params)
     return loss, grads, new_stats, mem, aux
 
   def accumulated(state, images, labels, ctrl):
@@ -159,7 +176,9 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
       return (grad_sum, batch_stats, memory), (loss, aux)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    # Per-device gradients ("varying", see micro_step) until the pmean.
+    zeros = jax.lax.pcast(jax.tree.map(jnp.zeros_like, state.params), DATA_AXIS,
+                          to="varying")
     (grad_sum, batch_stats, mem), (loss, aux) = jax.lax.scan(
         body, (zeros, state.batch_stats, state.memory), (split(images), split(labels)))
     grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
@@ -192,11 +211,7 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
     specs = state_specs(state, sharded_memory=sharded_memory)
     mapped = jax.shard_map(per_device, mesh=mesh,
                            in_specs=(specs, P(DATA_AXIS), P(DATA_AXIS), P()),
-                           out_specs=(specs, P()),
-                           # Params and a replicated memory are identical on every
-                           # device by construction (gathered batch, pmean'd grads):
-                           # pmap semantics, so the replication check is off.
-                           check_vma=False)
+                           out_specs=(specs, P()))
     return mapped(state, batch["image"], batch["label"], ctrl)
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
@@ -207,4 +222,4 @@ def make_embed_fn(model, mesh) -> Callable:
   def per_device(variables, images):
     return model.apply(variables, images, train=False)
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                               out_specs=P(DATA_AXIS), check_vma=False))
+                               out_specs=P(DATA_AXIS)))
