@@ -26,6 +26,12 @@ def test_schedules_by_hand():
   assert float(cos(60)) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.5)))
   assert float(cos(110)) == pytest.approx(0.0, abs=1e-9)
   assert float(optim.make_schedule(cfg(), 5)(3)) == pytest.approx(0.1)
+  # Warm-up then steps: the decay reads the absolute step; warm-up of one step.
+  warm_step = optim.make_schedule(cfg(schedule="step", warmup_steps=4), 100)
+  assert [float(warm_step(s)) for s in (0, 3, 4, 10, 21)] == pytest.approx(
+      [0.1 / 4, 0.1, 0.1, 0.05, 0.025])
+  one = optim.make_schedule(cfg(warmup_steps=1), 5)
+  assert [float(one(s)) for s in (0, 1)] == pytest.approx([0.1, 0.1])
   with pytest.raises(ValueError, match="schedule"):
     optim.make_schedule(cfg(schedule="linear"), 5)
   with pytest.raises(ValueError, match="optimiser"):

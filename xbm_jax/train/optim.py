@@ -34,25 +34,29 @@ def make_direction(cfg) -> optax.GradientTransformation:
 
 
 def make_schedule(cfg, total_steps: int) -> Callable:
-  """`step -> lr` (before the plateau scale)."""
+  """`step -> lr` (before the plateau scale), from optax schedules.
+
+  With `warmup_steps` = w > 0 the first w steps rise linearly, `lr * (s + 1) / w`
+  (so step 0 already trains), then the schedule proper takes over: "step" and
+  "constant" read the absolute step, "cosine" decays over the remaining steps.
+  """
   lr, kind = float(cfg.lr), cfg.schedule
   warmup = int(cfg.get("warmup_steps", 0))
-
-  def with_warmup(f):
-    if warmup <= 0:
-      return f
-    return lambda s: jnp.where(s < warmup, lr * (s + 1) / warmup, f(s))
-
   if kind in ("constant", "plateau"):
-    return with_warmup(lambda s: jnp.full((), lr, jnp.float32))
-  if kind == "step":
-    every, factor = int(cfg.decay_every), float(cfg.decay_factor)
-    return with_warmup(lambda s: lr * factor ** jnp.floor(s / every))
-  if kind == "cosine":
-    span = max(total_steps - warmup, 1)
-    return with_warmup(
-        lambda s: lr * 0.5 * (1 + jnp.cos(math.pi * jnp.clip((s - warmup) / span, 0, 1))))
-  raise ValueError(f"config.optim.schedule: unknown schedule {kind!r}; valid: {SCHEDULES}")
+    main = optax.constant_schedule(lr)
+  elif kind == "step":
+    main = optax.exponential_decay(lr, transition_steps=int(cfg.decay_every),
+                                   decay_rate=float(cfg.decay_factor), staircase=True)
+  elif kind == "cosine":
+    cosine = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps - warmup, 1))
+    main = lambda s: cosine(jnp.maximum(s - warmup, 0))
+  else:
+    raise ValueError(f"config.optim.schedule: unknown schedule {kind!r}; valid: {SCHEDULES}")
+  if warmup <= 0:
+    return main
+  # lr / w at step 0 to lr at step w - 1: exactly lr * (s + 1) / w.
+  warm = optax.linear_schedule(lr / warmup, lr, transition_steps=warmup - 1)
+  return lambda s: jnp.where(s < warmup, warm(s), main(s))
 
 
 class Plateau:

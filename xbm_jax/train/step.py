@@ -24,7 +24,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xbm_jax import losses, memory as memory_lib
-from xbm_jax import sharded_memory as sharded_memory_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train.state import TrainState
@@ -194,7 +193,10 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
     grads = jax.lax.pmean(grads, DATA_AXIS)
     updates, opt_state = direction.update(grads, state.opt_state, state.params)
     lr = schedule(state.step) * ctrl["lr_scale"]
-    params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+    # The plateau scale stays a traced multiplier fed with ctrl (not
+    # optax.inject_hyperparams): it is host state, checkpointed with the Plateau,
+    # and the opt_state (and so old checkpoints) keeps its structure.
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, memory=mem)
     mean_loss = jax.lax.pmean(loss, DATA_AXIS)
