@@ -23,7 +23,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -31,8 +30,6 @@ import traceback
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xbm_jax.data import pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SOP_TEST = 60_502

@@ -19,11 +19,9 @@ import collections
 import os
 import re
 import subprocess
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from xbm_jax.data import glyphs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 

@@ -5,9 +5,7 @@
 """
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xbm_jax.train import checkpoint  # noqa: E402
 

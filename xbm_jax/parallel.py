@@ -25,10 +25,6 @@ def make_mesh(num_devices: Optional[int] = None) -> jax.sharding.Mesh:
   return jax.make_mesh((n,), (DATA_AXIS,), devices=devices[:n])
 
 
-def replicated(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def batch_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 

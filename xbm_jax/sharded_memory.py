@@ -132,11 +132,6 @@ def local_last_slots(local_mem: MemoryState, batch_size: int, *,
   return (jax.lax.axis_index(axis_name) * k + local).astype(jnp.int32)
 
 
-def fill(mem: MemoryState) -> jax.Array:
-  """`[]` float32 fraction of written slots (global array, or inside shard_map a shard)."""
-  return memory_lib.fill(mem)
-
-
 def _age_order(ptr: np.ndarray, k: int) -> np.ndarray:
   """`[n, k]` local rows of each shard, oldest first (ring order from its pointer)."""
   return (np.asarray(ptr).reshape(-1, 1) + np.arange(k)[None, :]) % k

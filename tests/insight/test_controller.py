@@ -132,3 +132,14 @@ def test_guard_needs_a_calibration_before_it_acts():
     assert c.update(50, {"train/rel_drift@50": 1.9}) == (0, 1.0)   # no base rate: stays on
     with pytest.raises(ValueError, match="guard_ratio"):
         MemoryController(start_step=0, guard=True, guard_ratio=1.0)
+
+
+def test_backoff_threshold_is_a_config_key():
+    from xbm_jax.train import config as config_lib
+    c = config_lib.base()
+    c.xbm.backoff, c.xbm.backoff_threshold = True, 0.2
+    config_lib.check(c)   # a known key
+    ctrl = MemoryController.from_config(c.xbm, global_batch=64)
+    assert ctrl.backoff_threshold == 0.2 and ctrl.threshold == c.xbm.threshold
+    c.xbm.backoff_threshold = None
+    assert MemoryController.from_config(c.xbm, global_batch=64).backoff_threshold == c.xbm.threshold

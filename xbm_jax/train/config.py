@@ -89,6 +89,7 @@ def base() -> ml_collections.ConfigDict:
       min_auto_step=0,
       auto_max_step=config_dict.placeholder(int),
       backoff=False,
+      backoff_threshold=config_dict.placeholder(float),   # None: threshold
       backoff_factor=0.5,
       min_weight=0.0,
       recover_steps=1000,

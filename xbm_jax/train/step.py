@@ -91,7 +91,7 @@ def state_shardings(state: TrainState, mesh, *, sharded_memory: bool = False):
 def make_train_step(*, model, direction: optax.GradientTransformation, schedule: Callable,
                     loss_name: str, loss_kwargs: dict,
                     memory_loss_kwargs: Optional[dict] = None, mesh,
-                    sharded_memory: bool = False, donate: bool = True,
+                    sharded_memory: bool = False,
                     accumulate: int = 1) -> Callable:
   """Returns `train_step(state, batch, ctrl) -> (state, metrics)`, jitted.
 
@@ -216,7 +216,7 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
                            out_specs=(specs, P()))
     return mapped(state, batch["image"], batch["label"], ctrl)
 
-  return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+  return jax.jit(train_step, donate_argnums=(0,))
 
 
 def make_embed_fn(model, mesh) -> Callable:
