@@ -75,8 +75,14 @@ def final_state(workdir, like_config):
 def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   wd = str(tmp_path / "run")
   out = loop.train_and_evaluate(tiny_config(data_dir), wd)
-  assert 0.0 <= out["eval/tiny/recall@1"] <= 1.0
   log = read_log(wd)
+  # The returned metrics are the logged ones; every one of the 6 x 5 test images is
+  # a query (each has 4 same-class images); Recall@K grows with K.
+  ev = [l for l in log if "eval/tiny/recall@1" in l]
+  assert [l["step"] for l in ev] == [6]
+  assert out["eval/tiny/recall@1"] == ev[0]["eval/tiny/recall@1"]
+  assert ev[0]["eval/tiny/num_queries"] == 30
+  assert ev[0]["eval/tiny/recall@1"] <= ev[0]["eval/tiny/recall@2"]
   train_lines = [l for l in log if "train/loss" in l]
   # Logged every 2 steps, and at each checkpoint (3), where finiteness is checked.
   assert [l["step"] for l in train_lines] == [2, 3, 4, 6]
@@ -92,7 +98,9 @@ def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   assert any("train/drift@2" in l for l in log)
   assert os.path.exists(os.path.join(wd, "pictures", "retrieval_tiny_0000006.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
-  assert os.path.exists(os.path.join(wd, "config.json"))
+  with open(os.path.join(wd, "config.json")) as f:
+    saved = json.load(f)   # the run's own config, overrides included
+  assert saved["input"]["dataset"] == "tiny" and saved["model"]["embed_dim"] == 8
   assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3", "6"]
   # The report reads the logs of a real (smoke) run.
   from xbm_jax.insight import report
