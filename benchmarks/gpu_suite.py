@@ -17,6 +17,7 @@ Sections (each runs on its own: one that fails prints FAILED and the rest go on)
              values recorded on CPU (benchmarks/out/gpu_suite_reference.json).
 Timings are best-of-n, alternated where two things are compared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,14 +36,42 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 REFERENCE = os.path.join(ROOT, "benchmarks", "out", "gpu_suite_reference.json")
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
-            "ml_collections", "numpy", "pillow", "tensorflow-datasets")
-FULL = dict(model="resnet50", image=224, batch=64, dtype="bfloat16", memory=55_000,
-            steps=10, loss_sizes=(55_000, 1_000_000, 4_000_000), loss_iters=10,
-            retrieval=((60_502, 11_316, True), (1_000_000, 187_000, False)), glyph_steps=8)
-SMOKE = dict(model="small_cnn", image=28, batch=16, dtype="auto", memory=256,
-             steps=2, loss_sizes=(1_000, 4_000), loss_iters=2,
-             retrieval=((2_000, 400, True), (4_000, 800, False)), glyph_steps=8)
+PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "grain",
+  "ml_collections",
+  "numpy",
+  "pillow",
+  "tensorflow-datasets",
+)
+FULL = dict(
+  model="resnet50",
+  image=224,
+  batch=64,
+  dtype="bfloat16",
+  memory=55_000,
+  steps=10,
+  loss_sizes=(55_000, 1_000_000, 4_000_000),
+  loss_iters=10,
+  retrieval=((60_502, 11_316, True), (1_000_000, 187_000, False)),
+  glyph_steps=8,
+)
+SMOKE = dict(
+  model="small_cnn",
+  image=28,
+  batch=16,
+  dtype="auto",
+  memory=256,
+  steps=2,
+  loss_sizes=(1_000, 4_000),
+  loss_iters=2,
+  retrieval=((2_000, 400, True), (4_000, 800, False)),
+  glyph_steps=8,
+)
 
 
 def env(sz, rows):
@@ -61,38 +90,58 @@ def train_step(sz, rows):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from xbm_jax import memory, models, parallel  # pylint: disable=g-import-not-at-top
   from xbm_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
+
   mesh = parallel.make_mesh(1)
   mcfg = models.default_config()
   mcfg.update(name=sz["model"], embed_dim=128, dtype=sz["dtype"])
   model = models.create(mcfg, axis_name=parallel.DATA_AXIS)
   ch = 1 if sz["model"] == "small_cnn" else 3
-  variables = jax.tree.map(np.asarray, models.init_variables(
-      model, jax.random.PRNGKey(0), image_size=sz["image"], channels=ch))
-  ocfg = ml_collections.ConfigDict(dict(name="adam", lr=1e-4, weight_decay=5e-4, b1=0.9,
-                                        b2=0.999, eps=1e-8, schedule="constant"))
+  variables = jax.tree.map(
+    np.asarray,
+    models.init_variables(model, jax.random.PRNGKey(0), image_size=sz["image"], channels=ch),
+  )
+  ocfg = ml_collections.ConfigDict(
+    dict(name="adam", lr=1e-4, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8, schedule="constant")
+  )
   direction = optim.make_direction(ocfg)
-  step_fn = step_lib.make_train_step(model=model, direction=direction,
-                                     schedule=optim.make_schedule(ocfg, 1),
-                                     loss_name="contrastive", loss_kwargs={}, mesh=mesh)
+  step_fn = step_lib.make_train_step(
+    model=model,
+    direction=direction,
+    schedule=optim.make_schedule(ocfg, 1),
+    loss_name="contrastive",
+    loss_kwargs={},
+    mesh=mesh,
+  )
   rng = np.random.default_rng(0)
   b = sz["batch"]
-  batch = parallel.global_batch({
+  batch = parallel.global_batch(
+    {
       "image": rng.integers(0, 256, (b, sz["image"], sz["image"], ch), dtype=np.uint8),
-      "label": np.repeat(np.arange(b // 4), 4).astype(np.int32)}, mesh)
+      "label": np.repeat(np.arange(b // 4), 4).astype(np.int32),
+    },
+    mesh,
+  )
   runs = {}
   for label, start in (("no memory", 2**31 - 1), ("memory", 0)):
-    st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
-                          tx=direction, memory=memory.init(size=sz["memory"], dim=128),
-                          rng=jax.random.PRNGKey(1))
+    st = state_lib.create(
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      tx=direction,
+      memory=memory.init(size=sz["memory"], dim=128),
+      rng=jax.random.PRNGKey(1),
+    )
     st = jax.device_put(st, step_lib.state_shardings(st, mesh))
-    ctrl = {"start_step": jnp.int32(start), "xbm_weight": jnp.float32(1.0),
-            "lr_scale": jnp.float32(1.0)}
+    ctrl = {
+      "start_step": jnp.int32(start),
+      "xbm_weight": jnp.float32(1.0),
+      "lr_scale": jnp.float32(1.0),
+    }
     st, m = step_fn(st, batch, ctrl)
     jax.block_until_ready(m)
     runs[label] = [st, ctrl]
   best = {k: float("inf") for k in runs}
   for _ in range(sz["steps"]):
-    for label, run in runs.items():   # alternated: noise hits both alike
+    for label, run in runs.items():  # alternated: noise hits both alike
       t = time.perf_counter()
       run[0], m = step_fn(run[0], batch, run[1])
       jax.block_until_ready(m)
@@ -100,12 +149,14 @@ def train_step(sz, rows):
   what = f"{sz['model']} {sz['image']}px {sz['dtype']} B={b}"
   for label, t in best.items():
     rows.append((f"train step, {label}", f"{b / t:,.0f} img/s", f"{what}, {t * 1e3:.1f} ms"))
-  rows.append(("memory overhead", f"{best['memory'] / best['no memory']:.3f}x",
-               f"M={sz['memory']:,}"))
+  rows.append(
+    ("memory overhead", f"{best['memory'] / best['no memory']:.3f}x", f"M={sz['memory']:,}")
+  )
 
 
 def loss_mem(sz, rows):
   import loss_memory as lm  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   b, d = 64, 128
   for m in sz["loss_sizes"]:
@@ -115,16 +166,26 @@ def loss_mem(sz, rows):
     mem = lm.make_memory(rng, m, d)
     r = jnp.array(mem.emb, copy=True)
     t_floor, t_step, t_fused = lm.timeit_interleaved(
-        [(lm.floor, (emb, r), False), (lm.xbm_step_fn(labels), (emb, mem), True),
-         (lm.fused_step_fn(labels), (emb, lm.make_memory(rng, m, d)), True)],
-        sz["loss_iters"])
-    rows.append((f"loss+memory M={m:,}", f"{t_step * 1e3:.2f} ms",
-                 f"{t_step / t_floor:.2f}x of the 2-product floor ({t_floor * 1e3:.2f} ms); "
-                 f"one-pass what-if {t_fused / t_floor:.2f}x"))
+      [
+        (lm.floor, (emb, r), False),
+        (lm.xbm_step_fn(labels), (emb, mem), True),
+        (lm.fused_step_fn(labels), (emb, lm.make_memory(rng, m, d)), True),
+      ],
+      sz["loss_iters"],
+    )
+    rows.append(
+      (
+        f"loss+memory M={m:,}",
+        f"{t_step * 1e3:.2f} ms",
+        f"{t_step / t_floor:.2f}x of the 2-product floor ({t_floor * 1e3:.2f} ms); "
+        f"one-pass what-if {t_fused / t_floor:.2f}x",
+      )
+    )
 
 
 def retrieval(sz, rows):
   from xbm_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
+
   for n, classes, map_r in sz["retrieval"]:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, classes, size=n)
@@ -132,8 +193,9 @@ def retrieval(sz, rows):
     x = centers[labels] + 1.5 * rng.normal(size=(n, 128)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ks = (1, 10, 100)
-    metrics.retrieval_metrics(x[:2048], labels[:2048], ks=ks, self_exclude=True,
-                              map_at_r=map_r)  # compile
+    metrics.retrieval_metrics(
+      x[:2048], labels[:2048], ks=ks, self_exclude=True, map_at_r=map_r
+    )  # compile
     t = time.perf_counter()
     res = metrics.retrieval_metrics(x, labels, ks=ks, self_exclude=True, map_at_r=map_r)
     dt = time.perf_counter() - t
@@ -145,8 +207,10 @@ def glyph_losses(steps: int) -> list[float]:
   """The first `steps` train/loss values of a glyph smoke run (float32 small CNN)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   from xbm_jax.train.loop import train_and_evaluate  # pylint: disable=g-import-not-at-top
+
   spec = importlib.util.spec_from_file_location(
-      "_glyph_config", os.path.join(ROOT, "configs", "glyphs.py"))
+    "_glyph_config", os.path.join(ROOT, "configs", "glyphs.py")
+  )
   glyph_cfg = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(glyph_cfg)
   c = glyph_cfg.get_config("smoke")
@@ -166,28 +230,42 @@ def glyphs(sz, rows, record=False):
   if record:
     os.makedirs(os.path.dirname(REFERENCE), exist_ok=True)
     with open(REFERENCE, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                 "losses": got}, f, indent=1)
+      json.dump(
+        {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "losses": got}, f, indent=1
+      )
   with open(REFERENCE) as f:
     ref = json.load(f)
   n = min(len(got), len(ref["losses"]))
   rel = np.abs(np.subtract(got[:n], ref["losses"][:n])) / np.abs(ref["losses"][:n])
   ok = "match" if rel.max() < 2e-2 else "DIFFER"
-  rows.append(("glyph first losses", ok, f"max rel diff {rel.max():.1e} over {n} steps "
-               f"vs {ref['device']} (jax {ref['jax']}): "
-               + " ".join(f"{v:.4f}" for v in got[:n])))
+  rows.append(
+    (
+      "glyph first losses",
+      ok,
+      f"max rel diff {rel.max():.1e} over {n} steps "
+      f"vs {ref['device']} (jax {ref['jax']}): " + " ".join(f"{v:.4f}" for v in got[:n]),
+    )
+  )
 
 
-SECTIONS = {"env": env, "train_step": train_step, "loss_mem": loss_mem,
-            "retrieval": retrieval, "glyphs": glyphs}
+SECTIONS = {
+  "env": env,
+  "train_step": train_step,
+  "loss_mem": loss_mem,
+  "retrieval": retrieval,
+  "glyphs": glyphs,
+}
 
 
 def main(argv=None) -> list:
   p = argparse.ArgumentParser()
   p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU wiring check)")
   p.add_argument("--sections", default=",".join(SECTIONS))
-  p.add_argument("--record-reference", action="store_true",
-                 help="write this run's glyph losses as the reference (CPU)")
+  p.add_argument(
+    "--record-reference",
+    action="store_true",
+    help="write this run's glyph losses as the reference (CPU)",
+  )
   p.add_argument("--json", help="also write the table here")
   args = p.parse_args(argv)
   sz = SMOKE if args.smoke else FULL

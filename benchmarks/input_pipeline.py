@@ -15,6 +15,7 @@ throughput of one busy core. The projection to ``--cores`` assumes one grain wor
 core but one (``worker_count=-1``) and caps it by the main process's own hand-off cost,
 measured with workers. Also checks that workers give the same batches.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,14 +86,18 @@ def _timed(it, batches: int, per_batch: int):
 
 def train_run(source, workers: int, batches: int):
   it = pipeline.train_batches(
-      source, sampler={"classes_per_batch": 16, "samples_per_class": 4},
-      transform_cfg=TRAIN_CFG, global_batch_size=64, worker_count=workers, seed=0)
+    source,
+    sampler={"classes_per_batch": 16, "samples_per_class": 4},
+    transform_cfg=TRAIN_CFG,
+    global_batch_size=64,
+    worker_count=workers,
+    seed=0,
+  )
   return _timed(it, batches, 64)
 
 
 def eval_run(source, workers: int, batches: int):
-  it = pipeline.eval_batches(source, batch_size=128, transform_cfg=TRAIN_CFG,
-                             worker_count=workers)
+  it = pipeline.eval_batches(source, batch_size=128, transform_cfg=TRAIN_CFG, worker_count=workers)
   return _timed(it, batches, 128)
 
 
@@ -117,8 +122,10 @@ def main():
     src = write_jpegs(d, args.images, size=args.size)
     kb = sum(os.path.getsize(x) for x in src.paths) / 1024 / len(src)
     print(f"{len(src)} JPEGs of ~{args.size}x{args.size}, {kb:.0f} KB each")
-    for name, run, nb in (("train", train_run, args.batches),
-                          ("eval", eval_run, max(args.batches // 2, 1))):
+    for name, run, nb in (
+      ("train", train_run, args.batches),
+      ("eval", eval_run, max(args.batches // 2, 1)),
+    ):
       per_core, handoff, ref = None, None, None
       for w in workers:
         ips, cpu_ms, first, last = run(src, w, nb)
@@ -127,13 +134,21 @@ def main():
           per_core, ref = 1e3 / cpu_ms, (first, last)
         else:
           handoff = cpu_ms if handoff is None else max(handoff, cpu_ms)
-          same = ("same batches" if np.array_equal(first["image"], ref[0]["image"])
-                  and np.array_equal(last["image"], ref[1]["image"]) else "BATCHES DIFFER")
-        print(f"  {name} workers={w}: {ips:7.1f} img/s wall, main process {cpu_ms:5.2f} "
-              f"CPU ms/img {same}")
+          same = (
+            "same batches"
+            if np.array_equal(first["image"], ref[0]["image"])
+            and np.array_equal(last["image"], ref[1]["image"])
+            else "BATCHES DIFFER"
+          )
+        print(
+          f"  {name} workers={w}: {ips:7.1f} img/s wall, main process {cpu_ms:5.2f} "
+          f"CPU ms/img {same}"
+        )
       proj = project(per_core, handoff, args.cores)
-      line = (f"{name}: {per_core:6.1f} img/s per core -> {proj:7.0f} img/s projected on "
-              f"{args.cores} cores ({args.cores - 1} workers")
+      line = (
+        f"{name}: {per_core:6.1f} img/s per core -> {proj:7.0f} img/s projected on "
+        f"{args.cores} cores ({args.cores - 1} workers"
+      )
       line += f", main-process hand-off {handoff:.2f} ms/img)" if handoff else ")"
       if name == "eval":
         line += f"; SOP test ({SOP_TEST:,} images) in {SOP_TEST / proj:.0f} s"

@@ -22,6 +22,7 @@ noisy.
 
     python benchmarks/loss_memory.py [--sizes 8000,55000,200000] [--iters 20] [--hlo]
 """
+
 import argparse
 import time
 
@@ -57,8 +58,10 @@ def make_memory(rng, m, d):
   filler /= np.linalg.norm(filler, axis=1, keepdims=True)
   # Every slot valid: the worst case.
   return memory.init(size=m, dim=d)._replace(
-      emb=jnp.asarray(filler), valid=jnp.ones((m,), bool),
-      labels=jnp.asarray(rng.integers(0, max(m // 5, 1), size=m), jnp.int32))
+    emb=jnp.asarray(filler),
+    valid=jnp.ones((m,), bool),
+    labels=jnp.asarray(rng.integers(0, max(m // 5, 1), size=m), jnp.int32),
+  )
 
 
 def xbm_step_fn(labels):
@@ -67,8 +70,10 @@ def xbm_step_fn(labels):
       batch = xbm_jax.Embeddings(e, labels)
       new = memory.enqueue(mem, batch)
       return losses.contrastive(batch, batch) + losses.contrastive(batch, new), new
+
     (loss, new), g = jax.value_and_grad(f, has_aux=True)(e)
     return loss, g, new
+
   return jax.jit(step, donate_argnums=1)
 
 
@@ -80,6 +85,7 @@ def fused_step_fn(labels, margin=0.5, eps=losses.EPS_SELF):
   value falls out of the gradient product, so the only [B, M] work besides
   the two products is the select that makes ds (and its positive count).
   """
+
   def one(e, ref_emb, ref_labels, ref_valid):
     s = jnp.matmul(e, ref_emb.T, precision=HI)
     same = labels[:, None] == ref_labels[None, :]
@@ -94,22 +100,26 @@ def fused_step_fn(labels, margin=0.5, eps=losses.EPS_SELF):
     vb, gb = one(e, e, labels, jnp.ones(labels.shape, bool))
     vm, gm = one(e, new.emb, new.labels, new.valid)
     b = e.shape[0]
-    return (vb + vm) / b, (2 * gb + gm) / b, new   # L(B,B): both sides are e
+    return (vb + vm) / b, (2 * gb + gm) / b, new  # L(B,B): both sides are e
+
   return jax.jit(step, donate_argnums=1)
 
 
 @jax.jit
 def floor(e, r):
-  s = jnp.matmul(e, r.T, precision=HI)     # forward
-  return s, jnp.matmul(s, r, precision=HI)   # grad wrt e (s stands in for s_grad)
+  s = jnp.matmul(e, r.T, precision=HI)  # forward
+  return s, jnp.matmul(s, r, precision=HI)  # grad wrt e (s stands in for s_grad)
 
 
 def big_fusions(fn, args, b, m):
   """Names of the ops XLA emits that write a [B, M] array (one pass each)."""
   txt = fn.lower(*args).compile().as_text()
-  entry = txt[txt.index("ENTRY"):]
-  return [line.split("=")[0].strip() for line in entry.splitlines()
-          if f"= f32[{b},{m}]" in line or f"= pred[{b},{m}]" in line]
+  entry = txt[txt.index("ENTRY") :]
+  return [
+    line.split("=")[0].strip()
+    for line in entry.splitlines()
+    if f"= f32[{b},{m}]" in line or f"= pred[{b},{m}]" in line
+  ]
 
 
 def main():
@@ -123,8 +133,10 @@ def main():
   b, d = args.batch, args.dim
   rng = np.random.default_rng(0)
   print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  B={b} D={d}")
-  print(f"{'M':>8} {'mem MB':>7} {'floor ms':>9} {'step ms':>8} {'ratio':>6} "
-        f"{'fused ms':>9} {'ratio':>6}")
+  print(
+    f"{'M':>8} {'mem MB':>7} {'floor ms':>9} {'step ms':>8} {'ratio':>6} "
+    f"{'fused ms':>9} {'ratio':>6}"
+  )
   for m in [int(s) for s in args.sizes.split(",")]:
     x = rng.normal(size=(b, d)).astype(np.float32)
     emb = jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
@@ -132,18 +144,27 @@ def main():
     mem = make_memory(rng, m, d)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(mem))
     step, fused = xbm_step_fn(labels), fused_step_fn(labels)
-    check = [jax.device_get(fn(emb, make_memory(np.random.default_rng(m), m, d))[:2])
-             for fn in (step, fused)]
-    np.testing.assert_allclose(check[1][0], check[0][0], rtol=1e-4)   # same loss
+    check = [
+      jax.device_get(fn(emb, make_memory(np.random.default_rng(m), m, d))[:2])
+      for fn in (step, fused)
+    ]
+    np.testing.assert_allclose(check[1][0], check[0][0], rtol=1e-4)  # same loss
     np.testing.assert_allclose(check[1][1], check[0][1], rtol=1e-3, atol=1e-5)  # same grad
     if args.hlo:
       for name, fn in (("step", step), ("fused", fused)):
         print(f"  {name}: [B, M] ops: " + "; ".join(big_fusions(fn, (emb, mem), b, m)))
     t_floor, t_step, t_fused = timeit_interleaved(
-        [(floor, (emb, jnp.array(mem.emb, copy=True)), False), (step, (emb, mem), True),
-         (fused, (emb, make_memory(rng, m, d)), True)], args.iters)
-    print(f"{m:>8} {nbytes / 2**20:>7.1f} {t_floor * 1e3:>9.2f} {t_step * 1e3:>8.2f} "
-          f"{t_step / t_floor:>6.2f} {t_fused * 1e3:>9.2f} {t_fused / t_floor:>6.2f}")
+      [
+        (floor, (emb, jnp.array(mem.emb, copy=True)), False),
+        (step, (emb, mem), True),
+        (fused, (emb, make_memory(rng, m, d)), True),
+      ],
+      args.iters,
+    )
+    print(
+      f"{m:>8} {nbytes / 2**20:>7.1f} {t_floor * 1e3:>9.2f} {t_step * 1e3:>8.2f} "
+      f"{t_step / t_floor:>6.2f} {t_fused * 1e3:>9.2f} {t_fused / t_floor:>6.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Times one jitted `model.apply(..., train=False)` (embeddings, head included) aft
 compilation, median over `repeats` calls, on whatever jax.devices()[0] is (CPU here).
 Weights are random (filled with NumPy; flax's own init is not what is timed).
 """
+
 import argparse
 import time
 
@@ -19,14 +20,16 @@ from xbm_jax import models
 
 def random_variables(model, image_shape, seed=0):
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros(image_shape, jnp.uint8)))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape, jnp.uint8))
+  )
+
   def fill(path, leaf):
     if path[-1].key in ("scale", "var"):
       return np.ones(leaf.shape, np.float32)
     return (rng.standard_normal(leaf.shape) * 0.02).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(lambda p, l: jnp.asarray(fill(p, l)),
-                                          dict(shapes))
+
+  return jax.tree_util.tree_map_with_path(lambda p, l: jnp.asarray(fill(p, l)), dict(shapes))
 
 
 def count(tree):
@@ -42,10 +45,14 @@ def main():
   parser.add_argument("--embed-dim", type=int, default=128)
   parser.add_argument("--models", default="resnet50,resnet18,bninception,googlenet,small_cnn")
   args = parser.parse_args()
-  print(f"device {jax.devices()[0].device_kind}, batch {args.batch}, {args.size}x"
-        f"{args.size}, dtype {args.dtype}, embed_dim {args.embed_dim}")
-  print(f"{'model':12s} {'backbone params':>16s} {'head params':>12s} {'bn stats':>10s} "
-        f"{'compile s':>10s} {'ms/image':>9s}")
+  print(
+    f"device {jax.devices()[0].device_kind}, batch {args.batch}, {args.size}x"
+    f"{args.size}, dtype {args.dtype}, embed_dim {args.embed_dim}"
+  )
+  print(
+    f"{'model':12s} {'backbone params':>16s} {'head params':>12s} {'bn stats':>10s} "
+    f"{'compile s':>10s} {'ms/image':>9s}"
+  )
   for name in args.models.split(","):
     model = models.create({"name": name, "embed_dim": args.embed_dim, "dtype": args.dtype})
     shape = (args.batch, args.size, args.size, 3)
@@ -62,9 +69,12 @@ def main():
       jax.block_until_ready(fwd(variables, images))
       times.append(time.perf_counter() - t0)
     per_image_ms = 1e3 * float(np.median(times)) / args.batch
-    print(f"{name:12s} {count(variables['params']['backbone']):16,d} "
-          f"{count(variables['params']['head']):12,d} {count(variables['batch_stats']):10,d} "
-          f"{compile_s:10.1f} {per_image_ms:9.1f}", flush=True)
+    print(
+      f"{name:12s} {count(variables['params']['backbone']):16,d} "
+      f"{count(variables['params']['head']):12,d} {count(variables['batch_stats']):10,d} "
+      f"{compile_s:10.1f} {per_image_ms:9.1f}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ GPU variant (one short command on a GPU machine):
 Prints the step time without memory, with memory (memory term active: enqueue +
 L(B, M) forward/backward), and their ratio (the memory's overhead).
 """
+
 import argparse
 import time
 
@@ -37,32 +38,50 @@ def main():
   mcfg = models.default_config()
   mcfg.update(name=args.model, embed_dim=args.embed_dim, dtype=args.dtype)
   model = models.create(mcfg, axis_name=parallel.DATA_AXIS)
-  variables = models.init_variables(model, jax.random.PRNGKey(0), image_size=args.image,
-                                    channels=channels)
-  variables = jax.tree.map(np.asarray, variables)   # host copy: the step donates its state
-  ocfg = ml_collections.ConfigDict(dict(name="adam", lr=1e-4, weight_decay=5e-4, b1=0.9,
-                                        b2=0.999, eps=1e-8, schedule="constant"))
+  variables = models.init_variables(
+    model, jax.random.PRNGKey(0), image_size=args.image, channels=channels
+  )
+  variables = jax.tree.map(np.asarray, variables)  # host copy: the step donates its state
+  ocfg = ml_collections.ConfigDict(
+    dict(name="adam", lr=1e-4, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8, schedule="constant")
+  )
   direction = optim.make_direction(ocfg)
-  step_fn = step_lib.make_train_step(model=model, direction=direction,
-                                     schedule=optim.make_schedule(ocfg, 1),
-                                     loss_name="contrastive", loss_kwargs={}, mesh=mesh)
+  step_fn = step_lib.make_train_step(
+    model=model,
+    direction=direction,
+    schedule=optim.make_schedule(ocfg, 1),
+    loss_name="contrastive",
+    loss_kwargs={},
+    mesh=mesh,
+  )
   rng = np.random.default_rng(0)
-  batch = parallel.global_batch({
-      "image": rng.integers(0, 256, (args.batch, args.image, args.image, channels),
-                            dtype=np.uint8),
-      "label": np.repeat(np.arange(args.batch // 4), 4).astype(np.int32)}, mesh)
-  print(f"device: {jax.devices()[0].device_kind} x{mesh.size}  model={args.model} "
-        f"image={args.image} batch={args.batch} dtype={args.dtype} memory={args.memory}")
+  batch = parallel.global_batch(
+    {
+      "image": rng.integers(0, 256, (args.batch, args.image, args.image, channels), dtype=np.uint8),
+      "label": np.repeat(np.arange(args.batch // 4), 4).astype(np.int32),
+    },
+    mesh,
+  )
+  print(
+    f"device: {jax.devices()[0].device_kind} x{mesh.size}  model={args.model} "
+    f"image={args.image} batch={args.batch} dtype={args.dtype} memory={args.memory}"
+  )
   runs = {}
   for label, start in (("no memory", 2**31 - 1), ("memory", 0)):
-    st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
-                          tx=direction, memory=memory.init(size=args.memory,
-                                                           dim=args.embed_dim),
-                          rng=jax.random.PRNGKey(1))
+    st = state_lib.create(
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      tx=direction,
+      memory=memory.init(size=args.memory, dim=args.embed_dim),
+      rng=jax.random.PRNGKey(1),
+    )
     st = jax.device_put(st, step_lib.state_shardings(st, mesh))
-    ctrl = {"start_step": jnp.int32(start), "xbm_weight": jnp.float32(1.0),
-            "lr_scale": jnp.float32(1.0)}
-    st, m = step_fn(st, batch, ctrl)          # compile (one program serves both)
+    ctrl = {
+      "start_step": jnp.int32(start),
+      "xbm_weight": jnp.float32(1.0),
+      "lr_scale": jnp.float32(1.0),
+    }
+    st, m = step_fn(st, batch, ctrl)  # compile (one program serves both)
     jax.block_until_ready(m)
     runs[label] = [st, ctrl]
   # Alternate the two so that machine noise hits both alike; keep the best of each.

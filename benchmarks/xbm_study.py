@@ -20,6 +20,7 @@ Stages (each a list of arms; `--stage all` runs them in order):
   summed memory term; the memory term averaged over its active pairs; the drift-aware
   auto start. lr (and weight) tuned per arm.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,31 +43,42 @@ SEEDS = (0, 1, 2)
 @dataclasses.dataclass(frozen=True)
 class Arm:
   """One arm: fixed overrides, a tuning grid ({config key: values}), a plot position."""
+
   stage: str
   name: str
   fixed: dict
   grid: dict
-  x: float | None = None     # e.g. the batch size, for the curve plots
-  group: str = ""            # the curve an arm belongs to
+  x: float | None = None  # e.g. the batch size, for the curve plots
+  group: str = ""  # the curve an arm belongs to
   seeds: tuple = SEEDS
 
 
 def _batch_arms(stage, loss, lrs, sizes=(32, 64, 128, 256)):
-  return [Arm(stage, f"{loss}_B{b}", {"loss.name": loss, "xbm.enabled": False,
-                                      "input.batch_size": b},
-              {"optim.lr": lrs}, x=b, group=loss) for b in sizes]
+  return [
+    Arm(
+      stage,
+      f"{loss}_B{b}",
+      {"loss.name": loss, "xbm.enabled": False, "input.batch_size": b},
+      {"optim.lr": lrs},
+      x=b,
+      group=loss,
+    )
+    for b in sizes
+  ]
 
 
 def _fair_arms(lrs):
   mem = {"xbm.enabled": True, "xbm.size": 8192, "xbm.start_step": 100}
   return [
-      Arm("fair", "no_memory", {"xbm.enabled": False}, {"optim.lr": lrs}),
-      Arm("fair", "memory_paper_sum", mem,
-          {"optim.lr": lrs, "xbm.weight": (0.1, 1.0)}),
-      Arm("fair", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"},
-          {"optim.lr": lrs, "xbm.weight": (0.5, 1.0)}),
-      Arm("fair", "memory_auto_start", {**mem, "xbm.start_step": "auto"},
-          {"optim.lr": lrs}),
+    Arm("fair", "no_memory", {"xbm.enabled": False}, {"optim.lr": lrs}),
+    Arm("fair", "memory_paper_sum", mem, {"optim.lr": lrs, "xbm.weight": (0.1, 1.0)}),
+    Arm(
+      "fair",
+      "memory_mean",
+      {**mem, "xbm.memory_loss_kwargs.reduction": "mean"},
+      {"optim.lr": lrs, "xbm.weight": (0.5, 1.0)},
+    ),
+    Arm("fair", "memory_auto_start", {**mem, "xbm.start_step": "auto"}, {"optim.lr": lrs}),
   ]
 
 
@@ -76,15 +88,18 @@ def _pretrained_arms(lrs):
   typefaces with the memory holding the whole train set (6,000), on from step 0."""
   mem = {"xbm.enabled": True}
   return [
-      Arm("pretrained", "no_memory", {"xbm.enabled": False}, {"optim.lr": lrs}),
-      Arm("pretrained", "memory_paper_sum", mem, {"optim.lr": lrs, "xbm.weight": (1.0,)}),
-      Arm("pretrained", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"},
-          {"optim.lr": lrs, "xbm.weight": (1.0,)}),
+    Arm("pretrained", "no_memory", {"xbm.enabled": False}, {"optim.lr": lrs}),
+    Arm("pretrained", "memory_paper_sum", mem, {"optim.lr": lrs, "xbm.weight": (1.0,)}),
+    Arm(
+      "pretrained",
+      "memory_mean",
+      {**mem, "xbm.memory_loss_kwargs.reduction": "mean"},
+      {"optim.lr": lrs, "xbm.weight": (1.0,)},
+    ),
   ]
 
 
-WARM_START = os.path.join(ROOT, "xbm_jax", "data", "glyphs_data",
-                          "warm_start_small_cnn32.msgpack")
+WARM_START = os.path.join(ROOT, "xbm_jax", "data", "glyphs_data", "warm_start_small_cnn32.msgpack")
 
 
 def _guard_arms():
@@ -95,24 +110,32 @@ def _guard_arms():
   warm = {"train.init_from": WARM_START, "train.steps": 600, "optim.lr": 1e-4}
   mem = {**warm, "xbm.enabled": True, "xbm.size": 8192, "xbm.start_step": 100}
   one = {"xbm.weight": (1.0,)}
-  return [Arm("guard", "no_memory", {**warm, "xbm.enabled": False}, one, seeds=(0, 1)),
-          Arm("guard", "memory_paper_sum", mem, one, seeds=(0, 1)),
-          Arm("guard", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"},
-              one, seeds=(0, 1)),
-          Arm("guard", "memory_paper_sum_guard", {**mem, "xbm.guard": True}, one,
-              seeds=(0, 1))]
+  return [
+    Arm("guard", "no_memory", {**warm, "xbm.enabled": False}, one, seeds=(0, 1)),
+    Arm("guard", "memory_paper_sum", mem, one, seeds=(0, 1)),
+    Arm(
+      "guard", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"}, one, seeds=(0, 1)
+    ),
+    Arm("guard", "memory_paper_sum_guard", {**mem, "xbm.guard": True}, one, seeds=(0, 1)),
+  ]
 
 
 def arms(smoke: bool) -> list[Arm]:
-  if smoke:   # two tiny arms: wiring only
-    return [Arm("smoke", "no_memory", {"xbm.enabled": False}, {"optim.lr": (1e-3,)}),
-            Arm("smoke", "memory", {"xbm.enabled": True}, {"optim.lr": (1e-3, 1e-2)})]
+  if smoke:  # two tiny arms: wiring only
+    return [
+      Arm("smoke", "no_memory", {"xbm.enabled": False}, {"optim.lr": (1e-3,)}),
+      Arm("smoke", "memory", {"xbm.enabled": True}, {"optim.lr": (1e-3, 1e-2)}),
+    ]
   # A first grid with 3e-4 (B = 32 / 64 / 128, seed 0) put it last every time and
   # 3e-3 at the top edge: the grid moved up one step.
   lrs = (1e-3, 3e-3, 1e-2)
-  return (_batch_arms("batch_size", "contrastive", lrs) + _fair_arms((1e-3, 3e-3))
-          + _guard_arms() + _pretrained_arms((3e-5, 1e-4, 3e-4))
-          + _batch_arms("batch_size_ms", "multi_similarity", lrs))
+  return (
+    _batch_arms("batch_size", "contrastive", lrs)
+    + _fair_arms((1e-3, 3e-3))
+    + _guard_arms()
+    + _pretrained_arms((3e-5, 1e-4, 3e-4))
+    + _batch_arms("batch_size_ms", "multi_similarity", lrs)
+  )
 
 
 def grid_points(arm: Arm) -> list[dict]:
@@ -158,9 +181,16 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
     return rec
   os.makedirs(workdir, exist_ok=True)
   overrides = {**arm.fixed, **point, "seed": seed}
+  if smoke:  # wiring only: a 1,500-image split stands in for the 24,648-image test set
+    overrides["evals.test.split"] = "val5"
   variant = "study" + (",pretrained" if arm.stage == "pretrained" else "")
-  cmd = [sys.executable, TRAIN, f"--config=configs/glyphs.py:{variant}{',smoke' if smoke else ''}",
-         f"--workdir={workdir}", "--config.train.progress=False"]
+  cmd = [
+    sys.executable,
+    TRAIN,
+    f"--config=configs/glyphs.py:{variant}{',smoke' if smoke else ''}",
+    f"--workdir={workdir}",
+    "--config.train.progress=False",
+  ]
   cmd += [f"--config.{k}={_fmt(v)}" for k, v in overrides.items()]
   t0 = time.time()
   with open(os.path.join(workdir, "train.log"), "w") as log:
@@ -170,8 +200,12 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
   if rc != 0 and "non-finite" not in tail:
     # A crash is not a result: stop the study rather than record a 0.
     raise RuntimeError(f"{workdir}: train.py exited {rc}:\n{tail}")
-  rec = {"status": "ok" if rc == 0 else "diverged (non-finite)", "wall_s": time.time() - t0,
-         "overrides": overrides, "cmd": cmd}
+  rec = {
+    "status": "ok" if rc == 0 else "diverged (non-finite)",
+    "wall_s": time.time() - t0,
+    "overrides": overrides,
+    "cmd": cmd,
+  }
   with open(os.path.join(workdir, "run.json.tmp"), "w") as f:
     json.dump(rec, f, indent=1)
   os.replace(os.path.join(workdir, "run.json.tmp"), os.path.join(workdir, "run.json"))
@@ -208,35 +242,52 @@ def summarize(out: str, arm: Arm) -> dict | None:
   recs = [read_run(os.path.join(out, run_name(arm, best, s))) for s in arm.seeds]
   recs = [r for r in recs if r is not None and r["status"] == "ok"]
   col = lambda key: [r["last"][key] for r in recs if key in r["last"]]
-  return {"arm": arm.name, "stage": arm.stage, "x": arm.x, "group": arm.group,
-          "chosen": best, "seeds": len(recs),
-          "tuning": [{"point": p, "val_r1": sc, "status": r["status"]}
-                     for p, sc, r in zip(points, scores, tuning)],
-          "test_r1": col(TEST), "test_r8": col("eval/test/recall@8"),
-          "test_map_r": col("eval/test/map@r"), "val_r1": col(VAL),
-          "drift100": col("train/drift@100"), "rel100": col("train/rel_drift@100"),
-          "wall_s": [r["wall_s"] for r in recs],
-          "steps": [int(r["curves"]["train/loss"][-1][0]) for r in recs
-                    if "train/loss" in r["curves"]],
-          "curves": [r["curves"] for r in recs]}
+  return {
+    "arm": arm.name,
+    "stage": arm.stage,
+    "x": arm.x,
+    "group": arm.group,
+    "chosen": best,
+    "seeds": len(recs),
+    "tuning": [
+      {"point": p, "val_r1": sc, "status": r["status"]} for p, sc, r in zip(points, scores, tuning)
+    ],
+    "test_r1": col(TEST),
+    "test_r8": col("eval/test/recall@8"),
+    "test_map_r": col("eval/test/map@r"),
+    "val_r1": col(VAL),
+    "drift100": col("train/drift@100"),
+    "rel100": col("train/rel_drift@100"),
+    "rank100": col("train/rank_drift@100"),
+    "wall_s": [r["wall_s"] for r in recs],
+    "steps": [int(r["curves"]["train/loss"][-1][0]) for r in recs if "train/loss" in r["curves"]],
+    "curves": [r["curves"] for r in recs],
+  }
 
 
 def _table_md(rows: list[dict]) -> str:
-  head = ("| stage | arm | chosen (val) | seeds | steps | test R@1 | test R@8 | test MAP@R "
-          "| val R@1 | drift@100 (last) | rel_drift@100 (last) | wall s / run |\n|"
-          + "---|" * 12)
+  head = (
+    "| stage | arm | chosen (val) | seeds | steps | test R@1 | test R@8 | test MAP@R "
+    "| val R@1 | drift@100 | rel_drift@100 | rank_drift@100 | wall s / run |\n|" + "---|" * 13
+  )
   lines = [head]
   for r in rows:
     chosen = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in r["chosen"].items())
     lines.append(
-        f"| {r['stage']} | {r['arm']} | {chosen} | {r['seeds']} | "
-        f"{max(r['steps'], default=0)} | {_mean_std(r['test_r1'])} | "
-        f"{_mean_std(r['test_r8'])} | {_mean_std(r['test_map_r'])} | "
-        f"{_mean_std(r['val_r1'])} | {_mean_std(r['drift100'])} | "
-        f"{_mean_std(r['rel100'])} | "
-        f"{np.mean(r['wall_s']):.0f} |")
-  lines += ["", "Tuning (seed 0, final val R@1):", "",
-            "| arm | grid point | val R@1 | status |", "|---|---|---|---|"]
+      f"| {r['stage']} | {r['arm']} | {chosen} | {r['seeds']} | "
+      f"{max(r['steps'], default=0)} | {_mean_std(r['test_r1'])} | "
+      f"{_mean_std(r['test_r8'])} | {_mean_std(r['test_map_r'])} | "
+      f"{_mean_std(r['val_r1'])} | {_mean_std(r['drift100'])} | "
+      f"{_mean_std(r['rel100'])} | {_mean_std(r['rank100'])} | "
+      f"{np.mean(r['wall_s']):.0f} |"
+    )
+  lines += [
+    "",
+    "Tuning (seed 0, final val R@1):",
+    "",
+    "| arm | grid point | val R@1 | status |",
+    "|---|---|---|---|",
+  ]
   for r in rows:
     for t in r["tuning"]:
       pt = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in t["point"].items())
@@ -246,18 +297,29 @@ def _table_md(rows: list[dict]) -> str:
 
 def _plots(out: str, rows: list[dict]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   curve_rows = [r for r in rows if r["x"] is not None and r["test_r1"]]
   if curve_rows:
     fig, ax = plt.subplots(figsize=(6, 4))
     for group in sorted({r["group"] for r in curve_rows}):
       g = sorted((r for r in curve_rows if r["group"] == group), key=lambda r: r["x"])
-      ax.errorbar([r["x"] for r in g], [np.mean(r["test_r1"]) for r in g],
-                  yerr=[np.std(r["test_r1"], ddof=1) if len(r["test_r1"]) > 1 else 0
-                        for r in g], marker="o", capsize=3, label=group)
-    ax.set(xscale="log", xlabel="batch size B (K = 4), lr tuned per B",
-           ylabel="test R@1 (mean ± std over seeds)", title="R@1 vs batch size, no memory")
+      ax.errorbar(
+        [r["x"] for r in g],
+        [np.mean(r["test_r1"]) for r in g],
+        yerr=[np.std(r["test_r1"], ddof=1) if len(r["test_r1"]) > 1 else 0 for r in g],
+        marker="o",
+        capsize=3,
+        label=group,
+      )
+    ax.set(
+      xscale="log",
+      xlabel="batch size B (K = 4), lr tuned per B",
+      ylabel="test R@1 (mean ± std over seeds)",
+      title="R@1 vs batch size, no memory",
+    )
     ax.set_xticks([r["x"] for r in curve_rows], [str(r["x"]) for r in curve_rows])
     ax.legend()
     fig.tight_layout()
@@ -265,18 +327,25 @@ def _plots(out: str, rows: list[dict]) -> None:
     plt.close(fig)
   for stage in sorted({r["stage"] for r in rows if r["x"] is None}):
     g = [r for r in rows if r["stage"] == stage and r["curves"]]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    panels = (
+      (VAL, "val R@1 (seed mean)", "R@1"),
+      ("train/drift@50", "1 - cos over 50 steps", "cosine drift (old measure)"),
+      ("train/rel_drift@50", "mean |change of probe cos|", "relational drift"),
+      ("train/rank_drift@50", "share of top-10 changed", "rank drift (the guard's)"),
+    )
     for r in g:
-      for ax, key in zip(axes, (VAL, "train/drift@100", "train/rel_drift@100")):
+      for ax, (key, _, _) in zip(axes, panels):
         series = [c[key] for c in r["curves"] if key in c]
         if series:
           n = min(len(s) for s in series)
-          ax.plot([s for s, _ in series[0][:n]],
-                  np.mean([[v for _, v in s[:n]] for s in series], axis=0), label=r["arm"])
-    axes[0].set(xlabel="step", ylabel="val R@1 (seed mean)", title=f"{stage}: R@1")
-    axes[1].set(xlabel="step", ylabel="drift@100", title=f"{stage}: 1 - cos per 100 steps")
-    axes[2].set(xlabel="step", ylabel="rel_drift@100",
-                title=f"{stage}: similarity change per 100 steps")
+          ax.plot(
+            [s for s, _ in series[0][:n]],
+            np.mean([[v for _, v in s[:n]] for s in series], axis=0),
+            label=r["arm"],
+          )
+    for ax, (_, ylabel, title) in zip(axes, panels):
+      ax.set(xlabel="step", ylabel=ylabel, title=f"{stage}: {title}")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"{stage}_curves.png"), dpi=120)
@@ -306,8 +375,9 @@ def main(argv=None):
   stages = args.stage.split(",")
   chosen = [a for st in stages for a in arms(args.smoke) if st in ("all", a.stage)]
   if not chosen:
-    parser.error(f"--stage {args.stage!r} names no arm; stages: "
-                 f"{sorted({a.stage for a in arms(args.smoke)})}")
+    parser.error(
+      f"--stage {args.stage!r} names no arm; stages: {sorted({a.stage for a in arms(args.smoke)})}"
+    )
   if args.command == "run":
     for arm in chosen:
       run_arm(args.out, arm, args.smoke)

@@ -36,6 +36,7 @@ test R@1 / R@8 / MAP@R): the pretrained encoder un-finetuned (0 steps) 0.774 / 0
 (`--config.train.init_from= --config.optim.lr=1e-3`) 0.709 / 0.861 / 0.351. The
 pretraining transfers (+6.5 points before any fine-tuning); the memory arm is untuned.
 """
+
 import os
 
 from xbm_jax.data import glyphs
@@ -43,15 +44,13 @@ from xbm_jax.train import config as config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, smoke=False, seed=0, warm=False, study=False,
-                              pretrained=False)
+  args = config_lib.parse_arg(arg, smoke=False, seed=0, warm=False, study=False, pretrained=False)
   c = config_lib.base()
   c.seed = args.seed
   c.input.dataset = "glyphs"
   c.input.batch_size, c.input.samples_per_class = 64, 4
   c.input.eval_batch_size = 512
-  c.input.transform = dict(resize=32, crop=28, scale=(0.6, 1.0), ratio=(0.8, 1.25),
-                           flip=False)
+  c.input.transform = dict(resize=32, crop=28, scale=(0.6, 1.0), ratio=(0.8, 1.25), flip=False)
   c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 64, 32
   c.loss.name = "contrastive"
   c.xbm.size, c.xbm.start_step, c.xbm.weight = 8192, 300, 1.0
@@ -59,14 +58,16 @@ def get_config(arg=None):
   c.optim.schedule = "constant"
   c.train.steps, c.train.log_every, c.train.checkpoint_every = 1200, 50, 400
   c.train.best_metric = "eval/glyphs/recall@1"
-  c.evals.glyphs = dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8),
-                        every_steps=400, map_at_r=True)
+  c.evals.glyphs = dict(
+    type="leave_one_out", split="test", ks=(1, 2, 4, 8), every_steps=400, map_at_r=True
+  )
   c.drift.interval, c.drift.deltas, c.drift.probe_size = 100, (100, 200), 256
   if args.warm:
     # The paper's regime (a trained backbone at a low learning rate): start from the
     # committed 1,200-step no-memory run and fine-tune with the memory on at once.
-    c.train.init_from = os.path.join(os.path.dirname(glyphs.__file__), "glyphs_data",
-                                     "warm_start_small_cnn32.msgpack")
+    c.train.init_from = os.path.join(
+      os.path.dirname(glyphs.__file__), "glyphs_data", "warm_start_small_cnn32.msgpack"
+    )
     c.train.steps, c.optim.lr, c.xbm.start_step = 600, 1e-4, 0
     c.evals.glyphs.every_steps = 200
   if args.study:
@@ -76,10 +77,11 @@ def get_config(arg=None):
     c.train.steps, c.train.checkpoint_every = 400, 10**9
     c.train.best_metric = ""
     c.evals = dict(
-        val=dict(type="leave_one_out", split="val", ks=(1, 8), every_steps=100,
-                 map_at_r=True),
-        test=dict(type="leave_one_out", split="test", ks=(1, 2, 4, 8), every_steps=10**9,
-                  map_at_r=True))
+      val=dict(type="leave_one_out", split="val", ks=(1, 8), every_steps=100, map_at_r=True),
+      test=dict(
+        type="leave_one_out", split="test", ks=(1, 2, 4, 8), every_steps=10**9, map_at_r=True
+      ),
+    )
     c.pictures.enabled = False
     c.drift.interval, c.drift.deltas = 50, (50, 100)
   if args.smoke:
@@ -95,8 +97,9 @@ def get_config(arg=None):
   return c
 
 
-PRETRAINED = os.path.join(os.path.dirname(glyphs.__file__), "glyphs_data",
-                          "pretrained_small_cnn32.msgpack")
+PRETRAINED = os.path.join(
+  os.path.dirname(glyphs.__file__), "glyphs_data", "pretrained_small_cnn32.msgpack"
+)
 TRAIN_FIT5_IMAGES = 6000  # len(glyphs.load_arrays("train_fit5")): 1,200 classes x 5
 
 

@@ -6,11 +6,13 @@ r"""SOP with BN-Inception, 512-d (the paper's second backbone).
 
 Target (paper): R@1 / 10 / 100 = 79.5 / 90.8 / 96.1.
 """
+
 import importlib.util
 import os
 
 _spec = importlib.util.spec_from_file_location(
-    "_sop_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sop.py"))
+  "_sop_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sop.py")
+)
 _sop = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_sop)
 

@@ -12,6 +12,7 @@ Optionally also write it as a tfds array_record dataset (xbm_jax.data.writer):
 
 The rendering and filtering logic lives in xbm_jax/data/glyphs.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,46 +62,59 @@ def debian_licences(package: str) -> str:
 def write_fonts_md(data: dict[str, np.ndarray], path: str, args) -> None:
   counts = collections.Counter(data["faces"].tolist())
   lines = [
-      "# Typefaces of the embedded glyph dataset",
-      "",
-      "`glyphs.npz` holds renders of JIS X 0208 level-1 kanji (each character a class,",
-      "each typeface one image), made by `scripts/build_glyphs.py` with:",
-      "",
-      f"    python scripts/build_glyphs.py --charset {args.charset} --size {args.size} "
-      f"--min_faces {args.min_faces} --max_faces {args.max_faces} "
-      f"--dup_threshold {args.dup_threshold} --num_train_classes {args.num_train_classes} "
-      f"--bits {args.bits} --seed {args.seed}",
-      "",
-      f"{len(data['chars'])} classes ({int((np.bincount(data['labels'][data['split'] == 0]) > 0).sum())}"
-      f" train / {int((np.bincount(data['labels'][data['split'] == 1]) > 0).sum())} test), "
-      f"{len(data['labels'])} images of {args.size}x{args.size} grey levels "
-      f"({args.bits}-bit). Glyph images rendered from the fonts below; the fonts themselves",
-      "are not redistributed. Licences as stated in each Debian package's copyright file.",
-      "",
-      "| # | typeface | file (face index in a collection) | Debian package | licence | images |",
-      "|---|---|---|---|---|---|",
+    "# Typefaces of the embedded glyph dataset",
+    "",
+    "`glyphs.npz` holds renders of JIS X 0208 level-1 kanji (each character a class,",
+    "each typeface one image), made by `scripts/build_glyphs.py` with:",
+    "",
+    f"    python scripts/build_glyphs.py --charset {args.charset} --size {args.size} "
+    f"--min_faces {args.min_faces} --max_faces {args.max_faces} "
+    f"--dup_threshold {args.dup_threshold} --num_train_classes {args.num_train_classes} "
+    f"--bits {args.bits} --seed {args.seed}",
+    "",
+    f"{len(data['chars'])} classes ({int((np.bincount(data['labels'][data['split'] == 0]) > 0).sum())}"
+    f" train / {int((np.bincount(data['labels'][data['split'] == 1]) > 0).sum())} test), "
+    f"{len(data['labels'])} images of {args.size}x{args.size} grey levels "
+    f"({args.bits}-bit). Glyph images rendered from the fonts below; the fonts themselves",
+    "are not redistributed. Licences as stated in each Debian package's copyright file.",
+    "",
+    "| # | typeface | file (face index in a collection) | Debian package | licence | images |",
+    "|---|---|---|---|---|---|",
   ]
   for i, (name, fpath) in enumerate(zip(data["face_names"], data["face_paths"])):
     pkg = debian_package(str(fpath))
     fname = os.path.basename(str(fpath))
     if fname.lower().endswith((".ttc", ".otc")):
       fname += f" ({int(data['face_indices'][i])})"
-    lines.append(f"| {i} | {name} | {fname} | {pkg} | "
-                 f"{debian_licences(pkg) if pkg != '?' else '?'} | {counts.get(i, 0)} |")
-  lines += ["", "The encoder pretrained on a disjoint corpus of level-2 kanji "
-            "(`pretrained_small_cnn32.msgpack`, issue 11's paper regime): see PRETRAINED.md."]
+    lines.append(
+      f"| {i} | {name} | {fname} | {pkg} | "
+      f"{debian_licences(pkg) if pkg != '?' else '?'} | {counts.get(i, 0)} |"
+    )
+  lines += [
+    "",
+    "The encoder pretrained on a disjoint corpus of level-2 kanji "
+    "(`pretrained_small_cnn32.msgpack`, issue 11's paper regime): see PRETRAINED.md.",
+  ]
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--font_dir", action="append", default=None,
-                 help="font folder or file (repeatable); default /usr/share/fonts")
-  p.add_argument("--exclude", default="KanjiStrokeOrders",
-                 help="regex; faces whose name matches are skipped (stroke-order numbers "
-                      "are annotations, not a typeface)")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--font_dir",
+    action="append",
+    default=None,
+    help="font folder or file (repeatable); default /usr/share/fonts",
+  )
+  p.add_argument(
+    "--exclude",
+    default="KanjiStrokeOrders",
+    help="regex; faces whose name matches are skipped (stroke-order numbers "
+    "are annotations, not a typeface)",
+  )
   p.add_argument("--charset", default="jis1")
   p.add_argument("--size", type=int, default=32)
   p.add_argument("--margin", type=int, default=2)
@@ -112,10 +126,12 @@ def main(argv=None):
   p.add_argument("--bits", type=int, default=4, choices=(4, 8))
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=glyphs.DATA_FILE)
-  p.add_argument("--fonts_md", default=os.path.join(os.path.dirname(glyphs.DATA_FILE),
-                                                    "FONTS.md"))
-  p.add_argument("--tfds_data_dir", default=None,
-                 help="also write a tfds dataset 'glyphs' here (xbm_jax.data.writer)")
+  p.add_argument("--fonts_md", default=os.path.join(os.path.dirname(glyphs.DATA_FILE), "FONTS.md"))
+  p.add_argument(
+    "--tfds_data_dir",
+    default=None,
+    help="also write a tfds dataset 'glyphs' here (xbm_jax.data.writer)",
+  )
   args = p.parse_args(argv)
 
   chars = parse_charset(args.charset)
@@ -125,26 +141,40 @@ def main(argv=None):
     faces = [f for f in faces if not re.search(args.exclude, f.name)]
   faces = [f for f in faces if glyphs.render_face(f, chars[:8], size=args.size)[1].sum() >= 2]
   print(f"{len(chars)} characters, {len(faces)} candidate faces")
-  data = glyphs.build(faces, chars, size=args.size, margin=args.margin,
-                      min_faces=args.min_faces, max_faces=args.max_faces,
-                      num_train_classes=args.num_train_classes,
-                      dup_threshold=args.dup_threshold, sample_chars=args.sample_chars,
-                      seed=args.seed)
+  data = glyphs.build(
+    faces,
+    chars,
+    size=args.size,
+    margin=args.margin,
+    min_faces=args.min_faces,
+    max_faces=args.max_faces,
+    num_train_classes=args.num_train_classes,
+    dup_threshold=args.dup_threshold,
+    sample_chars=args.sample_chars,
+    seed=args.seed,
+  )
   glyphs.save(data, args.out, bits=args.bits)
   write_fonts_md(data, args.fonts_md, args)
-  print(f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB): "
-        f"{len(data['chars'])} classes, {len(data['labels'])} images; {args.fonts_md}")
+  print(
+    f"wrote {args.out} ({os.path.getsize(args.out) / 2**20:.2f} MiB): "
+    f"{len(data['chars'])} classes, {len(data['labels'])} images; {args.fonts_md}"
+  )
 
   if args.tfds_data_dir:
     from xbm_jax.data import writer  # pylint: disable=g-import-not-at-top
+
     splits = {}
     for split in glyphs.SPLITS:
       a = glyphs.load_arrays(split, args.out)
       rgb = np.repeat(a["images"], 3, axis=-1)  # writer stores RGB images
       splits[split] = [(im, int(lb), None) for im, lb in zip(rgb, a["labels"])]
-    writer.write_dataset("glyphs", args.tfds_data_dir, splits, overwrite=True,
-                         description="JIS level-1 kanji glyphs; label = class id "
-                                     "(index into glyphs.npz chars)")
+    writer.write_dataset(
+      "glyphs",
+      args.tfds_data_dir,
+      splits,
+      overwrite=True,
+      description="JIS level-1 kanji glyphs; label = class id (index into glyphs.npz chars)",
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
 
 Needs torch (pip install torch); the logic lives in xbm_jax/models/convert.py.
 """
+
 import argparse
 import sys
 
@@ -21,9 +22,11 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   variables = convert.convert_file(args.arch, args.torch_file, args.out)
   n = sum(v.size for c in variables.values() for v in _leaves(c))
-  print(f"wrote {args.out}: {args.arch} backbone, {n:,} values "
-        f"({len(list(_leaves(variables['params'])))} params arrays, "
-        f"{len(list(_leaves(variables['batch_stats'])))} batch_stats arrays)")
+  print(
+    f"wrote {args.out}: {args.arch} backbone, {n:,} values "
+    f"({len(list(_leaves(variables['params'])))} params arrays, "
+    f"{len(list(_leaves(variables['batch_stats'])))} batch_stats arrays)"
+  )
   return 0
 
 

@@ -3,6 +3,7 @@
 
     python scripts/export_params.py --workdir /tmp/glyphs_base --out glyphs_warm.msgpack
 """
+
 import argparse
 import os
 

@@ -12,6 +12,7 @@ named like splits, so a README.txt beside them is not a split).
 A mistake in the inputs prints one line and exits non-zero (--verbose: traceback).
 Read back with `xbm_jax.data.sources.load(name, split, data_dir)`.
 """
+
 import os
 import sys
 
@@ -20,31 +21,42 @@ from absl import app, flags, logging
 from xbm_jax.data import builders, writer
 from xbm_jax.data.builders import listfile
 
-_DATASET = flags.DEFINE_enum("dataset", None,
-                             list(builders.DATASETS) + list(builders.ALIASES),
-                             "Which dataset layout to read.")
-_MANUAL_DIR = flags.DEFINE_string("manual_dir", None,
-                                  "Folder holding the extracted archive.")
+_DATASET = flags.DEFINE_enum(
+  "dataset", None, list(builders.DATASETS) + list(builders.ALIASES), "Which dataset layout to read."
+)
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Folder holding the extracted archive.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Output root folder.")
 _NAME = flags.DEFINE_string("name", None, "Stored name (default: --dataset).")
-_ON_CORRUPT = flags.DEFINE_enum("on_corrupt", "fail", ["fail", "skip"],
-                                "What to do with a corrupt or missing image.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False,
-                               "Replace an existing prepared version.")
-_SPLITS = flags.DEFINE_list("splits", None, "listfile: the splits to read, e.g. "
-                            "train,test (default: the <split>.txt named like splits).")
+_ON_CORRUPT = flags.DEFINE_enum(
+  "on_corrupt", "fail", ["fail", "skip"], "What to do with a corrupt or missing image."
+)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing prepared version.")
+_SPLITS = flags.DEFINE_list(
+  "splits",
+  None,
+  "listfile: the splits to read, e.g. train,test (default: the <split>.txt named like splits).",
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for input errors.")
 flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
-USER_ERRORS = (builders.ListFileError, writer.CorruptImageError, FileExistsError,
-               FileNotFoundError, NotADirectoryError, ValueError)
+USER_ERRORS = (
+  builders.ListFileError,
+  writer.CorruptImageError,
+  FileExistsError,
+  FileNotFoundError,
+  NotADirectoryError,
+  ValueError,
+)
 
 
 def say_list_files(manual_dir: str) -> None:
   """Which list files a listfile dataset reads, and which it leaves alone."""
   lists, ignored = listfile.split_files(manual_dir, _SPLITS.value)
   if lists:
-    print("reading " + ", ".join(f"{s} <- {os.path.basename(p)}" for s, p in lists.items())
-          + (f"; ignoring {', '.join(ignored)}" if ignored else ""))
+    print(
+      "reading "
+      + ", ".join(f"{s} <- {os.path.basename(p)}" for s, p in lists.items())
+      + (f"; ignoring {', '.join(ignored)}" if ignored else "")
+    )
 
 
 def main(argv):
@@ -54,19 +66,28 @@ def main(argv):
   try:
     if builders.ALIASES.get(_DATASET.value, _DATASET.value) == builders.CUSTOM:
       say_list_files(manual_dir)
-    result = builders.prepare(_DATASET.value, manual_dir=manual_dir, data_dir=data_dir,
-                              name=_NAME.value, on_corrupt=_ON_CORRUPT.value,
-                              overwrite=_OVERWRITE.value, splits=_SPLITS.value)
+    result = builders.prepare(
+      _DATASET.value,
+      manual_dir=manual_dir,
+      data_dir=data_dir,
+      name=_NAME.value,
+      on_corrupt=_ON_CORRUPT.value,
+      overwrite=_OVERWRITE.value,
+      splits=_SPLITS.value,
+    )
   except USER_ERRORS as e:  # the message says it all; --verbose for the traceback
     if _VERBOSE.value:
       raise
     sys.exit(f"prepare_data: {type(e).__name__}: {e}")
   for split, n in result.num_examples.items():
     skipped = result.skipped[split]
-    logging.info("%s: %d images%s", split, n,
-                 f", {len(skipped)} corrupt skipped" if skipped else "")
-  print(f"prepared {result.path}: {result.num_examples}; skipped "
-        f"{ {s: len(v) for s, v in result.skipped.items()} }")
+    logging.info(
+      "%s: %d images%s", split, n, f", {len(skipped)} corrupt skipped" if skipped else ""
+    )
+  print(
+    f"prepared {result.path}: {result.num_examples}; skipped "
+    f"{ {s: len(v) for s, v in result.skipped.items()} }"
+  )
 
 
 if __name__ == "__main__":

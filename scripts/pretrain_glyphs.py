@@ -11,6 +11,7 @@ xbm_jax/data/glyphs_data/FONTS.md installed the first time (the corpus is render
       fonts-wqy-zenhei fonts-yozvox-yozfont-antique
   nice -n 10 python scripts/pretrain_glyphs.py      # writes glyphs_data/pretrained_small_cnn32.msgpack
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ OUT = os.path.join(os.path.dirname(glyphs.DATA_FILE), "pretrained_small_cnn32.ms
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--corpus", default=glyph_corpus.default_path())
   p.add_argument("--font_dir", action="append", default=None)
   p.add_argument("--rebuild", action="store_true", help="render the corpus even if cached")
@@ -47,22 +49,40 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.corpus), exist_ok=True)
     glyphs.save(data, args.corpus, bits=4)
   corpus = glyph_corpus.load(args.corpus)
-  print(f"corpus {args.corpus}: {len(corpus['chars'])} classes, {len(corpus['labels'])} "
-        f"images, {len(corpus['face_names'])} typefaces")
+  print(
+    f"corpus {args.corpus}: {len(corpus['chars'])} classes, {len(corpus['labels'])} "
+    f"images, {len(corpus['face_names'])} typefaces"
+  )
 
   cfg = glyph_config.get_config()
   print(f"args: {vars(args)}", flush=True)
   t0 = time.time()
-  result = pretrain.pretrain(corpus["images"], corpus["labels"], model_cfg=cfg.model,
-                             transform_cfg=cfg.input.transform.to_dict(),
-                             steps=args.steps, batch_size=args.batch_size,
-                             samples_per_class=args.samples_per_class, lr=args.lr,
-                             scale=args.scale, seed=args.seed)
+  result = pretrain.pretrain(
+    corpus["images"],
+    corpus["labels"],
+    model_cfg=cfg.model,
+    transform_cfg=cfg.input.transform.to_dict(),
+    steps=args.steps,
+    batch_size=args.batch_size,
+    samples_per_class=args.samples_per_class,
+    lr=args.lr,
+    scale=args.scale,
+    seed=args.seed,
+  )
   pretrain.export(result, args.out)
   step, loss, acc = result["history"][-1]
-  print(json.dumps({"out": args.out, "bytes": os.path.getsize(args.out), "steps": step,
-                    "final_loss": round(loss, 4), "final_train_acc": round(acc, 4),
-                    "seconds": round(time.time() - t0, 1)}))
+  print(
+    json.dumps(
+      {
+        "out": args.out,
+        "bytes": os.path.getsize(args.out),
+        "steps": step,
+        "final_loss": round(loss, 4),
+        "final_train_acc": round(acc, 4),
+        "seconds": round(time.time() - t0, 1),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

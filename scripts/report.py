@@ -6,6 +6,7 @@ writes loss/recall/drift/compare PNGs and report.md (per evaluator: R@1, R@K, MA
 the final loss terms and the training time of each run, labelled XBM or baseline from
 its config.json); see xbm_jax/insight/report.py.
 """
+
 import argparse
 import os
 import sys
@@ -16,18 +17,22 @@ from xbm_jax.insight.report import build_report  # noqa: E402
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", action="append", required=True,
-                        help="a run folder holding metrics.jsonl (repeat to overlay runs)")
-    parser.add_argument("--out", required=True, help="folder for the PNGs and report.md")
-    args = parser.parse_args(argv)
-    try:
-        written = build_report(args.workdir, args.out)
-    except FileNotFoundError as e:
-        parser.exit(2, f"error: {e}\n")
-    for kind, path in written.items():
-        print(f"{kind}: {path}")
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument(
+    "--workdir",
+    action="append",
+    required=True,
+    help="a run folder holding metrics.jsonl (repeat to overlay runs)",
+  )
+  parser.add_argument("--out", required=True, help="folder for the PNGs and report.md")
+  args = parser.parse_args(argv)
+  try:
+    written = build_report(args.workdir, args.out)
+  except FileNotFoundError as e:
+    parser.exit(2, f"error: {e}\n")
+  for kind, path in written.items():
+    print(f"{kind}: {path}")
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -1,4 +1,5 @@
 """NumPy loop-over-pairs oracles for the losses: the specification, written naively."""
+
 import math
 
 import numpy as np
@@ -25,8 +26,9 @@ def _valid(x, v):
   return np.ones(len(x), bool) if v is None else np.asarray(v, bool)
 
 
-def contrastive(q, ql, r, rl, qv=None, rv=None, margin=0.5, thr=1 - 1e-5, self_index=None,
-                reduction="paper"):
+def contrastive(
+  q, ql, r, rl, qv=None, rv=None, margin=0.5, thr=1 - 1e-5, self_index=None, reduction="paper"
+):
   qv, rv = _valid(q, qv), _valid(r, rv)
   total, active = 0.0, 0
   for i in range(len(q)):
@@ -41,8 +43,20 @@ def contrastive(q, ql, r, rl, qv=None, rv=None, margin=0.5, thr=1 - 1e-5, self_i
   return total / max(denom, 1)
 
 
-def multi_similarity(q, ql, r, rl, qv=None, rv=None, alpha=2.0, beta=40.0, lam=0.5,
-                     mining=0.1, thr=1 - 1e-5, reduction="paper"):
+def multi_similarity(
+  q,
+  ql,
+  r,
+  rl,
+  qv=None,
+  rv=None,
+  alpha=2.0,
+  beta=40.0,
+  lam=0.5,
+  mining=0.1,
+  thr=1 - 1e-5,
+  reduction="paper",
+):
   qv, rv = _valid(q, qv), _valid(r, rv)
   total, n = 0.0, 0
   for i in range(len(q)):
@@ -55,15 +69,18 @@ def multi_similarity(q, ql, r, rl, qv=None, rv=None, alpha=2.0, beta=40.0, lam=0
     posk = [s for s in pos if s - mining < max(neg)]
     if not negk or not posk:
       continue
-    total += (math.log(1 + sum(math.exp(-alpha * (s - lam)) for s in posk)) / alpha
-              + math.log(1 + sum(math.exp(beta * (s - lam)) for s in negk)) / beta)
+    total += (
+      math.log(1 + sum(math.exp(-alpha * (s - lam)) for s in posk)) / alpha
+      + math.log(1 + sum(math.exp(beta * (s - lam)) for s in negk)) / beta
+    )
     n += 1
   denom = qv.sum() if reduction == "paper" else n
   return total / max(denom, 1)
 
 
-def triplet(q, ql, r, rl, qv=None, rv=None, margin=0.1, mining="all", thr=1 - 1e-5,
-            reduction="paper"):
+def triplet(
+  q, ql, r, rl, qv=None, rv=None, margin=0.1, mining="all", thr=1 - 1e-5, reduction="paper"
+):
   qv, rv = _valid(q, qv), _valid(r, rv)
   total, active = 0.0, 0
   for i in range(len(q)):

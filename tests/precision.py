@@ -14,6 +14,7 @@ HIGHEST gets its operands rounded to `mantissa_bits` first. Nested jaxprs
 hidden inside a jitted helper is caught too. Call it inside `shard_map` to
 emulate a per-device loss body (its collectives are bound as they are).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,11 +75,11 @@ def _eval(jaxpr, consts, args, rnd, seen):
   return [read(v) for v in jaxpr.outvars]
 
 
-def emulate(fn, bits: int = TF32_BITS, *, truncate: bool = False,
-            seen: list | None = None):
+def emulate(fn, bits: int = TF32_BITS, *, truncate: bool = False, seen: list | None = None):
   """`fn` with reduced-precision float32 dots (see module doc). The precision
   of every dot evaluated is appended to `seen` if given (an emulation that
   never meets a dot would pass vacuously: tests check `seen`)."""
+
   def rnd(x):
     return round_mantissa(x, bits, truncate)
 
@@ -87,6 +88,7 @@ def emulate(fn, bits: int = TF32_BITS, *, truncate: bool = False,
     flat = jax.tree.leaves(args)
     outs = _eval(closed.jaxpr, closed.consts, flat, rnd, seen if seen is not None else [])
     return jax.tree.unflatten(jax.tree.structure(shape), outs)
+
   return wrapped
 
 

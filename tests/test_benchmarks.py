@@ -1,5 +1,6 @@
 """The GPU suite's smoke mode runs end to end on CPU (tiny sizes), and its glyph check
 tells matching first losses from different ones."""
+
 import os
 import sys
 
@@ -23,11 +24,12 @@ def test_smoke_sections_run_and_fill_the_table(capsys):
 @pytest.mark.parametrize("scale,want", [(1.0, "match"), (1.001, "match"), (1.1, "DIFFER")])
 def test_glyph_check_compares_against_the_recorded_reference(monkeypatch, scale, want):
   import json  # pylint: disable=g-import-not-at-top
+
   with open(gpu_suite.REFERENCE) as f:
     ref = json.load(f)["losses"]
   assert len(ref) >= gpu_suite.SMOKE["glyph_steps"]
   got = [v * scale for v in ref]
-  got[-1] = ref[-1]                      # a single differing step is enough to fail
+  got[-1] = ref[-1]  # a single differing step is enough to fail
   got[0] = ref[0] * scale
   monkeypatch.setattr(gpu_suite, "glyph_losses", lambda steps: got[:steps])
   rows = []

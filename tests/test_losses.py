@@ -1,4 +1,5 @@
 """Losses against NumPy loops over pairs: values, gradients, masks, bf16, B=1."""
+
 import functools
 
 import jax
@@ -24,22 +25,28 @@ def labeled(rng, n, d, n_classes, valid_frac=None):
 
 
 def as_set(emb, labels, valid=None):
-  return xbm_jax.Embeddings(jnp.asarray(emb), jnp.asarray(labels),
-                            None if valid is None else jnp.asarray(valid))
+  return xbm_jax.Embeddings(
+    jnp.asarray(emb), jnp.asarray(labels), None if valid is None else jnp.asarray(valid)
+  )
 
 
 CASES = [  # (loss name, jax kwargs, oracle)
-    ("contrastive", {}, oracle.contrastive),
-    ("contrastive", {"reduction": "mean"},
-     functools.partial(oracle.contrastive, reduction="mean")),
-    ("multi_similarity", {}, oracle.multi_similarity),
-    ("multi_similarity", {"reduction": "mean"},
-     functools.partial(oracle.multi_similarity, reduction="mean")),
-    ("triplet", {"mining": "all"}, functools.partial(oracle.triplet, mining="all")),
-    ("triplet", {"mining": "hard"}, functools.partial(oracle.triplet, mining="hard")),
-    ("triplet", {"mining": "semihard"}, functools.partial(oracle.triplet, mining="semihard")),
-    ("triplet", {"mining": "all", "reduction": "mean"},
-     functools.partial(oracle.triplet, mining="all", reduction="mean")),
+  ("contrastive", {}, oracle.contrastive),
+  ("contrastive", {"reduction": "mean"}, functools.partial(oracle.contrastive, reduction="mean")),
+  ("multi_similarity", {}, oracle.multi_similarity),
+  (
+    "multi_similarity",
+    {"reduction": "mean"},
+    functools.partial(oracle.multi_similarity, reduction="mean"),
+  ),
+  ("triplet", {"mining": "all"}, functools.partial(oracle.triplet, mining="all")),
+  ("triplet", {"mining": "hard"}, functools.partial(oracle.triplet, mining="hard")),
+  ("triplet", {"mining": "semihard"}, functools.partial(oracle.triplet, mining="semihard")),
+  (
+    "triplet",
+    {"mining": "all", "reduction": "mean"},
+    functools.partial(oracle.triplet, mining="all", reduction="mean"),
+  ),
 ]
 
 
@@ -77,11 +84,12 @@ def test_gradient_matches_finite_differences(name, kwargs, ref):
   r, rl, rv = labeled(rng, 14, 3, 3, valid_frac=0.8)
   with jax.enable_x64(True):
     f = lambda e: losses.get(name)(
-        xbm_jax.Embeddings(e, jnp.asarray(ql), jnp.asarray(qv)), as_set(r, rl, rv), **kwargs)
+      xbm_jax.Embeddings(e, jnp.asarray(ql), jnp.asarray(qv)), as_set(r, rl, rv), **kwargs
+    )
     g = np.asarray(jax.grad(f)(jnp.asarray(q, jnp.float64)))
   h = 1e-6
   q64 = q.astype(np.float64)
-  for (i, k) in [(0, 0), (1, 2), (3, 1), (5, 0), (2, 2)]:
+  for i, k in [(0, 0), (1, 2), (3, 1), (5, 0), (2, 2)]:
     qp, qm = q64.copy(), q64.copy()
     qp[i, k] += h
     qm[i, k] -= h
@@ -95,12 +103,16 @@ def test_bfloat16_inputs(name, kwargs, ref):
   q, ql, _ = labeled(rng, 10, 8, 3)
   r, rl, rv = labeled(rng, 20, 8, 3, valid_frac=0.8)
   qb, rb = jnp.asarray(q, jnp.bfloat16), jnp.asarray(r, jnp.bfloat16)
-  got = losses.get(name)(xbm_jax.Embeddings(qb, jnp.asarray(ql)),
-                         xbm_jax.Embeddings(rb, jnp.asarray(rl), jnp.asarray(rv)), **kwargs)
+  got = losses.get(name)(
+    xbm_jax.Embeddings(qb, jnp.asarray(ql)),
+    xbm_jax.Embeddings(rb, jnp.asarray(rl), jnp.asarray(rv)),
+    **kwargs,
+  )
   assert got.dtype == jnp.float32
   # The oracle sees the same bf16-rounded vectors: the loss itself runs in f32.
-  want = ref(np.asarray(qb.astype(jnp.float32)), ql, np.asarray(rb.astype(jnp.float32)),
-             rl, None, rv)
+  want = ref(
+    np.asarray(qb.astype(jnp.float32)), ql, np.asarray(rb.astype(jnp.float32)), rl, None, rv
+  )
   np.testing.assert_allclose(float(got), want, rtol=1e-4, atol=1e-5)
 
 
@@ -121,18 +133,24 @@ def test_self_exclusion_by_index_vs_similarity():
   """'index' drops exactly the anchor's slot; 'similarity' drops every duplicate."""
   rng = np.random.default_rng(2)
   q, ql, _ = labeled(rng, 6, 4, 2)
-  r = np.concatenate([q, q[:2]])        # anchors 0 and 1 appear twice
+  r = np.concatenate([q, q[:2]])  # anchors 0 and 1 appear twice
   rl = np.concatenate([ql, ql[:2]])
   idx = np.arange(6, dtype=np.int32)
-  by_index = losses.contrastive(as_set(q, ql), as_set(r, rl), self_exclusion="index",
-                                self_index=jnp.asarray(idx))
+  by_index = losses.contrastive(
+    as_set(q, ql), as_set(r, rl), self_exclusion="index", self_index=jnp.asarray(idx)
+  )
   want = oracle.contrastive(q, ql, r, rl, self_index=idx)
   np.testing.assert_allclose(float(by_index), want, rtol=1e-5)
   by_sim = losses.contrastive(as_set(q, ql), as_set(r, rl))
   # The duplicates are positives at S = 1 under 'index' and add (1 - 1) = 0 terms,
   # so here the two rules agree in value but not in pair counts.
-  _, st_i = losses.contrastive(as_set(q, ql), as_set(r, rl), self_exclusion="index",
-                               self_index=jnp.asarray(idx), return_stats=True)
+  _, st_i = losses.contrastive(
+    as_set(q, ql),
+    as_set(r, rl),
+    self_exclusion="index",
+    self_index=jnp.asarray(idx),
+    return_stats=True,
+  )
   _, st_s = losses.contrastive(as_set(q, ql), as_set(r, rl), return_stats=True)
   assert int(st_i["pos_pairs"]) == int(st_s["pos_pairs"]) + 2
   np.testing.assert_allclose(float(by_sim), float(by_index), atol=1e-6)
@@ -167,19 +185,27 @@ def test_empty_reference_gives_zero_loss_and_finite_grad():
 def test_bad_input_errors():
   e = jnp.zeros((4, 8))
   with pytest.raises(ValueError, match="labels"):
-    losses.contrastive(xbm_jax.Embeddings(e, jnp.zeros((3,), jnp.int32)),
-                       xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)))
+    losses.contrastive(
+      xbm_jax.Embeddings(e, jnp.zeros((3,), jnp.int32)),
+      xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)),
+    )
   with pytest.raises(TypeError, match="integers"):
-    losses.contrastive(xbm_jax.Embeddings(e, jnp.zeros((4,))),
-                       xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)))
+    losses.contrastive(
+      xbm_jax.Embeddings(e, jnp.zeros((4,))), xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32))
+    )
   with pytest.raises(ValueError, match="dim"):
-    losses.contrastive(xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)),
-                       xbm_jax.Embeddings(jnp.zeros((4, 5)), jnp.zeros((4,), jnp.int32)))
+    losses.contrastive(
+      xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)),
+      xbm_jax.Embeddings(jnp.zeros((4, 5)), jnp.zeros((4,), jnp.int32)),
+    )
   with pytest.raises(ValueError, match="unknown loss"):
     losses.get("arcface")
   with pytest.raises(ValueError, match="mining"):
-    losses.triplet(xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)),
-                   xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)), mining="easy")
+    losses.triplet(
+      xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)),
+      xbm_jax.Embeddings(e, jnp.zeros((4,), jnp.int32)),
+      mining="easy",
+    )
 
 
 def test_bf16_memory_never_keeps_the_anchors_own_slot():

@@ -1,4 +1,5 @@
 """The ring buffer against a Python list model; the XBM total-loss helper."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +38,7 @@ def test_ring_buffer_matches_list_model(size, batch):
   mem = memory.init(size=size, dim=4)
   model = ListModel(size)
   enqueue = jax.jit(memory.enqueue)
-  for _ in range(3 * size // batch + 2):   # several wrap-arounds
+  for _ in range(3 * size // batch + 2):  # several wrap-arounds
     emb = rng.normal(size=(batch, 4)).astype(np.float32)
     labels = rng.integers(0, 3, size=batch)  # label 0 is ordinary
     mem = enqueue(mem, xbm_jax.Embeddings(jnp.asarray(emb), jnp.asarray(labels)))
@@ -66,7 +67,7 @@ def test_invalid_rows_take_slots_but_stay_invalid():
 def test_when_false_leaves_memory_unchanged_in_one_program():
   mem = memory.init(size=8, dim=3)
   b = xbm_jax.Embeddings(jnp.ones((3, 3)), jnp.arange(3))
-  traces = []   # the Python body runs once per compilation
+  traces = []  # the Python body runs once per compilation
   f = jax.jit(lambda m, w: traces.append(1) or memory.enqueue(m, b, when=w))
   same = f(mem, False)
   jax.tree.map(np.testing.assert_array_equal, same, mem)
@@ -77,10 +78,12 @@ def test_when_false_leaves_memory_unchanged_in_one_program():
 
 def test_stop_gradient_and_dtype():
   mem = memory.init(size=4, dim=2, dtype=jnp.bfloat16)
+
   def f(e):
     m = memory.enqueue(mem, xbm_jax.Embeddings(e, jnp.arange(2)))
     assert m.emb.dtype == jnp.bfloat16
     return jnp.sum(m.emb.astype(jnp.float32))
+
   assert np.all(np.asarray(jax.grad(f)(jnp.ones((2, 2)))) == 0)
 
 
@@ -105,8 +108,9 @@ def unit_batch(seed, b=8, d=16, classes=3):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(b, d))
   x /= np.linalg.norm(x, axis=1, keepdims=True)
-  return xbm_jax.Embeddings(jnp.asarray(x, jnp.float32),
-                            jnp.asarray(rng.integers(0, classes, b), jnp.int32))
+  return xbm_jax.Embeddings(
+    jnp.asarray(x, jnp.float32), jnp.asarray(rng.integers(0, classes, b), jnp.int32)
+  )
 
 
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
@@ -122,7 +126,7 @@ def test_start_rule_matches_the_reference_iteration_count():
   """The reference: `iteration += 1; if iteration > START_ITERATION: use memory`."""
   start = 3
   uses, iteration = [], 0
-  for step in range(6):   # 0-based update index, as TrainState.step
+  for step in range(6):  # 0-based update index, as TrainState.step
     iteration += 1
     uses.append(iteration > start)
     assert memory.active(step, start) == uses[-1]
@@ -138,16 +142,16 @@ def test_total_loss_gates_on_start_step_and_compiles_once():
 
   @jax.jit
   def step(e, mem, t):
-    traces.append(1)   # once per compilation
+    traces.append(1)  # once per compilation
     q = xbm_jax.Embeddings(e, b.labels)
     return losses.xbm_total_loss(q, q, mem, step=t, start_step=5, weight=0.5)
 
   loss, mem1, aux = step(b.emb, mem0, 4)
   in_batch = float(losses.contrastive(b, b))
-  np.testing.assert_allclose(float(loss), in_batch, rtol=1e-6)   # memory off
+  np.testing.assert_allclose(float(loss), in_batch, rtol=1e-6)  # memory off
   assert int(mem1.ptr) == 0 and float(aux["xbm_weight"]) == 0.0
   loss, mem2, aux = step(b.emb, mem0, 5)
-  assert int(mem2.ptr) == 8                                      # enqueued first
+  assert int(mem2.ptr) == 8  # enqueued first
   mem_only = float(losses.contrastive(b, memory.enqueue(mem0, b)))
   np.testing.assert_allclose(float(loss), in_batch + 0.5 * mem_only, rtol=1e-6)
   np.testing.assert_allclose(float(aux["loss_xbm"]), mem_only, rtol=1e-6)
@@ -169,5 +173,6 @@ def test_total_loss_gradients_memory_term_to_anchors_only():
     m = memory.enqueue(mem, xbm_jax.Embeddings(jax.lax.stop_gradient(e), b.labels))
     return losses.contrastive(q, q) + losses.contrastive(q, m)
 
-  np.testing.assert_allclose(np.asarray(jax.grad(total)(b.emb)),
-                             np.asarray(jax.grad(by_hand)(b.emb)), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    np.asarray(jax.grad(total)(b.emb)), np.asarray(jax.grad(by_hand)(b.emb)), rtol=1e-5, atol=1e-7
+  )

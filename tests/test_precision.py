@@ -5,6 +5,7 @@ and the TPU's bf16 products are emulated (`tests/precision.py`): every dot
 not at `Precision.HIGHEST` gets its operands' mantissas rounded. Oracles: a
 NumPy count of same-label, non-self pairs, and the loss computed exactly.
 """
+
 import functools
 
 import jax
@@ -18,10 +19,12 @@ from xbm_jax.embeddings import Embeddings
 from tests import precision as prec
 
 N, AX = 8, "data"
-G, D = 64, 128          # the issue's case: 64 unit rows of 128 features
-EMULATIONS = {"tf32_truncate": (prec.TF32_BITS, True),
-              "tf32_nearest": (prec.TF32_BITS, False),
-              "bf16": (prec.BF16_BITS, False)}
+G, D = 64, 128  # the issue's case: 64 unit rows of 128 features
+EMULATIONS = {
+  "tf32_truncate": (prec.TF32_BITS, True),
+  "tf32_nearest": (prec.TF32_BITS, False),
+  "bf16": (prec.BF16_BITS, False),
+}
 LOSSES = [("contrastive", {}), ("multi_similarity", {}), ("triplet", {"mining": "hard"})]
 
 
@@ -42,7 +45,7 @@ def _same_label_pairs(q_labels, r_labels, self_pairs):
 @pytest.mark.parametrize("truncate", [False, True])
 @pytest.mark.parametrize("bits", [prec.TF32_BITS, prec.BF16_BITS])
 def test_round_mantissa_matches_numpy(bits, truncate):
-  x = np.concatenate([_unit_rows(0).ravel(), np.float32([1.0, -3.0, 1 + 2 ** -11, 0.0])])
+  x = np.concatenate([_unit_rows(0).ravel(), np.float32([1.0, -3.0, 1 + 2**-11, 0.0])])
   got = np.asarray(prec.round_mantissa(jnp.asarray(x), bits, truncate))
   np.testing.assert_array_equal(got, prec.np_round_mantissa(x, bits, truncate))
   assert np.any(got != x)
@@ -69,22 +72,24 @@ def test_losses_keep_self_pairs_excluded(emu, name, kw):
   enqueue): the emulated loss equals the exact one, pair counts included."""
   bits, truncate = EMULATIONS[emu]
   e, labels = jnp.asarray(_unit_rows(2)), _labels(2)
-  mem = memory.enqueue(memory.init(size=2 * G, dim=D),
-                       Embeddings(jnp.asarray(_unit_rows(3)), jnp.asarray(_labels(3))))
+  mem = memory.enqueue(
+    memory.init(size=2 * G, dim=D), Embeddings(jnp.asarray(_unit_rows(3)), jnp.asarray(_labels(3)))
+  )
   mem = memory.enqueue(mem, Embeddings(e, jnp.asarray(labels)))
 
   def f(e_):
     batch = Embeddings(e_, jnp.asarray(labels))
-    return (losses.get(name)(batch, batch, return_stats=True, **kw),
-            losses.get(name)(batch, mem, return_stats=True, **kw))
+    return (
+      losses.get(name)(batch, batch, return_stats=True, **kw),
+      losses.get(name)(batch, mem, return_stats=True, **kw),
+    )
 
   seen = []
   got = prec.emulate(f, bits, truncate=truncate, seen=seen)(e)
   want = f(e)
   assert len(seen) == 2 and all(s is not None for s in seen), seen
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=f"{name} {emu}"),
-               got, want)
-  if name == "contrastive":   # every positive pair is active: count them
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=f"{name} {emu}"), got, want)
+  if name == "contrastive":  # every positive pair is active: count them
     n_pos = _same_label_pairs(labels, labels, G)
     assert int(got[0][1]["pos_pairs"]) == n_pos
     mem_labels = np.asarray(mem.labels)
@@ -100,17 +105,17 @@ def mesh():
 @functools.lru_cache(maxsize=None)
 def _sharded(mesh, name, kw_items, bits, truncate):
   """Per-device `(loss, stats)` of the sharded loss, its body emulated."""
-  fn = functools.partial(losses.get(name), axis_name=AX, return_stats=True,
-                         **dict(kw_items))
+  fn = functools.partial(losses.get(name), axis_name=AX, return_stats=True, **dict(kw_items))
 
   def body(e, l, mem):
-    loss, stats = prec.emulate(lambda e_: fn(Embeddings(e_, l), mem), bits,
-                               truncate=truncate)(e)
+    loss, stats = prec.emulate(lambda e_: fn(Embeddings(e_, l), mem), bits, truncate=truncate)(e)
     return loss[None], jax.tree.map(lambda x: x[None], stats)
 
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(AX), P(AX),
-                                                          sharded_memory.specs(AX)),
-                               out_specs=P(AX)))
+  return jax.jit(
+    jax.shard_map(
+      body, mesh=mesh, in_specs=(P(AX), P(AX), sharded_memory.specs(AX)), out_specs=P(AX)
+    )
+  )
 
 
 @pytest.mark.parametrize("emu", ["tf32_truncate", "bf16"])
@@ -122,20 +127,24 @@ def test_sharded_losses_keep_self_pairs_excluded(mesh, emu, name, kw):
   e, labels = _unit_rows(4), _labels(4)
   perm = np.random.default_rng(5).permutation(G)
   mem = sharded_memory.init(size=G, dim=D, n_shards=N)._replace(
-      emb=jnp.asarray(e[perm]), labels=jnp.asarray(labels[perm]),
-      valid=jnp.ones((G,), bool))
+    emb=jnp.asarray(e[perm]), labels=jnp.asarray(labels[perm]), valid=jnp.ones((G,), bool)
+  )
   mem = sharded_memory.put(mem, mesh)
   split = lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, P(AX)))
-  per, stats = jax.device_get(_sharded(mesh, name, tuple(kw.items()), bits, truncate)(
-      split(jnp.asarray(e)), split(jnp.asarray(labels)), mem))
+  per, stats = jax.device_get(
+    _sharded(mesh, name, tuple(kw.items()), bits, truncate)(
+      split(jnp.asarray(e)), split(jnp.asarray(labels)), mem
+    )
+  )
   full = Embeddings(jnp.asarray(e[perm]), jnp.asarray(labels[perm]))
   b = G // N
   for d in range(N):
-    q = Embeddings(jnp.asarray(e[d * b:(d + 1) * b]), jnp.asarray(labels[d * b:(d + 1) * b]))
+    q = Embeddings(jnp.asarray(e[d * b : (d + 1) * b]), jnp.asarray(labels[d * b : (d + 1) * b]))
     want_loss, want_stats = losses.get(name)(q, full, return_stats=True, **kw)
     np.testing.assert_allclose(per[d], want_loss, rtol=1e-5, err_msg=f"{name} dev {d}")
     for k, v in want_stats.items():
-      np.testing.assert_allclose(stats[k][d], v, rtol=1e-5, atol=1e-6,
-                                 err_msg=f"{name} {k} dev {d}")
+      np.testing.assert_allclose(
+        stats[k][d], v, rtol=1e-5, atol=1e-6, err_msg=f"{name} {k} dev {d}"
+      )
   if name == "contrastive":
     assert int(np.sum(stats["pos_pairs"])) == _same_label_pairs(labels, labels, G)

@@ -4,6 +4,7 @@ Oracles: the replicated losses of `xbm_jax.losses` on the global array of the
 sharded memory (an independent algorithm: one device, no collectives), a
 Python-list ring buffer, and a training run with a replicated memory.
 """
+
 import functools
 
 import jax
@@ -17,11 +18,11 @@ from xbm_jax import losses, memory, sharded_memory
 from xbm_jax.embeddings import Embeddings, l2_normalize
 from xbm_jax.memory import MemoryState
 
-N = 8            # devices
-B = 2            # local batch
-G = N * B        # global batch
+N = 8  # devices
+B = 2  # local batch
+G = N * B  # global batch
 D = 8
-SIZE = 32        # k = 4 rows per shard
+SIZE = 32  # k = 4 rows per shard
 K = SIZE // N
 AX = "data"
 
@@ -46,12 +47,17 @@ def _batch(rng, n, *, n_labels=4, invalid=()):
   return Embeddings(emb, labels, jnp.asarray(valid))
 
 
-@functools.lru_cache(maxsize=None)   # one compile per mesh for the whole file
+@functools.lru_cache(maxsize=None)  # one compile per mesh for the whole file
 def _enqueue_fn(mesh):
   spec = sharded_memory.specs(AX)
-  return jax.jit(jax.shard_map(
+  return jax.jit(
+    jax.shard_map(
       lambda m, e, l, v: sharded_memory.enqueue_local(m, Embeddings(e, l, v)),
-      mesh=mesh, in_specs=(spec, P(AX), P(AX), P(AX)), out_specs=spec))
+      mesh=mesh,
+      in_specs=(spec, P(AX), P(AX), P(AX)),
+      out_specs=spec,
+    )
+  )
 
 
 def _memories(mesh):
@@ -81,21 +87,25 @@ def _memories(mesh):
   labels[K + 1] = labels[K + 2] = labels[5 * K + 2] = labels[2]
   # Half the anchors ARE entry 2 but with another label: its 4 copies (shard
   # 0, shard 1 twice, shard 5) tie as the hardest negative; the others are entry 9.
-  tied = Embeddings(jnp.asarray(emb[[2, 9]]).repeat(G // 2, 0),
-                    jnp.asarray([(labels[2] + 1) % 4, labels[9]]).repeat(G // 2, 0), q.valid)
-  out["ties"] = _split((m._replace(emb=jnp.asarray(emb), labels=jnp.asarray(labels)),
-                        tied, slots), mesh)
+  tied = Embeddings(
+    jnp.asarray(emb[[2, 9]]).repeat(G // 2, 0),
+    jnp.asarray([(labels[2] + 1) % 4, labels[9]]).repeat(G // 2, 0),
+    q.valid,
+  )
+  out["ties"] = _split(
+    (m._replace(emb=jnp.asarray(emb), labels=jnp.asarray(labels)), tied, slots), mesh
+  )
   return out
 
 
 CASES = [  # each options value is covered at least once (compiles are the cost)
-    ("contrastive", dict()),
-    ("contrastive", dict(reduction="mean", self_exclusion="index")),
-    ("multi_similarity", dict(reduction="mean", self_exclusion="none")),
-    ("multi_similarity", dict(self_exclusion="index", beta=10.0)),
-    ("triplet", dict(mining="hard", reduction="mean", self_exclusion="index")),
-    ("triplet", dict(mining="all", margin=0.3)),
-    ("triplet", dict(mining="semihard", reduction="mean", self_exclusion="none", margin=0.3)),
+  ("contrastive", dict()),
+  ("contrastive", dict(reduction="mean", self_exclusion="index")),
+  ("multi_similarity", dict(reduction="mean", self_exclusion="none")),
+  ("multi_similarity", dict(self_exclusion="index", beta=10.0)),
+  ("triplet", dict(mining="hard", reduction="mean", self_exclusion="index")),
+  ("triplet", dict(mining="all", margin=0.3)),
+  ("triplet", dict(mining="semihard", reduction="mean", self_exclusion="none", margin=0.3)),
 ]
 
 
@@ -110,6 +120,7 @@ def _sharded_fns(mesh, name, kw, *, inbody=False):
     def local(e_):
       loss, stats = fn(Embeddings(e_, l, v), mem, self_index=idx, return_stats=True)
       return loss * w[0], stats
+
     if inbody:
       (loss, stats), g = jax.value_and_grad(local, has_aux=True)(e)
       return loss[None], jax.tree.map(lambda x: x[None], stats), g
@@ -123,9 +134,10 @@ def _sharded_fns(mesh, name, kw, *, inbody=False):
   @jax.jit
   def f(e, l, v, idx, mem, w):
     (_, (per, stats)), grad = jax.value_and_grad(
-        lambda e_: (lambda o: (jnp.sum(o[0]), o))(run(e_, l, v, idx, mem, w)),
-        has_aux=True)(e)
+      lambda e_: (lambda o: (jnp.sum(o[0]), o))(run(e_, l, v, idx, mem, w)), has_aux=True
+    )(e)
     return per, stats, grad
+
   return f
 
 
@@ -136,21 +148,24 @@ def _replicated_fn(name, kw):
   @jax.jit
   def f(e, l, v, idx, mem, w):
     full = Embeddings(mem.emb, mem.labels, mem.valid)
-    per_dev = jax.vmap(lambda e_, l_, v_, i_: fn(Embeddings(e_, l_, v_), full, self_index=i_,
-                                                 return_stats=True))
+    per_dev = jax.vmap(
+      lambda e_, l_, v_, i_: fn(Embeddings(e_, l_, v_), full, self_index=i_, return_stats=True)
+    )
     split = lambda x: x.reshape((N, B) + x.shape[1:])
+
     def total(e_):
       per, stats = per_dev(split(e_), split(l), split(v), split(idx))
       return jnp.sum(per * w), (per * w, stats)
+
     (_, (per, stats)), grad = jax.value_and_grad(total, has_aux=True)(e)
     return per, stats, grad
+
   return f
 
 
 def _compare(mesh, memories, name, kw, *, inbody=False):
   sharded, replicated = _sharded_fns(mesh, name, kw, inbody=inbody), _replicated_fn(name, kw)
-  w = _split(jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, size=N), jnp.float32),
-             mesh)
+  w = _split(jnp.asarray(np.random.default_rng(1).uniform(0.5, 2.0, size=N), jnp.float32), mesh)
   nonzero = 0
   for state, (mem, q, slots) in memories.items():
     args = (q.emb, q.labels, q.valid, slots, mem, w)
@@ -159,8 +174,9 @@ def _compare(mesh, memories, name, kw, *, inbody=False):
     msg = f"{name} {kw} memory={state}"
     np.testing.assert_allclose(per, r_per, rtol=2e-5, atol=1e-6, err_msg=msg)
     for key in r_stats:
-      np.testing.assert_allclose(stats[key], r_stats[key], rtol=2e-5, atol=1e-6,
-                                 err_msg=f"{msg} stat {key}")
+      np.testing.assert_allclose(
+        stats[key], r_stats[key], rtol=2e-5, atol=1e-6, err_msg=f"{msg} stat {key}"
+      )
     np.testing.assert_allclose(grad, r_grad, rtol=2e-5, atol=1e-6, err_msg=msg + " grad")
     nonzero += int(np.any(np.asarray(r_per) != 0)) + int(np.any(np.asarray(r_grad) != 0))
     if state == "empty":
@@ -179,7 +195,7 @@ def test_sharded_loss_equals_replicated(mesh, memories, name, kw):
   _compare(mesh, memories, name, kw)
 
 
-INBODY = [("multi_similarity", dict())]   # triplet "hard": see the training test
+INBODY = [("multi_similarity", dict())]  # triplet "hard": see the training test
 
 
 @pytest.mark.parametrize("name,kw", INBODY, ids=[f"{n}-{kw}" for n, kw in INBODY])
@@ -208,11 +224,16 @@ def test_enqueue_local_is_a_ring_per_shard(mesh):
   `when=False` leaves it untouched, and invalid rows take a slot."""
   rng = np.random.default_rng(2)
   spec = sharded_memory.specs(AX)
-  enq = jax.jit(jax.shard_map(
+  enq = jax.jit(
+    jax.shard_map(
       lambda m, e, l, v, w: sharded_memory.enqueue_local(m, Embeddings(e, l, v), when=w),
-      mesh=mesh, in_specs=(spec, P(AX), P(AX), P(AX), P()), out_specs=spec))
+      mesh=mesh,
+      in_specs=(spec, P(AX), P(AX), P(AX), P()),
+      out_specs=spec,
+    )
+  )
   mem = sharded_memory.put(sharded_memory.init(size=SIZE, dim=D, n_shards=N), mesh)
-  rings = [[None] * K for _ in range(N)]   # (label, valid) per slot
+  rings = [[None] * K for _ in range(N)]  # (label, valid) per slot
   ptrs = [0] * N
   for i, batch in enumerate(_stream(rng, 5, N, B)):
     when = i != 2
@@ -276,7 +297,7 @@ def test_reshard_keeps_entries_and_evicts_oldest_first(mesh, n_new):
   rng = np.random.default_rng(4)
   old = sharded_memory.put(sharded_memory.init(size=SIZE, dim=D, n_shards=N), mesh)
   enq = _enqueue_fn(mesh)
-  for batch in _stream(rng, 3, N, B):          # wrapped once (2 steps fill it)
+  for batch in _stream(rng, 3, N, B):  # wrapped once (2 steps fill it)
     old = enq(old, *_split(batch, mesh))
   saved = {k: np.asarray(v) for k, v in jax.device_get(old)._asdict().items()}
   new = sharded_memory.reshard(saved, n_new)
@@ -288,19 +309,22 @@ def test_reshard_keeps_entries_and_evicts_oldest_first(mesh, n_new):
   mesh_new = jax.make_mesh((n_new,), (AX,), devices=jax.devices()[:n_new])
   new = sharded_memory.put(new, mesh_new)
   enq_new = _enqueue_fn(mesh_new)
-  b_new = G // n_new // 2                        # 8 rows per step, whatever n_new
+  b_new = G // n_new // 2  # 8 rows per step, whatever n_new
   later = _stream(rng, 2, n_new, b_new, start=3)
   for batch in later:
     new = enq_new(new, *_split(batch, mesh_new))
   kept = _entries(new)
-  written = {int(l) for bt in _stream(np.random.default_rng(4), 3, N, B) + later
-             for l, v in zip(bt.labels, bt.valid)}
+  written = {
+    int(l)
+    for bt in _stream(np.random.default_rng(4), 3, N, B) + later
+    for l, v in zip(bt.labels, bt.valid)
+  }
   evicted = written - set(int(l) for bt in later for l in bt.labels) - kept.keys()
-  for bt in later:                               # every new valid row is in
+  for bt in later:  # every new valid row is in
     assert {int(l) for l, v in zip(bt.labels, bt.valid) if v} <= kept.keys()
-  if evicted:                                    # oldest steps out first
+  if evicted:  # oldest steps out first
     assert max(evicted) // 1000 <= min(kept) // 1000
-  if n_new == N:                                 # transparent: same as not resharding
+  if n_new == N:  # transparent: same as not resharding
     for batch in later:
       old = enq(old, *_split(batch, mesh))
     assert _entries(old).keys() == kept.keys()
@@ -310,11 +334,11 @@ def test_reshard_partly_filled_writes_empty_slots_first(mesh):
   rng = np.random.default_rng(5)
   old = sharded_memory.put(sharded_memory.init(size=SIZE, dim=D, n_shards=N), mesh)
   batch = _stream(rng, 1, N, B)[0]._replace(valid=jnp.ones((G,), bool))
-  old = _enqueue_fn(mesh)(old, *_split(batch, mesh))          # 16 of 32 slots
+  old = _enqueue_fn(mesh)(old, *_split(batch, mesh))  # 16 of 32 slots
   new = sharded_memory.reshard(jax.device_get(old), 4)
   mesh4 = jax.make_mesh((4,), (AX,), devices=jax.devices()[:4])
   new = sharded_memory.put(new, mesh4)
-  for more in _stream(rng, 2, 4, 2, start=1):                  # 16 more rows
+  for more in _stream(rng, 2, 4, 2, start=1):  # 16 more rows
     new = _enqueue_fn(mesh4)(new, *_split(more._replace(valid=jnp.ones((8,), bool)), mesh4))
   assert set(np.asarray(batch.labels).tolist()) <= _entries(new).keys()
   assert np.all(np.asarray(new.valid))
@@ -366,35 +390,55 @@ def _train(mesh, sharding, loss_name, loss_kw, batches, *, steps=4, start_step=1
       # The replicated memory must stay device-invariant (out_specs P()): gather
       # the batch with a psum of one-hot placements, whose output is invariant.
       me = jax.lax.axis_index(AX)
-      place = lambda v: jax.lax.psum(jax.lax.dynamic_update_slice_in_dim(
-          jnp.zeros((G,) + v.shape[1:], v.dtype), v, me * B, axis=0), AX)
+      place = lambda v: jax.lax.psum(
+        jax.lax.dynamic_update_slice_in_dim(
+          jnp.zeros((G,) + v.shape[1:], v.dtype), v, me * B, axis=0
+        ),
+        AX,
+      )
       whole = Embeddings(place(l2_normalize(x @ params)), place(labels))
       mem = memory.enqueue(mem, whole, when=step >= start_step)
 
     def loss_fn(p):
       q = Embeddings(l2_normalize(x @ p), labels)
-      batch = Embeddings(jax.lax.all_gather(q.emb, AX, tiled=True),
-                         jax.lax.all_gather(labels, AX, tiled=True))
+      batch = Embeddings(
+        jax.lax.all_gather(q.emb, AX, tiled=True), jax.lax.all_gather(labels, AX, tiled=True)
+      )
       if sharding == "sharded":
-        return losses.xbm_total_loss(q, batch, mem, step=step, start_step=start_step,
-                                     loss=loss_name, axis_name=AX, **loss_kw)
-      return losses.xbm_total_loss(q, batch, mem, step=step, start_step=start_step,
-                                   loss=loss_name, enqueue=False, **loss_kw)
+        return losses.xbm_total_loss(
+          q, batch, mem, step=step, start_step=start_step, loss=loss_name, axis_name=AX, **loss_kw
+        )
+      return losses.xbm_total_loss(
+        q, batch, mem, step=step, start_step=start_step, loss=loss_name, enqueue=False, **loss_kw
+      )
+
     (loss, (new_mem, aux)), g = jax.value_and_grad(
-        lambda p: (lambda o: (o[0], o[1:]))(loss_fn(p)), has_aux=True)(params)
+      lambda p: (lambda o: (o[0], o[1:]))(loss_fn(p)), has_aux=True
+    )(params)
     g = jax.lax.pmean(g, AX)
     updates, opt_state = opt.update(g, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, new_mem,
-            jax.lax.pmean(loss, AX)[None], aux["loss_xbm"][None])
+    return (
+      optax.apply_updates(params, updates),
+      opt_state,
+      new_mem,
+      jax.lax.pmean(loss, AX)[None],
+      aux["loss_xbm"][None],
+    )
 
-  step_fn = jax.jit(jax.shard_map(
-      body, mesh=mesh, in_specs=(P(), P(), mem_spec, P(AX), P(AX), P()),
-      out_specs=(P(), P(), mem_spec, P(AX), P(AX))))
+  step_fn = jax.jit(
+    jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=(P(), P(), mem_spec, P(AX), P(AX), P()),
+      out_specs=(P(), P(), mem_spec, P(AX), P(AX)),
+    )
+  )
   trace = []
   for step in range(steps):
     x, labels = _split(batches[step], mesh)
-    params, opt_state, mem, loss, loss_xbm = step_fn(params, opt_state, mem, x, labels,
-                                                     jnp.asarray(step))
+    params, opt_state, mem, loss, loss_xbm = step_fn(
+      params, opt_state, mem, x, labels, jnp.asarray(step)
+    )
     trace.append((np.asarray(loss), np.asarray(loss_xbm)))
   return params, mem, trace
 
@@ -404,8 +448,13 @@ def test_training_steps_sharded_equal_replicated(mesh):
   and memory with `memory_sharding` replicated and sharded."""
   loss_name, loss_kw = "triplet", dict(mining="hard", margin=0.3)
   rng = np.random.default_rng(7)
-  batches = [(jnp.asarray(rng.normal(size=(G, 6)), jnp.float32),
-              jnp.asarray(rng.integers(0, 3, size=G), jnp.int32)) for _ in range(4)]
+  batches = [
+    (
+      jnp.asarray(rng.normal(size=(G, 6)), jnp.float32),
+      jnp.asarray(rng.integers(0, 3, size=G), jnp.int32),
+    )
+    for _ in range(4)
+  ]
   p_r, m_r, t_r = _train(mesh, "replicated", loss_name, loss_kw, batches)
   p_s, m_s, t_s = _train(mesh, "sharded", loss_name, loss_kw, batches)
   assert any(np.any(lx != 0) for _, lx in t_r[1:]), "memory term never active"

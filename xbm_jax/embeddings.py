@@ -1,4 +1,5 @@
 """The labeled set every loss and the memory take: unit vectors, labels, validity."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -15,6 +16,7 @@ class Embeddings(NamedTuple):
     labels: `[N]` integer class labels. Any integer is a label, 0 included.
     valid: optional `[N]` bool; False rows are padding and take part in no pair.
   """
+
   emb: jax.Array
   labels: jax.Array
   valid: Optional[jax.Array] = None
@@ -28,15 +30,16 @@ def check(x, name: str = "embeddings") -> None:
   if not jnp.issubdtype(emb.dtype, jnp.floating):
     raise TypeError(f"{name}.emb must be a float array; got dtype {emb.dtype}")
   if labels.shape != emb.shape[:1]:
-    raise ValueError(f"{name}.labels must be [N]={emb.shape[:1]} to match emb "
-                     f"{tuple(emb.shape)}; got shape {tuple(labels.shape)}")
+    raise ValueError(
+      f"{name}.labels must be [N]={emb.shape[:1]} to match emb "
+      f"{tuple(emb.shape)}; got shape {tuple(labels.shape)}"
+    )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{name}.labels must be integers; got dtype {labels.dtype}")
   valid = getattr(x, "valid", None)
   if valid is not None:
     if valid.shape != emb.shape[:1]:
-      raise ValueError(f"{name}.valid must be [N]={emb.shape[:1]}; got shape "
-                       f"{tuple(valid.shape)}")
+      raise ValueError(f"{name}.valid must be [N]={emb.shape[:1]}; got shape {tuple(valid.shape)}")
     if valid.dtype != jnp.bool_:
       raise TypeError(f"{name}.valid must be bool; got dtype {valid.dtype}")
 
@@ -52,4 +55,4 @@ def valid_mask(x) -> jax.Array:
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   """Unit rows, as torch.nn.functional.normalize (norm clamped at eps)."""
   norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
-  return (x / jnp.maximum(norm, eps).astype(x.dtype))
+  return x / jnp.maximum(norm, eps).astype(x.dtype)

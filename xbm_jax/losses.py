@@ -42,6 +42,7 @@ Common keyword-only options:
     brings each device its anchors' whole rows. `self_exclusion="index"` then
     takes GLOBAL slot ids (`sharded_memory.local_last_slots`).
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Union
@@ -62,6 +63,8 @@ def self_threshold(query, reference) -> float:
   """The default `pos_threshold` for these inputs' dtypes (see module doc)."""
   narrow = any(jnp.finfo(x.emb.dtype).bits < 32 for x in (query, reference))
   return 1.0 - (EPS_SELF_16BIT if narrow else EPS_SELF)
+
+
 _SENTINEL = -4.0  # below any cosine similarity; marks masked-out negatives when sorted
 
 
@@ -78,13 +81,20 @@ def similarity(query, reference) -> jax.Array:
     raise ValueError(f"query dim {q.shape[-1]} does not match reference dim {r.shape[-1]}")
   if q.dtype != r.dtype:
     q, r = q.astype(jnp.float32), r.astype(jnp.float32)
-  return jnp.matmul(q, r.T, precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32).astype(jnp.float32)
+  return jnp.matmul(
+    q, r.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+  ).astype(jnp.float32)
 
 
-def pair_masks(query, reference, sim: jax.Array, *, self_exclusion: str = "similarity",
-               pos_threshold: Optional[float] = None,
-               self_index: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+def pair_masks(
+  query,
+  reference,
+  sim: jax.Array,
+  *,
+  self_exclusion: str = "similarity",
+  pos_threshold: Optional[float] = None,
+  self_index: Optional[jax.Array] = None,
+) -> tuple[jax.Array, jax.Array]:
   """`([B, R], [B, R])` bool positive and negative pair masks.
 
   Positives: same label, both entries valid, minus the self pair (see module
@@ -99,15 +109,18 @@ def pair_masks(query, reference, sim: jax.Array, *, self_exclusion: str = "simil
     pos = pos & (sim < pos_threshold)
   elif self_exclusion == "index":
     if self_index is None:
-      raise ValueError("self_exclusion='index' needs self_index: [B] int, the reference "
-                       "index of each anchor's own entry (-1 for none)")
+      raise ValueError(
+        "self_exclusion='index' needs self_index: [B] int, the reference "
+        "index of each anchor's own entry (-1 for none)"
+      )
     self_index = jnp.asarray(self_index)
     _check_self_index(self_index, query.labels.shape)
     ref_idx = jnp.arange(reference.labels.shape[0], dtype=jnp.int32)
     pos = pos & (ref_idx[None, :] != self_index[:, None])
   elif self_exclusion != "none":
-    raise ValueError(f"self_exclusion must be 'similarity', 'index' or 'none'; "
-                     f"got {self_exclusion!r}")
+    raise ValueError(
+      f"self_exclusion must be 'similarity', 'index' or 'none'; got {self_exclusion!r}"
+    )
   return pos, neg
 
 
@@ -121,17 +134,19 @@ class _Ref(NamedTuple):
   reduction completes across devices with a collective, so every device then
   keeps its own anchors' rows. One code path, the same value either way.
   """
-  sim: jax.Array          # [G, R] f32
-  pos: jax.Array          # [G, R] bool
-  neg: jax.Array          # [G, R] bool
+
+  sim: jax.Array  # [G, R] f32
+  pos: jax.Array  # [G, R] bool
+  neg: jax.Array  # [G, R] bool
   axis: Optional[str]
-  start: jax.Array        # [] int32: this device's first row in G (0 if whole)
-  b: int                  # local anchors
+  start: jax.Array  # [] int32: this device's first row in G (0 if whole)
+  b: int  # local anchors
   local_valid: jax.Array  # [b] bool
 
 
-def _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index,
-           reduction) -> _Ref:
+def _score(
+  query, reference, axis_name, self_exclusion, pos_threshold, self_index, reduction
+) -> _Ref:
   check(query, "query")
   check(reference, "reference")
   if reduction not in ("paper", "mean"):
@@ -150,8 +165,14 @@ def _score(query, reference, axis_name, self_exclusion, pos_threshold, self_inde
       idx = gather(jnp.asarray(self_index).astype(jnp.int32)) - me * k
       self_index = jnp.where(idx >= 0, idx, k)
   sim = similarity(query, reference)
-  pos, neg = pair_masks(query, reference, sim, self_exclusion=self_exclusion,
-                        pos_threshold=pos_threshold, self_index=self_index)
+  pos, neg = pair_masks(
+    query,
+    reference,
+    sim,
+    self_exclusion=self_exclusion,
+    pos_threshold=pos_threshold,
+    self_index=self_index,
+  )
   return _Ref(sim, pos, neg, axis_name, start, b, local_valid)
 
 
@@ -197,11 +218,18 @@ def _stats(c: _Ref, pos_active, neg_active) -> dict:
   return {k: out[k] for k in ("pos_pairs", "neg_pairs", "mean_pos_sim", "mean_neg_sim")}
 
 
-def contrastive(query, reference, *, margin: float = 0.5,
-                pos_threshold: Optional[float] = None,
-                self_exclusion: str = "similarity", self_index=None,
-                reduction: str = "paper", return_stats: bool = False,
-                axis_name: Optional[str] = None):
+def contrastive(
+  query,
+  reference,
+  *,
+  margin: float = 0.5,
+  pos_threshold: Optional[float] = None,
+  self_exclusion: str = "similarity",
+  self_index=None,
+  reduction: str = "paper",
+  return_stats: bool = False,
+  axis_name: Optional[str] = None,
+):
   """XBM's contrastive loss (paper Eq. 4 as coded).
 
   L(A, R) = 1/|A| sum_i [ sum_{y_j = y_i, S_ij < 1-eps} (1 - S_ij)
@@ -215,8 +243,7 @@ def contrastive(query, reference, *, margin: float = 0.5,
   Returns:
     `[]` float32 loss (and a stats dict if `return_stats`).
   """
-  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index,
-             reduction)
+  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index, reduction)
   neg_active = c.neg & (sg(c.sim) > margin)
   per_anchor = _rowsum(c, 1.0 - c.sim, c.pos) + _rowsum(c, c.sim, neg_active)
   n_active = jnp.sum(_rowsum(c, 1, c.pos)) + jnp.sum(_rowsum(c, 1, neg_active))
@@ -234,12 +261,21 @@ def _log1p_sum_exp(c: _Ref, x, mask):
   return m + jnp.log(jnp.exp(-m) + _rowsum(c, e, True))
 
 
-def multi_similarity(query, reference, *, alpha: float = 2.0, beta: float = 40.0,
-                     lam: float = 0.5, mining_margin: float = 0.1,
-                     pos_threshold: Optional[float] = None,
-                     self_exclusion: str = "similarity", self_index=None,
-                     reduction: str = "paper", return_stats: bool = False,
-                     axis_name: Optional[str] = None):
+def multi_similarity(
+  query,
+  reference,
+  *,
+  alpha: float = 2.0,
+  beta: float = 40.0,
+  lam: float = 0.5,
+  mining_margin: float = 0.1,
+  pos_threshold: Optional[float] = None,
+  self_exclusion: str = "similarity",
+  self_index=None,
+  reduction: str = "paper",
+  return_stats: bool = False,
+  axis_name: Optional[str] = None,
+):
   """Multi-similarity loss (Wang et al., CVPR 2019) with its pair mining, as coded
   in the XBM reference.
 
@@ -247,8 +283,7 @@ def multi_similarity(query, reference, *, alpha: float = 2.0, beta: float = 40.0
   S - margin < max negative S; anchors lacking either contribute 0; else
     1/alpha log(1 + sum_pos exp(-alpha (S - lam))) + 1/beta log(1 + sum_neg exp(beta (S - lam))).
   """
-  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index,
-             reduction)
+  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index, reduction)
   s = sg(c.sim)
   min_pos = _across(c, jax.lax.pmin, jnp.min(jnp.where(c.pos, s, jnp.inf), axis=1))
   max_neg = _across(c, jax.lax.pmax, jnp.max(jnp.where(c.neg, s, -jnp.inf), axis=1))
@@ -294,18 +329,20 @@ def _sorted_negatives(sim, neg):
   """Ascending `[B, R]` negative similarities (masked ones = sentinel, first),
   their suffix sums `[B, R+1]`, and the index of the first real negative `[B]`."""
   s = jnp.sort(jnp.where(neg, sim, _SENTINEL), axis=1)
-  suffix = jnp.concatenate([jnp.cumsum(s[:, ::-1], axis=1)[:, ::-1],
-                            jnp.zeros_like(s[:, :1])], axis=1)
+  suffix = jnp.concatenate(
+    [jnp.cumsum(s[:, ::-1], axis=1)[:, ::-1], jnp.zeros_like(s[:, :1])], axis=1
+  )
   first = s.shape[1] - jnp.sum(neg, axis=1)
   return s, suffix, first
 
 
 _searchsorted_rows = jax.vmap(
-    lambda row, v, side: jnp.searchsorted(row, v, side=side), in_axes=(0, 0, None))
+  lambda row, v, side: jnp.searchsorted(row, v, side=side), in_axes=(0, 0, None)
+)
 
 
 def _triplet_hard(c: _Ref, margin):
-  has_both = (_allsum(c, 1, c.pos) > 0) & (_allsum(c, 1, c.neg) > 0)   # [G]
+  has_both = (_allsum(c, 1, c.pos) > 0) & (_allsum(c, 1, c.neg) > 0)  # [G]
   hp = _extreme(c, c.sim, c.pos, 2.0, "min")
   hn = _extreme(c, c.sim, c.neg, -2.0, "max")
   per_all = jnp.where(has_both, jax.nn.relu(hn - hp + margin), 0.0)
@@ -318,20 +355,20 @@ def _triplet_hard(c: _Ref, margin):
 
 
 def _triplet_sorted(c: _Ref, margin, mining):
-  """"semihard" / "all" on whole rows: negatives sorted once per anchor, each
+  """ "semihard" / "all" on whole rows: negatives sorted once per anchor, each
   (a, p) pair resolved by binary search (never the [B, R, R] cube)."""
   c = _full_rows(c)
   sim, pos, neg = c.sim, c.pos, c.neg
   s, suffix, first = _sorted_negatives(sim, neg)
   r = sim.shape[1]
   if mining == "all":
-    t = sim - margin                                     # [b, R] per (a, p)
+    t = sim - margin  # [b, R] per (a, p)
     idx = jnp.maximum(_searchsorted_rows(s, t, "right"), first[:, None])
     count = (r - idx).astype(jnp.float32)
     pair = jnp.where(pos, jnp.take_along_axis(suffix, idx, axis=1) - count * t, 0.0)
     n_active = jnp.sum(jnp.where(pos, count, 0.0))
   else:
-    idx = _searchsorted_rows(s, sim, "left") - 1         # largest negative < S_ap
+    idx = _searchsorted_rows(s, sim, "left") - 1  # largest negative < S_ap
     ok = idx >= first[:, None]
     idx = jnp.where(ok, idx, jnp.minimum(first, r - 1)[:, None])
     s_an = jnp.take_along_axis(s, idx, axis=1)
@@ -339,16 +376,23 @@ def _triplet_sorted(c: _Ref, margin, mining):
     pair = jnp.where(pos & has_neg[:, None], jax.nn.relu(s_an - sim + margin), 0.0)
     n_active = jnp.sum(pair > 0)
   pos_act = pos & (pair > 0)
-  neg_act = neg & (sim > (jnp.max(jnp.where(pos_act, sim, -2.0), axis=1, keepdims=True)
-                          - margin))
+  neg_act = neg & (sim > (jnp.max(jnp.where(pos_act, sim, -2.0), axis=1, keepdims=True) - margin))
   return c, jnp.sum(pair, axis=1), n_active, pos_act, neg_act
 
 
-def triplet(query, reference, *, margin: float = 0.1, mining: str = "hard",
-            pos_threshold: Optional[float] = None,
-            self_exclusion: str = "similarity", self_index=None,
-            reduction: str = "paper", return_stats: bool = False,
-            axis_name: Optional[str] = None):
+def triplet(
+  query,
+  reference,
+  *,
+  margin: float = 0.1,
+  mining: str = "hard",
+  pos_threshold: Optional[float] = None,
+  self_exclusion: str = "similarity",
+  self_index=None,
+  reduction: str = "paper",
+  return_stats: bool = False,
+  axis_name: Optional[str] = None,
+):
   """Hinge triplet loss on cosine similarity: relu(S_an - S_ap + margin).
 
   mining:
@@ -363,8 +407,7 @@ def triplet(query, reference, *, margin: float = 0.1, mining: str = "hard",
   """
   if mining not in ("hard", "semihard", "all"):
     raise ValueError(f"mining must be 'hard', 'semihard' or 'all'; got {mining!r}")
-  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index,
-             reduction)
+  c = _score(query, reference, axis_name, self_exclusion, pos_threshold, self_index, reduction)
   if mining == "hard":
     c, per_anchor, n_active, pos_act, neg_act = _triplet_hard(c, margin)
   else:
@@ -373,9 +416,11 @@ def triplet(query, reference, *, margin: float = 0.1, mining: str = "hard",
   return (loss, _stats(c, pos_act, neg_act)) if return_stats else loss
 
 
-LOSSES: dict[str, Callable] = {"contrastive": contrastive,
-                               "multi_similarity": multi_similarity,
-                               "triplet": triplet}
+LOSSES: dict[str, Callable] = {
+  "contrastive": contrastive,
+  "multi_similarity": multi_similarity,
+  "triplet": triplet,
+}
 
 
 def get(name: str) -> Callable:
@@ -385,11 +430,23 @@ def get(name: str) -> Callable:
   return LOSSES[name]
 
 
-def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
-                   loss: Union[str, Callable] = "contrastive",
-                   axis_name: Optional[str] = None, enqueue: bool = True,
-                   batch_self_index=None, memory_self_index=None, query_offset=None,
-                   memory_loss_kwargs: Optional[dict] = None, **loss_kwargs):
+def xbm_total_loss(
+  query,
+  batch,
+  mem,
+  *,
+  step,
+  start_step,
+  weight=1.0,
+  loss: Union[str, Callable] = "contrastive",
+  axis_name: Optional[str] = None,
+  enqueue: bool = True,
+  batch_self_index=None,
+  memory_self_index=None,
+  query_offset=None,
+  memory_loss_kwargs: Optional[dict] = None,
+  **loss_kwargs,
+):
   """XBM's objective for one step: enqueue first, then L(Q, B) + w * L(Q, M).
 
   Where `memory.active(step, start_step)` (the one start rule; both may be
@@ -439,19 +496,19 @@ def xbm_total_loss(query, batch, mem, *, step, start_step, weight=1.0,
     n = batch.emb.shape[0]
     if query_offset is None and b == n:
       query_offset = 0
-    own_rows = (None if query_offset is None
-                else query_offset + jnp.arange(b, dtype=jnp.int32))
-    last_slots = lambda: (None if own_rows is None
-                          else memory_lib.last_slots(mem, n)[own_rows])
+    own_rows = None if query_offset is None else query_offset + jnp.arange(b, dtype=jnp.int32)
+    last_slots = lambda: None if own_rows is None else memory_lib.last_slots(mem, n)[own_rows]
     mem_extra = {}
   if loss_kwargs.get("self_exclusion") == "index" and batch_self_index is None:
     batch_self_index = own_rows
   if mem_kwargs.get("self_exclusion") == "index" and memory_self_index is None:
     memory_self_index = last_slots()
-  loss_b, stats_b = loss_fn(query, batch, return_stats=True,
-                            self_index=batch_self_index, **loss_kwargs)
-  loss_m, stats_m = loss_fn(query, mem, return_stats=True, self_index=memory_self_index,
-                            **mem_extra, **mem_kwargs)
+  loss_b, stats_b = loss_fn(
+    query, batch, return_stats=True, self_index=batch_self_index, **loss_kwargs
+  )
+  loss_m, stats_m = loss_fn(
+    query, mem, return_stats=True, self_index=memory_self_index, **mem_extra, **mem_kwargs
+  )
   total, aux = combine_terms(loss_b, stats_b, loss_m, stats_m, active=active, weight=weight)
   return total, mem, aux
 

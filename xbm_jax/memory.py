@@ -13,6 +13,7 @@ Unlike the reference code: the size and dim are arguments (not 128), "full" is
 tracked by a validity mask (label 0 is an ordinary label), and wrap-around is a
 true modular ring (the reference writes the last q slots instead).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -32,6 +33,7 @@ class MemoryState(NamedTuple):
     valid: `[size]` bool, True for slots that have been written.
     ptr: `[]` int32, the slot the next enqueue writes first.
   """
+
   emb: jax.Array
   labels: jax.Array
   valid: jax.Array
@@ -46,10 +48,10 @@ def init(*, size: int, dim: int, dtype=jnp.float32) -> MemoryState:
   if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
     raise TypeError(f"memory dtype must be floating; got {dtype}")
   return MemoryState(
-      emb=jnp.zeros((size, dim), dtype),
-      labels=jnp.zeros((size,), jnp.int32),
-      valid=jnp.zeros((size,), jnp.bool_),
-      ptr=jnp.zeros((), jnp.int32),
+    emb=jnp.zeros((size, dim), dtype),
+    labels=jnp.zeros((size,), jnp.int32),
+    valid=jnp.zeros((size,), jnp.bool_),
+    ptr=jnp.zeros((), jnp.int32),
   )
 
 
@@ -79,8 +81,10 @@ def enqueue(mem: MemoryState, batch: Embeddings, *, when=True) -> MemoryState:
   if bd != d:
     raise ValueError(f"batch dim {bd} does not match memory dim {d}")
   if b > k:
-    raise ValueError(f"batch of {b} is larger than the memory of {k} slots; "
-                     "use a memory at least as large as the (global) batch")
+    raise ValueError(
+      f"batch of {b} is larger than the memory of {k} slots; "
+      "use a memory at least as large as the (global) batch"
+    )
   when = jnp.asarray(when, jnp.bool_)
   offsets = jnp.arange(b, dtype=jnp.int32)
   # Out-of-range slots (distinct, so the scatter's indices stay unique) are
@@ -89,10 +93,10 @@ def enqueue(mem: MemoryState, batch: Embeddings, *, when=True) -> MemoryState:
   emb = jax.lax.stop_gradient(batch.emb).astype(mem.emb.dtype)
   put = lambda arr, val: arr.at[slots].set(val, mode="drop", unique_indices=True)
   return MemoryState(
-      emb=put(mem.emb, emb),
-      labels=put(mem.labels, batch.labels.astype(jnp.int32)),
-      valid=put(mem.valid, valid_mask(batch)),
-      ptr=((mem.ptr + jnp.where(when, b, 0)) % k).astype(jnp.int32),
+    emb=put(mem.emb, emb),
+    labels=put(mem.labels, batch.labels.astype(jnp.int32)),
+    valid=put(mem.valid, valid_mask(batch)),
+    ptr=((mem.ptr + jnp.where(when, b, 0)) % k).astype(jnp.int32),
   )
 
 

@@ -4,6 +4,7 @@ The train step is written per device with named-axis collectives (`all_gather`,
 `pmean`), as under pmap, and mapped with `jax.shard_map` over a 1-D
 `jax.make_mesh` mesh whose single axis is `DATA_AXIS`.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,13 +37,18 @@ def global_batch(host_batch: dict, mesh) -> dict:
   order); the result has the global batch as leading dimension.
   """
   sharding = batch_sharded(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in host_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in host_batch.items()
+  }
 
 
-def initialize_distributed(*, coordinator_address: Optional[str] = None,
-                           num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> None:
+def initialize_distributed(
+  *,
+  coordinator_address: Optional[str] = None,
+  num_processes: Optional[int] = None,
+  process_id: Optional[int] = None,
+) -> None:
   """`jax.distributed.initialize` from arguments or the environment.
 
   Environment: XBM_COORDINATOR (host:port), XBM_NUM_PROCESSES, XBM_PROCESS_ID.
@@ -60,5 +66,6 @@ def initialize_distributed(*, coordinator_address: Optional[str] = None,
   # CPU collectives across processes need an implementation (gloo); harmless
   # on GPU/TPU. (Asking for the backend here would initialise it too early.)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )

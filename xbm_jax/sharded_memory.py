@@ -34,6 +34,7 @@ permutation-invariant over the reference, so slot order only matters for
     # checkpoints: save the global arrays; restore onto any device count with
     mem = sharded_memory.restore(numpy_arrays, mesh)   # reshards if n differs
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Union
@@ -53,8 +54,7 @@ MEMORY_SHARDING = ("replicated", "sharded")
 def check_sharding(name: str) -> str:
   """Validates the config value `memory_sharding` ('replicated' or 'sharded')."""
   if name not in MEMORY_SHARDING:
-    raise ValueError(f"config key memory_sharding must be one of {MEMORY_SHARDING}; "
-                     f"got {name!r}")
+    raise ValueError(f"config key memory_sharding must be one of {MEMORY_SHARDING}; got {name!r}")
   return name
 
 
@@ -62,14 +62,17 @@ def _check_divisible(size: int, n_shards: int) -> int:
   if n_shards <= 0:
     raise ValueError(f"n_shards must be positive; got {n_shards}")
   if size % n_shards:
-    raise ValueError(f"memory size {size} must be divisible by the number of devices "
-                     f"{n_shards} for memory_sharding='sharded' (try size="
-                     f"{(size // n_shards + 1) * n_shards})")
+    raise ValueError(
+      f"memory size {size} must be divisible by the number of devices "
+      f"{n_shards} for memory_sharding='sharded' (try size="
+      f"{(size // n_shards + 1) * n_shards})"
+    )
   return size // n_shards
 
 
-def init(*, size: int, dim: int, n_shards: int, dtype=jnp.float32, mesh=None,
-         axis_name: str = "data") -> MemoryState:
+def init(
+  *, size: int, dim: int, n_shards: int, dtype=jnp.float32, mesh=None, axis_name: str = "data"
+) -> MemoryState:
   """An empty sharded memory with global shapes (see module doc).
 
   Returns a `MemoryState` with emb `[size, dim]` zeros, labels `[size]` int32,
@@ -80,10 +83,12 @@ def init(*, size: int, dim: int, n_shards: int, dtype=jnp.float32, mesh=None,
   size, n_shards = int(size), int(n_shards)
   _check_divisible(size, n_shards)
   if mesh is not None and mesh.shape[axis_name] != n_shards:
-    raise ValueError(f"n_shards={n_shards} does not match mesh axis {axis_name!r} of size "
-                     f"{mesh.shape[axis_name]}")
+    raise ValueError(
+      f"n_shards={n_shards} does not match mesh axis {axis_name!r} of size {mesh.shape[axis_name]}"
+    )
   make = lambda: memory_lib.init(size=size, dim=dim, dtype=dtype)._replace(
-      ptr=jnp.zeros((n_shards,), jnp.int32))
+    ptr=jnp.zeros((n_shards,), jnp.int32)
+  )
   if mesh is None:
     return make()
   return jax.jit(make, out_shardings=shardings(mesh, axis_name))()
@@ -102,8 +107,10 @@ def put(mem: MemoryState, mesh, axis_name: str = "data") -> MemoryState:
   """Places a global-shaped sharded memory on `mesh` (rows split over `axis_name`)."""
   n = mesh.shape[axis_name]
   if mem.ptr.shape != (n,):
-    raise ValueError(f"sharded memory ptr must be [{n}] (one pointer per device on axis "
-                     f"{axis_name!r}); got shape {tuple(mem.ptr.shape)}: use reshard()")
+    raise ValueError(
+      f"sharded memory ptr must be [{n}] (one pointer per device on axis "
+      f"{axis_name!r}); got shape {tuple(mem.ptr.shape)}: use reshard()"
+    )
   _check_divisible(mem.emb.shape[0], n)
   return jax.device_put(mem, shardings(mesh, axis_name))
 
@@ -116,15 +123,18 @@ def enqueue_local(local_mem: MemoryState, local_batch: Embeddings, *, when=True)
   traced `when`); needs b <= k.
   """
   if local_mem.ptr.shape != (1,):
-    raise ValueError(f"enqueue_local expects the per-device shard (ptr shape [1]); got "
-                     f"ptr shape {tuple(local_mem.ptr.shape)}: call it inside shard_map "
-                     "with in_specs=sharded_memory.specs()")
+    raise ValueError(
+      f"enqueue_local expects the per-device shard (ptr shape [1]); got "
+      f"ptr shape {tuple(local_mem.ptr.shape)}: call it inside shard_map "
+      "with in_specs=sharded_memory.specs()"
+    )
   out = memory_lib.enqueue(local_mem._replace(ptr=local_mem.ptr[0]), local_batch, when=when)
   return out._replace(ptr=out.ptr[None])
 
 
-def local_last_slots(local_mem: MemoryState, batch_size: int, *,
-                     axis_name: str = "data") -> jax.Array:
+def local_last_slots(
+  local_mem: MemoryState, batch_size: int, *, axis_name: str = "data"
+) -> jax.Array:
   """`[b]` int32 *global* slot ids written by this device's latest enqueue of b rows
   (inside shard_map); pass them as `self_index=` with `self_exclusion="index"`."""
   k = local_mem.emb.shape[0]
@@ -150,8 +160,10 @@ def to_replicated(mem: MemoryState, *, local_batch: int) -> MemoryState:
   k = _check_divisible(size, n)
   b = int(local_batch)
   if b <= 0 or k % b:
-    raise ValueError(f"to_replicated needs local_batch ({b}) to divide the shard size "
-                     f"{k}; otherwise shards wrap at different global slots")
+    raise ValueError(
+      f"to_replicated needs local_batch ({b}) to divide the shard size "
+      f"{k}; otherwise shards wrap at different global slots"
+    )
   ptr = np.asarray(mem.ptr)
   if not (ptr == ptr[0]).all():
     raise ValueError(f"to_replicated needs equal shard pointers; got {ptr.tolist()}")
@@ -162,8 +174,12 @@ def to_replicated(mem: MemoryState, *, local_batch: int) -> MemoryState:
     x = x.reshape((n, c, b) + x.shape[1:])
     return np.swapaxes(x, 0, 1).reshape((size,) + x.shape[3:])
 
-  return MemoryState(relayout(mem.emb), relayout(mem.labels), relayout(mem.valid),
-                     np.asarray(int(ptr[0]) * n % size, np.int32))
+  return MemoryState(
+    relayout(mem.emb),
+    relayout(mem.labels),
+    relayout(mem.valid),
+    np.asarray(int(ptr[0]) * n % size, np.int32),
+  )
 
 
 def from_replicated(mem: MemoryState, *, n_shards: int, local_batch: int) -> MemoryState:
@@ -178,8 +194,10 @@ def from_replicated(mem: MemoryState, *, n_shards: int, local_batch: int) -> Mem
     raise ValueError(f"from_replicated needs local_batch ({b}) to divide the shard size {k}")
   ptr = int(np.asarray(mem.ptr))
   if ptr % (n * b):
-    raise ValueError(f"replicated pointer {ptr} is not a multiple of the global batch "
-                     f"{n * b}; such a memory has no per-shard equivalent")
+    raise ValueError(
+      f"replicated pointer {ptr} is not a multiple of the global batch "
+      f"{n * b}; such a memory has no per-shard equivalent"
+    )
   c = k // b
 
   def relayout(x):  # chunk-major [c, n, b, ...] -> shard-major [n, c, b, ...]
@@ -187,8 +205,9 @@ def from_replicated(mem: MemoryState, *, n_shards: int, local_batch: int) -> Mem
     x = x.reshape((c, n, b) + x.shape[1:])
     return np.swapaxes(x, 0, 1).reshape((size,) + x.shape[3:])
 
-  return MemoryState(relayout(mem.emb), relayout(mem.labels), relayout(mem.valid),
-                     np.full((n,), ptr // n, np.int32))
+  return MemoryState(
+    relayout(mem.emb), relayout(mem.labels), relayout(mem.valid), np.full((n,), ptr // n, np.int32)
+  )
 
 
 ArrayTree = Union[MemoryState, Mapping[str, np.ndarray]]
@@ -218,8 +237,9 @@ def reshard(saved: ArrayTree, n_new: int) -> MemoryState:
   ptr = np.asarray(get("ptr")).reshape(-1)
   size = emb.shape[0]
   if labels.shape != (size,) or valid.shape != (size,):
-    raise ValueError(f"saved memory leaves disagree: emb {emb.shape}, labels "
-                     f"{labels.shape}, valid {valid.shape}")
+    raise ValueError(
+      f"saved memory leaves disagree: emb {emb.shape}, labels {labels.shape}, valid {valid.shape}"
+    )
   n_old = ptr.shape[0]
   k_old = _check_divisible(size, n_old)
   k_new = _check_divisible(size, int(n_new))

@@ -1,4 +1,5 @@
 """The study driver end to end on two tiny arms: runs, tuning choice, table."""
+
 import json
 import os
 import subprocess
@@ -20,8 +21,26 @@ def _last(workdir, key):
 @pytest.mark.slow
 def test_smoke_study_tunes_on_val_and_tabulates_test(tmp_path):
   out = str(tmp_path / "study")
-  subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "xbm_study.py"), "run",
-                  "--out", out, "--smoke"], check=True, cwd=ROOT, capture_output=True)
+  # The runs are processes of their own: one CPU device (not the suite's 8 fake ones)
+  # and the suite's persistent compilation cache.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+  env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+    "--xla_force_host_platform_device_count=8", ""
+  )
+  subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "benchmarks", "xbm_study.py"),
+      "run",
+      "--out",
+      out,
+      "--smoke",
+    ],
+    check=True,
+    cwd=ROOT,
+    capture_output=True,
+    env=env,
+  )
   rows = {r["arm"]: r for r in json.load(open(os.path.join(out, "study.json")))}
   assert set(rows) == {"no_memory", "memory"}
   # The memory arm's choice is the grid point with the higher final val R@1, read

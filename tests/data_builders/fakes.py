@@ -3,6 +3,7 @@
 Every maker returns the expected content, `{split: [(relative_name, label)]}`
 in list order, written independently of the builders under test.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,6 +65,7 @@ def cub(manual_dir: str, classes=(1, 2, 100, 101, 150, 200)) -> dict:
 
 def cars(manual_dir: str, classes=(1, 98, 99, 196, 5)) -> dict:
   import scipy.io  # pylint: disable=g-import-not-at-top
+
   root = manual_dir  # the official archive extracts car_ims/ + cars_annos.mat
   rows = []
   expect = {"train": [], "test": []}
@@ -72,23 +74,37 @@ def cars(manual_dir: str, classes=(1, 98, 99, 196, 5)) -> dict:
     image(os.path.join(root, rel), seed=200 + i)
     rows.append((rel, c, i % 2))
     expect["train" if c <= 98 else "test"].append((rel, c))
-  ann = np.zeros((1, len(rows)), dtype=[("relative_im_path", "O"),
-                                         ("bbox_x1", "O"), ("class", "O"),
-                                         ("test", "O")])
+  ann = np.zeros(
+    (1, len(rows)),
+    dtype=[("relative_im_path", "O"), ("bbox_x1", "O"), ("class", "O"), ("test", "O")],
+  )
   for i, (rel, c, t) in enumerate(rows):
-    ann[0, i] = (rel, np.array([[3]], np.uint8), np.array([[c]], np.uint8),
-                 np.array([[t]], np.uint8))
-  scipy.io.savemat(os.path.join(root, "cars_annos.mat"),
-                   {"annotations": ann,
-                    "class_names": np.array([["a"] * 196], dtype=object)})
+    ann[0, i] = (
+      rel,
+      np.array([[3]], np.uint8),
+      np.array([[c]], np.uint8),
+      np.array([[t]], np.uint8),
+    )
+  scipy.io.savemat(
+    os.path.join(root, "cars_annos.mat"),
+    {"annotations": ann, "class_names": np.array([["a"] * 196], dtype=object)},
+  )
   return expect
 
 
 def inshop(manual_dir: str) -> dict:
   """The official nesting: <bench>/Eval/list_eval_partition.txt, <bench>/Img/img/."""
   bench = os.path.join(manual_dir, "In-shop Clothes Retrieval Benchmark")
-  plan = [(1, "train"), (1, "train"), (2, "train"), (7, "query"),
-          (7, "gallery"), (7, "gallery"), (9, "query"), (9, "gallery")]
+  plan = [
+    (1, "train"),
+    (1, "train"),
+    (2, "train"),
+    (7, "query"),
+    (7, "gallery"),
+    (7, "gallery"),
+    (9, "query"),
+    (9, "gallery"),
+  ]
   expect = {"train": [], "query": [], "gallery": []}
   lines = [str(len(plan)), "image_name item_id evaluation_status"]
   for i, (item, status) in enumerate(plan):
@@ -96,18 +112,24 @@ def inshop(manual_dir: str) -> dict:
     image(os.path.join(bench, "Img", rel), seed=300 + i)
     lines.append(f"{rel}  id_{item:08d}  {status}")
     expect[status].append((rel, item))
-  write(os.path.join(bench, "Eval", "list_eval_partition.txt"),
-        "\n".join(lines) + "\n")
+  write(os.path.join(bench, "Eval", "list_eval_partition.txt"), "\n".join(lines) + "\n")
   return expect
 
 
 def vehicleid(manual_dir: str) -> dict:
   root = os.path.join(manual_dir, "VehicleID_V1.0")
-  plan = {"train": [(10, 2), (11, 3)], "test_800": [(20, 2)],
-          "test_1600": [(20, 2), (21, 2)], "test_2400": [(20, 2), (21, 2),
-                                                       (22, 3)]}
-  lists = {"train": "train_list.txt", "test_800": "test_list_800.txt",
-           "test_1600": "test_list_1600.txt", "test_2400": "test_list_2400.txt"}
+  plan = {
+    "train": [(10, 2), (11, 3)],
+    "test_800": [(20, 2)],
+    "test_1600": [(20, 2), (21, 2)],
+    "test_2400": [(20, 2), (21, 2), (22, 3)],
+  }
+  lists = {
+    "train": "train_list.txt",
+    "test_800": "test_list_800.txt",
+    "test_1600": "test_list_1600.txt",
+    "test_2400": "test_list_2400.txt",
+  }
   expect = {}
   for split, ids in plan.items():
     lines, expect[split] = [], []
@@ -119,6 +141,5 @@ def vehicleid(manual_dir: str) -> dict:
           image(path, seed=vid * 10 + k)
         lines.append(f"{name} {vid}")
         expect[split].append((f"image/{name}.jpg", vid))
-    write(os.path.join(root, "train_test_split", lists[split]),
-          "\n".join(lines) + "\n")
+    write(os.path.join(root, "train_test_split", lists[split]), "\n".join(lines) + "\n")
   return expect

@@ -3,6 +3,7 @@
 The oracle is the fake archive itself (fakes.py): its list of (name, label) per
 split, and the pixels PIL decodes from each original file.
 """
+
 import os
 
 import numpy as np
@@ -12,8 +13,13 @@ from PIL import Image
 from tests.data_builders import fakes
 from xbm_jax.data import builders, sources
 
-MAKERS = {"sop": fakes.sop, "cub": fakes.cub, "cars": fakes.cars,
-          "inshop": fakes.inshop, "vehicleid": fakes.vehicleid}
+MAKERS = {
+  "sop": fakes.sop,
+  "cub": fakes.cub,
+  "cars": fakes.cars,
+  "inshop": fakes.inshop,
+  "vehicleid": fakes.vehicleid,
+}
 
 
 _PREPARED = {}
@@ -25,8 +31,7 @@ def _prepare(name, tmp_path_factory):
     manual = str(tmp_path_factory.mktemp(f"{name}_manual"))
     data_dir = str(tmp_path_factory.mktemp(f"{name}_data"))
     expect = MAKERS[name](manual)
-    result = builders.prepare(name, manual_dir=manual, data_dir=data_dir,
-                              progress=False)
+    result = builders.prepare(name, manual_dir=manual, data_dir=data_dir, progress=False)
     _PREPARED[name] = name, manual, data_dir, expect, result
   return _PREPARED[name]
 
@@ -68,8 +73,9 @@ def test_splits_sizes_labels_and_pixels(prepared):
 
 def test_class_splits_are_disjoint_and_official(prepared):
   name, _, data_dir, _, _ = prepared
-  labels = {s: set(sources.load(name, s, data_dir).labels.tolist())
-            for s in sources.splits(name, data_dir)}
+  labels = {
+    s: set(sources.load(name, s, data_dir).labels.tolist()) for s in sources.splits(name, data_dir)
+  }
   if name == "cub":
     assert labels == {"train": {1, 2, 100}, "test": {101, 150, 200}}
   elif name == "cars":
@@ -87,15 +93,13 @@ def test_class_splits_are_disjoint_and_official(prepared):
 
 def test_inshop_partition_counts(tmp_path_factory):
   name, _, data_dir, _, _ = _prepare("inshop", tmp_path_factory)
-  sizes = {s: len(sources.load(name, s, data_dir)) for s in
-           ("train", "query", "gallery")}
+  sizes = {s: len(sources.load(name, s, data_dir)) for s in ("train", "query", "gallery")}
   assert sizes == {"train": 3, "query": 2, "gallery": 3}
 
 
 def test_vehicleid_test_sets_grow(tmp_path_factory):
   name, _, data_dir, _, _ = _prepare("vehicleid", tmp_path_factory)
-  n = [sources.load(name, s, data_dir).num_classes
-       for s in ("test_800", "test_1600", "test_2400")]
+  n = [sources.load(name, s, data_dir).num_classes for s in ("test_800", "test_1600", "test_2400")]
   assert n == [1, 2, 3]
 
 
@@ -110,22 +114,23 @@ def test_archives_in_manual_dir_are_extracted(tmp_path):
   """CUB_200_2011.tgz alone; Cars: car_ims.tgz beside cars_annos.mat."""
   import shutil  # pylint: disable=g-import-not-at-top
   import tarfile  # pylint: disable=g-import-not-at-top
+
   src, manual, data = tmp_path / "src", tmp_path / "manual", str(tmp_path / "d")
   expect = fakes.cub(str(src))
   manual.mkdir()
   with tarfile.open(manual / "CUB_200_2011.tgz", "w:gz") as t:
     t.add(src / "CUB_200_2011", arcname="CUB_200_2011")
   builders.prepare("cub", manual_dir=str(manual), data_dir=data, progress=False)
-  np.testing.assert_array_equal(sources.load("cub", "test", data).labels,
-                                [label for _, label in expect["test"]])
+  np.testing.assert_array_equal(
+    sources.load("cub", "test", data).labels, [label for _, label in expect["test"]]
+  )
   cars_src, cars_manual = tmp_path / "cars_src", tmp_path / "cars_manual"
   expect = fakes.cars(str(cars_src))
   cars_manual.mkdir()
   shutil.copy(cars_src / "cars_annos.mat", cars_manual)
   with tarfile.open(cars_manual / "car_ims.tgz", "w:gz") as t:
     t.add(cars_src / "car_ims", arcname="car_ims")
-  builders.prepare("cars196", manual_dir=str(cars_manual), data_dir=data,
-                   progress=False)
+  builders.prepare("cars196", manual_dir=str(cars_manual), data_dir=data, progress=False)
   src_ = sources.load("cars196", "train", data)
   np.testing.assert_array_equal(src_.labels, [l for _, l in expect["train"]])
   assert src_[0]["image"].shape == (6, 8, 3)

@@ -2,6 +2,7 @@
 
 No fonts and no rendered corpus needed: the corpus is only its character list here.
 """
+
 import numpy as np
 import pytest
 
@@ -14,10 +15,10 @@ def test_few_shot_mask_caps_each_class_with_independent_draws():
   np.testing.assert_array_equal(np.bincount(labels[keep]), [5, 3, 5])
   # A class's draw depends on (seed, label) only: dropping class 1 leaves class 0's rows.
   others = labels != 1
-  np.testing.assert_array_equal(glyphs.few_shot_mask(labels[others], 5, seed=1),
-                                keep[others])
-  assert not np.array_equal(glyphs.few_shot_mask(labels, 5, seed=2)[:7], keep[:7]) or \
-      not np.array_equal(glyphs.few_shot_mask(labels, 5, seed=3)[:7], keep[:7])
+  np.testing.assert_array_equal(glyphs.few_shot_mask(labels[others], 5, seed=1), keep[others])
+  assert not np.array_equal(
+    glyphs.few_shot_mask(labels, 5, seed=2)[:7], keep[:7]
+  ) or not np.array_equal(glyphs.few_shot_mask(labels, 5, seed=3)[:7], keep[:7])
 
 
 @pytest.mark.parametrize("few,full", [("train_fit5", "train_fit"), ("val5", "val")])
@@ -38,6 +39,7 @@ def test_few_shot_split_is_a_capped_subset_of_its_carved_split(few, full):
 
 def test_train_fit5_matches_the_pretrained_configs_memory_size():
   from xbm_jax.configs import glyphs as glyph_config  # pylint: disable=g-import-not-at-top
+
   c = glyph_config.get_config("study,pretrained")
   assert c.xbm.size == len(glyphs.load_arrays(c.input.train_split)["labels"]) == 6000
 

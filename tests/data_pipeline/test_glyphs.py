@@ -1,4 +1,5 @@
 """Glyph builder on DejaVu fonts shipped with matplotlib; the committed embedded data."""
+
 import os
 
 import matplotlib
@@ -8,7 +9,7 @@ import pytest
 from xbm_jax.data import glyphs
 
 TTF = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
-MISSING = "\u65e5"   # a kanji DejaVu lacks: renders the .notdef box
+MISSING = "\u65e5"  # a kanji DejaVu lacks: renders the .notdef box
 
 
 def _face(name):
@@ -18,7 +19,7 @@ def _face(name):
 def test_jis_level1_kanji():
   chars = glyphs.jis_level1_kanji()
   assert len(chars) == 2965 and len(set(chars)) == 2965
-  assert chars[0] == "\u4e9c" and chars[-1] == "\u8155"   # first and last of rows 16-47
+  assert chars[0] == "\u4e9c" and chars[-1] == "\u8155"  # first and last of rows 16-47
 
 
 def test_render_face_flags_placeholder_and_blank():
@@ -33,14 +34,31 @@ def test_render_face_flags_placeholder_and_blank():
 
 
 def test_build_tiny_glyph_set():
-  faces = [_face(n) for n in ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf",
-                              "DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf")]
+  faces = [
+    _face(n)
+    for n in (
+      "DejaVuSans.ttf",
+      "DejaVuSerif.ttf",
+      "DejaVuSansMono.ttf",
+      "DejaVuSans-Bold.ttf",
+      "DejaVuSerif-Bold.ttf",
+    )
+  ]
   # A second copy of DejaVuSans (same outlines under another entry) must be dropped.
   faces.append(glyphs.Face(faces[0].path, 0, "DejaVuSans copy"))
   chars = list("ABCDEFGHIJKL") + [MISSING, " "]
   logs = []
-  data = glyphs.build(faces, chars, size=16, min_faces=3, num_train_classes=8,
-                      dup_threshold=0.01, sample_chars=10, seed=0, log=logs.append)
+  data = glyphs.build(
+    faces,
+    chars,
+    size=16,
+    min_faces=3,
+    num_train_classes=8,
+    dup_threshold=0.01,
+    sample_chars=10,
+    seed=0,
+    log=logs.append,
+  )
   assert len(data["face_names"]) == 5
   assert "DejaVuSans copy" not in set(data["face_names"])
   assert any("near-identical" in line for line in logs)
@@ -81,7 +99,7 @@ def test_embedded_data_loads_offline(embedded):
   assert rec["image"].shape == (32, 32, 1) and rec["image"].dtype == np.uint8
   for src in (train, test):
     counts = np.bincount(src.labels)
-    assert counts[counts > 0].min() >= 5      # every class has several typefaces
-    assert src.images.reshape(len(src), -1).max(axis=1).min() > 0   # no blank glyph
+    assert counts[counts > 0].min() >= 5  # every class has several typefaces
+    assert src.images.reshape(len(src), -1).max(axis=1).min() > 0  # no blank glyph
   assert os.path.getsize(glyphs.DATA_FILE) <= 10 * 2**20
   assert os.path.isfile(os.path.join(os.path.dirname(glyphs.DATA_FILE), "FONTS.md"))

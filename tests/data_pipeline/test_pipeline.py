@@ -1,5 +1,6 @@
 """Input pipeline: batches follow the sampler, hosts split the global batch, resume,
 eval padding masks, worker sizing, device prefetch."""
+
 import time
 
 import numpy as np
@@ -21,8 +22,12 @@ def source():
 
 
 def _train(source, **kw):
-  args = dict(sampler={"classes_per_batch": 4, "samples_per_class": 2},
-              transform_cfg=TCFG, global_batch_size=8, seed=3)
+  args = dict(
+    sampler={"classes_per_batch": 4, "samples_per_class": 2},
+    transform_cfg=TCFG,
+    global_batch_size=8,
+    seed=3,
+  )
   args.update(kw)
   return pipeline.train_batches(source, **args)
 
@@ -39,8 +44,9 @@ def test_train_batches_follow_sampler(source):
     # Row j is record idx[j] augmented with the stream keyed by (seed, step, j).
     cfg = transforms.TransformConfig.from_config(TCFG)
     for j in (0, 5):
-      want = transforms.train_transform(source[idx[j]]["image"], cfg,
-                                        transforms.record_rng(3, step, j))
+      want = transforms.train_transform(
+        source[idx[j]]["image"], cfg, transforms.record_rng(3, step, j)
+      )
       np.testing.assert_array_equal(b["image"][j], want)
   assert it.get_state() == {"step": 4, "seed": 3}
 
@@ -78,8 +84,7 @@ def test_num_steps_and_config_errors(source):
   with pytest.raises(ValueError, match="global_batch_size=6"):
     _train(source, global_batch_size=6)
   with pytest.raises(ValueError, match="classes_per_batch=20"):
-    _train(source, sampler={"classes_per_batch": 20, "samples_per_class": 2},
-           global_batch_size=40)
+    _train(source, sampler={"classes_per_batch": 20, "samples_per_class": 2}, global_batch_size=40)
   with pytest.raises(KeyError, match="samples_per_class"):
     _train(source, sampler={"classes_per_batch": 4})
 
@@ -91,24 +96,30 @@ def test_eval_batches_pad_last_batch_with_mask(source):
   assert len(batches) == -(-n // 8)
   masks = np.concatenate([b["mask"] for b in batches])
   assert masks.dtype == np.bool_ and masks.sum() == n
-  assert masks[:n].all() and not masks[n:].any()            # only the tail is padding
+  assert masks[:n].all() and not masks[n:].any()  # only the tail is padding
   idx = np.concatenate([b["index"] for b in batches])[masks]
   np.testing.assert_array_equal(idx, np.arange(n))
   labels = np.concatenate([b["label"] for b in batches])[masks]
   np.testing.assert_array_equal(labels, source.labels)
   tc = transforms.TransformConfig.from_config(cfg)
   last = batches[-1]
-  np.testing.assert_array_equal(last["image"][0],
-                                transforms.eval_transform(source[n - 5]["image"], tc))
+  np.testing.assert_array_equal(
+    last["image"][0], transforms.eval_transform(source[n - 5]["image"], tc)
+  )
   assert all(b["image"].shape == (8, 12, 12, 3) for b in batches)
 
 
 def test_eval_batches_two_hosts_cover_everything_once(source):
   cfg = {"resize": 16, "crop": 12}
-  per_host = [list(pipeline.eval_batches(source, batch_size=8, transform_cfg=cfg,
-                                         process_index=h, process_count=2))
-              for h in range(2)]
-  assert len(per_host[0]) == len(per_host[1])                # same step count per host
+  per_host = [
+    list(
+      pipeline.eval_batches(
+        source, batch_size=8, transform_cfg=cfg, process_index=h, process_count=2
+      )
+    )
+    for h in range(2)
+  ]
+  assert len(per_host[0]) == len(per_host[1])  # same step count per host
   assert all(b["image"].shape[0] == 4 for bs in per_host for b in bs)
   idx = np.concatenate([b["index"][b["mask"]] for bs in per_host for b in bs])
   np.testing.assert_array_equal(np.sort(idx), np.arange(len(source)))
@@ -117,9 +128,15 @@ def test_eval_batches_two_hosts_cover_everything_once(source):
 def test_host_batch_feeds_make_array_from_process_local_data(source):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
   n = jax.device_count()
-  it = pipeline.train_batches(source, sampler={"classes_per_batch": n, "samples_per_class": 1},
-                              transform_cfg=TCFG, global_batch_size=n, seed=0)
+  it = pipeline.train_batches(
+    source,
+    sampler={"classes_per_batch": n, "samples_per_class": 1},
+    transform_cfg=TCFG,
+    global_batch_size=n,
+    seed=0,
+  )
   batch = next(it)
   mesh = jax.make_mesh((n,), ("data",))
   sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -140,8 +157,9 @@ def test_worker_processes_give_the_same_batches(source):
 
 def test_worker_count_auto_is_cores_minus_one(monkeypatch):
   for cores, want in ((16, 15), (2, 1), (1, 0)):
-    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda _, c=cores: set(range(c)),
-                        raising=False)
+    monkeypatch.setattr(
+      pipeline.os, "sched_getaffinity", lambda _, c=cores: set(range(c)), raising=False
+    )
     assert pipeline.resolve_worker_count("auto") == want
     assert pipeline.resolve_worker_count(-1) == want
   assert pipeline.resolve_worker_count(3) == 3
@@ -159,7 +177,7 @@ def test_prefetch_to_device_keeps_order_and_the_consumed_state(source):
   for g, r in zip(got, ref):
     assert g["put"]
     np.testing.assert_array_equal(g["label"], r)
-  for _ in range(100):           # let the thread run ahead (queue of 2 + one in hand)
+  for _ in range(100):  # let the thread run ahead (queue of 2 + one in hand)
     if inner.step >= 6:
       break
     time.sleep(0.02)
@@ -176,6 +194,7 @@ def test_prefetch_to_device_reraises_errors():
   def gen():
     yield 1
     raise RuntimeError("decode failed")
+
   it = pipeline.prefetch_to_device(gen(), lambda x: x * 10, size=1)
   assert next(it) == 10
   with pytest.raises(RuntimeError, match="decode failed"):
@@ -186,10 +205,15 @@ def test_extract_with_prefetch_equals_without(source):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from xbm_jax.evaluation.extract import extract  # pylint: disable=g-import-not-at-top
+
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   embed = jax.jit(lambda x: jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
-  runs = [extract(embed, pipeline.eval_batches(source, batch_size=16, transform_cfg=TCFG),
-                  mesh=mesh, prefetch=p) for p in (0, 2)]
+  runs = [
+    extract(
+      embed, pipeline.eval_batches(source, batch_size=16, transform_cfg=TCFG), mesh=mesh, prefetch=p
+    )
+    for p in (0, 2)
+  ]
   for k in ("emb", "labels", "index"):
     np.testing.assert_array_equal(runs[1][k], runs[0][k])
   assert len(runs[0]["emb"]) == len(source)

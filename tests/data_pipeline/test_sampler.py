@@ -1,4 +1,5 @@
 """P x K sampler invariants, checked by brute force over many steps."""
+
 import numpy as np
 import pytest
 
@@ -23,15 +24,15 @@ def test_every_batch_is_p_distinct_classes_times_k():
     idx = s.global_batch(step)
     assert idx.shape == (p * k,) and idx.dtype == np.int64
     blocks = labels[idx].reshape(p, k)
-    assert (blocks == blocks[:, :1]).all()            # K rows of one class each
-    assert len(set(blocks[:, 0])) == p                # P distinct classes
+    assert (blocks == blocks[:, :1]).all()  # K rows of one class each
+    assert len(set(blocks[:, 0])) == p  # P distinct classes
     for row, lab in zip(idx.reshape(p, k), blocks[:, 0]):
       n = len(members[lab])
       assert set(row) <= members[lab]
       if n >= k:
-        assert len(set(row)) == k                     # no repeats in a big class
+        assert len(set(row)) == k  # no repeats in a big class
       else:
-        assert set(row) == members[lab]               # small class: all images + resampled
+        assert set(row) == members[lab]  # small class: all images + resampled
 
 
 def test_singleton_class_padded_or_dropped():
@@ -51,8 +52,10 @@ def test_each_epoch_visits_classes_without_repeats():
   s = PKSampler(labels, classes_per_batch=5, samples_per_class=2, seed=1)
   assert s.steps_per_epoch == len(SIZES) // 5
   for epoch in range(3):
-    seen = [labels[s.global_batch(t)[0::2]] for t in
-            range(epoch * s.steps_per_epoch, (epoch + 1) * s.steps_per_epoch)]
+    seen = [
+      labels[s.global_batch(t)[0::2]]
+      for t in range(epoch * s.steps_per_epoch, (epoch + 1) * s.steps_per_epoch)
+    ]
     seen = np.concatenate(seen)
     assert len(seen) == len(set(seen)) == 5 * s.steps_per_epoch
 
@@ -62,7 +65,7 @@ def test_deterministic_given_seed_and_seed_matters():
   a = PKSampler(labels, classes_per_batch=4, samples_per_class=4, seed=7)
   b = PKSampler(labels, classes_per_batch=4, samples_per_class=4, seed=7)
   c = PKSampler(labels, classes_per_batch=4, samples_per_class=4, seed=8)
-  steps = [0, 1, 5, 17, 3, 1]   # random access, any order
+  steps = [0, 1, 5, 17, 3, 1]  # random access, any order
   for t in steps:
     np.testing.assert_array_equal(a.global_batch(t), b.global_batch(t))
   assert any(not np.array_equal(a.global_batch(t), c.global_batch(t)) for t in range(5))
@@ -73,8 +76,12 @@ def test_hosts_are_disjoint_and_union_is_global_batch(hosts):
   labels = _labels(SIZES)
   p, k = 8, 3
   ref = PKSampler(labels, classes_per_batch=p, samples_per_class=k, seed=2)
-  shards = [PKSampler(labels, classes_per_batch=p, samples_per_class=k, seed=2,
-                      process_index=h, process_count=hosts) for h in range(hosts)]
+  shards = [
+    PKSampler(
+      labels, classes_per_batch=p, samples_per_class=k, seed=2, process_index=h, process_count=hosts
+    )
+    for h in range(hosts)
+  ]
   for step in range(12):
     local = [sh.local_batch(step) for sh in shards]
     assert all(len(x) == p * k // hosts for x in local)
@@ -102,8 +109,7 @@ def test_errors():
   with pytest.raises(ValueError, match="classes_per_batch=4.*only 3 classes"):
     PKSampler(labels, classes_per_batch=4, samples_per_class=2)
   with pytest.raises(ValueError, match="only 2 classes"):
-    PKSampler(_labels([1, 3, 3]), classes_per_batch=3, samples_per_class=2,
-              min_class_size=2)
+    PKSampler(_labels([1, 3, 3]), classes_per_batch=3, samples_per_class=2, min_class_size=2)
   with pytest.raises(ValueError, match="divisible by process_count"):
     PKSampler(labels, classes_per_batch=3, samples_per_class=2, process_count=2)
   with pytest.raises(ValueError, match="integers"):

@@ -1,4 +1,5 @@
 """Augmentation: shapes, dtypes, hand-computed crops, seeded determinism."""
+
 import numpy as np
 import pytest
 
@@ -11,10 +12,10 @@ def _image(h, w, c, seed=0):
 
 def test_eval_center_crop_equals_hand_computed_slice():
   img = _image(6, 8, 3)
-  cfg = T.TransformConfig(resize=6, crop=4)    # shorter side already 6: no resize
+  cfg = T.TransformConfig(resize=6, crop=4)  # shorter side already 6: no resize
   # top = (6 - 4) / 2 = 1, left = (8 - 4) / 2 = 2
   np.testing.assert_array_equal(T.eval_transform(img, cfg), img[1:5, 2:6])
-  img = _image(9, 7, 1)                        # portrait, odd margins: round(1.5)=2, round(2.5)=2
+  img = _image(9, 7, 1)  # portrait, odd margins: round(1.5)=2, round(2.5)=2
   cfg = T.TransformConfig(resize=7, crop=4)
   np.testing.assert_array_equal(T.eval_transform(img, cfg), img[2:6, 2:6])
 
@@ -28,11 +29,14 @@ def test_eval_resizes_shorter_side_then_crops():
   assert T.resized_size(500, 375, 256) == (341, 256)
 
 
-@pytest.mark.parametrize("shape,cfg", [
+@pytest.mark.parametrize(
+  "shape,cfg",
+  [
     ((32, 32, 1), T.TransformConfig(resize=32, crop=28, flip=False)),
     ((300, 400, 3), T.TransformConfig()),
     ((64, 48, 3), T.TransformConfig(resize=40, crop=32)),
-])
+  ],
+)
 def test_train_shapes_dtypes_and_determinism(shape, cfg):
   img = _image(*shape)
   a = T.train_transform(img, cfg, T.record_rng(1, 2, 3))
@@ -60,8 +64,9 @@ def test_random_resized_crop_box_within_bounds_and_scale():
   for _ in range(300):
     h = int(rng.integers(40, 300))
     w = int(h * rng.uniform(0.8, 1.25))
-    top, left, ch, cw = T.random_resized_crop_box(int(h), int(w), scale=(0.2, 1.0),
-                                                  ratio=(3 / 4, 4 / 3), rng=rng)
+    top, left, ch, cw = T.random_resized_crop_box(
+      int(h), int(w), scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), rng=rng
+    )
     assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
     assert ch > 0 and cw > 0
     # Rounding of w, h moves the area a little off the drawn fraction.
@@ -71,8 +76,9 @@ def test_random_resized_crop_box_within_bounds_and_scale():
 def test_random_resized_crop_fallback_is_centred_max_ratio_crop():
   # A 27 x 257 strip: no draw fits, so the centred crop of aspect 4/3 and full height.
   rng = np.random.default_rng(0)
-  top, left, ch, cw = T.random_resized_crop_box(27, 257, scale=(0.9, 1.0),
-                                                ratio=(3 / 4, 4 / 3), rng=rng)
+  top, left, ch, cw = T.random_resized_crop_box(
+    27, 257, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), rng=rng
+  )
   assert (top, ch, cw) == (0, 27, 36) and left == (257 - 36) // 2
 
 
@@ -90,6 +96,7 @@ def test_config_from_mapping_and_errors():
 def _smooth(h, w, seed=0):
   """A photo-like smooth image (upsampled noise), so JPEG keeps it close."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   low = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   return np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC))
 
@@ -97,6 +104,7 @@ def _smooth(h, w, seed=0):
 def _jpeg(img):
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   buf = io.BytesIO()
   Image.fromarray(img).save(buf, format="JPEG", quality=90)
   data = buf.getvalue()
@@ -109,8 +117,10 @@ def test_jpeg_bytes_below_twice_resize_equal_the_array_path():
   cfg = T.TransformConfig()
   assert T.load(data, cfg.resize)[0].size == (460, 500)
   for seed in range(4):
-    np.testing.assert_array_equal(T.train_transform(data, cfg, T.record_rng(0, seed, 1)),
-                                  T.train_transform(decoded, cfg, T.record_rng(0, seed, 1)))
+    np.testing.assert_array_equal(
+      T.train_transform(data, cfg, T.record_rng(0, seed, 1)),
+      T.train_transform(decoded, cfg, T.record_rng(0, seed, 1)),
+    )
   np.testing.assert_array_equal(T.eval_transform(data, cfg), T.eval_transform(decoded, cfg))
 
 

@@ -1,4 +1,5 @@
 """Evaluators from config, protocols, extraction, and the top-k shortcut."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,18 +12,21 @@ from xbm_jax.evaluation import evaluators, extract, metrics, protocols
 
 def split_fn(splits):
   calls = []
+
   def embed_split(name):
     calls.append(name)
     emb, labels = splits[name]
     return dict(emb=emb, labels=labels, index=np.arange(len(labels)))
+
   return embed_split, calls
 
 
 def test_leave_one_out_evaluator_names_and_values():
   x, l = clustered(90, 8, 20, 0.8, seed=5)
   embed_split, calls = split_fn({"test": (x, l)})
-  ev = evaluators.create("sop", ConfigDict(dict(type="leave_one_out", split="test",
-                                                ks=(1, 10), every_steps=100)))
+  ev = evaluators.create(
+    "sop", ConfigDict(dict(type="leave_one_out", split="test", ks=(1, 10), every_steps=100))
+  )
   out = ev.run(embed_split)
   assert calls == ["test"]
   want = oracle(x, l, ks=(1, 10))
@@ -34,17 +38,20 @@ def test_leave_one_out_evaluator_names_and_values():
 def test_query_gallery_and_vehicleid_evaluators():
   q, ql = clustered(40, 8, 12, 0.8, seed=6)
   g, gl = clustered(70, 8, 12, 0.8, seed=7)
-  embed_split, _ = split_fn({"query": (q, ql), "gallery": (g, gl), "a": (q, ql),
-                             "b": (g, gl)})
-  ev = evaluators.create("inshop", dict(type="query_gallery", query_split="query",
-                                        gallery_split="gallery", ks=(1, 20),
-                                        map_at_r=False))
+  embed_split, _ = split_fn({"query": (q, ql), "gallery": (g, gl), "a": (q, ql), "b": (g, gl)})
+  ev = evaluators.create(
+    "inshop",
+    dict(
+      type="query_gallery", query_split="query", gallery_split="gallery", ks=(1, 20), map_at_r=False
+    ),
+  )
   out = ev.run(embed_split)
   want = oracle(q, ql, g, gl, ks=(1, 20), self_exclude=False)
   assert out["eval/inshop/recall@20"] == pytest.approx(want["recall@20"])
   assert "eval/inshop/map@r" not in out
-  ev = evaluators.create("vid", dict(type="vehicleid", ks=(1, 5),
-                                     splits=dict(small="a", large="b")))
+  ev = evaluators.create(
+    "vid", dict(type="vehicleid", ks=(1, 5), splits=dict(small="a", large="b"))
+  )
   out = ev.run(embed_split)
   assert out["eval/vid/small/recall@5"] == pytest.approx(oracle(q, ql, ks=(5,))["recall@5"])
   assert out["eval/vid/large/map@r"] == pytest.approx(oracle(g, gl, ks=(5,))["map@r"])
@@ -63,14 +70,20 @@ def test_config_errors_are_clear():
 def test_extract_drops_padding_and_keeps_index():
   embed_fn = jax.jit(lambda im: jnp.mean(im.astype(jnp.float32), axis=(1, 2)))
   images = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+
   def batches():
     for s in (0, 8):
       im = np.zeros((8, 2, 2, 3), np.uint8)
-      part = images[s:s + 8]
-      im[:len(part)] = part
+      part = images[s : s + 8]
+      im[: len(part)] = part
       mask = np.arange(8) < len(part)
-      yield {"image": im, "label": np.arange(s, s + 8) % 3, "mask": mask,
-             "index": np.arange(s, s + 8) + 100}
+      yield {
+        "image": im,
+        "label": np.arange(s, s + 8) % 3,
+        "mask": mask,
+        "index": np.arange(s, s + 8) + 100,
+      }
+
   for mesh in (None, jax.make_mesh((8,), ("data",))):
     out = extract.extract(embed_fn, batches(), mesh=mesh)
     np.testing.assert_allclose(out["emb"], images.astype(np.float32).mean(axis=(1, 2)))

@@ -1,4 +1,5 @@
 """Retrieval metrics against a brute-force NumPy oracle and hand-computed values."""
+
 import jax
 import numpy as np
 import pytest
@@ -31,9 +32,15 @@ def oracle(q, ql, g=None, gl=None, ks=(1,), self_exclude=True):
     rps.append(top.sum() / r)
     p1s.append(float(rel[0]))
   out = {f"recall@{k}": float(np.mean(hits[k])) for k in ks}
-  out.update({"map@r": float(np.mean(aps)), "r_precision": float(np.mean(rps)),
-              "precision@1": float(np.mean(p1s)), "num_queries": len(aps),
-              "num_singleton_excluded": excluded})
+  out.update(
+    {
+      "map@r": float(np.mean(aps)),
+      "r_precision": float(np.mean(rps)),
+      "precision@1": float(np.mean(p1s)),
+      "num_queries": len(aps),
+      "num_singleton_excluded": excluded,
+    }
+  )
   return out
 
 
@@ -79,8 +86,7 @@ def test_random_query_gallery_with_labels_missing_from_gallery():
 
 def tie_set():
   """Exactly representable scores: ties are real ties in float32 and float64."""
-  x = np.array([[1, 0], [.5, 0], [.5, 0], [.5, 0], [0, 1], [0, 1], [0, .5], [1, 0]],
-               np.float32)
+  x = np.array([[1, 0], [0.5, 0], [0.5, 0], [0.5, 0], [0, 1], [0, 1], [0, 0.5], [1, 0]], np.float32)
   l = np.array([0, 1, 0, 2, 3, 4, 3, 1])
   return x, l
 
@@ -105,7 +111,7 @@ def test_hand_made_ties_break_by_gallery_index():
 
 def test_positive_before_tied_negative_hits():
   # Swapping which of two tied items has the lower index flips the outcome.
-  x = np.array([[1, 0], [.5, 0], [.5, 0]], np.float32)
+  x = np.array([[1, 0], [0.5, 0], [0.5, 0]], np.float32)
   hit = metrics.recall_at_k(x, np.array([0, 0, 1]), ks=(1,), self_exclude=True)
   miss = metrics.recall_at_k(x, np.array([0, 1, 0]), ks=(1,), self_exclude=True)
   # Query 0: positive at index 1 vs tied negative at 2 -> hit; swapped -> miss.
@@ -118,7 +124,7 @@ def test_positive_before_tied_negative_hits():
 def test_self_excluded_by_index_not_by_rank_zero():
   # Items 0 and 1 are identical; 1 is the query. Dropping "rank 0" would drop item 0
   # (a negative with the same score and a smaller index) and keep self: a false hit.
-  x = np.array([[1, 0], [1, 0], [.5, 0]], np.float32)
+  x = np.array([[1, 0], [1, 0], [0.5, 0]], np.float32)
   l = np.array([5, 0, 0])
   loo = metrics.retrieval_metrics(x, l, ks=(1, 2), self_exclude=True)
   # Query 1: item 0 (negative, 1.0) before item 2 (positive, 0.5): rank 1.
@@ -142,7 +148,7 @@ def test_singletons_are_excluded_and_counted():
 def test_map_at_r_hand_computed():
   # Query 0 (label 0, R = 2): ranking 1 (pos), 2 (neg), 3 (pos) -> top-2 = [pos, neg]:
   # MAP@R = (1/1) / 2 = 0.5, R-precision = 1/2.
-  x = np.array([[1, 0, 0], [.75, .5, 0], [.5, 0, 0], [.25, 0, 0]], np.float32)
+  x = np.array([[1, 0, 0], [0.75, 0.5, 0], [0.5, 0, 0], [0.25, 0, 0]], np.float32)
   l = np.array([0, 0, 1, 0])
   got = metrics.map_at_r(x[:1], l[:1], x[1:], l[1:], self_exclude=False)
   assert got["map@r"] == pytest.approx(0.5)
@@ -163,13 +169,15 @@ def test_eight_devices_equal_one(self_exclude):
   else:
     args = (x[:77], l[:77], x[50:], l[50:])
   one = metrics.retrieval_metrics(*args, ks=KS, self_exclude=self_exclude, block_size=48)
-  eight = metrics.retrieval_metrics(*args, ks=KS, self_exclude=self_exclude,
-                                    block_size=48, mesh=mesh8())
+  eight = metrics.retrieval_metrics(
+    *args, ks=KS, self_exclude=self_exclude, block_size=48, mesh=mesh8()
+  )
   assert one == eight
   assert_same(eight, oracle(*args, ks=KS, self_exclude=self_exclude))
   if self_exclude:  # a 2-D mesh: the gallery is sharded over both axes
-    two_d = metrics.retrieval_metrics(*args, ks=KS, self_exclude=True, block_size=48,
-                                      mesh=jax.make_mesh((2, 4), ("data", "model")))
+    two_d = metrics.retrieval_metrics(
+      *args, ks=KS, self_exclude=True, block_size=48, mesh=jax.make_mesh((2, 4), ("data", "model"))
+    )
     assert two_d == one
 
 
@@ -208,5 +216,6 @@ def test_non_finite_embeddings_are_refused():
   g = np.eye(4, dtype=np.float32)
   g[0, 0] = np.inf
   with pytest.raises(ValueError, match="gallery_emb has 1 of 4"):
-    metrics.retrieval_metrics(np.eye(4, dtype=np.float32), np.arange(4), g, np.arange(4),
-                              self_exclude=False)
+    metrics.retrieval_metrics(
+      np.eye(4, dtype=np.float32), np.arange(4), g, np.arange(4), self_exclude=False
+    )

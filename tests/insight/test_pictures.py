@@ -1,10 +1,19 @@
 """retrieval_grid layout on a hand-made retrieval; query choice; PNG round trip."""
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from xbm_jax.insight.pictures import (GRAY, GREEN, RED, WHITE, choose_queries,
-                                      retrieval_grid, retrieve, save_png)
+from xbm_jax.insight.pictures import (
+  GRAY,
+  GREEN,
+  RED,
+  WHITE,
+  choose_queries,
+  retrieval_grid,
+  retrieve,
+  save_png,
+)
 
 
 def test_grid_layout_and_borders():
@@ -13,15 +22,14 @@ def test_grid_layout_and_borders():
   gallery = np.stack([np.full((h, w, 3), 100 + i, np.uint8) for i in range(6)])
   topk = np.array([[3, 0, -1], [5, 4, 1]])
   correct = np.array([[True, False, False], [False, True, True]])
-  img = retrieval_grid(queries, gallery, topk, correct, border=b, pad=p, min_size=0,
-                     caption=None)
+  img = retrieval_grid(queries, gallery, topk, correct, border=b, pad=p, min_size=0, caption=None)
   ch, cw = h + 2 * b, w + 2 * b
   assert img.dtype == np.uint8
   assert img.shape == (2 * ch + 3 * p, 4 * cw + 5 * p, 3) == (19, 41, 3)
 
   def cell(row, col):
     y, x = p + row * (ch + p), p + col * (cw + p)
-    return img[y:y + ch, x:x + cw]
+    return img[y : y + ch, x : x + cw]
 
   for i in range(2):
     c = cell(i, 0)
@@ -48,21 +56,24 @@ def test_small_images_are_enlarged_and_the_grid_has_a_caption():
   topk = np.array([[0, 1, 2, 3, 4], [5, 4, 3, 2, 1]])
   correct = np.zeros((2, 5), bool)
   plain = retrieval_grid(q, g, topk, correct, caption=None)
-  cell = 64 + 2 * 2   # each glyph enlarged 2x to 64 px, 2 px border
+  cell = 64 + 2 * 2  # each glyph enlarged 2x to 64 px, 2 px border
   assert plain.shape == (2 * cell + 3 * 2, 6 * cell + 7 * 2, 3)
-  y = x = 2 + 2       # pad + border: the first query, every pixel a 2 x 2 block
-  assert (plain[y:y + 64, x:x + 64, 0] == np.repeat(np.repeat(q[0], 2, 0), 2, 1)).all()
+  y = x = 2 + 2  # pad + border: the first query, every pixel a 2 x 2 block
+  assert (plain[y : y + 64, x : x + 64, 0] == np.repeat(np.repeat(q[0], 2, 0), 2, 1)).all()
 
   img = retrieval_grid(q, g, topk, correct)
-  strip = img[:img.shape[0] - plain.shape[0]]
-  assert img.shape[1] == plain.shape[1] and (img[len(strip):] == plain).all()
-  assert len(strip) >= 14                       # at least one line of text
-  ink = (strip.max(axis=-1) < 100)              # dark pixels on the white strip
+  strip = img[: img.shape[0] - plain.shape[0]]
+  assert img.shape[1] == plain.shape[1] and (img[len(strip) :] == plain).all()
+  assert len(strip) >= 14  # at least one line of text
+  ink = strip.max(axis=-1) < 100  # dark pixels on the white strip
   assert ink.sum() > 200 and ink.any(axis=0).sum() > plain.shape[1] // 2
-  assert not (plain[:2] < 100).any()            # the oracle: no ink without caption
+  assert not (plain[:2] < 100).any()  # the oracle: no ink without caption
   big = rng.integers(0, 256, (1, 96, 96, 3), dtype=np.uint8)
   assert retrieval_grid(big, big, [[0]], [[True]], caption=None).shape == (
-      96 + 4 + 4, 2 * (96 + 4) + 6, 3)           # already large: not enlarged
+    96 + 4 + 4,
+    2 * (96 + 4) + 6,
+    3,
+  )  # already large: not enlarged
 
 
 def test_captioned_picture_saves_at_its_size(tmp_path):
@@ -110,12 +121,13 @@ def test_save_png_round_trip(tmp_path):
 def test_saved_pictures_have_the_mode_of_any_new_file(tmp_path):
   """mkstemp's 0600 used to leak into the pictures (unreadable to a group or web server)."""
   import os
+
   old = os.umask(0o022)
   try:
     path = str(tmp_path / "p.png")
     save_png(path, np.zeros((4, 4), np.uint8))
     with open(str(tmp_path / "plain"), "w"):
-      pass   # the oracle: what open() gives a new file under this umask
+      pass  # the oracle: what open() gives a new file under this umask
     assert os.stat(path).st_mode & 0o777 == os.stat(str(tmp_path / "plain")).st_mode & 0o777
     assert os.stat(path).st_mode & 0o777 == 0o644
   finally:

@@ -6,6 +6,7 @@ state_dict goes through the real conversion path (torch.save -> convert_file ->
 load_pretrained), and the Flax model sees raw 0..255 RGB images while torch gets each
 architecture's own input normalisation.
 """
+
 import os
 
 import numpy as np
@@ -35,8 +36,12 @@ def random_images(rng, n, size=SIZE):
 
 
 def build_torch(arch, **kw):
-  return {"resnet18": T.resnet18, "resnet50": T.resnet50, "googlenet": T.GoogLeNet,
-          "bninception": T.BNInception}[arch](**kw)
+  return {
+    "resnet18": T.resnet18,
+    "resnet50": T.resnet50,
+    "googlenet": T.GoogLeNet,
+    "bninception": T.BNInception,
+  }[arch](**kw)
 
 
 def flax_vs_torch(arch, tmp_path, *, torch_kw=None, model_kw=None, size=SIZE, seed=0):
@@ -48,27 +53,27 @@ def flax_vs_torch(arch, tmp_path, *, torch_kw=None, model_kw=None, size=SIZE, se
   torch.manual_seed(seed)
   rng = np.random.default_rng(seed)
   net = build_torch(arch, **(torch_kw or {}))
-  T.randomize_bn(net, [torch_input(random_images(rng, 4, size), arch) for _ in range(2)],
-                 seed=seed)
+  T.randomize_bn(net, [torch_input(random_images(rng, 4, size), arch) for _ in range(2)], seed=seed)
   pth, out = tmp_path / f"{arch}.pth", tmp_path / f"{arch}.msgpack"
   torch.save(net.state_dict(), pth)
   convert.convert_file(arch, str(pth), str(out))
 
   model = models.create({"name": arch, "embed_dim": 8, **(model_kw or {})})
-  variables = models.init_variables(model, jax.random.PRNGKey(0), image_size=size,
-                                    init_from=str(out))
+  variables = models.init_variables(
+    model, jax.random.PRNGKey(0), image_size=size, init_from=str(out)
+  )
   images = random_images(rng, 2, size)
-  fmap, pooled = jax.jit(lambda v, x: model.apply(
-      v, x, train=False,
-      method=lambda m, y, train: (m.feature_map(y, train), m.features(y, train))))(
-          variables, images)
+  fmap, pooled = jax.jit(
+    lambda v, x: model.apply(
+      v, x, train=False, method=lambda m, y, train: (m.feature_map(y, train), m.features(y, train))
+    )
+  )(variables, images)
   x = torch_input(images, arch)
   with torch.no_grad():
     tmap = net.features(x).permute(0, 2, 3, 1).numpy()
     exact = net.double().features(x.double()).amax(dim=(2, 3)).numpy()
   tpooled = tmap.max(axis=(1, 2))
-  return (np.asarray(fmap), np.asarray(pooled), tmap, tpooled,
-          float(np.abs(tpooled - exact).max()))
+  return (np.asarray(fmap), np.asarray(pooled), tmap, tpooled, float(np.abs(tpooled - exact).max()))
 
 
 def tolerance(torch_f32_error):
@@ -81,20 +86,29 @@ def tolerance(torch_f32_error):
   return max(TOL, 2 * torch_f32_error)
 
 
-@pytest.mark.parametrize("arch,model_kw,torch_kw", [
+@pytest.mark.parametrize(
+  "arch,model_kw,torch_kw",
+  [
     # torchvision stem, layer4 stride 2
     ("resnet18", {"stem_relu": True}, {"stem_relu": True}),
     # XBM reference stem (no ReLU) and layer4 stride 1 (feature map 1/16)
     ("resnet18", {"layer4_stride": 1}, {"stem_relu": False, "layer4_stride": 1}),
-    pytest.param("resnet50", {"stem_relu": True}, {"stem_relu": True},
-                 marks=pytest.mark.skipif(not os.environ.get("XBM_SLOW_TESTS"),
-                                          reason="~25 s; set XBM_SLOW_TESTS=1")),
+    pytest.param(
+      "resnet50",
+      {"stem_relu": True},
+      {"stem_relu": True},
+      marks=pytest.mark.skipif(
+        not os.environ.get("XBM_SLOW_TESTS"), reason="~25 s; set XBM_SLOW_TESTS=1"
+      ),
+    ),
     ("bninception", {}, {}),
     ("googlenet", {}, {}),
-])
+  ],
+)
 def test_features_match_torch(arch, model_kw, torch_kw, tmp_path):
-  fmap, pooled, tmap, tpooled, torch_err = flax_vs_torch(arch, tmp_path, model_kw=model_kw,
-                                                         torch_kw=torch_kw)
+  fmap, pooled, tmap, tpooled, torch_err = flax_vs_torch(
+    arch, tmp_path, model_kw=model_kw, torch_kw=torch_kw
+  )
   stride = 16 if model_kw.get("layer4_stride") == 1 else 32
   assert fmap.shape[1] == -(-SIZE // stride) and fmap.shape == tmap.shape
   assert pooled.dtype == np.float32 and pooled.shape == tpooled.shape

@@ -3,6 +3,7 @@
 Oracles: NumPy pooling, torch's init formula, single-device full-batch BN for the
 sharded case, and torch state_dicts for the converter.
 """
+
 import runpy
 import sys
 
@@ -31,19 +32,23 @@ def numpy_init(model, image_shape, seed=0):
   BN affine and running stats). Flax's own random init is avoided on purpose: compiling
   threefry sampling on XLA:CPU takes seconds per array here."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
-                                             jnp.zeros(image_shape, jnp.uint8)))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(image_shape, jnp.uint8))
+  )
 
   def fill(path, leaf):
     name = path[-1].key
     if name == "kernel":
       return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[-1:])), leaf.shape) / np.sqrt(
-          np.prod(leaf.shape[:-2]) if len(leaf.shape) == 4 else 1)
+        np.prod(leaf.shape[:-2]) if len(leaf.shape) == 4 else 1
+      )
     if name in ("scale", "var"):
       return rng.uniform(0.5, 1.5, leaf.shape)
     return rng.normal(0, 0.1, leaf.shape)  # bias, mean
+
   return jax.tree_util.tree_map_with_path(
-      lambda p, l: jnp.asarray(fill(p, l), jnp.float32), dict(shapes))
+    lambda p, l: jnp.asarray(fill(p, l), jnp.float32), dict(shapes)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +84,24 @@ def test_head_init_shape_and_unit_rows():
 # --------------------------------------------------------------------------- factory
 def test_default_config_and_create():
   cfg = models.default_config()
-  assert set(cfg) == {"name", "embed_dim", "pool", "stem_relu", "layer4_stride",
-                      "frozen_bn", "dtype", "init_from", "width"}
+  assert set(cfg) == {
+    "name",
+    "embed_dim",
+    "pool",
+    "stem_relu",
+    "layer4_stride",
+    "frozen_bn",
+    "dtype",
+    "init_from",
+    "width",
+  }
   assert (cfg.name, cfg.pool, cfg.stem_relu, cfg.layer4_stride, cfg.dtype) == (
-      "resnet50", "max", False, 2, "float32")
+    "resnet50",
+    "max",
+    False,
+    2,
+    "float32",
+  )
   cfg.init_from = "/some/file.msgpack"  # placeholder(str) accepts a path
   model = models.create(cfg)
   assert isinstance(model, models.EmbeddingModel)
@@ -90,14 +109,19 @@ def test_default_config_and_create():
   assert models.create(cfg, axis_name="data").backbone.bn_axis_name == "data"
 
 
-@pytest.mark.parametrize("override,match", [
-    ({"name": "vgg16"}, "unknown model name 'vgg16'; valid: resnet50, resnet18, "
-                        "bninception, googlenet, small_cnn"),
+@pytest.mark.parametrize(
+  "override,match",
+  [
+    (
+      {"name": "vgg16"},
+      "unknown model name 'vgg16'; valid: resnet50, resnet18, bninception, googlenet, small_cnn",
+    ),
     ({"depth": 3}, r"unknown model config key\(s\) \['depth'\]; valid: \["),
     ({"pool": "sum"}, "unknown model.pool 'sum'; valid: max, avg, gem"),
     ({"dtype": "float16"}, "unknown model.dtype 'float16'; valid: float32, bfloat16, auto"),
     ({"embed_dim": 0}, "embed_dim must be a positive int"),
-])
+  ],
+)
 def test_create_rejects_bad_config(override, match):
   with pytest.raises(ValueError, match=match):
     models.create(override)
@@ -107,8 +131,9 @@ def test_grayscale_is_tiled_and_bad_images_rejected():
   g = gray_images(2, size=4)
   np.testing.assert_array_equal(layers.to_rgb(g), np.repeat(g, 3, -1).astype(np.float32))
   x = layers.imagenet_normalize(np.full((1, 1, 1, 3), 255, np.uint8))
-  np.testing.assert_allclose(x[0, 0, 0], (1 - np.array(layers.IMAGENET_MEAN))
-                             / np.array(layers.IMAGENET_STD), rtol=1e-6)
+  np.testing.assert_allclose(
+    x[0, 0, 0], (1 - np.array(layers.IMAGENET_MEAN)) / np.array(layers.IMAGENET_STD), rtol=1e-6
+  )
   with pytest.raises(ValueError, match=r"RGB \(C=3\) or grayscale \(C=1\).*\(1, 4, 4, 2\)"):
     layers.to_rgb(np.zeros((1, 4, 4, 2), np.uint8))
   with pytest.raises(ValueError, match=r"NHWC.*\(4, 4, 3\)"):
@@ -124,15 +149,15 @@ def test_small_cnn_takes_1_channel_32x32(small_vars):
   fmap = small().apply(small_vars, images, method="feature_map")
   assert fmap.shape == (4, 8, 8, 32)
   # uint8 and float 0..255 inputs are the same images
-  np.testing.assert_allclose(small().apply(small_vars, images.astype(np.float32)), emb,
-                             atol=1e-6)
+  np.testing.assert_allclose(small().apply(small_vars, images.astype(np.float32)), emb, atol=1e-6)
 
 
 def test_frozen_bn_never_updates(small_vars):
   images = gray_images(8, seed=1)
   _, upd = small().apply(small_vars, images, train=True, mutable=["batch_stats"])
-  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), small_vars["batch_stats"],
-                         upd["batch_stats"])
+  changed = jax.tree.map(
+    lambda a, b: bool(np.any(a != b)), small_vars["batch_stats"], upd["batch_stats"]
+  )
   assert all(jax.tree.leaves(changed))  # sanity: normal BN does update
   frozen = small(frozen_bn=True)
   emb, upd = frozen.apply(small_vars, images, train=True, mutable=["batch_stats"])
@@ -155,8 +180,12 @@ def test_bfloat16_compute_close_to_float32(small_vars):
 
 
 def test_auto_dtype_is_bf16_on_accelerators_and_f32_on_cpu(small_vars):
-  for backend, want in (("gpu", jnp.bfloat16), ("cuda", jnp.bfloat16), ("tpu", jnp.bfloat16),
-                        ("cpu", jnp.float32)):
+  for backend, want in (
+    ("gpu", jnp.bfloat16),
+    ("cuda", jnp.bfloat16),
+    ("tpu", jnp.bfloat16),
+    ("cpu", jnp.float32),
+  ):
     assert models.factory.resolve_dtype("auto", backend) == want, backend
   assert models.factory.resolve_dtype("bfloat16", "cpu") == jnp.bfloat16
   assert jax.default_backend() == "cpu"
@@ -164,8 +193,7 @@ def test_auto_dtype_is_bf16_on_accelerators_and_f32_on_cpu(small_vars):
   assert auto.backbone.dtype == jnp.float32
   images = gray_images(4, seed=4)
   # BN statistics stay float32 under bf16 compute (flax reduces them in float32).
-  _, upd = small(dtype="bfloat16").apply(small_vars, images, train=True,
-                                         mutable=["batch_stats"])
+  _, upd = small(dtype="bfloat16").apply(small_vars, images, train=True, mutable=["batch_stats"])
   assert {x.dtype for x in jax.tree.leaves(upd)} == {jnp.dtype(jnp.float32)}
 
 
@@ -174,19 +202,22 @@ def test_bn_axis_name_averages_stats_across_devices(small_vars):
   mesh = jax.make_mesh((8,), ("data",))
   images = gray_images(16, seed=3)
   whole_emb, whole = small().apply(small_vars, images, train=True, mutable=["batch_stats"])
-  sharded_model = models.create({"name": "small_cnn", "embed_dim": 16, "width": 8},
-                                axis_name="data")
+  sharded_model = models.create(
+    {"name": "small_cnn", "embed_dim": 16, "width": 8}, axis_name="data"
+  )
 
   def step(v, x):
     return sharded_model.apply(v, x, train=True, mutable=["batch_stats"])
 
-  emb, upd = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")),
-                                   out_specs=(P("data"), P())))(
-                                       small_vars, jax.device_put(
-                                           images, jax.NamedSharding(mesh, P("data"))))
+  emb, upd = jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")), out_specs=(P("data"), P()))
+  )(small_vars, jax.device_put(images, jax.NamedSharding(mesh, P("data"))))
   np.testing.assert_allclose(emb, whole_emb, atol=2e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-               upd["batch_stats"], whole["batch_stats"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+    upd["batch_stats"],
+    whole["batch_stats"],
+  )
 
 
 # ------------------------------------------------------------------------ conversion
@@ -194,6 +225,7 @@ def test_bn_axis_name_averages_stats_across_devices(small_vars):
 def resnet18_state():
   torch = pytest.importorskip("torch")
   from tests.models import torch_archs as T
+
   torch.manual_seed(0)
   net = T.resnet18()
   return {k: v.numpy().copy() for k, v in net.state_dict().items()}
@@ -202,26 +234,33 @@ def resnet18_state():
 def test_convert_layout(resnet18_state):
   sd = resnet18_state
   v = convert.convert_state_dict("resnet18", sd)
-  np.testing.assert_array_equal(v["params"]["conv1"]["kernel"],
-                                sd["conv1.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    v["params"]["conv1"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0)
+  )
   ds = "layer2.0.downsample.1."
-  np.testing.assert_array_equal(v["params"]["layer2_0"]["downsample_1"]["scale"],
-                                sd[ds + "weight"])
-  np.testing.assert_array_equal(v["batch_stats"]["layer2_0"]["downsample_1"]["var"],
-                                sd[ds + "running_var"])
+  np.testing.assert_array_equal(v["params"]["layer2_0"]["downsample_1"]["scale"], sd[ds + "weight"])
+  np.testing.assert_array_equal(
+    v["batch_stats"]["layer2_0"]["downsample_1"]["var"], sd[ds + "running_var"]
+  )
   assert "fc" not in v["params"]  # ImageNet classifier skipped
 
 
 def test_convert_rejects_missing_unexpected_and_wrong_shape(resnet18_state):
   sd = dict(resnet18_state)
   del sd["layer2.0.downsample.1.running_var"]
-  with pytest.raises(ValueError, match=r"missing keys: layer2\.0\.downsample\.1\."
-                                       r"running_var \(128,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"missing keys: layer2\.0\.downsample\.1\."
+    r"running_var \(128,\)",
+  ):
     convert.convert_state_dict("resnet18", sd)
   sd = dict(resnet18_state, **{"layer3.1.conv2.weight": np.zeros((256, 256, 1, 1))})
-  with pytest.raises(ValueError, match=r"wrong shapes: layer3\.1\.conv2\.weight: "
-                                       r"checkpoint \(256, 256, 1, 1\), model expects "
-                                       r"\(3, 3, 256, 256\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"wrong shapes: layer3\.1\.conv2\.weight: "
+    r"checkpoint \(256, 256, 1, 1\), model expects "
+    r"\(3, 3, 256, 256\)",
+  ):
     convert.convert_state_dict("resnet18", sd)
   sd = dict(resnet18_state, **{"layer5.0.conv1.weight": np.zeros((8, 8, 3, 3))})
   with pytest.raises(ValueError, match=r"unexpected keys: layer5\.0\.conv1\.weight"):
@@ -232,10 +271,14 @@ def test_convert_rejects_missing_unexpected_and_wrong_shape(resnet18_state):
 
 def test_script_and_load_pretrained(resnet18_state, tmp_path, monkeypatch):
   import torch
+
   pth, out = tmp_path / "r18.pth", tmp_path / "r18.msgpack"
   torch.save({k: torch.from_numpy(v) for k, v in resnet18_state.items()}, pth)
-  monkeypatch.setattr(sys, "argv", ["convert_weights.py", "--arch", "resnet18",
-                                    "--torch-file", str(pth), "--out", str(out)])
+  monkeypatch.setattr(
+    sys,
+    "argv",
+    ["convert_weights.py", "--arch", "resnet18", "--torch-file", str(pth), "--out", str(out)],
+  )
   with pytest.raises(SystemExit) as e:
     runpy.run_path("scripts/convert_weights.py", run_name="__main__")
   assert e.value.code == 0 and out.exists()
@@ -245,18 +288,25 @@ def test_script_and_load_pretrained(resnet18_state, tmp_path, monkeypatch):
   def shapes(name):
     m = models.create({"name": name, "embed_dim": 4})
     v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-    head = {"fc": {"kernel": np.ones((v["params"]["head"]["fc"]["kernel"].shape)),
-                   "bias": np.zeros(4)}}
+    head = {
+      "fc": {"kernel": np.ones((v["params"]["head"]["fc"]["kernel"].shape)), "bias": np.zeros(4)}
+    }
     return {"params": {**v["params"], "head": head}, "batch_stats": v["batch_stats"]}
 
   loaded = models.load_pretrained(shapes("resnet18"), str(out))
   np.testing.assert_array_equal(loaded["params"]["head"]["fc"]["kernel"], 1)  # untouched
-  np.testing.assert_array_equal(loaded["params"]["backbone"]["layer1_1"]["conv2"]["kernel"],
-                                resnet18_state["layer1.1.conv2.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(loaded["batch_stats"]["backbone"]["bn1"]["mean"],
-                                resnet18_state["bn1.running_mean"])
-  with pytest.raises(ValueError, match=r"r18\.msgpack \(arch 'resnet18'\) does not match"
-                                       r".*missing layer1_0/conv3/kernel"):
+  np.testing.assert_array_equal(
+    loaded["params"]["backbone"]["layer1_1"]["conv2"]["kernel"],
+    resnet18_state["layer1.1.conv2.weight"].transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+    loaded["batch_stats"]["backbone"]["bn1"]["mean"], resnet18_state["bn1.running_mean"]
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"r18\.msgpack \(arch 'resnet18'\) does not match"
+    r".*missing layer1_0/conv3/kernel",
+  ):
     models.load_pretrained(shapes("resnet50"), str(out))
   bad = tmp_path / "bad.msgpack"
   bad.write_bytes(b"\x80")
@@ -276,25 +326,23 @@ def test_batchnorm_running_stats_follow_torch_batchnorm2d():
   with torch.no_grad():
     tbn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
     tbn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-  train_bn = layers.batch_norm(train=True, frozen=False, axis_name=None,
-                               dtype=jnp.float32)()
+  train_bn = layers.batch_norm(train=True, frozen=False, axis_name=None, dtype=jnp.float32)()
   variables = train_bn.init(jax.random.PRNGKey(0), jnp.asarray(xs[0]))
-  variables = {"params": {"scale": jnp.array([0.5, 1.0, 2.0]),
-                          "bias": jnp.array([0.1, -0.2, 0.3])},
-               "batch_stats": variables["batch_stats"]}
+  variables = {
+    "params": {"scale": jnp.array([0.5, 1.0, 2.0]), "bias": jnp.array([0.1, -0.2, 0.3])},
+    "batch_stats": variables["batch_stats"],
+  }
   tbn.train()
   for x in xs:
     want = tbn(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy()
     got, upd = train_bn.apply(variables, jnp.asarray(x), mutable=["batch_stats"])
     variables = {**variables, "batch_stats": upd["batch_stats"]}
     np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), atol=1e-5)
-  np.testing.assert_allclose(variables["batch_stats"]["mean"], tbn.running_mean.numpy(),
-                             rtol=1e-6)
-  np.testing.assert_allclose(variables["batch_stats"]["var"], tbn.running_var.numpy(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(variables["batch_stats"]["mean"], tbn.running_mean.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(variables["batch_stats"]["var"], tbn.running_var.numpy(), rtol=1e-6)
   tbn.eval()
-  eval_bn = layers.batch_norm(train=False, frozen=False, axis_name=None,
-                              dtype=jnp.float32)()
+  eval_bn = layers.batch_norm(train=False, frozen=False, axis_name=None, dtype=jnp.float32)()
   want = tbn(torch.from_numpy(xs[0].transpose(0, 3, 1, 2))).detach().numpy()
-  np.testing.assert_allclose(np.asarray(eval_bn.apply(variables, jnp.asarray(xs[0]))),
-                             want.transpose(0, 2, 3, 1), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(eval_bn.apply(variables, jnp.asarray(xs[0]))), want.transpose(0, 2, 3, 1), atol=1e-5
+  )

@@ -5,6 +5,7 @@ Cadene BN-Inception layouts closely enough that `state_dict()` has the real chec
 key names and shapes. `features(x)` returns the last feature map (NCHW) before the
 classifier; `x` is what the original model takes (normalised NCHW float).
 """
+
 import torch
 from torch import nn
 
@@ -74,9 +75,10 @@ class ResNet(nn.Module):
   def _make_layer(self, block, planes, n, stride):
     down = None
     if stride != 1 or self.inp != planes * block.expansion:
-      down = nn.Sequential(nn.Conv2d(self.inp, planes * block.expansion, 1, stride,
-                                     bias=False),
-                           nn.BatchNorm2d(planes * block.expansion))
+      down = nn.Sequential(
+        nn.Conv2d(self.inp, planes * block.expansion, 1, stride, bias=False),
+        nn.BatchNorm2d(planes * block.expansion),
+      )
     blocks = [block(self.inp, planes, stride, down)]
     self.inp = planes * block.expansion
     blocks += [block(self.inp, planes, 1, None) for _ in range(1, n)]
@@ -100,7 +102,6 @@ def resnet50(**kw):
 
 # -------------------------------------------------------------------------- GoogLeNet
 class BasicConv2d(nn.Module):
-
   def __init__(self, inp, out, **kw):
     super().__init__()
     self.conv = nn.Conv2d(inp, out, bias=False, **kw)
@@ -111,23 +112,24 @@ class BasicConv2d(nn.Module):
 
 
 class Inception(nn.Module):
-
   def __init__(self, inp, c1, c3r, c3, c5r, c5, cp):
     super().__init__()
     self.branch1 = BasicConv2d(inp, c1, kernel_size=1)
-    self.branch2 = nn.Sequential(BasicConv2d(inp, c3r, kernel_size=1),
-                                 BasicConv2d(c3r, c3, kernel_size=3, padding=1))
-    self.branch3 = nn.Sequential(BasicConv2d(inp, c5r, kernel_size=1),
-                                 BasicConv2d(c5r, c5, kernel_size=3, padding=1))
-    self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True),
-                                 BasicConv2d(inp, cp, kernel_size=1))
+    self.branch2 = nn.Sequential(
+      BasicConv2d(inp, c3r, kernel_size=1), BasicConv2d(c3r, c3, kernel_size=3, padding=1)
+    )
+    self.branch3 = nn.Sequential(
+      BasicConv2d(inp, c5r, kernel_size=1), BasicConv2d(c5r, c5, kernel_size=3, padding=1)
+    )
+    self.branch4 = nn.Sequential(
+      nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True), BasicConv2d(inp, cp, kernel_size=1)
+    )
 
   def forward(self, x):
     return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
 
 
 class InceptionAux(nn.Module):
-
   def __init__(self, inp):
     super().__init__()
     self.conv = BasicConv2d(inp, 128, kernel_size=1)
@@ -162,8 +164,13 @@ class GoogLeNet(nn.Module):
 
   def features(self, x):
     # torchvision _transform_input: ImageNet-normalised -> (x - 0.5) / 0.5 per channel.
-    x = torch.cat([x[:, i:i + 1] * (s / 0.5) + (m - 0.5) / 0.5 for i, (m, s) in
-                   enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))], 1)
+    x = torch.cat(
+      [
+        x[:, i : i + 1] * (s / 0.5) + (m - 0.5) / 0.5
+        for i, (m, s) in enumerate(zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+      ],
+      1,
+    )
     x = self.maxpool1(self.conv1(x))
     x = self.maxpool2(self.conv3(self.conv2(x)))
     x = self.maxpool3(self.inception3b(self.inception3a(x)))
@@ -175,12 +182,18 @@ class GoogLeNet(nn.Module):
 
 # ------------------------------------------------------------------------ BN-Inception
 # (1x1, 3x3_reduce, 3x3, double_reduce, double, pool_proj, pool); 0 = branch absent.
-_BN_INC = (("3a", 64, 64, 64, 64, 96, 32, "avg"), ("3b", 64, 64, 96, 64, 96, 64, "avg"),
-           ("3c", 0, 128, 160, 64, 96, 0, "max2"), ("4a", 224, 64, 96, 96, 128, 128, "avg"),
-           ("4b", 192, 96, 128, 96, 128, 128, "avg"),
-           ("4c", 160, 128, 160, 128, 160, 128, "avg"),
-           ("4d", 96, 128, 192, 160, 192, 128, "avg"), ("4e", 0, 128, 192, 192, 256, 0, "max2"),
-           ("5a", 352, 192, 320, 160, 224, 128, "avg"), ("5b", 352, 192, 320, 192, 224, 128, "max"))
+_BN_INC = (
+  ("3a", 64, 64, 64, 64, 96, 32, "avg"),
+  ("3b", 64, 64, 96, 64, 96, 64, "avg"),
+  ("3c", 0, 128, 160, 64, 96, 0, "max2"),
+  ("4a", 224, 64, 96, 96, 128, 128, "avg"),
+  ("4b", 192, 96, 128, 96, 128, 128, "avg"),
+  ("4c", 160, 128, 160, 128, 160, 128, "avg"),
+  ("4d", 96, 128, 192, 160, 192, 128, "avg"),
+  ("4e", 0, 128, 192, 192, 256, 0, "max2"),
+  ("5a", 352, 192, 320, 160, 224, 128, "avg"),
+  ("5b", 352, 192, 320, 192, 224, 128, "max"),
+)
 
 
 class BNInception(nn.Module):
@@ -203,8 +216,11 @@ class BNInception(nn.Module):
       self._add(n + "double_3x3_1", cdr, cd, 3)
       self._add(n + "double_3x3_2", cd, cd, 3, s)
       if pool == "avg":
-        setattr(self, n + "pool", nn.AvgPool2d(3, stride=1, padding=1, ceil_mode=True,
-                                               count_include_pad=True))
+        setattr(
+          self,
+          n + "pool",
+          nn.AvgPool2d(3, stride=1, padding=1, ceil_mode=True, count_include_pad=True),
+        )
       elif pool == "max":
         setattr(self, n + "pool", nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True))
       else:
@@ -253,8 +269,11 @@ def randomize_bn(model, batches, seed=0, gamma=(0.5, 1.5)):
   # stack otherwise amplifies float32 rounding ~1.4x per block (chaotic regime), and
   # two float32 implementations then drift apart by more than 1e-4.
   for m in model.modules():
-    last_bn = getattr(m, "bn3", None) if isinstance(m, Bottleneck) else (
-        getattr(m, "bn2", None) if isinstance(m, BasicBlock) else None)
+    last_bn = (
+      getattr(m, "bn3", None)
+      if isinstance(m, Bottleneck)
+      else (getattr(m, "bn2", None) if isinstance(m, BasicBlock) else None)
+    )
     if last_bn is not None:
       with torch.no_grad():
         last_bn.weight.copy_(torch.rand(last_bn.weight.shape, generator=g) * 0.3 + 0.1)

@@ -3,6 +3,7 @@
 Uses the warm-start path the trainer uses (`config.train.init_from` ->
 `loop._warm_start`) on the real model shape, forward only (no training).
 """
+
 import os
 
 import flax
@@ -27,13 +28,16 @@ def _embed(model, variables, images):
 
 def test_pretrained_weights_load_and_embed_glyphs():
   c = glyph_config.get_config("study,pretrained,smoke")
-  assert (c.model.width, c.model.embed_dim) == (32, 64)   # the weights fix the shape
+  assert (c.model.width, c.model.embed_dim) == (32, 64)  # the weights fix the shape
   assert os.path.isfile(c.train.init_from)
   model = models.create(c.model)
-  fresh = models.init_variables(model, jax.random.key(0), image_size=c.input.transform.crop,
-                                channels=1)
-  state = loop._warm_start(_State(fresh["params"], fresh["batch_stats"]),  # pylint: disable=protected-access
-                           c.train.init_from)
+  fresh = models.init_variables(
+    model, jax.random.key(0), image_size=c.input.transform.crop, channels=1
+  )
+  state = loop._warm_start(
+    _State(fresh["params"], fresh["batch_stats"]),  # pylint: disable=protected-access
+    c.train.init_from,
+  )
   loaded = {"params": state.params, "batch_stats": state.batch_stats}
 
   a = glyphs.load_arrays("test")
@@ -53,4 +57,5 @@ def test_pretrained_weights_load_and_embed_glyphs():
     same = a["labels"][rows][:, None] == a["labels"][rows][None, :]
     off = ~np.eye(len(rows), dtype=bool)
     return sim[same & off].mean() - sim[~same].mean()
+
   assert gap(emb) > 0.2 and gap(emb) > gap(emb_fresh) + 0.1

@@ -1,5 +1,6 @@
 """Every shipped config (and its :smoke variant) is valid: known keys, a batch the
 sampler can build, evaluators that construct, a loss that accepts its options."""
+
 import glob
 import importlib.util
 import os
@@ -43,7 +44,7 @@ def test_parse_arg_rejects_unknown_and_types_values():
 def test_loss_option_not_of_the_loss_is_an_error():
   c = config_lib.base()
   c.optim.schedule = "constant"
-  c.loss.kwargs.alpha = 2.0     # a multi-similarity option on the contrastive loss
+  c.loss.kwargs.alpha = 2.0  # a multi-similarity option on the contrastive loss
   with pytest.raises(ValueError, match="loss.kwargs.alpha"):
     setup.validate(c, num_devices=1)
 
@@ -85,19 +86,18 @@ def test_evaluator_names_follow_a_renamed_dataset(name):
   stock = c.input.dataset
   c.input.dataset = "mine"
   c.pictures.evaluator = stock
-  c.lock()   # as config_flags hands it over
+  c.lock()  # as config_flags hands it over
   setup.validate(c, num_devices=1)
   assert list(c.evals) == ["mine"]
   assert c.train.best_metric.startswith("eval/mine/")
-  assert c.train.best_metric.removeprefix("eval/mine/") in (
-      "recall@1", "small/recall@1")
+  assert c.train.best_metric.removeprefix("eval/mine/") in ("recall@1", "small/recall@1")
   if c.optim.plateau.metric:
     assert c.optim.plateau.metric == c.train.best_metric
   assert c.pictures.evaluator == "mine"
   names = _metric_names(c)
   assert "eval/mine/recall@1" in names or "eval/mine/small/recall@1" in names
   assert not [n for n in names if n.startswith(f"eval/{stock}/")]
-  setup.validate(c, num_devices=1)   # idempotent (a resumed run validates again)
+  setup.validate(c, num_devices=1)  # idempotent (a resumed run validates again)
   assert list(c.evals) == ["mine"]
 
 

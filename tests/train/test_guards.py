@@ -1,6 +1,7 @@
 """Runs that must not end "successfully" with wrong results (issue 12): NaN weights,
 two runs on one workdir, a resume with another config, an invalid enumerated value,
 unexpanded paths, and a silent collapse."""
+
 import json
 import logging
 import os
@@ -17,24 +18,23 @@ from tests.train.test_loop import read_log, tiny_config
 from tests.train.test_step import build, ctrl_of, make_batches
 from xbm_jax import parallel
 from xbm_jax.train import evaluation, guards, loop, setup
-from xbm_jax.train.errors import (ConfigError, NonFiniteError, ResumeError,
-                                  WorkdirLockedError)
+from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError, WorkdirLockedError
 
-from tests.train.test_loop import data_dir  # noqa: F401  (the module's fixture)
 
 QUICK = {"drift.enabled": False, "pictures.enabled": False}
 
 
 # --- 1. NaN weights are never reported as a model -------------------------------------
 
+
 @pytest.mark.parametrize("loss", ["contrastive", "multi_similarity"])
-def test_huge_lr_stops_the_run_instead_of_reporting_a_perfect_model(data_dir, tmp_path,
-                                                                    loss):
+def test_huge_lr_stops_the_run_instead_of_reporting_a_perfect_model(data_dir, tmp_path, loss):
   """lr=1e30 makes the weights NaN while the loss still reads 0 (every pair mask is
   False on NaN); the run used to finish with R@1 = 1.0 and keep it as the best."""
   wd = tmp_path / "nan"
-  cfg = tiny_config(data_dir, **{"optim.lr": 1e30, "loss.name": loss,
-                                 "train.best_metric": "eval/sop/recall@1"})
+  cfg = tiny_config(
+    data_dir, **{"optim.lr": 1e30, "loss.name": loss, "train.best_metric": "eval/sop/recall@1"}
+  )
   with pytest.raises(NonFiniteError, match=r"at step \d"):
     loop.train_and_evaluate(cfg, str(wd))
   assert not any(k.startswith("eval/") for line in read_log(str(wd)) for k in line)
@@ -51,7 +51,7 @@ def test_step_flags_nan_params_even_when_the_loss_is_finite():
   assert float(clean["nonfinite"]) == 0.0
   st, train_step = build(mesh, batch)
   leaves, tree = jax.tree.flatten(st.params)
-  leaves[-1] = leaves[-1].at[0].set(jnp.nan)   # the last Dense's bias
+  leaves[-1] = leaves[-1].at[0].set(jnp.nan)  # the last Dense's bias
   st = st.replace(params=jax.tree.unflatten(tree, leaves))
   _, bad = train_step(st, parallel.global_batch(batch, mesh), ctrl_of(1))
   assert float(bad["nonfinite"]) == 1.0
@@ -67,6 +67,7 @@ def test_evaluation_refuses_non_finite_embeddings():
 
 # --- 2. one live run per workdir ---------------------------------------------------
 
+
 def test_a_second_run_on_a_held_workdir_fails_naming_the_holder(data_dir, tmp_path):
   wd = str(tmp_path / "busy")
   with guards.WorkdirLock(wd):
@@ -78,18 +79,21 @@ def test_a_second_run_on_a_held_workdir_fails_naming_the_holder(data_dir, tmp_pa
 
 def test_the_lock_of_a_killed_run_does_not_block(tmp_path):
   wd = str(tmp_path / "stale")
-  code = ("import os, signal, sys; from xbm_jax.train import guards; "
-          "guards.WorkdirLock(sys.argv[1]).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+  code = (
+    "import os, signal, sys; from xbm_jax.train import guards; "
+    "guards.WorkdirLock(sys.argv[1]).acquire(); os.kill(os.getpid(), signal.SIGKILL)"
+  )
   proc = subprocess.Popen([sys.executable, "-c", code, wd])
   assert proc.wait() == -signal.SIGKILL
   with open(os.path.join(wd, ".lock")) as f:
-    assert f"pid {proc.pid} " in f.read()   # the dead run's record is still there
+    assert f"pid {proc.pid} " in f.read()  # the dead run's record is still there
   with guards.WorkdirLock(wd):
     with open(os.path.join(wd, ".lock")) as f:
       assert f"pid {os.getpid()} " in f.read()
 
 
 # --- 3. a resume with another config -----------------------------------------------
+
 
 def test_resume_with_a_changed_config_names_the_keys(data_dir, tmp_path):
   wd = str(tmp_path / "resume")
@@ -101,31 +105,41 @@ def test_resume_with_a_changed_config_names_the_keys(data_dir, tmp_path):
     msg = str(err.value)
     assert key in msg and "\n" not in msg and "strict" not in msg, msg
   with pytest.raises(ResumeError, match="loss.name.*allow_config_change") as err:
-    loop.train_and_evaluate(tiny_config(data_dir, **QUICK, **{
-        "loss.name": "multi_similarity", "optim.lr": 2e-3}), wd)
+    loop.train_and_evaluate(
+      tiny_config(data_dir, **QUICK, **{"loss.name": "multi_similarity", "optim.lr": 2e-3}), wd
+    )
   assert "optim.lr" in str(err.value)
-  assert open(os.path.join(wd, "config.json")).read() == saved   # nothing overwritten
+  assert open(os.path.join(wd, "config.json")).read() == saved  # nothing overwritten
   # Explicitly allowed: resumes (one more step), logs the change, keeps the old config.
-  loop.train_and_evaluate(tiny_config(data_dir, **QUICK, **{
-      "loss.name": "multi_similarity", "train.steps": 7,
-      "train.allow_config_change": True}), wd)
-  assert json.load(open(os.path.join(wd, "config.json")))["loss"]["name"] == \
-      "multi_similarity"
-  assert json.load(open(os.path.join(wd, "config.step6.json")))["loss"]["name"] == \
-      "contrastive"
+  loop.train_and_evaluate(
+    tiny_config(
+      data_dir,
+      **QUICK,
+      **{"loss.name": "multi_similarity", "train.steps": 7, "train.allow_config_change": True},
+    ),
+    wd,
+  )
+  assert json.load(open(os.path.join(wd, "config.json")))["loss"]["name"] == "multi_similarity"
+  assert json.load(open(os.path.join(wd, "config.step6.json")))["loss"]["name"] == "contrastive"
   assert [l["step"] for l in read_log(wd) if "train/loss" in l][-1] == 7
 
 
 def test_config_diff_against_a_hand_made_pair():
   saved = {"a": 1, "b": {"c": [1, 2], "d": "x"}}
   now = {"a": 1, "b": {"c": [1, 3], "e": 0}}
-  assert guards.config_diff(saved, now) == {"b.c": ([1, 2], [1, 3]), "b.d": ("x", None),
-                                            "b.e": (None, 0)}
+  assert guards.config_diff(saved, now) == {
+    "b.c": ([1, 2], [1, 3]),
+    "b.d": ("x", None),
+    "b.e": (None, 0),
+  }
 
 
 # --- 4. every enumerated value is checked before training --------------------------
 
-@pytest.mark.parametrize("key,value,valid", [
+
+@pytest.mark.parametrize(
+  "key,value,valid",
+  [
     ("xbm.dtype", "float16", "bfloat16"),
     ("xbm.memory_sharding", "striped", "sharded"),
     ("loss.name", "arcface", "multi_similarity"),
@@ -136,30 +150,35 @@ def test_config_diff_against_a_hand_made_pair():
     ("loss.kwargs.reduction", "sum", "paper"),
     ("xbm.memory_loss_kwargs.self_exclusion", "all", "similarity"),
     ("train.best_metric", "eval/cub/recall@1", "tiny"),
-])
-def test_invalid_enumerated_value_fails_before_anything_runs(data_dir, tmp_path, key,
-                                                             value, valid):
+  ],
+)
+def test_invalid_enumerated_value_fails_before_anything_runs(data_dir, tmp_path, key, value, valid):
   wd = tmp_path / "enum"
   with pytest.raises(ConfigError, match=valid) as err:
     loop.train_and_evaluate(tiny_config(data_dir, **{key: value}), str(wd))
   assert f"config.{key}={value!r}" in str(err.value)
-  assert not wd.exists()   # before the lock, the data, the model
+  assert not wd.exists()  # before the lock, the data, the model
 
 
 def test_every_enumerated_default_is_valid():
   from xbm_jax.train import config as config_lib
-  setup.check_enumerated(config_lib.base())   # the oracle: base() must pass its own check
+
+  setup.check_enumerated(config_lib.base())  # the oracle: base() must pass its own check
 
 
 # --- 5. paths as the user wrote them ---------------------------------------------
+
 
 def test_tilde_and_env_vars_are_expanded_in_paths(data_dir, tmp_path, monkeypatch):
   home = str(tmp_path / "home")
   os.makedirs(home)
   monkeypatch.setenv("HOME", home)
   monkeypatch.setenv("XBM_TEST_DATA", os.path.dirname(data_dir))
-  cfg = tiny_config(data_dir, **QUICK, **{
-      "train.steps": 2, "input.data_dir": "$XBM_TEST_DATA/" + os.path.basename(data_dir)})
+  cfg = tiny_config(
+    data_dir,
+    **QUICK,
+    **{"train.steps": 2, "input.data_dir": "$XBM_TEST_DATA/" + os.path.basename(data_dir)},
+  )
   loop.train_and_evaluate(cfg, "~/runs/x")
   assert os.path.isdir(os.path.join(home, "runs", "x", "checkpoints"))
   saved = json.load(open(os.path.join(home, "runs", "x", "config.json")))
@@ -169,6 +188,7 @@ def test_tilde_and_env_vars_are_expanded_in_paths(data_dir, tmp_path, monkeypatc
 
 # --- collapse is said, not silent --------------------------------------------------
 
+
 def test_mean_pairwise_cosine_matches_a_loop_over_pairs():
   e = np.random.default_rng(0).normal(size=(7, 5))
   u = e / np.linalg.norm(e, axis=1, keepdims=True)
@@ -177,24 +197,27 @@ def test_mean_pairwise_cosine_matches_a_loop_over_pairs():
   assert guards.mean_pairwise_cosine(np.ones((4, 3))) == pytest.approx(1.0)
 
 
-def test_zero_gradients_and_collapsed_embeddings_are_warned(data_dir, tmp_path,
-                                                            monkeypatch, caplog):
+def test_zero_gradients_and_collapsed_embeddings_are_warned(
+  data_dir, tmp_path, monkeypatch, caplog
+):
   from xbm_jax.train import step as step_lib
+
   real_step, real_probe = step_lib.make_train_step, evaluation.EvalRunner.embed_probe
 
   def zero_grad(**kw):
     fn = real_step(**kw)
     return lambda *a: (lambda s, m: (s, dict(m, grad_norm=m["grad_norm"] * 0)))(*fn(*a))
 
-  def collapsed(self, state):   # every probe image embedded to the same row
+  def collapsed(self, state):  # every probe image embedded to the same row
     emb = real_probe(self, state)
     return np.repeat(emb[:1], len(emb), axis=0)
 
   monkeypatch.setattr(step_lib, "make_train_step", zero_grad)
   monkeypatch.setattr(evaluation.EvalRunner, "embed_probe", collapsed)
   with caplog.at_level(logging.WARNING, logger="xbm_jax.train"):
-    loop.train_and_evaluate(tiny_config(data_dir, **{"pictures.enabled": False}),
-                            str(tmp_path / "collapse"))
+    loop.train_and_evaluate(
+      tiny_config(data_dir, **{"pictures.enabled": False}), str(tmp_path / "collapse")
+    )
   text = caplog.text
   assert "gradient norm is 0" in text and "collapsed" in text
-  assert text.count("embeddings have collapsed") == 1   # said once, not per probe
+  assert text.count("embeddings have collapsed") == 1  # said once, not per probe

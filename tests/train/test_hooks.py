@@ -1,4 +1,5 @@
 """HostState and the loop's hooks, on the host only (no model, no compile)."""
+
 from xbm_jax.insight.controller import NEVER, MemoryController
 from xbm_jax.train import hooks, optim
 
@@ -28,7 +29,7 @@ def test_memory_hook_feeds_the_controller_and_prefills_once_at_the_first_active_
     state = mem.before_step(step, state, ctrl, {})
     fed.append((ctrl["start_step"], ctrl["xbm_weight"]))
   assert fed == [(2, 0.0), (2, 0.0), (2, 0.5), (2, 0.5), (2, 0.5)]
-  assert log == [2] and state == "filled"   # update 3 (1-based), once
+  assert log == [2] and state == "filled"  # update 3 (1-based), once
 
 
 def test_host_state_round_trip():
@@ -38,7 +39,7 @@ def test_host_state_round_trip():
   for step in range(4):
     mem_a.before_step(step, None, {}, {})
   a.plateau.update(0.3)
-  a.plateau.update(0.2)   # patience 1: the scale halves
+  a.plateau.update(0.2)  # patience 1: the scale halves
   saved = a.state_dict()
   assert saved["pipeline"] == {"step": 7, "seed": 0} and saved["prefilled"] is True
   b, mem_b = make(log)
@@ -47,4 +48,4 @@ def test_host_state_round_trip():
   assert b.plateau.state_dict() == a.plateau.state_dict() and b.plateau.scale == 0.5
   assert mem_b.prefilled
   mem_b.before_step(4, None, {}, {})
-  assert log == [2]   # a resumed run does not pre-fill again
+  assert log == [2]  # a resumed run does not pre-fill again

@@ -1,5 +1,6 @@
 """train_and_evaluate end to end on a tiny prepared tfds dataset: logs, evals,
 pictures, checkpoints; exact resume after a kill; non-finite stop; config errors."""
+
 import importlib.util
 import json
 import os
@@ -8,37 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from xbm_jax.data import writer as data_writer
 from xbm_jax.train import checkpoint, loop, step as step_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs",
-                                                                    name + ".py"))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config(arg)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  """12 train classes x 6 images, 6 test classes x 5, 20x20 RGB blobs per class."""
-  root = str(tmp_path_factory.mktemp("tfds"))
-  rng = np.random.default_rng(0)
-
-  def split(classes, per):
-    for c in classes:
-      base = rng.integers(0, 256, size=(20, 20, 3))
-      for _ in range(per):
-        img = np.clip(base + rng.normal(0, 30, size=base.shape), 0, 255).astype(np.uint8)
-        yield img, int(c), None
-
-  data_writer.write_dataset("tiny", root, {"train": list(split(range(12), 6)),
-                                           "test": list(split(range(100, 106), 5))},
-                            progress=False)
-  return root
 
 
 def tiny_config(data_dir, **overrides):
@@ -86,8 +66,15 @@ def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   train_lines = [l for l in log if "train/loss" in l]
   # Logged every 2 steps, and at each checkpoint (3), where finiteness is checked.
   assert [l["step"] for l in train_lines] == [2, 3, 4, 6]
-  for key in ("train/loss_batch", "train/loss_xbm", "train/memory_fill", "train/lr",
-              "train/grad_norm", "train/images_per_s", "train/batch/pos_pairs"):
+  for key in (
+    "train/loss_batch",
+    "train/loss_xbm",
+    "train/memory_fill",
+    "train/lr",
+    "train/grad_norm",
+    "train/images_per_s",
+    "train/batch/pos_pairs",
+  ):
     assert key in train_lines[-1], key
   # Counting updates by hand (1-based, as the reference's `iteration`): start_step=2
   # means `iteration > 2`, so updates 3, 4, 5 and 6 each enqueue the global batch of
@@ -95,15 +82,19 @@ def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   fills = {l["step"]: l["train/memory_fill"] for l in train_lines}
   assert fills == pytest.approx({2: 0.0, 3: 16 / 64, 4: 32 / 64, 6: 64 / 64})
   assert train_lines[0]["train/xbm_weight"] == 0.0
-  assert any("train/drift@2" in l for l in log)
+  # Drift every 2 updates at lags 2 and 4, each reading logged at the step it measured
+  # (after 2 updates: lag 2; after 4: lags 2 and 4), not at the next log line.
+  assert {l["step"] for l in log if "train/drift@2" in l} == {2, 4}
+  assert {l["step"] for l in log if "train/drift@4" in l} == {4}
   assert os.path.exists(os.path.join(wd, "pictures", "retrieval_tiny_0000006.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
   with open(os.path.join(wd, "config.json")) as f:
-    saved = json.load(f)   # the run's own config, overrides included
+    saved = json.load(f)  # the run's own config, overrides included
   assert saved["input"]["dataset"] == "tiny" and saved["model"]["embed_dim"] == 8
   assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3", "6"]
   # The report reads the logs of a real (smoke) run.
   from xbm_jax.insight import report
+
   paths = report.build_report([wd], str(tmp_path / "report"))
   for kind in ("loss", "recall", "drift"):
     assert os.path.getsize(paths[kind]) > 0, kind
@@ -120,11 +111,13 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
 
   def dying(**kw):
     fn = real(**kw)
+
     def wrapped(*a):
       calls["n"] += 1
-      if calls["n"] == 5:   # killed during step 5, after the checkpoint at step 3
+      if calls["n"] == 5:  # killed during step 5, after the checkpoint at step 3
         raise KeyboardInterrupt
       return fn(*a)
+
     return wrapped
 
   monkeypatch.setattr(step_lib, "make_train_step", dying)
@@ -149,7 +142,7 @@ def open_paths_under(root):
     try:
       target = os.readlink(os.path.join("/proc/self/fd", fd))
     except OSError:
-      continue   # closed while listing
+      continue  # closed while listing
     if target.startswith(str(root)):
       out.append(target)
   return out
@@ -161,6 +154,7 @@ def test_an_exception_mid_run_closes_everything(data_dir, tmp_path, monkeypatch)
   thread running."""
   from xbm_jax.data import pipeline
   from xbm_jax.train import guards
+
   cfg = tiny_config(data_dir, **{"drift.enabled": False, "pictures.enabled": False})
   wd = tmp_path / "boom"
   real = step_lib.make_train_step
@@ -168,38 +162,45 @@ def test_an_exception_mid_run_closes_everything(data_dir, tmp_path, monkeypatch)
   def failing(**kw):
     fn = real(**kw)
     calls = []
+
     def wrapped(*a):
       calls.append(1)
       if len(calls) == 2:
         raise RuntimeError("boom")
       return fn(*a)
+
     return wrapped
 
   monkeypatch.setattr(step_lib, "make_train_step", failing)
   with pytest.raises(RuntimeError, match="boom"):
     loop.train_and_evaluate(cfg, str(wd))
-  assert os.path.exists(wd / "metrics.jsonl")   # the writer had opened its files
+  assert os.path.exists(wd / "metrics.jsonl")  # the writer had opened its files
   assert open_paths_under(wd) == []
-  guards.WorkdirLock(str(wd)).acquire().release()   # raises WorkdirLockedError if held
+  guards.WorkdirLock(str(wd)).acquire().release()  # raises WorkdirLockedError if held
   import threading
-  fills = [t for t in threading.enumerate()
-           if getattr(t, "_target", None) is not None
-           and getattr(t._target, "__self__", None).__class__ is pipeline.DevicePrefetch]
+
+  fills = [
+    t
+    for t in threading.enumerate()
+    if getattr(t, "_target", None) is not None
+    and getattr(t._target, "__self__", None).__class__ is pipeline.DevicePrefetch
+  ]
   assert fills == []
 
 
-def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path,
-                                                             monkeypatch):
+def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path, monkeypatch):
   real = step_lib.make_train_step
 
   def poisoned(**kw):
     fn = real(**kw)
+
     def wrapped(state, batch, ctrl):
-      step = int(jax.device_get(state.step))   # read before the state is donated
+      step = int(jax.device_get(state.step))  # read before the state is donated
       new, metrics = fn(state, batch, ctrl)
-      if step == 3:   # the 4th step (index 3)
+      if step == 3:  # the 4th step (index 3)
         metrics = dict(metrics, loss=metrics["loss"] * np.nan)
       return new, metrics
+
     return wrapped
 
   monkeypatch.setattr(step_lib, "make_train_step", poisoned)
@@ -209,15 +210,18 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path,
   assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3"]
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"input.batch_size": 18}, "not divisible by config.input.samples_per_class"),
     ({"input.batch_size": 12, "input.samples_per_class": 3}, "not divisible by the 8"),
     ({"xbm.size": 8}, "smaller than the global batch"),
     ({"input.dataset": "nope"}, "nope"),
     ({"xbm.memory_sharding": "striped"}, "memory_sharding"),
-    ({"train.accumulate": 2}, "micro-batches of whole classes"),   # 2 rows per device
+    ({"train.accumulate": 2}, "micro-batches of whole classes"),  # 2 rows per device
     ({"input.worker_count": -2}, "worker_count=-2"),
-])
+  ],
+)
 def test_bad_config_fails_before_training(data_dir, tmp_path, overrides, match):
   wd = tmp_path / "bad"
   with pytest.raises((ValueError, FileNotFoundError, KeyError), match=match):
@@ -228,8 +232,8 @@ def test_bad_config_fails_before_training(data_dir, tmp_path, overrides, match):
 def test_a_run_with_gradient_accumulation(data_dir, tmp_path):
   """The loop wires train.accumulate through (the step's semantics: test_step.py)."""
   out = loop.train_and_evaluate(
-      tiny_config(data_dir, **{"train.num_devices": 2, "train.accumulate": 2}),
-      str(tmp_path / "acc"))
+    tiny_config(data_dir, **{"train.num_devices": 2, "train.accumulate": 2}), str(tmp_path / "acc")
+  )
   assert np.isfinite(out["train/loss"]) and out["train/xbm/pos_pairs"] > 0
 
 
@@ -242,13 +246,22 @@ def test_unknown_config_key_is_an_error(data_dir, tmp_path):
 
 def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   src = str(tmp_path / "src")
-  loop.train_and_evaluate(tiny_config(data_dir, **{"xbm.enabled": False,
-                                                   "drift.enabled": False}), src)
-  cfg = tiny_config(data_dir, **{"train.steps": 1, "train.init_from": src,
-                                 "optim.lr": 0.0, "optim.weight_decay": 0.0,
-                                 "drift.enabled": False, "pictures.enabled": False})
+  loop.train_and_evaluate(
+    tiny_config(data_dir, **{"xbm.enabled": False, "drift.enabled": False}), src
+  )
+  cfg = tiny_config(
+    data_dir,
+    **{
+      "train.steps": 1,
+      "train.init_from": src,
+      "optim.lr": 0.0,
+      "optim.weight_decay": 0.0,
+      "drift.enabled": False,
+      "pictures.enabled": False,
+    },
+  )
   wd = str(tmp_path / "warm")
-  loop.train_and_evaluate(cfg, wd)   # lr 0: params stay the source's
+  loop.train_and_evaluate(cfg, wd)  # lr 0: params stay the source's
   a, b = final_state(src, None), final_state(wd, None)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
   # The same through an exported .msgpack file.
@@ -260,14 +273,12 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a["params"], final_state(wd2, None)["params"])
 
 
-def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_dir,
-                                                                          tmp_path):
+def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_dir, tmp_path):
   base = {"drift.enabled": False, "pictures.enabled": False, "train.log_every": 1}
   rep = str(tmp_path / "rep")
   loop.train_and_evaluate(tiny_config(data_dir, **base), rep)
   shd = str(tmp_path / "shd")
-  loop.train_and_evaluate(tiny_config(data_dir, **base, **{
-      "xbm.memory_sharding": "sharded"}), shd)
+  loop.train_and_evaluate(tiny_config(data_dir, **base, **{"xbm.memory_sharding": "sharded"}), shd)
   # 2 rows per device per step divide the 8-row shards: the same entries, so the
   # permutation-invariant losses agree step by step.
   a = {l["step"]: l for l in read_log(rep) if "train/loss" in l}
@@ -276,24 +287,33 @@ def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_
     assert b[s]["train/loss"] == pytest.approx(a[s]["train/loss"], rel=1e-5), s
     assert b[s]["train/loss_xbm"] == pytest.approx(a[s]["train/loss_xbm"], rel=1e-5), s
   # Continue the sharded run on 4 devices: the memory is re-laid, nothing is lost.
-  more = tiny_config(data_dir, **base, **{"xbm.memory_sharding": "sharded",
-                                         "train.num_devices": 4, "train.steps": 7})
+  more = tiny_config(
+    data_dir, **base, **{"xbm.memory_sharding": "sharded", "train.num_devices": 4, "train.steps": 7}
+  )
   loop.train_and_evaluate(more, shd)
   st = final_state(shd, None)
   assert st["memory"]["ptr"].shape == (4,)
-  assert int(np.sum(st["memory"]["valid"])) == 64   # 48 before + 16 from step 7
+  assert int(np.sum(st["memory"]["valid"])) == 64  # 48 before + 16 from step 7
 
 
 def test_prefill_fills_the_memory_from_the_model_at_the_start(data_dir, tmp_path):
   """With prefill, the memory is full from its first active step: 64 eval-mode
   embeddings of training images (the tiny set has 72), then the step enqueues."""
-  cfg = tiny_config(data_dir, **{"xbm.prefill": True, "drift.enabled": False,
-                                 "pictures.enabled": False, "train.log_every": 1,
-                                 "optim.lr": 0.0, "optim.weight_decay": 0.0})
+  cfg = tiny_config(
+    data_dir,
+    **{
+      "xbm.prefill": True,
+      "drift.enabled": False,
+      "pictures.enabled": False,
+      "train.log_every": 1,
+      "optim.lr": 0.0,
+      "optim.weight_decay": 0.0,
+    },
+  )
   wd = str(tmp_path / "prefill")
   loop.train_and_evaluate(cfg, wd)
   fills = {l["step"]: l["train/memory_fill"] for l in read_log(wd) if "train/loss" in l}
-  assert fills[2] == 0.0 and fills[3] == 1.0   # prefilled before update 3, the first active
+  assert fills[2] == 0.0 and fills[3] == 1.0  # prefilled before update 3, the first active
   st = final_state(wd, None)
   mem_emb = np.asarray(st["memory"]["emb"], np.float64)
   np.testing.assert_allclose(np.linalg.norm(mem_emb, axis=1), 1.0, rtol=1e-5)
@@ -310,8 +330,9 @@ def test_drift_of_the_model_is_zero_unchanged_and_grows_with_perturbation(data_d
   mesh = parallel.make_mesh()
   model, variables = setup.init_model(cfg, 3, jax.random.PRNGKey(0))
   src = sources.load("tiny", "train", data_dir)
-  runner = evaluation.EvalRunner(cfg, model, mesh, train_src=src,
-                                 writer=MetricWriter("/tmp", enabled=False), workdir="/tmp")
+  runner = evaluation.EvalRunner(
+    cfg, model, mesh, train_src=src, writer=MetricWriter("/tmp", enabled=False), workdir="/tmp"
+  )
 
   class S:  # the two fields embed_probe reads
     def __init__(self, params):
@@ -321,8 +342,10 @@ def test_drift_of_the_model_is_zero_unchanged_and_grows_with_perturbation(data_d
   assert drift.mean_cosine_drift(base, runner.embed_probe(S(variables["params"]))) == 0.0
   values = []
   for scale in (1e-3, 1e-2, 1e-1):
-    noisy = jax.tree.map(lambda p: p + scale * np.random.default_rng(0).normal(
-        size=p.shape).astype(p.dtype), variables["params"])
+    noisy = jax.tree.map(
+      lambda p: p + scale * np.random.default_rng(0).normal(size=p.shape).astype(p.dtype),
+      variables["params"],
+    )
     values.append(drift.mean_cosine_drift(base, runner.embed_probe(S(noisy))))
   assert 0 < values[0] < values[1] < values[2]
 
@@ -330,6 +353,7 @@ def test_drift_of_the_model_is_zero_unchanged_and_grows_with_perturbation(data_d
 def test_each_drift_reading_reaches_the_controller_once(data_dir, tmp_path, monkeypatch):
   """Back-off acts per reading: a stale reading fed on every step would compound it."""
   from xbm_jax.insight import controller as controller_lib
+
   seen = []
   real = controller_lib.MemoryController.update
 
@@ -339,6 +363,7 @@ def test_each_drift_reading_reaches_the_controller_once(data_dir, tmp_path, monk
     return real(self, step, drift)
 
   monkeypatch.setattr(controller_lib.MemoryController, "update", spy)
-  loop.train_and_evaluate(tiny_config(data_dir, **{"pictures.enabled": False}),
-                          str(tmp_path / "spy"))
-  assert seen == [2, 4]   # drift.interval = 2 with deltas (2, 4): readings at steps 2, 4
+  loop.train_and_evaluate(
+    tiny_config(data_dir, **{"pictures.enabled": False}), str(tmp_path / "spy")
+  )
+  assert seen == [2, 4]  # drift.interval = 2 with deltas (2, 4): readings at steps 2, 4

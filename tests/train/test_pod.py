@@ -9,6 +9,7 @@ checkpoints.
 Each launch is a whole `scripts/train.py` (start-up and compilation dominate): about
 55 s and 85 s on 2 shared CPU cores, hence `slow` (CI runs them all the same).
 """
+
 import json
 import os
 import signal
@@ -26,10 +27,15 @@ STEPS = 6
 # Short: 6 steps, the memory switched on and pre-filled at step 3, a drift probe every
 # 2 steps, checkpoints every 2, evaluation at the end on a 1,500-image split (its
 # size divides neither the process count nor the batch: uneven host chunks, padding).
-FLAGS = ["--config=configs/glyphs.py:smoke", f"--config.train.steps={STEPS}",
-         "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-         "--config.xbm.prefill=True", "--config.evals.glyphs.split=val5",
-         "--config.train.progress=False"]
+FLAGS = [
+  "--config=configs/glyphs.py:smoke",
+  f"--config.train.steps={STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.checkpoint_every=2",
+  "--config.xbm.prefill=True",
+  "--config.evals.glyphs.split=val5",
+  "--config.train.progress=False",
+]
 NOT_COMPARED = ("train/steps_per_s", "train/images_per_s")
 
 
@@ -45,15 +51,24 @@ def launch(workdir, extra=(), *, nproc=2, devices=2):
   port, procs = free_port(), []
   for pid in range(nproc):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "XBM_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"))
+    env.update(
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      JAX_PLATFORMS="cpu",
+      JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
+    )
     if nproc > 1:
-      env.update(XBM_COORDINATOR=f"127.0.0.1:{port}", XBM_NUM_PROCESSES=str(nproc),
-                 XBM_PROCESS_ID=str(pid))
+      env.update(
+        XBM_COORDINATOR=f"127.0.0.1:{port}", XBM_NUM_PROCESSES=str(nproc), XBM_PROCESS_ID=str(pid)
+      )
     path = os.path.join(workdir, f"p{pid}.{time.time_ns()}.log")
     with open(path, "w") as log:
-      p = subprocess.Popen([sys.executable, TRAIN, *FLAGS, f"--workdir={workdir}", *extra],
-                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+      p = subprocess.Popen(
+        [sys.executable, TRAIN, *FLAGS, f"--workdir={workdir}", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
     p.stdout_path = path
     procs.append(p)
   return procs
@@ -99,9 +114,10 @@ def logged(workdir) -> dict:
 
 def final_params(workdir):
   from xbm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+
   ck = checkpoint.Checkpointer(workdir, keep=100)
   assert ck.latest_step() == STEPS
-  raw = ck.restore_plain(STEPS)   # saved by 4 devices of 2 processes
+  raw = ck.restore_plain(STEPS)  # saved by 4 devices of 2 processes
   ck.close()
   return raw["params"]
 
@@ -115,10 +131,15 @@ def test_two_processes_log_what_one_process_logs(tmp_path):
   got, want = logged(pod), logged(one)
   assert got.keys() == want.keys()
   keys = {k for _, k in want}
-  assert {"train/loss", "train/xbm/mean_neg_sim", "train/drift@2",
-          "eval/glyphs/recall@1", "eval/glyphs/map@r"} <= keys
-  assert want[(STEPS, "eval/glyphs/num_queries")] > 1000   # the whole split scored
-  assert want[(STEPS, "train/memory_fill")] == 1.0         # pre-filled
+  assert {
+    "train/loss",
+    "train/xbm/mean_neg_sim",
+    "train/drift@2",
+    "eval/glyphs/recall@1",
+    "eval/glyphs/map@r",
+  } <= keys
+  assert want[(STEPS, "eval/glyphs/num_queries")] > 1000  # the whole split scored
+  assert want[(STEPS, "train/memory_fill")] == 1.0  # pre-filled
   for key in sorted(want):
     np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=1e-6, err_msg=str(key))
   assert len(os.listdir(os.path.join(pod, "pictures"))) == 1
@@ -146,7 +167,9 @@ def test_sharded_memory_killed_and_restarted_ends_as_uninterrupted(tmp_path):
   check_ok(killed)
   a, b = final_params(full), final_params(killed)
   import jax  # pylint: disable=g-import-not-at-top
+
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
   assert logged(killed)[(STEPS, "train/loss")] == pytest.approx(
-      logged(full)[(STEPS, "train/loss")], rel=1e-5)
+    logged(full)[(STEPS, "train/loss")], rel=1e-5
+  )

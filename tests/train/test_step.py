@@ -1,5 +1,6 @@
 """The design's correctness test: one global batch on 1 and on 8 devices gives the
 same loss, the same updated params, BN statistics and memory."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,45 +20,72 @@ class TinyEmbedder(nn.Module):
   def __call__(self, x, train: bool):
     x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255.0
     x = nn.Dense(32, use_bias=False)(x)  # a bias before BN has ~0 grad: Adam amplifies noise
-    x = nn.BatchNorm(use_running_average=not train, axis_name=parallel.DATA_AXIS
-                     if train else None, momentum=0.9)(x)
+    x = nn.BatchNorm(
+      use_running_average=not train, axis_name=parallel.DATA_AXIS if train else None, momentum=0.9
+    )(x)
     return xbm_jax.l2_normalize(nn.Dense(8)(nn.relu(x)))
 
 
 def optim_cfg(**kw):
-  cfg = ml_collections.ConfigDict(dict(name="adam", lr=1e-2, weight_decay=5e-4, b1=0.9,
-                                       b2=0.999, eps=1e-8, momentum=0.9,
-                                       schedule="constant", warmup_steps=0))
+  cfg = ml_collections.ConfigDict(
+    dict(
+      name="adam",
+      lr=1e-2,
+      weight_decay=5e-4,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      momentum=0.9,
+      schedule="constant",
+      warmup_steps=0,
+    )
+  )
   cfg.update(kw)
   return cfg
 
 
-def build(mesh, first_batch, *, loss_name="contrastive", loss_kwargs=None, mem_size=40,
-          accumulate=1):
+def build(
+  mesh, first_batch, *, loss_name="contrastive", loss_kwargs=None, mem_size=40, accumulate=1
+):
   """(placed initial state, jitted step) for the tiny embedder on `mesh`."""
   model = TinyEmbedder()
   variables = model.init(jax.random.PRNGKey(0), first_batch["image"][:2], train=False)
   direction = optim.make_direction(optim_cfg())
-  st = state_lib.create(params=variables["params"], batch_stats=variables["batch_stats"],
-                        tx=direction, memory=memory.init(size=mem_size, dim=8),
-                        rng=jax.random.PRNGKey(1))
+  st = state_lib.create(
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    tx=direction,
+    memory=memory.init(size=mem_size, dim=8),
+    rng=jax.random.PRNGKey(1),
+  )
   st = jax.device_put(st, step_lib.state_shardings(st, mesh))
   train_step = step_lib.make_train_step(
-      model=model, direction=direction, schedule=optim.make_schedule(optim_cfg(), 10),
-      loss_name=loss_name, loss_kwargs=loss_kwargs or {}, mesh=mesh, accumulate=accumulate)
+    model=model,
+    direction=direction,
+    schedule=optim.make_schedule(optim_cfg(), 10),
+    loss_name=loss_name,
+    loss_kwargs=loss_kwargs or {},
+    mesh=mesh,
+    accumulate=accumulate,
+  )
   return st, train_step
 
 
 def ctrl_of(start_step, weight=1.0, lr_scale=1.0):
-  return {"start_step": jnp.int32(start_step), "xbm_weight": jnp.float32(weight),
-          "lr_scale": jnp.float32(lr_scale)}
+  return {
+    "start_step": jnp.int32(start_step),
+    "xbm_weight": jnp.float32(weight),
+    "lr_scale": jnp.float32(lr_scale),
+  }
 
 
-def run_steps(n_devices, batches, *, loss_name="contrastive", loss_kwargs=None,
-              start_step=1, mem_size=40):
+def run_steps(
+  n_devices, batches, *, loss_name="contrastive", loss_kwargs=None, start_step=1, mem_size=40
+):
   mesh = parallel.make_mesh(n_devices)
-  st, train_step = build(mesh, batches[0], loss_name=loss_name, loss_kwargs=loss_kwargs,
-                         mem_size=mem_size)
+  st, train_step = build(
+    mesh, batches[0], loss_name=loss_name, loss_kwargs=loss_kwargs, mem_size=mem_size
+  )
   history = []
   for batch in batches:
     st, metrics = train_step(st, parallel.global_batch(batch, mesh), ctrl_of(start_step))
@@ -78,30 +106,48 @@ def run_steps_local(local_batches):
 
 def make_batches(n, seed=0, b=16):
   rng = np.random.default_rng(seed)
-  return [{"image": rng.integers(0, 256, size=(b, 4, 4, 1), dtype=np.uint8),
-           "label": np.repeat(rng.permutation(10)[:b // 4], 4).astype(np.int32)}
-          for _ in range(n)]
+  return [
+    {
+      "image": rng.integers(0, 256, size=(b, 4, 4, 1), dtype=np.uint8),
+      "label": np.repeat(rng.permutation(10)[: b // 4], 4).astype(np.int32),
+    }
+    for _ in range(n)
+  ]
 
 
-@pytest.mark.parametrize("loss_name,loss_kwargs", [
+@pytest.mark.parametrize(
+  "loss_name,loss_kwargs",
+  [
     ("contrastive", {}),
     ("multi_similarity", {}),
     ("contrastive", {"self_exclusion": "index"}),
-])
+  ],
+)
 def test_one_device_equals_eight(loss_name, loss_kwargs):
   batches = make_batches(4)
   s1, h1, _ = run_steps(1, batches, loss_name=loss_name, loss_kwargs=loss_kwargs)
   s8, h8, _ = run_steps(8, batches, loss_name=loss_name, loss_kwargs=loss_kwargs)
   for a, b in zip(h1, h8):
-    for k in ("loss", "loss_batch", "loss_xbm", "batch/pos_pairs", "xbm/neg_pairs",
-              "batch/mean_pos_sim", "batch/mean_neg_sim", "xbm/mean_pos_sim",
-              "xbm/mean_neg_sim"):   # pair-weighted across devices
+    for k in (
+      "loss",
+      "loss_batch",
+      "loss_xbm",
+      "batch/pos_pairs",
+      "xbm/neg_pairs",
+      "batch/mean_pos_sim",
+      "batch/mean_neg_sim",
+      "xbm/mean_pos_sim",
+      "xbm/mean_neg_sim",
+    ):  # pair-weighted across devices
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  for name, t1, t8 in [("params", s1.params, s8.params),
-                       ("batch_stats", s1.batch_stats, s8.batch_stats),
-                       ("memory", s1.memory, s8.memory)]:
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5,
-                                                         err_msg=name), t1, t8)
+  for name, t1, t8 in [
+    ("params", s1.params, s8.params),
+    ("batch_stats", s1.batch_stats, s8.batch_stats),
+    ("memory", s1.memory, s8.memory),
+  ]:
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=name), t1, t8
+    )
   assert h1[0]["xbm_weight"] == 0.0 and h1[1]["xbm_weight"] == 1.0
   assert int(s8.memory.ptr) == (3 * 16) % 40  # enqueued from step 1 on (3 steps), wrapped
 
@@ -114,16 +160,24 @@ def test_step_matches_single_device_by_hand():
   s1, h1, step_fn = run_steps(1, batches, start_step=0)
 
   def objective(params):
-    emb, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                         jnp.asarray(batches[0]["image"]), train=True,
-                         mutable=["batch_stats"], )
+    emb, _ = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      jnp.asarray(batches[0]["image"]),
+      train=True,
+      mutable=["batch_stats"],
+    )
     b = xbm_jax.Embeddings(emb, jnp.asarray(batches[0]["label"]))
     mem = memory.enqueue(memory.init(size=40, dim=8), b)
     return losses.contrastive(b, b) + losses.contrastive(b, mem)
 
   # BN with axis_name needs a named axis even on one device: vmap over a size-1 axis.
-  value, grads = jax.vmap(jax.value_and_grad(objective), axis_name=parallel.DATA_AXIS,
-                          in_axes=None, out_axes=None, axis_size=1)(variables["params"])
+  value, grads = jax.vmap(
+    jax.value_and_grad(objective),
+    axis_name=parallel.DATA_AXIS,
+    in_axes=None,
+    out_axes=None,
+    axis_size=1,
+  )(variables["params"])
   np.testing.assert_allclose(h1[0]["loss"], float(value), rtol=1e-5)
   # Adam's first step moves each coordinate by ~lr * sign(g + wd * w).
   g = grads["Dense_1"]["kernel"] + 5e-4 * variables["params"]["Dense_1"]["kernel"]
@@ -136,8 +190,9 @@ def test_controller_values_never_recompile_the_step(monkeypatch):
   """Start step, memory weight and LR scale change every step: one compiled program
   (the model is applied once per trace of the step)."""
   traces, real = [], TinyEmbedder.apply
-  monkeypatch.setattr(TinyEmbedder, "apply",
-                      lambda self, *a, **kw: traces.append(1) or real(self, *a, **kw))
+  monkeypatch.setattr(
+    TinyEmbedder, "apply", lambda self, *a, **kw: traces.append(1) or real(self, *a, **kw)
+  )
   batches = make_batches(4, seed=9)
   mesh = parallel.make_mesh(2)
   st, fn = build(mesh, batches[0])
@@ -157,18 +212,29 @@ def test_accumulated_step_is_micro_steps_at_frozen_params():
   moment after one step is 0.1 g, so it is the mean of the plain steps' moments)."""
   mesh = parallel.make_mesh(2)
   (big,) = make_batches(1, seed=4)
-  micro = [{k: np.concatenate([v[d * 8 + i * 4:d * 8 + i * 4 + 4] for d in range(2)])
-            for k, v in big.items()} for i in range(2)]
+  micro = [
+    {
+      k: np.concatenate([v[d * 8 + i * 4 : d * 8 + i * 4 + 4] for d in range(2)])
+      for k, v in big.items()
+    }
+    for i in range(2)
+  ]
   frozen = ctrl_of(0, lr_scale=0.0)
-  def mu(s):   # Adam's first moments
-    return [np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(s.opt_state)[0]
-            if "mu" in jax.tree_util.keystr(path)]
+
+  def mu(s):  # Adam's first moments
+    return [
+      np.asarray(x)
+      for path, x in jax.tree_util.tree_flatten_with_path(s.opt_state)[0]
+      if "mu" in jax.tree_util.keystr(path)
+    ]
+
   st0, plain = build(mesh, big)
   opt0 = jax.device_get(st0.opt_state)
   s1, m1 = plain(jax.tree.map(jnp.copy, st0), parallel.global_batch(micro[0], mesh), frozen)
   mu1 = mu(s1)
-  s1 = s1.replace(step=st0.step, opt_state=jax.device_put(
-      opt0, jax.tree.map(lambda x: x.sharding, st0.opt_state)))
+  s1 = s1.replace(
+    step=st0.step, opt_state=jax.device_put(opt0, jax.tree.map(lambda x: x.sharding, st0.opt_state))
+  )
   s2, m2 = plain(s1, parallel.global_batch(micro[1], mesh), frozen)
   mu2 = mu(s2)
   st0, acc = build(mesh, big, accumulate=2)
@@ -185,7 +251,9 @@ def test_accumulated_step_is_micro_steps_at_frozen_params():
     want = (m1[k] * m1[n] + m2[k] * m2[n]) / max(m1[n] + m2[n], 1)
     np.testing.assert_allclose(ma[k], want, rtol=1e-5, err_msg=k)
   for name in ("memory", "batch_stats"):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6,
-                                                         err_msg=name),
-                 getattr(s2, name), getattr(sa, name))
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name),
+      getattr(s2, name),
+      getattr(sa, name),
+    )
   assert int(sa.memory.ptr) == 16 and int(sa.step) == 1

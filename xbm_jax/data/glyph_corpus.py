@@ -10,6 +10,7 @@ The corpus (~50k images) is rebuilt at prepare time from installed Debian font p
 (see ``glyphs_data/FONTS.md``) into a cache folder outside the repository
 (``default_path()``); it is never committed, and tests and CI never need it.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ import numpy as np
 
 from xbm_jax.data import glyphs
 
-CACHE_DIR = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")),
-                         "xbm_jax")
+CACHE_DIR = os.path.join(
+  os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "xbm_jax"
+)
 
 
 def default_path() -> str:
@@ -57,34 +59,54 @@ def corpus_chars(exclude: Iterable[str] = ()) -> list[str]:
   return out
 
 
-def candidate_faces(font_dirs: Sequence[str], *, exclude: str = "KanjiStrokeOrders",
-                    chars: Sequence[str] | None = None) -> list[glyphs.Face]:
+def candidate_faces(
+  font_dirs: Sequence[str],
+  *,
+  exclude: str = "KanjiStrokeOrders",
+  chars: Sequence[str] | None = None,
+) -> list[glyphs.Face]:
   """Installed faces that draw >= 2 of the first 8 corpus characters (the same cheap
   pre-filter as scripts/build_glyphs.py; ``exclude``: a regex of face names to skip)."""
   probe = list(chars or corpus_chars())[:8]
-  faces = [f for f in glyphs.find_faces(font_dirs)
-           if not (exclude and re.search(exclude, f.name))]
+  faces = [f for f in glyphs.find_faces(font_dirs) if not (exclude and re.search(exclude, f.name))]
   return [f for f in faces if glyphs.render_face(f, probe)[1].sum() >= 2]
 
 
-def build_corpus(faces: Sequence[glyphs.Face], *, exclude: Iterable[str] = (),
-                 min_faces: int = 5, max_faces: int | None = 24,
-                 dup_threshold: float = 0.07, seed: int = 0,
-                 log=print) -> dict[str, np.ndarray]:
+def build_corpus(
+  faces: Sequence[glyphs.Face],
+  *,
+  exclude: Iterable[str] = (),
+  min_faces: int = 5,
+  max_faces: int | None = 24,
+  dup_threshold: float = 0.07,
+  seed: int = 0,
+  log=print,
+) -> dict[str, np.ndarray]:
   """Renders the corpus with ``glyphs.build``: every class in the train split (split 0).
 
   Returns ``glyphs.build``'s arrays (images uint8 [N, 32, 32], labels, faces, chars, ...).
   """
   chars = corpus_chars(exclude)
-  return glyphs.build(faces, chars, size=32, margin=2, min_faces=min_faces,
-                      num_train_classes=len(chars), dup_threshold=dup_threshold,
-                      max_faces=max_faces, seed=seed, log=log)
+  return glyphs.build(
+    faces,
+    chars,
+    size=32,
+    margin=2,
+    min_faces=min_faces,
+    num_train_classes=len(chars),
+    dup_threshold=dup_threshold,
+    max_faces=max_faces,
+    seed=seed,
+    log=log,
+  )
 
 
 def load(path: str | None = None) -> dict[str, np.ndarray]:
   """The cached corpus: images uint8 [N, 32, 32, 1], labels int64 [N] (0..C-1), chars."""
   path = path or default_path()
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"no glyph corpus at {path}: build it with "
-                            "scripts/pretrain_glyphs.py --build (needs CJK fonts installed)")
+    raise FileNotFoundError(
+      f"no glyph corpus at {path}: build it with "
+      "scripts/pretrain_glyphs.py --build (needs CJK fonts installed)"
+    )
   return glyphs.load_arrays("train", path)

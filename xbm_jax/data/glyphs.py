@@ -20,6 +20,7 @@ Renders are centred on their ink box and scaled to fit ``size - 2 * margin`` (as
 so faces with different metrics give comparable images.
 Labels are global class ids (index into ``chars``), so they are disjoint across splits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,11 +32,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "glyphs_data",
-                         "glyphs.npz")
+DATA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "glyphs_data", "glyphs.npz")
 FONT_EXTS = (".ttf", ".otf", ".ttc", ".otc")
-UNASSIGNED = "\U0010FFFD"  # a private-use code point no CJK font maps: renders .notdef
-_RENDER_PX = 64             # render large, then downsample: smooth anti-aliasing
+UNASSIGNED = "\U0010fffd"  # a private-use code point no CJK font maps: renders .notdef
+_RENDER_PX = 64  # render large, then downsample: smooth anti-aliasing
 
 
 def jis_level1_kanji() -> list[str]:
@@ -58,6 +58,7 @@ def unicode_range(start: int, stop: int) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Face:
   """One typeface: a font file and the face index inside it (0 unless a collection)."""
+
   path: str
   index: int
   name: str
@@ -93,8 +94,9 @@ def find_faces(font_dirs: Sequence[str] | str) -> list[Face]:
   return faces
 
 
-def render(font: ImageFont.FreeTypeFont, char: str, *, size: int = 32,
-           margin: int = 2) -> np.ndarray:
+def render(
+  font: ImageFont.FreeTypeFont, char: str, *, size: int = 32, margin: int = 2
+) -> np.ndarray:
   """uint8 [size, size] white-on-black render of ``char``, centred on its ink box.
 
   Blank (all-zero) when the face draws no ink for ``char``.
@@ -102,8 +104,7 @@ def render(font: ImageFont.FreeTypeFont, char: str, *, size: int = 32,
   canvas = 3 * _RENDER_PX
   img = Image.new("L", (canvas, canvas), 0)
   try:
-    ImageDraw.Draw(img).text((canvas // 2, canvas // 2), char, fill=255, font=font,
-                             anchor="mm")
+    ImageDraw.Draw(img).text((canvas // 2, canvas // 2), char, fill=255, font=font, anchor="mm")
   except OSError:  # broken hinting program / bitmap-only strike: treat as no glyph
     pass
   box = img.getbbox()
@@ -120,8 +121,15 @@ def render(font: ImageFont.FreeTypeFont, char: str, *, size: int = 32,
   return np.asarray(out)
 
 
-def render_face(face: Face, chars: Sequence[str], *, size: int = 32, margin: int = 2,
-                min_ink: int = 32, max_shared: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def render_face(
+  face: Face,
+  chars: Sequence[str],
+  *,
+  size: int = 32,
+  margin: int = 2,
+  min_ink: int = 32,
+  max_shared: int = 3,
+) -> tuple[np.ndarray, np.ndarray]:
   """Renders ``chars`` from one face.
 
   Returns:
@@ -134,16 +142,21 @@ def render_face(face: Face, chars: Sequence[str], *, size: int = 32, margin: int
   notdef = render(font, UNASSIGNED, size=size, margin=margin)
   images = np.stack([render(font, c, size=size, margin=margin) for c in chars])
   blank = images.reshape(len(chars), -1).max(axis=1) < min_ink
-  placeholder = (images == notdef[None]).all(axis=(1, 2)) if notdef.max() >= min_ink \
-      else np.zeros(len(chars), bool)
-  _, inverse, counts = np.unique(images.reshape(len(chars), -1), axis=0,
-                                 return_inverse=True, return_counts=True)
+  placeholder = (
+    (images == notdef[None]).all(axis=(1, 2))
+    if notdef.max() >= min_ink
+    else np.zeros(len(chars), bool)
+  )
+  _, inverse, counts = np.unique(
+    images.reshape(len(chars), -1), axis=0, return_inverse=True, return_counts=True
+  )
   shared = counts[inverse.reshape(-1)] > max_shared
   return images, ~(blank | placeholder | shared)
 
 
-def dedupe_faces(renders: np.ndarray, valid: np.ndarray, *,
-                 dup_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def dedupe_faces(
+  renders: np.ndarray, valid: np.ndarray, *, dup_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
   """Greedy choice of typefaces that are not near-identical to an already kept one.
 
   Args:
@@ -176,8 +189,9 @@ def dedupe_faces(renders: np.ndarray, valid: np.ndarray, *,
   return np.asarray(keep, np.int64), dup_of
 
 
-def select_diverse(renders: np.ndarray, valid: np.ndarray, candidates: np.ndarray,
-                   max_faces: int) -> np.ndarray:
+def select_diverse(
+  renders: np.ndarray, valid: np.ndarray, candidates: np.ndarray, max_faces: int
+) -> np.ndarray:
   """Greedy farthest-point choice of ``max_faces`` of ``candidates`` (most-covering first).
 
   Each step adds the face whose smallest mean |difference| to the chosen faces is largest,
@@ -203,10 +217,21 @@ def select_diverse(renders: np.ndarray, valid: np.ndarray, candidates: np.ndarra
   return np.asarray(sorted(chosen), np.int64)
 
 
-def build(faces: Sequence[Face], chars: Sequence[str], *, size: int = 32, margin: int = 2,
-          min_faces: int = 5, num_train_classes: int | None = None, train_fraction: float = 0.5,
-          dup_threshold: float = 0.07, max_faces: int | None = None,
-          sample_chars: int = 200, seed: int = 0, log=print) -> dict[str, np.ndarray]:
+def build(
+  faces: Sequence[Face],
+  chars: Sequence[str],
+  *,
+  size: int = 32,
+  margin: int = 2,
+  min_faces: int = 5,
+  num_train_classes: int | None = None,
+  train_fraction: float = 0.5,
+  dup_threshold: float = 0.07,
+  max_faces: int | None = None,
+  sample_chars: int = 200,
+  seed: int = 0,
+  log=print,
+) -> dict[str, np.ndarray]:
   """Renders and filters a glyph dataset (see the module docstring for the steps).
 
   Returns a dict of arrays (what ``glyphs.npz`` holds):
@@ -218,16 +243,14 @@ def build(faces: Sequence[Face], chars: Sequence[str], *, size: int = 32, margin
     raise ValueError("no font faces given to glyphs.build")
   rng = np.random.default_rng(seed)
   chars = list(chars)
-  sample = [chars[i] for i in sorted(rng.choice(len(chars), min(sample_chars, len(chars)),
-                                                replace=False))]
-  sample_r, sample_v = zip(*[render_face(f, sample, size=size, margin=margin)
-                             for f in faces])
-  keep, dup_of = dedupe_faces(np.stack(sample_r), np.stack(sample_v),
-                              dup_threshold=dup_threshold)
+  sample = [
+    chars[i] for i in sorted(rng.choice(len(chars), min(sample_chars, len(chars)), replace=False))
+  ]
+  sample_r, sample_v = zip(*[render_face(f, sample, size=size, margin=margin) for f in faces])
+  keep, dup_of = dedupe_faces(np.stack(sample_r), np.stack(sample_v), dup_threshold=dup_threshold)
   for i, d in enumerate(dup_of):
     if d >= 0:
-      log(f"drop face {faces[i].name} ({faces[i].path}): near-identical to "
-          f"{faces[d].name}")
+      log(f"drop face {faces[i].name} ({faces[i].path}): near-identical to {faces[d].name}")
     elif d == -2:
       log(f"drop face {faces[i].name} ({faces[i].path}): no usable glyph in the sample")
   if max_faces is not None and len(keep) > max_faces:
@@ -247,11 +270,15 @@ def build(faces: Sequence[Face], chars: Sequence[str], *, size: int = 32, margin
 
   classes = [c for c in range(len(chars)) if len(per_class[c]) >= min_faces]
   if not classes:
-    raise ValueError(f"no class has >= min_faces={min_faces} typefaces "
-                     f"({len(kept)} typefaces kept)")
+    raise ValueError(
+      f"no class has >= min_faces={min_faces} typefaces ({len(kept)} typefaces kept)"
+    )
   perm = rng.permutation(len(classes))
-  n_train = (int(round(train_fraction * len(classes))) if num_train_classes is None
-             else min(num_train_classes, len(classes)))
+  n_train = (
+    int(round(train_fraction * len(classes)))
+    if num_train_classes is None
+    else min(num_train_classes, len(classes))
+  )
   is_test = np.zeros(len(classes), bool)
   is_test[perm[n_train:]] = True
   images, labels, face_ids, split = [], [], [], []
@@ -262,14 +289,16 @@ def build(faces: Sequence[Face], chars: Sequence[str], *, size: int = 32, margin
       labels.append(new_id)
       face_ids.append(fi)
       split.append(int(test))
-  return {"images": np.stack(images).astype(np.uint8),
-          "labels": np.asarray(labels, np.int64),
-          "faces": np.asarray(face_ids, np.int64),
-          "split": np.asarray(split, np.int8),
-          "chars": np.asarray(new_chars),
-          "face_names": np.asarray([f.name for f in kept]),
-          "face_paths": np.asarray([f.path for f in kept]),
-          "face_indices": np.asarray([f.index for f in kept], np.int64)}
+  return {
+    "images": np.stack(images).astype(np.uint8),
+    "labels": np.asarray(labels, np.int64),
+    "faces": np.asarray(face_ids, np.int64),
+    "split": np.asarray(split, np.int8),
+    "chars": np.asarray(new_chars),
+    "face_names": np.asarray([f.name for f in kept]),
+    "face_paths": np.asarray([f.path for f in kept]),
+    "face_indices": np.asarray([f.index for f in kept], np.int64),
+  }
 
 
 def encode_images(images: np.ndarray, bits: int = 8) -> np.ndarray:
@@ -343,14 +372,20 @@ def load_arrays(split: str, path: str = DATA_FILE) -> dict[str, np.ndarray]:
     keep = few_shot_mask(a["labels"], FEW_SHOT, FEW_SHOT_SEED)
     return {k: (v[keep] if k in ("images", "labels", "faces") else v) for k, v in a.items()}
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"embedded glyph data missing: {path} "
-                            "(rebuild with scripts/build_glyphs.py)")
+    raise FileNotFoundError(
+      f"embedded glyph data missing: {path} (rebuild with scripts/build_glyphs.py)"
+    )
   z = _load_all(path, os.path.getmtime(path))
   sel = z["split"] == SPLITS.get(split, SPLITS["train"])
   if split in CARVED_SPLITS:
     sel &= np.isin(z["labels"], val_classes(z["labels"][sel])) == CARVED_SPLITS[split]
-  return {"images": z["images"][sel][..., None], "labels": z["labels"][sel],
-          "faces": z["faces"][sel], "chars": z["chars"], "face_names": z["face_names"]}
+  return {
+    "images": z["images"][sel][..., None],
+    "labels": z["labels"][sel],
+    "faces": z["faces"][sel],
+    "chars": z["chars"],
+    "face_names": z["face_names"],
+  }
 
 
 def val_classes(train_labels: np.ndarray) -> np.ndarray:
@@ -383,5 +418,6 @@ def load_embedded(split: str, path: str = DATA_FILE):
   between "train" and "test". Needs no system fonts.
   """
   from xbm_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   a = load_arrays(split, path)
   return sources.ArraySource(a["images"], a["labels"])

@@ -24,6 +24,7 @@ process (``resolve_worker_count``). ``prefetch_to_device`` moves batches onto th
 from a background thread, ``size`` steps ahead, so the host work and the transfer overlap
 the training step.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,12 +56,14 @@ def resolve_worker_count(worker_count: int | str) -> int:
   return n
 
 
-def _to_iter(ds: grain.MapDataset, *, worker_count: int | str, read_threads: int,
-             prefetch_batches: int) -> grain.IterDataset:
+def _to_iter(
+  ds: grain.MapDataset, *, worker_count: int | str, read_threads: int, prefetch_batches: int
+) -> grain.IterDataset:
   # grain's default ReadOptions prefetch 500 elements on 16 threads; an element here is a
   # whole batch (64 x 224 x 224 x 3 = 9.6 MB), so keep the read-ahead to a few batches.
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=prefetch_batches))
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
+  )
   worker_count = resolve_worker_count(worker_count)
   if worker_count <= 0:
     return ds
@@ -68,6 +71,7 @@ def _to_iter(ds: grain.MapDataset, *, worker_count: int | str, read_threads: int
   # are unparsed and grain raises. Mark them parsed with their defaults, keeping any values
   # an absl app has already parsed.
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -76,8 +80,9 @@ def _to_iter(ds: grain.MapDataset, *, worker_count: int | str, read_threads: int
 class _TrainStep:
   """Picklable step -> host batch function (grain workers receive a copy)."""
 
-  def __init__(self, source, sampler: sampler_lib.PKSampler,
-               cfg: transforms.TransformConfig, seed: int):
+  def __init__(
+    self, source, sampler: sampler_lib.PKSampler, cfg: transforms.TransformConfig, seed: int
+  ):
     self.source, self.sampler, self.cfg, self.seed = source, sampler, cfg, seed
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
@@ -95,12 +100,23 @@ class _TrainStep:
 class TrainBatches(Iterator[dict]):
   """Iterator of host batches with a tiny resumable state (the next step and the seed)."""
 
-  def __init__(self, fn: _TrainStep, *, start_step: int, num_steps: int | None,
-               worker_count: int | str, read_threads: int = 1, prefetch_batches: int = 2):
+  def __init__(
+    self,
+    fn: _TrainStep,
+    *,
+    start_step: int,
+    num_steps: int | None,
+    worker_count: int | str,
+    read_threads: int = 1,
+    prefetch_batches: int = 2,
+  ):
     stop = _FOREVER if num_steps is None else start_step + num_steps
-    ds = _to_iter(grain.MapDataset.range(start_step, stop).map(fn),
-                  worker_count=worker_count, read_threads=read_threads,
-                  prefetch_batches=prefetch_batches)
+    ds = _to_iter(
+      grain.MapDataset.range(start_step, stop).map(fn),
+      worker_count=worker_count,
+      read_threads=read_threads,
+      prefetch_batches=prefetch_batches,
+    )
     self._ds = ds
     self._it = iter(ds)
     self._step = start_step
@@ -131,11 +147,21 @@ class TrainBatches(Iterator[dict]):
     self._it = iter(())
 
 
-def train_batches(source, *, sampler, transform_cfg, global_batch_size: int,
-                  process_index: int = 0, process_count: int = 1,
-                  worker_count: int | str = 0, seed: int = 0, state: Mapping[str, Any] | None = None,
-                  num_steps: int | None = None, read_threads: int = 1,
-                  prefetch_batches: int = 2) -> TrainBatches:
+def train_batches(
+  source,
+  *,
+  sampler,
+  transform_cfg,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  worker_count: int | str = 0,
+  seed: int = 0,
+  state: Mapping[str, Any] | None = None,
+  num_steps: int | None = None,
+  read_threads: int = 1,
+  prefetch_batches: int = 2,
+) -> TrainBatches:
   """Infinite (or ``num_steps``) iterator of augmented P x K host batches.
 
   Args:
@@ -159,24 +185,36 @@ def train_batches(source, *, sampler, transform_cfg, global_batch_size: int,
     b = global_batch_size // process_count.
   """
   if not isinstance(sampler, sampler_lib.PKSampler):
-    sampler = sampler_lib.from_config(np.asarray(source.labels), sampler, seed=seed,
-                                      process_index=process_index,
-                                      process_count=process_count)
+    sampler = sampler_lib.from_config(
+      np.asarray(source.labels),
+      sampler,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
   if (sampler.process_index, sampler.process_count) != (process_index, process_count):
     raise ValueError(
-        f"sampler is for host {sampler.process_index}/{sampler.process_count} but "
-        f"train_batches got process_index={process_index}, process_count={process_count}")
+      f"sampler is for host {sampler.process_index}/{sampler.process_count} but "
+      f"train_batches got process_index={process_index}, process_count={process_count}"
+    )
   if sampler.global_batch_size != global_batch_size:
     raise ValueError(
-        f"global_batch_size={global_batch_size} != classes_per_batch x samples_per_class "
-        f"= {sampler.classes_per_batch} x {sampler.samples_per_class}")
+      f"global_batch_size={global_batch_size} != classes_per_batch x samples_per_class "
+      f"= {sampler.classes_per_batch} x {sampler.samples_per_class}"
+    )
   start = 0 if state is None else sampler_lib.SamplerState.from_dict(state).step
   if state is not None and int(state["seed"]) != seed:
     raise ValueError(f"saved pipeline seed {state['seed']} != seed {seed}")
   cfg = transforms.TransformConfig.from_config(transform_cfg)
   fn = _TrainStep(source, sampler, cfg, seed)
-  return TrainBatches(fn, start_step=start, num_steps=num_steps, worker_count=worker_count,
-                      read_threads=read_threads, prefetch_batches=prefetch_batches)
+  return TrainBatches(
+    fn,
+    start_step=start,
+    num_steps=num_steps,
+    worker_count=worker_count,
+    read_threads=read_threads,
+    prefetch_batches=prefetch_batches,
+  )
 
 
 class _EvalBatch:
@@ -195,13 +233,25 @@ class _EvalBatch:
       rec = self.source[int(i)]
       images.append(transforms.eval_transform(rec["image"], self.cfg))
       labels.append(rec["label"])
-    return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
-            "index": idx.astype(np.int32), "mask": mask}
+    return {
+      "image": np.stack(images),
+      "label": np.asarray(labels, np.int32),
+      "index": idx.astype(np.int32),
+      "mask": mask,
+    }
 
 
-def eval_batches(source, *, batch_size: int, transform_cfg, process_index: int = 0,
-                 process_count: int = 1, worker_count: int | str = 0,
-                 read_threads: int = 1, prefetch_batches: int = 2) -> Iterator[dict]:
+def eval_batches(
+  source,
+  *,
+  batch_size: int,
+  transform_cfg,
+  process_index: int = 0,
+  process_count: int = 1,
+  worker_count: int | str = 0,
+  read_threads: int = 1,
+  prefetch_batches: int = 2,
+) -> Iterator[dict]:
   """One ordered pass over ``source`` in batches of ``batch_size // process_count`` per host.
 
   Host p takes the contiguous chunk [p * n, (p + 1) * n) with n = ceil(N / process_count),
@@ -215,8 +265,7 @@ def eval_batches(source, *, batch_size: int, transform_cfg, process_index: int =
   if n_total == 0:
     raise ValueError("eval_batches: the source is empty")
   if batch_size % process_count:
-    raise ValueError(f"eval batch_size={batch_size} not divisible by "
-                     f"process_count={process_count}")
+    raise ValueError(f"eval batch_size={batch_size} not divisible by process_count={process_count}")
   b = batch_size // process_count
   per_host = -(-n_total // process_count)
   lo = min(process_index * per_host, n_total)
@@ -224,8 +273,11 @@ def eval_batches(source, *, batch_size: int, transform_cfg, process_index: int =
   num_batches = -(-per_host // b)
   cfg = transforms.TransformConfig.from_config(transform_cfg)
   ds = grain.MapDataset.range(num_batches).map(_EvalBatch(source, cfg, lo, hi, b))
-  return iter(_to_iter(ds, worker_count=worker_count, read_threads=read_threads,
-                       prefetch_batches=prefetch_batches))
+  return iter(
+    _to_iter(
+      ds, worker_count=worker_count, read_threads=read_threads, prefetch_batches=prefetch_batches
+    )
+  )
 
 
 _END = object()
@@ -273,7 +325,7 @@ class DevicePrefetch(Iterator[Any]):
   def __next__(self):
     item, state = self._queue.get()
     if item is _END:
-      self._queue.put((_END, None))   # stay exhausted
+      self._queue.put((_END, None))  # stay exhausted
       raise StopIteration
     if isinstance(item, BaseException):
       raise item
@@ -292,7 +344,8 @@ class DevicePrefetch(Iterator[Any]):
       close()
 
 
-def prefetch_to_device(batches: Iterator, put: Callable[[Any], Any],
-                       size: int = 2) -> DevicePrefetch:
+def prefetch_to_device(
+  batches: Iterator, put: Callable[[Any], Any], size: int = 2
+) -> DevicePrefetch:
   """``put(b)`` for each host batch b, ``size`` batches ahead (see ``DevicePrefetch``)."""
   return DevicePrefetch(batches, put, size)

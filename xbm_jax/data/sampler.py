@@ -24,6 +24,7 @@ P / process_count whole classes, so hosts are disjoint and their concatenation i
 process order is the global batch (the layout ``jax.make_array_from_process_local_data``
 expects when the batch axis is sharded over hosts in process order).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ _IMAGE_TAG = 0x494D4147
 @dataclasses.dataclass(frozen=True)
 class SamplerState:
   """The sampler's complete resumable state: the next step to produce and the seed."""
+
   step: int
   seed: int
 
@@ -61,9 +63,17 @@ class PKSampler:
     min_class_size: classes with fewer images are never sampled (default 1: keep all).
   """
 
-  def __init__(self, labels, *, classes_per_batch: int, samples_per_class: int,
-               seed: int = 0, process_index: int = 0, process_count: int = 1,
-               min_class_size: int = 1):
+  def __init__(
+    self,
+    labels,
+    *,
+    classes_per_batch: int,
+    samples_per_class: int,
+    seed: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    min_class_size: int = 1,
+  ):
     labels = np.asarray(labels)
     if labels.ndim != 1:
       raise ValueError(f"labels must be 1-D [N], got shape {labels.shape}")
@@ -71,14 +81,16 @@ class PKSampler:
       raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     if classes_per_batch < 1 or samples_per_class < 1:
       raise ValueError(
-          f"classes_per_batch ({classes_per_batch}) and samples_per_class "
-          f"({samples_per_class}) must be >= 1")
+        f"classes_per_batch ({classes_per_batch}) and samples_per_class "
+        f"({samples_per_class}) must be >= 1"
+      )
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if classes_per_batch % process_count:
       raise ValueError(
-          f"classes_per_batch={classes_per_batch} must be divisible by "
-          f"process_count={process_count} (each host takes whole classes)")
+        f"classes_per_batch={classes_per_batch} must be divisible by "
+        f"process_count={process_count} (each host takes whole classes)"
+      )
     self.classes_per_batch = int(classes_per_batch)
     self.samples_per_class = int(samples_per_class)
     self.seed = int(seed)
@@ -89,15 +101,17 @@ class PKSampler:
     order = np.argsort(labels, kind="stable")
     uniq, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     keep = counts >= min_class_size
-    self.class_labels = uniq[keep]                     # [C] label value of class slot c
-    self._members = [order[s:s + n].astype(np.int64)
-                     for s, n, k in zip(starts, counts, keep) if k]
+    self.class_labels = uniq[keep]  # [C] label value of class slot c
+    self._members = [
+      order[s : s + n].astype(np.int64) for s, n, k in zip(starts, counts, keep) if k
+    ]
     self.num_classes = len(self._members)
     if self.num_classes < self.classes_per_batch:
       raise ValueError(
-          f"classes_per_batch={classes_per_batch} but the dataset has only "
-          f"{self.num_classes} classes with >= {min_class_size} images "
-          f"({len(uniq)} classes in total); lower classes_per_batch")
+        f"classes_per_batch={classes_per_batch} but the dataset has only "
+        f"{self.num_classes} classes with >= {min_class_size} images "
+        f"({len(uniq)} classes in total); lower classes_per_batch"
+      )
     self.steps_per_epoch = self.num_classes // self.classes_per_batch
     self._perm_cache: tuple[int, np.ndarray] | None = None
 
@@ -121,7 +135,7 @@ class PKSampler:
       raise ValueError(f"step must be >= 0, got {step}")
     epoch, j = divmod(int(step), self.steps_per_epoch)
     p = self.classes_per_batch
-    return self._class_perm(epoch)[j * p:(j + 1) * p].astype(np.int64)
+    return self._class_perm(epoch)[j * p : (j + 1) * p].astype(np.int64)
 
   def _class_images(self, step: int, c: int) -> np.ndarray:
     members, k = self._members[c], self.samples_per_class
@@ -140,7 +154,7 @@ class PKSampler:
     """int64 [P * K / process_count] this host's contiguous share of global batch ``step``."""
     classes = self.batch_classes(step)
     per_host = self.classes_per_batch // self.process_count
-    mine = classes[self.process_index * per_host:(self.process_index + 1) * per_host]
+    mine = classes[self.process_index * per_host : (self.process_index + 1) * per_host]
     return np.concatenate([self._class_images(step, c) for c in mine])
 
   def local_offset(self) -> int:
@@ -156,19 +170,26 @@ class PKSampler:
       state = SamplerState.from_dict(state)
     if state.seed != self.seed:
       raise ValueError(
-          f"saved sampler seed {state.seed} != configured seed {self.seed}; "
-          "resuming would not reproduce the order")
+        f"saved sampler seed {state.seed} != configured seed {self.seed}; "
+        "resuming would not reproduce the order"
+      )
     return state.step
 
 
-def from_config(labels, cfg: Mapping[str, Any], *, seed: int, process_index: int = 0,
-                process_count: int = 1) -> PKSampler:
+def from_config(
+  labels, cfg: Mapping[str, Any], *, seed: int, process_index: int = 0, process_count: int = 1
+) -> PKSampler:
   """Builds a PKSampler from a config mapping with ``classes_per_batch``,
   ``samples_per_class`` and optional ``min_class_size``."""
   for key in ("classes_per_batch", "samples_per_class"):
     if key not in cfg:
       raise KeyError(f"sampler config is missing '{key}' (have {sorted(cfg.keys())})")
-  return PKSampler(labels, classes_per_batch=int(cfg["classes_per_batch"]),
-                   samples_per_class=int(cfg["samples_per_class"]),
-                   min_class_size=int(cfg.get("min_class_size", 1)),
-                   seed=seed, process_index=process_index, process_count=process_count)
+  return PKSampler(
+    labels,
+    classes_per_batch=int(cfg["classes_per_batch"]),
+    samples_per_class=int(cfg["samples_per_class"]),
+    min_class_size=int(cfg.get("min_class_size", 1)),
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+  )

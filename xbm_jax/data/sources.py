@@ -9,6 +9,7 @@ Cars196 class 1..196 (stored as "cars"), In-shop item id number, VehicleID
 vehicle id), so labels compare across splits (In-shop query vs gallery). `contiguous_labels` gives 0-based ranks
 within one split for code that needs them (not comparable across splits).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,11 +39,9 @@ class ArraySource:
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 4 or images.dtype != np.uint8:
-      raise ValueError("images must be uint8 [N, H, W, C], got "
-                       f"{images.dtype} {images.shape}")
+      raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f"labels must be integer [N], got {labels.dtype} "
-                       f"{labels.shape}")
+      raise ValueError(f"labels must be integer [N], got {labels.dtype} {labels.shape}")
     if len(labels) != len(images):
       raise ValueError(f"{len(images)} images but {len(labels)} labels")
     self.images = images
@@ -65,8 +64,9 @@ class ArraySource:
     return {"image": self.images[i], "label": int(self.labels[i]), "index": i}
 
   def __repr__(self) -> str:
-    return (f"ArraySource(n={len(self)}, image={self.images.shape[1:]}, "
-            f"num_classes={self.num_classes})")
+    return (
+      f"ArraySource(n={len(self)}, image={self.images.shape[1:]}, num_classes={self.num_classes})"
+    )
 
 
 class TfdsSource:
@@ -98,18 +98,18 @@ class TfdsSource:
   def _tfds(self):
     if self._source is None:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      self._source = tfds.builder_from_directory(self.path).as_data_source(
-          split=self.split)
+
+      self._source = tfds.builder_from_directory(self.path).as_data_source(split=self.split)
       if len(self._source) != len(self.labels):
         raise ValueError(
-            f"{self.path}: split {self.split!r} has {len(self._source)} "
-            f"records but labels-{self.split}.npy has {len(self.labels)}")
+          f"{self.path}: split {self.split!r} has {len(self._source)} "
+          f"records but labels-{self.split}.npy has {len(self.labels)}"
+        )
     return self._source
 
   @staticmethod
   def _record(ex: dict[str, Any]) -> dict[str, Any]:
-    return {"image": ex["image"], "label": int(ex["label"]),
-            "index": int(ex["index"])}
+    return {"image": ex["image"], "label": int(ex["label"]), "index": int(ex["index"])}
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -128,8 +128,10 @@ class TfdsSource:
     return state
 
   def __repr__(self) -> str:
-    return (f"TfdsSource({self.path!r}, split={self.split!r}, n={len(self)}, "
-            f"num_classes={self.num_classes})")
+    return (
+      f"TfdsSource({self.path!r}, split={self.split!r}, n={len(self)}, "
+      f"num_classes={self.num_classes})"
+    )
 
 
 Source = ArraySource | TfdsSource
@@ -139,8 +141,7 @@ def _versions(ds_dir: str) -> list[str]:
   """Finished version directories (tmp/incomplete ones are skipped), oldest first."""
   out = []
   for v in os.listdir(ds_dir):
-    if _VERSION_RE.match(v) and os.path.isfile(
-        os.path.join(ds_dir, v, "dataset_info.json")):
+    if _VERSION_RE.match(v) and os.path.isfile(os.path.join(ds_dir, v, "dataset_info.json")):
       out.append(v)
   return sorted(out, key=lambda v: tuple(int(p) for p in v.split(".")))
 
@@ -154,29 +155,34 @@ def dataset_path(name: str, data_dir: str, version: str | None = None) -> str:
   ds_dir = os.path.join(data_dir, name)
   versions = _versions(ds_dir) if os.path.isdir(ds_dir) else []
   if not versions:
-    have = sorted(d for d in os.listdir(data_dir) if not d.startswith(".")
-                  ) if os.path.isdir(data_dir) else []
+    have = (
+      sorted(d for d in os.listdir(data_dir) if not d.startswith("."))
+      if os.path.isdir(data_dir)
+      else []
+    )
     raise FileNotFoundError(
-        f"no prepared dataset {name!r} at {ds_dir} (datasets in {data_dir}: "
-        f"{have or 'none'}); run scripts/prepare_data.py --dataset ... "
-        f"--data_dir {data_dir}")
+      f"no prepared dataset {name!r} at {ds_dir} (datasets in {data_dir}: "
+      f"{have or 'none'}); run scripts/prepare_data.py --dataset ... "
+      f"--data_dir {data_dir}"
+    )
   if version is None:
     return os.path.join(ds_dir, versions[-1])
   if version not in versions:
-    raise FileNotFoundError(f"no version {version} of {name!r} at {ds_dir} "
-                            f"(versions: {versions})")
+    raise FileNotFoundError(f"no version {version} of {name!r} at {ds_dir} (versions: {versions})")
   return os.path.join(ds_dir, version)
 
 
 def splits(name: str, data_dir: str, version: str | None = None) -> list[str]:
   """The split names of a prepared dataset."""
   path = dataset_path(name, data_dir, version)
-  return sorted(f[len("labels-"):-len(".npy")] for f in os.listdir(path)
-                if f.startswith("labels-") and f.endswith(".npy"))
+  return sorted(
+    f[len("labels-") : -len(".npy")]
+    for f in os.listdir(path)
+    if f.startswith("labels-") and f.endswith(".npy")
+  )
 
 
-def load(name: str, split: str, data_dir: str,
-         version: str | None = None) -> TfdsSource:
+def load(name: str, split: str, data_dir: str, version: str | None = None) -> TfdsSource:
   """Opens `split` of the prepared dataset `data_dir/name/<version>`.
 
   Args:
@@ -195,10 +201,10 @@ def load(name: str, split: str, data_dir: str,
   labels_file = os.path.join(path, f"labels-{split}.npy")
   if not os.path.isfile(labels_file):
     raise FileNotFoundError(
-        f"no split {split!r} in {path} (no {os.path.basename(labels_file)}); "
-        f"splits: {splits(name, data_dir, version)}")
+      f"no split {split!r} in {path} (no {os.path.basename(labels_file)}); "
+      f"splits: {splits(name, data_dir, version)}"
+    )
   labels = np.load(labels_file)
   if labels.ndim != 1 or labels.dtype != np.int64:
-    raise ValueError(f"{labels_file}: expected int64 [N], got {labels.dtype} "
-                     f"{labels.shape}")
+    raise ValueError(f"{labels_file}: expected int64 [N], got {labels.dtype} {labels.shape}")
   return TfdsSource(path, split, labels)

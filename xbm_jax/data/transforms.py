@@ -20,6 +20,7 @@ the first 1/s downscale is the DCT's (a box-like filter) instead of PIL's biline
 SOP-like 500 px photos (shorter side < 2 x 256) always decode at full scale, so their
 augmentation is exactly the array path's.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,6 +35,7 @@ from PIL import Image
 @dataclasses.dataclass(frozen=True)
 class TransformConfig:
   """Sizes of the augmentation. SOP-like: resize 256, crop 224; glyph demo: 32 / 28."""
+
   resize: int = 256
   crop: int = 224
   scale: tuple[float, float] = (0.2, 1.0)
@@ -108,8 +110,9 @@ def center_crop_box(height: int, width: int, crop: int) -> tuple[int, int]:
   return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
 
 
-def random_resized_crop_box(height: int, width: int, *, scale, ratio,
-                            rng: np.random.Generator) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+  height: int, width: int, *, scale, ratio, rng: np.random.Generator
+) -> tuple[int, int, int, int]:
   """(top, left, h, w) as torchvision RandomResizedCrop.get_params (10 tries, then centre)."""
   area = height * width
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -141,11 +144,10 @@ def eval_transform(image: ImageLike, cfg: TransformConfig) -> np.ndarray:
   if (h, w) != (img.height, img.width):
     img = img.resize((w, h), Image.BILINEAR)
   top, left = center_crop_box(h, w, cfg.crop)
-  return _from_pil(img, c)[top:top + cfg.crop, left:left + cfg.crop]
+  return _from_pil(img, c)[top : top + cfg.crop, left : left + cfg.crop]
 
 
-def train_transform(image: ImageLike, cfg: TransformConfig,
-                    rng: np.random.Generator) -> np.ndarray:
+def train_transform(image: ImageLike, cfg: TransformConfig, rng: np.random.Generator) -> np.ndarray:
   """uint8 [H, W, C] (or encoded bytes) -> uint8 [crop, crop, C]: random resized crop
   (+ flip), seeded by rng."""
   img, height, width, c = load(image, cfg.resize)

@@ -29,6 +29,7 @@ sorts all records of a split in one in-memory bucket; fine for these datasets
 Atomicity: everything is built under `data_dir/<name>/.tmp-*` and the finished
 version directory is renamed into place last; readers ignore dot-directories.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,6 +65,7 @@ class WriteResult:
     num_examples: split -> records written.
     skipped: split -> paths (or item descriptions) of skipped corrupt images.
   """
+
   path: str
   num_examples: dict[str, int]
   skipped: dict[str, list[str]]
@@ -90,8 +92,8 @@ def encode_image(image: Any, *, where: str = "<image>") -> bytes:
       image = image[..., 0]
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] == 3)):
       raise ValueError(
-          f"{where}: image shape must be [H, W], [H, W, 1] or [H, W, 3], "
-          f"got {image.shape}")
+        f"{where}: image shape must be [H, W], [H, W, 1] or [H, W, 3], got {image.shape}"
+      )
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
@@ -102,8 +104,9 @@ def encode_image(image: Any, *, where: str = "<image>") -> bytes:
     except OSError as e:
       raise CorruptImageError(f"{where}: cannot read image file ({e})") from e
   if not isinstance(image, (bytes, bytearray, memoryview)):
-    raise TypeError(f"{where}: image must be bytes, a path or a uint8 array, "
-                    f"got {type(image).__name__}")
+    raise TypeError(
+      f"{where}: image must be bytes, a path or a uint8 array, got {type(image).__name__}"
+    )
   data = bytes(image)
   try:
     with Image.open(io.BytesIO(data)) as im:
@@ -112,8 +115,7 @@ def encode_image(image: Any, *, where: str = "<image>") -> bytes:
         return data
       rgb = im.convert("RGB")
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
-    raise CorruptImageError(f"{where}: corrupt image ({type(e).__name__}: {e})"
-                           ) from e
+    raise CorruptImageError(f"{where}: corrupt image ({type(e).__name__}: {e})") from e
   buf = io.BytesIO()
   rgb.save(buf, format="PNG")
   return buf.getvalue()
@@ -121,12 +123,15 @@ def encode_image(image: Any, *, where: str = "<image>") -> bytes:
 
 def _features():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.features.FeaturesDict({
+
+  return tfds.features.FeaturesDict(
+    {
       "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
       "label": tfds.features.Scalar(dtype=np.int64),
       "index": tfds.features.Scalar(dtype=np.int64),
       "path": tfds.features.Text(),
-  })
+    }
+  )
 
 
 def _describe(image: Any, extra: Any, split: str, item: int) -> str:
@@ -140,8 +145,9 @@ def _describe(image: Any, extra: Any, split: str, item: int) -> str:
   return f"{split}[{item}]"
 
 
-def _make_builder(*, name: str, version: str, data_dir: str, description: str,
-                  examples: Mapping[str, Any]):
+def _make_builder(
+  *, name: str, version: str, data_dir: str, description: str, examples: Mapping[str, Any]
+):
   """A tfds GeneratorBasedBuilder over the given per-split example generators."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -153,8 +159,9 @@ def _make_builder(*, name: str, version: str, data_dir: str, description: str,
     VERSION = tfds.core.Version(version)
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, description=description,
-                                   features=_features(), disable_shuffling=True)
+      return tfds.core.DatasetInfo(
+        builder=self, description=description, features=_features(), disable_shuffling=True
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -167,13 +174,19 @@ def _make_builder(*, name: str, version: str, data_dir: str, description: str,
   return _Builder(data_dir=data_dir, file_format="array_record")
 
 
-def write_dataset(name: str, data_dir: str,
-                  splits: Mapping[str, Iterable[tuple[Any, int, Any]]], *,
-                  version: str = DEFAULT_VERSION, on_corrupt: str = "fail",
-                  overwrite: bool = False, description: str = "",
-                  totals: Mapping[str, int] | None = None,
-                  num_shards: int | None = None,
-                  progress: bool = True) -> WriteResult:
+def write_dataset(
+  name: str,
+  data_dir: str,
+  splits: Mapping[str, Iterable[tuple[Any, int, Any]]],
+  *,
+  version: str = DEFAULT_VERSION,
+  on_corrupt: str = "fail",
+  overwrite: bool = False,
+  description: str = "",
+  totals: Mapping[str, int] | None = None,
+  num_shards: int | None = None,
+  progress: bool = True,
+) -> WriteResult:
   """Writes `splits` as the tfds array_record dataset `data_dir/name/version`.
 
   Args:
@@ -202,21 +215,17 @@ def write_dataset(name: str, data_dir: str,
   if on_corrupt not in ON_CORRUPT:
     raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
   if not _NAME_RE.match(name):
-    raise ValueError(f"dataset name must be lower snake case "
-                     f"([a-z][a-z0-9_]*), got {name!r}")
+    raise ValueError(f"dataset name must be lower snake case ([a-z][a-z0-9_]*), got {name!r}")
   for split in splits:
     if not _NAME_RE.match(split):
-      raise ValueError(f"{name}: split names must match [a-z][a-z0-9_]*, got "
-                       f"{split!r}")
+      raise ValueError(f"{name}: split names must match [a-z][a-z0-9_]*, got {split!r}")
   if not splits:
     raise ValueError(f"{name}: no splits given")
   final = os.path.join(data_dir, name, version)
   if os.path.exists(final) and not overwrite:
-    raise FileExistsError(f"{final} already exists; pass overwrite=True to "
-                          "replace it")
+    raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it")
   os.makedirs(os.path.join(data_dir, name), exist_ok=True)
-  tmp_root = tempfile.mkdtemp(prefix=f".tmp-{version}-",
-                              dir=os.path.join(data_dir, name))
+  tmp_root = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=os.path.join(data_dir, name))
   labels: dict[str, list[int]] = {s: [] for s in splits}
   skipped: dict[str, list[str]] = {s: [] for s in splits}
   failure: list[BaseException] = []
@@ -229,21 +238,21 @@ def write_dataset(name: str, data_dir: str,
       raise
 
   def _examples(split, items):
-    bar = tqdm.tqdm(total=(totals or {}).get(split), desc=f"{name}/{split}",
-                    unit="img", disable=not progress)
+    bar = tqdm.tqdm(
+      total=(totals or {}).get(split), desc=f"{name}/{split}", unit="img", disable=not progress
+    )
     for item, entry in enumerate(items):
       bar.update(1)
       try:
         image, label, extra = entry
       except (TypeError, ValueError):
-        raise ValueError(f"{name}/{split} item {item}: expected (image, label, "
-                         f"extra), got {type(entry).__name__}") from None
+        raise ValueError(
+          f"{name}/{split} item {item}: expected (image, label, extra), got {type(entry).__name__}"
+        ) from None
       stored = _describe(image, extra, split, item)
       # Errors and skip lists name the file on disk when there is one.
-      where = (os.fspath(image) if isinstance(image, (str, os.PathLike))
-               else stored)
-      if isinstance(label, (bool, np.bool_)) or not isinstance(
-          label, (int, np.integer)):
+      where = os.fspath(image) if isinstance(image, (str, os.PathLike)) else stored
+      if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
         raise TypeError(f"{where}: label must be an integer, got {label!r}")
       try:
         data = encode_image(image, where=where)
@@ -256,35 +265,43 @@ def write_dataset(name: str, data_dir: str,
         continue
       index = len(labels[split])
       labels[split].append(int(label))
-      yield index, {"image": data, "label": int(label), "index": index,
-                    "path": stored}
+      yield index, {"image": data, "label": int(label), "index": index, "path": stored}
     bar.close()
     if not labels[split]:
-      raise ValueError(f"{name}/{split}: no usable images "
-                       f"({len(skipped[split])} skipped as corrupt)")
+      raise ValueError(
+        f"{name}/{split}: no usable images ({len(skipped[split])} skipped as corrupt)"
+      )
 
   was_active = getattr(tqdm_utils, "_active", True)
   tfds.display_progress_bar(False)  # ours have totals and skip counts
   try:
     builder = _make_builder(
-        name=name, version=version, data_dir=tmp_root, description=description,
-        examples={s: examples(s, items) for s, items in splits.items()})
+      name=name,
+      version=version,
+      data_dir=tmp_root,
+      description=description,
+      examples={s: examples(s, items) for s, items in splits.items()},
+    )
     try:
       builder.download_and_prepare(
-          download_dir=os.path.join(tmp_root, "downloads"),
-          download_config=tfds.download.DownloadConfig(num_shards=num_shards),
-          file_format="array_record")
+        download_dir=os.path.join(tmp_root, "downloads"),
+        download_config=tfds.download.DownloadConfig(num_shards=num_shards),
+        file_format="array_record",
+      )
     except Exception:
       if failure:
         raise failure[0] from None
       raise
     built = os.path.join(tmp_root, name, version)
     for split, lab in labels.items():
-      np.save(os.path.join(built, f"labels-{split}.npy"),
-              np.asarray(lab, np.int64))
-    report = {"name": name, "version": version, "on_corrupt": on_corrupt,
-              "num_examples": {s: len(v) for s, v in labels.items()},
-              "skipped": skipped}
+      np.save(os.path.join(built, f"labels-{split}.npy"), np.asarray(lab, np.int64))
+    report = {
+      "name": name,
+      "version": version,
+      "on_corrupt": on_corrupt,
+      "num_examples": {s: len(v) for s, v in labels.items()},
+      "skipped": skipped,
+    }
     with open(os.path.join(built, "prepare_report.json"), "w") as f:
       json.dump(report, f, indent=1)
     trash = None
@@ -295,5 +312,4 @@ def write_dataset(name: str, data_dir: str,
   finally:
     tfds.display_progress_bar(was_active)
     shutil.rmtree(tmp_root, ignore_errors=True)
-  return WriteResult(path=final, num_examples=report["num_examples"],
-                     skipped=skipped)
+  return WriteResult(path=final, num_examples=report["num_examples"], skipped=skipped)

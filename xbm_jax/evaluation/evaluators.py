@@ -20,6 +20,7 @@ stock dataset (as the shipped configs name theirs) takes the name of
 `config.input.dataset` before training (`xbm_jax.train.setup.name_evaluators`), so a
 config reused for `--config.input.dataset=mine` logs `eval/mine/...`.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Optional
@@ -41,13 +42,16 @@ def _as_dict(cfg) -> dict:
 
 class Evaluator:
   """Base class: `run(embed_split) -> {metric name: float}`."""
+
   allowed_keys = frozenset(_COMMON)
 
   def __init__(self, name: str, cfg: Mapping, *, mesh: Optional[Mesh] = None):
     unknown = set(cfg) - self.allowed_keys
     if unknown:
-      raise ValueError(f"evals.{name}: unknown key(s) {sorted(unknown)} for type "
-                       f"{cfg.get('type')!r}; allowed: {sorted(self.allowed_keys)}")
+      raise ValueError(
+        f"evals.{name}: unknown key(s) {sorted(unknown)} for type "
+        f"{cfg.get('type')!r}; allowed: {sorted(self.allowed_keys)}"
+      )
     if "ks" not in cfg or not cfg["ks"]:
       raise ValueError(f"evals.{name}.ks must be a non-empty sequence of K for Recall@K")
     self.name = name
@@ -62,8 +66,7 @@ class Evaluator:
     return self.every_steps > 0 and step % self.every_steps == 0
 
   def _kw(self):
-    return dict(ks=self.ks, map_at_r=self.map_at_r, block_size=self.block_size,
-                mesh=self.mesh)
+    return dict(ks=self.ks, map_at_r=self.map_at_r, block_size=self.block_size, mesh=self.mesh)
 
   def _named(self, res: Mapping) -> dict:
     return {f"eval/{self.name}/{k}": float(v) for k, v in res.items()}
@@ -80,6 +83,7 @@ def _need(cfg, name, key):
 
 class LeaveOneOut(Evaluator):
   """Every image of `split` queries all the others (SOP, CUB, Cars)."""
+
   allowed_keys = frozenset(_COMMON | {"split"})
 
   def __init__(self, name, cfg, *, mesh=None):
@@ -92,6 +96,7 @@ class LeaveOneOut(Evaluator):
 
 class QueryGallery(Evaluator):
   """`query_split` against `gallery_split` (In-shop)."""
+
   allowed_keys = frozenset(_COMMON | {"query_split", "gallery_split"})
 
   def __init__(self, name, cfg, *, mesh=None):
@@ -100,13 +105,15 @@ class QueryGallery(Evaluator):
     self.gallery_split = _need(cfg, name, "gallery_split")
 
   def run(self, embed_split):
-    res = protocols.query_gallery(embed_split(self.query_split),
-                                  embed_split(self.gallery_split), **self._kw())
+    res = protocols.query_gallery(
+      embed_split(self.query_split), embed_split(self.gallery_split), **self._kw()
+    )
     return self._named(res)
 
 
 class VehicleID(Evaluator):
   """Leave-one-out on each VehicleID test set; `splits` maps set name -> split name."""
+
   allowed_keys = frozenset(_COMMON | {"splits"})
   default_splits = {"small": "test_800", "medium": "test_1600", "large": "test_2400"}
 
@@ -120,9 +127,9 @@ class VehicleID(Evaluator):
 
 
 REGISTRY = {
-    "leave_one_out": LeaveOneOut,
-    "query_gallery": QueryGallery,
-    "vehicleid": VehicleID,
+  "leave_one_out": LeaveOneOut,
+  "query_gallery": QueryGallery,
+  "vehicleid": VehicleID,
 }
 
 
@@ -131,6 +138,7 @@ def create(name: str, cfg, *, mesh: Optional[Mesh] = None) -> Evaluator:
   cfg = _as_dict(cfg)
   kind = cfg.get("type")
   if kind not in REGISTRY:
-    raise ValueError(f"evals.{name}.type={kind!r} is not a known evaluator type; valid "
-                     f"types: {sorted(REGISTRY)}")
+    raise ValueError(
+      f"evals.{name}.type={kind!r} is not a known evaluator type; valid types: {sorted(REGISTRY)}"
+    )
   return REGISTRY[kind](name, cfg, mesh=mesh)

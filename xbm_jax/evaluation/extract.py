@@ -11,6 +11,7 @@ then lay the gallery out over all devices of all hosts anyway
 (`retrieval_metrics` with the global mesh: each device scores `Ng / devices`
 rows), and the pictures and per-query results need host arrays.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Optional
@@ -32,8 +33,9 @@ def _place(images, mesh: Optional[Mesh]):
   if mesh is None:
     return images
   if jax.process_count() > 1:
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(mesh.axis_names)),
-                                                  np.asarray(images))
+    return jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P(mesh.axis_names)), np.asarray(images)
+    )
   n = mesh.devices.size
   spec = P(mesh.axis_names) if images.shape[0] % n == 0 else P()
   return jax.device_put(images, NamedSharding(mesh, spec))
@@ -42,7 +44,7 @@ def _place(images, mesh: Optional[Mesh]):
 def local_rows(x) -> np.ndarray:
   """This process's rows of a batch-sharded array, in order (all rows when the array
   is fully addressable). Replicas of one row block are taken once."""
-  if getattr(x, "is_fully_addressable", True):   # numpy, or one process
+  if getattr(x, "is_fully_addressable", True):  # numpy, or one process
     return np.asarray(jax.device_get(x))
   blocks = {}
   for shard in x.addressable_shards:
@@ -60,9 +62,9 @@ def gather_processes(parts: dict) -> dict:
   out = {}
   for key, x in parts.items():
     padded = np.zeros((most,) + x.shape[1:], x.dtype)
-    padded[:len(x)] = x
+    padded[: len(x)] = x
     everyone = np.asarray(multihost_utils.process_allgather(padded))  # [P, most, ...]
-    out[key] = np.concatenate([everyone[p, :int(c)] for p, c in enumerate(counts)])
+    out[key] = np.concatenate([everyone[p, : int(c)] for p, c in enumerate(counts)])
   return out
 
 
@@ -76,10 +78,12 @@ def _consume(embed_fn, batches, embs, labels, index, masks):
     mask = np.asarray(batch["mask"]).astype(bool)
     b = mask.shape[0]
     if np.shape(batch["image"])[0] != b or np.shape(batch["label"])[0] != b:
-      raise ValueError(f"batch {i}: image {np.shape(batch['image'])}, label "
-                       f"{np.shape(batch['label'])} and mask {mask.shape} disagree on b")
+      raise ValueError(
+        f"batch {i}: image {np.shape(batch['image'])}, label "
+        f"{np.shape(batch['label'])} and mask {mask.shape} disagree on b"
+      )
     # Dispatch now, fetch later: the device embeds batch i while the host loads i + 1.
-    embs.append(embed_fn(batch["image"]))   # placed on the mesh already
+    embs.append(embed_fn(batch["image"]))  # placed on the mesh already
     masks.append(mask)
     labels.append(np.asarray(batch["label"]).astype(np.int64)[mask])
     if "index" in batch:
@@ -89,9 +93,14 @@ def _consume(embed_fn, batches, embs, labels, index, masks):
     seen += int(mask.sum())
 
 
-def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
-            mesh: Optional[Mesh] = None, prefetch: int = 2,
-            across_processes: bool = True) -> dict:
+def extract(
+  embed_fn: Callable,
+  batches: Iterable[Mapping],
+  *,
+  mesh: Optional[Mesh] = None,
+  prefetch: int = 2,
+  across_processes: bool = True,
+) -> dict:
   """Embeds every real record of a split.
 
   Args:
@@ -114,11 +123,12 @@ def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
   embs, labels, index, masks = [], [], [], []
   if prefetch > 0:
     batches = pipeline.prefetch_to_device(
-        iter(batches), lambda b: {**b, "image": _place(b["image"], mesh)}
-        if "image" in b else b, size=prefetch)
+      iter(batches),
+      lambda b: {**b, "image": _place(b["image"], mesh)} if "image" in b else b,
+      size=prefetch,
+    )
   else:
-    batches = ({**b, "image": _place(b["image"], mesh)} if "image" in b else b
-               for b in batches)
+    batches = ({**b, "image": _place(b["image"], mesh)} if "image" in b else b for b in batches)
   try:
     _consume(embed_fn, batches, embs, labels, index, masks)
   finally:
@@ -130,9 +140,9 @@ def extract(embed_fn: Callable, batches: Iterable[Mapping], *,
   for i, (e, m) in enumerate(zip(embs, masks)):
     e = np.asarray(local_rows(e), dtype=np.float32)
     if e.ndim != 2 or e.shape[0] != m.shape[0]:
-      raise ValueError(f"embed_fn returned shape {e.shape} for batch {i} of {m.shape[0]} "
-                       "images; expected [b, D]")
+      raise ValueError(
+        f"embed_fn returned shape {e.shape} for batch {i} of {m.shape[0]} images; expected [b, D]"
+      )
     out.append(e[m])
-  mine = dict(emb=np.concatenate(out), labels=np.concatenate(labels),
-              index=np.concatenate(index))
+  mine = dict(emb=np.concatenate(out), labels=np.concatenate(labels), index=np.concatenate(index))
   return gather_processes(mine) if across_processes else mine

@@ -34,6 +34,7 @@ is between bit-identical numbers. Host memory: the positive lists are `[Nq, max 
 size]` int32 (fine for DML benchmarks; a class of 10^4 items would cost Nq x 40 KB). With a `mesh`, the gallery is sharded over all its devices (`jax.shard_map`) and the
 per-device partial results are combined with `pmax` / `pmin` / `psum` / `all_gather`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,11 +59,15 @@ def _check_set(emb, labels, name):
   bad = ~np.isfinite(emb).all(axis=1)
   if bad.any():
     # NaN rows would rank as perfect retrieval; a broken model must not score.
-    raise ValueError(f"{name}_emb has {int(bad.sum())} of {len(bad)} rows with NaN/inf "
-                     f"(first row {int(np.flatnonzero(bad)[0])}); refusing to score them")
+    raise ValueError(
+      f"{name}_emb has {int(bad.sum())} of {len(bad)} rows with NaN/inf "
+      f"(first row {int(np.flatnonzero(bad)[0])}); refusing to score them"
+    )
   if labels.shape != emb.shape[:1]:
-    raise ValueError(f"{name}_labels must be [N]={emb.shape[:1]} to match {name}_emb "
-                     f"{emb.shape}; got shape {labels.shape}")
+    raise ValueError(
+      f"{name}_labels must be [N]={emb.shape[:1]} to match {name}_emb "
+      f"{emb.shape}; got shape {labels.shape}"
+    )
   if not np.issubdtype(labels.dtype, np.integer):
     raise TypeError(f"{name}_labels must be integers; got dtype {labels.dtype}")
   return emb.astype(np.float32), labels.astype(np.int64)
@@ -90,12 +95,13 @@ def _positive_lists(query_labels, gallery_labels, self_exclude):
     # Push the removed self slot (-1) to the end of the row; order within a row is free.
     pos = -np.sort(-pos, axis=1)
     if width > 1:
-      pos = pos[:, :max(int(count.max()) if count.size else 0, 1)]
+      pos = pos[:, : max(int(count.max()) if count.size else 0, 1)]
   return pos.astype(np.int32), count.astype(np.int32)
 
 
-def _block_fn(q, q_self, q_pos, q_labels, q_npos, g, g_labels, *, n_gallery, top_k,
-              axis, num_shards):
+def _block_fn(
+  q, q_self, q_pos, q_labels, q_npos, g, g_labels, *, n_gallery, top_k, axis, num_shards
+):
   """Per-device body: one query block against this device's gallery shard.
 
   Args:
@@ -111,8 +117,9 @@ def _block_fn(q, q_self, q_pos, q_labels, q_npos, g, g_labels, *, n_gallery, top
   """
   size = g.shape[0]
   offset = jax.lax.axis_index(axis) * size
-  s = jax.lax.dot_general(q, g, (((1,), (1,)), ((), ())),
-                          precision=jax.lax.Precision.HIGHEST)  # [B, G]
+  s = jax.lax.dot_general(
+    q, g, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+  )  # [B, G]
   # A NaN score (finite inputs can overflow to inf - inf) ranks first and is never a
   # hit: as +inf it is counted before any positive, and a NaN positive is never the
   # best one. Compared against NaN, it would rank nowhere and a NaN best positive
@@ -141,8 +148,11 @@ def _block_fn(q, q_self, q_pos, q_labels, q_npos, g, g_labels, *, n_gallery, top
   runs = before.astype(jnp.int8).reshape(before.shape[0], size // _RUN, _RUN)
   if top_k:  # the run maxima for the top-R pass come out of the same read of s
     run_counts, run_max = jax.lax.reduce(
-        (runs, s.reshape(runs.shape)), (jnp.int8(0), jnp.float32(-jnp.inf)),
-        lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])), (2,))
+      (runs, s.reshape(runs.shape)),
+      (jnp.int8(0), jnp.float32(-jnp.inf)),
+      lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
+      (2,),
+    )
   else:
     run_counts = jnp.sum(runs, axis=2, dtype=jnp.int8)
   count = jnp.sum(run_counts.astype(jnp.int32), axis=1)
@@ -215,11 +225,17 @@ def _top_k_by_runs(s, k, run_max=None):
 def _compiled_block(mesh, n_gallery, top_k):
   axis = mesh.axis_names
   rep = P()
-  fn = functools.partial(_block_fn, n_gallery=n_gallery, top_k=top_k, axis=axis,
-                         num_shards=mesh.devices.size)
+  fn = functools.partial(
+    _block_fn, n_gallery=n_gallery, top_k=top_k, axis=axis, num_shards=mesh.devices.size
+  )
   n_out = 4 if top_k else 1
-  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(rep,) * 5 + (P(axis), P(axis)),
-                         out_specs=(rep,) * n_out, check_vma=False)
+  mapped = jax.shard_map(
+    fn,
+    mesh=mesh,
+    in_specs=(rep,) * 5 + (P(axis), P(axis)),
+    out_specs=(rep,) * n_out,
+    check_vma=False,
+  )
   return jax.jit(mapped)
 
 
@@ -227,10 +243,19 @@ def _default_mesh():
   return Mesh(np.array(jax.devices()[:1]), ("gallery",))
 
 
-def retrieval_metrics(query_emb, query_labels, gallery_emb=None, gallery_labels=None, *,
-                      ks: Sequence[int] = (1,), self_exclude: bool,
-                      map_at_r: bool = True, block_size: int = 1024,
-                      mesh: Optional[Mesh] = None, per_query: bool = False) -> dict:
+def retrieval_metrics(
+  query_emb,
+  query_labels,
+  gallery_emb=None,
+  gallery_labels=None,
+  *,
+  ks: Sequence[int] = (1,),
+  self_exclude: bool,
+  map_at_r: bool = True,
+  block_size: int = 1024,
+  mesh: Optional[Mesh] = None,
+  per_query: bool = False,
+) -> dict:
   """All retrieval metrics in one blockwise pass over the gallery.
 
   Args:
@@ -258,8 +283,10 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb=None, gallery_labels=
   if q.shape[1] != g.shape[1]:
     raise ValueError(f"query_emb dim {q.shape[1]} != gallery_emb dim {g.shape[1]}")
   if self_exclude and q.shape[0] != g.shape[0]:
-    raise ValueError(f"self_exclude=True needs the gallery to be the query set; got "
-                     f"{q.shape[0]} queries and {g.shape[0]} gallery items")
+    raise ValueError(
+      f"self_exclude=True needs the gallery to be the query set; got "
+      f"{q.shape[0]} queries and {g.shape[0]} gallery items"
+    )
   ks = tuple(int(k) for k in ks)
   if any(k < 1 for k in ks):
     raise ValueError(f"ks must be >= 1; got {ks}")
@@ -290,13 +317,16 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb=None, gallery_labels=
   # Queries: padded to whole blocks so every block has one shape (one compilation).
   bs = min(block_size, -(-nq // 8) * 8)
   q_rows = -(-nq // bs) * bs
+
   def padded(x, fill):
     out = np.full((q_rows,) + x.shape[1:], fill, x.dtype)
     out[:nq] = x
     return out
+
   q_all = padded(q, 0.0)
-  self_all = padded(np.arange(nq, dtype=np.int32) if self_exclude
-                    else np.full(nq, -1, np.int32), -1)
+  self_all = padded(
+    np.arange(nq, dtype=np.int32) if self_exclude else np.full(nq, -1, np.int32), -1
+  )
   pos_all = padded(pos, -1)
   ql_all = padded(ql.astype(np.int32), 0)
   npos_all = padded(npos, 0)
@@ -317,8 +347,7 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb=None, gallery_labels=
     for name, col in zip(("map@r", "r_precision", "precision@1"), cols[1:]):
       res[name] = float(np.sum(np.where(has_pos, col.astype(np.float64), 0.0)) / n)
   elif map_at_r:
-    res.update({"map@r": float("nan"), "r_precision": float("nan"),
-                "precision@1": float("nan")})
+    res.update({"map@r": float("nan"), "r_precision": float("nan"), "precision@1": float("nan")})
   res["num_queries"] = n
   res["num_singleton_excluded"] = int(nq - n)
   if per_query:
@@ -329,21 +358,54 @@ def retrieval_metrics(query_emb, query_labels, gallery_emb=None, gallery_labels=
   return res
 
 
-def recall_at_k(query_emb, query_labels, gallery_emb=None, gallery_labels=None, ks=(1,), *,
-                self_exclude: bool, block_size: int = 1024, mesh=None) -> dict:
+def recall_at_k(
+  query_emb,
+  query_labels,
+  gallery_emb=None,
+  gallery_labels=None,
+  ks=(1,),
+  *,
+  self_exclude: bool,
+  block_size: int = 1024,
+  mesh=None,
+) -> dict:
   """Recall@K only (no top-R pass): `{"recall@K": float, ..., "num_queries": int,
   "num_singleton_excluded": int}`. Arguments as in `retrieval_metrics`."""
-  return retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=ks,
-                           self_exclude=self_exclude, map_at_r=False,
-                           block_size=block_size, mesh=mesh)
+  return retrieval_metrics(
+    query_emb,
+    query_labels,
+    gallery_emb,
+    gallery_labels,
+    ks=ks,
+    self_exclude=self_exclude,
+    map_at_r=False,
+    block_size=block_size,
+    mesh=mesh,
+  )
 
 
-def map_at_r(query_emb, query_labels, gallery_emb=None, gallery_labels=None, *,
-             self_exclude: bool, block_size: int = 1024, mesh=None) -> dict:
+def map_at_r(
+  query_emb,
+  query_labels,
+  gallery_emb=None,
+  gallery_labels=None,
+  *,
+  self_exclude: bool,
+  block_size: int = 1024,
+  mesh=None,
+) -> dict:
   """MAP@R, R-precision and precision@1 (Musgrave et al. 2020). Arguments as in
   `retrieval_metrics`; returns `{"map@r", "r_precision", "precision@1", "num_queries",
   "num_singleton_excluded"}`."""
-  res = retrieval_metrics(query_emb, query_labels, gallery_emb, gallery_labels, ks=(),
-                          self_exclude=self_exclude, map_at_r=True,
-                          block_size=block_size, mesh=mesh)
+  res = retrieval_metrics(
+    query_emb,
+    query_labels,
+    gallery_emb,
+    gallery_labels,
+    ks=(),
+    self_exclude=self_exclude,
+    map_at_r=True,
+    block_size=block_size,
+    mesh=mesh,
+  )
   return res

@@ -19,6 +19,7 @@ dict of floats whose keys are metric names (`recall@1`, `map@r`, ...).
   Distance Learning"), which puts one random image per identity in the gallery and
   averages 10 random splits; numbers from the two protocols are not comparable.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
@@ -28,11 +29,11 @@ from jax.sharding import Mesh
 from xbm_jax.evaluation import metrics
 
 DEFAULT_KS = {
-    "sop": (1, 10, 100, 1000),
-    "cub": (1, 2, 4, 8),
-    "cars": (1, 2, 4, 8),
-    "inshop": (1, 10, 20, 30, 40, 50),
-    "vehicleid": (1, 5),
+  "sop": (1, 10, 100, 1000),
+  "cub": (1, 2, 4, 8),
+  "cars": (1, 2, 4, 8),
+  "inshop": (1, 10, 20, 30, 40, 50),
+  "vehicleid": (1, 5),
 }
 
 VEHICLEID_SIZES = {"small": 800, "medium": 1600, "large": 2400}
@@ -44,28 +45,60 @@ def _check(data, name):
       raise KeyError(f"{name} extract-dict has no {key!r}; keys: {sorted(data)}")
 
 
-def leave_one_out(data: Mapping, *, ks: Sequence[int], map_at_r: bool = True,
-                  block_size: int = 1024, mesh: Optional[Mesh] = None) -> dict:
+def leave_one_out(
+  data: Mapping,
+  *,
+  ks: Sequence[int],
+  map_at_r: bool = True,
+  block_size: int = 1024,
+  mesh: Optional[Mesh] = None,
+) -> dict:
   """Every item queries all the others (self excluded by index)."""
   _check(data, "leave_one_out")
-  return metrics.retrieval_metrics(data["emb"], data["labels"], ks=ks, self_exclude=True,
-                                   map_at_r=map_at_r, block_size=block_size, mesh=mesh)
+  return metrics.retrieval_metrics(
+    data["emb"],
+    data["labels"],
+    ks=ks,
+    self_exclude=True,
+    map_at_r=map_at_r,
+    block_size=block_size,
+    mesh=mesh,
+  )
 
 
-def query_gallery(query: Mapping, gallery: Mapping, *, ks: Sequence[int],
-                  map_at_r: bool = True, block_size: int = 1024,
-                  mesh: Optional[Mesh] = None) -> dict:
+def query_gallery(
+  query: Mapping,
+  gallery: Mapping,
+  *,
+  ks: Sequence[int],
+  map_at_r: bool = True,
+  block_size: int = 1024,
+  mesh: Optional[Mesh] = None,
+) -> dict:
   """Queries against a separate gallery (no self exclusion)."""
   _check(query, "query")
   _check(gallery, "gallery")
-  return metrics.retrieval_metrics(query["emb"], query["labels"], gallery["emb"],
-                                   gallery["labels"], ks=ks, self_exclude=False,
-                                   map_at_r=map_at_r, block_size=block_size, mesh=mesh)
+  return metrics.retrieval_metrics(
+    query["emb"],
+    query["labels"],
+    gallery["emb"],
+    gallery["labels"],
+    ks=ks,
+    self_exclude=False,
+    map_at_r=map_at_r,
+    block_size=block_size,
+    mesh=mesh,
+  )
 
 
-def vehicleid(sets: Mapping[str, Mapping], *, ks: Sequence[int] = (1, 5),
-              map_at_r: bool = True, block_size: int = 1024,
-              mesh: Optional[Mesh] = None) -> dict:
+def vehicleid(
+  sets: Mapping[str, Mapping],
+  *,
+  ks: Sequence[int] = (1, 5),
+  map_at_r: bool = True,
+  block_size: int = 1024,
+  mesh: Optional[Mesh] = None,
+) -> dict:
   """Leave-one-out on each VehicleID test set (see the module docstring for the source).
 
   Args:

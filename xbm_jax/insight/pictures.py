@@ -6,6 +6,7 @@ under a caption that says how to read them; tiny images (32 px glyphs) are enlar
     topk, correct = retrieve(emb[idx], emb, labels[idx], labels, k=5, self_index=idx)
     save_png(path, retrieval_grid(images[idx], images, topk, correct))
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ GRAY = (128, 128, 128)
 WHITE = (255, 255, 255)
 INK = (32, 32, 32)
 CAPTION = "query | top-{k} neighbours; green border = same class, red = different"
-MIN_SIZE = 64    # pixels: smaller images are enlarged by a whole factor
+MIN_SIZE = 64  # pixels: smaller images are enlarged by a whole factor
 FONT_SIZE = 14
 
 
@@ -32,18 +33,26 @@ def _as_rgb(images: np.ndarray, what: str) -> np.ndarray:
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
-    raise ValueError(f"{what} must be [N, H, W] or [N, H, W, C] with C in 1/3/4, "
-                     f"got shape {images.shape}")
+    raise ValueError(
+      f"{what} must be [N, H, W] or [N, H, W, C] with C in 1/3/4, got shape {images.shape}"
+    )
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
   return images[..., :3]
 
 
-def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray,
-                   topk: np.ndarray, correct: np.ndarray, *, border: int = 2,
-                   pad: int = 2, background: Tuple[int, int, int] = WHITE,
-                   min_size: int = MIN_SIZE, caption: Optional[str] = CAPTION
-                   ) -> np.ndarray:
+def retrieval_grid(
+  query_images: np.ndarray,
+  gallery_images: np.ndarray,
+  topk: np.ndarray,
+  correct: np.ndarray,
+  *,
+  border: int = 2,
+  pad: int = 2,
+  background: Tuple[int, int, int] = WHITE,
+  min_size: int = MIN_SIZE,
+  caption: Optional[str] = CAPTION,
+) -> np.ndarray:
   """Lays out one row per query: the query, then its K retrieved gallery images.
 
   Args:
@@ -67,18 +76,21 @@ def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray,
   topk = np.asarray(topk)
   correct = np.asarray(correct, bool)
   if q.shape[1:3] != g.shape[1:3]:
-    raise ValueError(f"query images are {q.shape[1:3]} but gallery images are "
-                     f"{g.shape[1:3]} (H, W must match)")
+    raise ValueError(
+      f"query images are {q.shape[1:3]} but gallery images are {g.shape[1:3]} (H, W must match)"
+    )
   if topk.ndim != 2 or topk.shape[0] != q.shape[0] or correct.shape != topk.shape:
-    raise ValueError(f"topk {topk.shape} and correct {correct.shape} must both be "
-                     f"[Q={q.shape[0]}, K]")
+    raise ValueError(
+      f"topk {topk.shape} and correct {correct.shape} must both be [Q={q.shape[0]}, K]"
+    )
   if topk.size and (topk.max() >= g.shape[0] or topk.min() < -1):
-    raise ValueError(f"topk indices must lie in [-1, {g.shape[0]}), got range "
-                     f"[{topk.min()}, {topk.max()}]")
+    raise ValueError(
+      f"topk indices must lie in [-1, {g.shape[0]}), got range [{topk.min()}, {topk.max()}]"
+    )
   if border < 0 or pad < 0:
     raise ValueError(f"border and pad must be >= 0, got {border}, {pad}")
-  f = max(1, -(-int(min_size) // max(1, min(q.shape[1:3]))))   # ceil
-  if f > 1:   # nearest neighbour: each pixel an f x f block
+  f = max(1, -(-int(min_size) // max(1, min(q.shape[1:3]))))  # ceil
+  if f > 1:  # nearest neighbour: each pixel an f x f block
     q, g = (np.repeat(np.repeat(x, f, axis=1), f, axis=2) for x in (q, g))
   n_q, h, w = q.shape[:3]
   k = topk.shape[1]
@@ -89,8 +101,8 @@ def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray,
   def put(row, col, img, color):
     y = pad + row * (ch + pad)
     x = pad + col * (cw + pad)
-    out[y:y + ch, x:x + cw] = np.asarray(color, np.uint8)
-    out[y + border:y + border + h, x + border:x + border + w] = img
+    out[y : y + ch, x : x + cw] = np.asarray(color, np.uint8)
+    out[y + border : y + border + h, x + border : x + border + w] = img
 
   for i in range(n_q):
     put(i, 0, q[i], GRAY)
@@ -102,18 +114,20 @@ def retrieval_grid(query_images: np.ndarray, gallery_images: np.ndarray,
   return add_caption(out, caption.format(k=k), pad=pad, background=background)
 
 
-def add_caption(img: np.ndarray, text: str, *, pad: int = 2,
-                background: Tuple[int, int, int] = WHITE) -> np.ndarray:
+def add_caption(
+  img: np.ndarray, text: str, *, pad: int = 2, background: Tuple[int, int, int] = WHITE
+) -> np.ndarray:
   """``img`` (uint8 ``[H, W, 3]``) below ``text`` in dark ink, word-wrapped to W."""
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
 
   try:
     font = ImageFont.load_default(size=FONT_SIZE)
-  except TypeError:   # Pillow < 10.1: the fixed bitmap font
+  except TypeError:  # Pillow < 10.1: the fixed bitmap font
     font = ImageFont.load_default()
   width = img.shape[1]
-  fits = lambda line: ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(
-      line, font=font) <= width - 2 * pad - 2
+  fits = lambda line: (
+    ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(line, font=font) <= width - 2 * pad - 2
+  )
   lines = []
   for word in text.split():
     if lines and fits(f"{lines[-1]} {word}"):
@@ -137,9 +151,15 @@ def choose_queries(n_queries: int, n: int, seed: int = 0) -> np.ndarray:
   return np.sort(rng.choice(n, size=min(n_queries, n), replace=False)).astype(np.int64)
 
 
-def retrieve(query_emb: np.ndarray, gallery_emb: np.ndarray, query_labels: np.ndarray,
-             gallery_labels: np.ndarray, *, k: int,
-             self_index: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+def retrieve(
+  query_emb: np.ndarray,
+  gallery_emb: np.ndarray,
+  query_labels: np.ndarray,
+  gallery_labels: np.ndarray,
+  *,
+  k: int,
+  self_index: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
   """Top-k gallery neighbours by cosine similarity (NumPy, for small picture sets).
 
   Args:
@@ -165,7 +185,7 @@ def retrieve(query_emb: np.ndarray, gallery_emb: np.ndarray, query_labels: np.nd
 
 
 def _umask() -> int:
-  mask = os.umask(0)   # reading the umask means setting it: put it straight back
+  mask = os.umask(0)  # reading the umask means setting it: put it straight back
   os.umask(mask)
   return mask
 
@@ -177,15 +197,15 @@ def save_png(path: str, img: np.ndarray) -> None:
 
   img = np.asarray(img)
   if img.dtype != np.uint8 or img.ndim not in (2, 3):
-    raise ValueError(f"save_png needs a uint8 [H, W(, C)] image, got {img.dtype} "
-                     f"{img.shape}")
+    raise ValueError(f"save_png needs a uint8 [H, W(, C)] image, got {img.dtype} {img.shape}")
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, suffix=".png.tmp")
   try:
     with os.fdopen(fd, "wb") as f:
-      Image.fromarray(img.squeeze(-1) if img.ndim == 3 and img.shape[-1] == 1
-                      else img).save(f, format="PNG")
+      Image.fromarray(img.squeeze(-1) if img.ndim == 3 and img.shape[-1] == 1 else img).save(
+        f, format="PNG"
+      )
     # mkstemp makes 0600 files; a picture gets the mode of any new file (0644).
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)

@@ -15,6 +15,7 @@ writes into ``--out`` (each only when some run logged the metrics it needs):
 
 All runs share each panel (one colour per run). Missing metrics are skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,20 +76,21 @@ def run_label(workdir: str) -> str:
       if "enabled" in xbm:
         if not xbm["enabled"]:
           return f"{folder}: baseline (no memory)"
-        return (f"{folder}: XBM (memory {xbm.get('size')} from step "
-                f"{xbm.get('start_step')})")
+        return f"{folder}: XBM (memory {xbm.get('size')} from step {xbm.get('start_step')})"
     except (ValueError, OSError, AttributeError):
       pass
   return folder
 
 
-def _plot(path: str, panels: List[Tuple[str, List[Tuple[str, str, np.ndarray, np.ndarray]]]],
-          ylabel: str) -> bool:
+def _plot(
+  path: str, panels: List[Tuple[str, List[Tuple[str, str, np.ndarray, np.ndarray]]]], ylabel: str
+) -> bool:
   """One figure, one panel per ``(title, [(run, line label, steps, values)])``."""
   panels = [p for p in panels if p[1]]
   if not panels:
     return False
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -103,8 +105,7 @@ def _plot(path: str, panels: List[Tuple[str, List[Tuple[str, str, np.ndarray, np
     ax.legend(fontsize=7)
   # Fixed margins: tight_layout doubles the cost of a small figure.
   width = 5.0 * len(panels)  # inches
-  fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.14, top=0.9,
-                      wspace=0.3)
+  fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.14, top=0.9, wspace=0.3)
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return True
@@ -127,8 +128,7 @@ def fmt(v) -> str:
     return f"{v:,.1f}"
   if a >= 1e-3 or a == 0:
     return f"{v:.4f}"
-  return np.format_float_positional(v, precision=2, unique=False, fractional=False,
-                                    trim="-")
+  return np.format_float_positional(v, precision=2, unique=False, fractional=False, trim="-")
 
 
 def fmt_seconds(s) -> str:
@@ -161,15 +161,22 @@ def _last(series: Series, name: str):
 def _eval_table(ev: str, ks, runs) -> List[str]:
   """One row per run: the evaluator's last R@1, R@K, MAP@R with the final loss terms."""
   k = sorted(ks)[1] if len(ks) > 1 else sorted(ks)[0]
-  lines = [f"## eval/{ev}", "",
-           f"| run | step | R@1 | R@{k} | MAP@R | loss_batch | loss_xbm | train time |",
-           "|---|--:|--:|--:|--:|--:|--:|--:|"]
+  lines = [
+    f"## eval/{ev}",
+    "",
+    f"| run | step | R@1 | R@{k} | MAP@R | loss_batch | loss_xbm | train time |",
+    "|---|--:|--:|--:|--:|--:|--:|--:|",
+  ]
   for label, series in runs:
-    r1, rk, mapr = (_last(series, f"eval/{ev}/{m}") for m in
-                    ("recall@1", f"recall@{k}", "map@r"))
+    r1, rk, mapr = (_last(series, f"eval/{ev}/{m}") for m in ("recall@1", f"recall@{k}", "map@r"))
     step = next((x[0] for x in (r1, rk, mapr) if x), None)
-    lines.append(f"| {label} | {fmt(step)} | " + " | ".join(
-        fmt(x and x[1]) for x in (r1, rk, mapr)) + " | " + _train_cells(series) + " |")
+    lines.append(
+      f"| {label} | {fmt(step)} | "
+      + " | ".join(fmt(x and x[1]) for x in (r1, rk, mapr))
+      + " | "
+      + _train_cells(series)
+      + " |"
+    )
   return lines + [""]
 
 
@@ -183,24 +190,37 @@ def _markdown(runs, workdirs, recall, written) -> str:
   for ev, ks in sorted(recall.items()):
     lines += _eval_table(ev, [k for k, _ in ks], runs)
   if not recall:
-    lines += ["## training", "", "| run | step | loss_batch | loss_xbm | train time |",
-              "|---|--:|--:|--:|--:|"]
+    lines += [
+      "## training",
+      "",
+      "| run | step | loss_batch | loss_xbm | train time |",
+      "|---|--:|--:|--:|--:|",
+    ]
     for label, series in runs:
       step = max((int(s[0][-1]) for s in series.values() if len(s[0])), default=None)
       lines.append(f"| {label} | {fmt(step)} | {_train_cells(series)} |")
     lines.append("")
-  lines += ["Final loss terms are the last logged means; train time sums the logged "
-            "intervals at train/steps_per_s (evaluation excluded).", ""]
+  lines += [
+    "Final loss terms are the last logged means; train time sums the logged "
+    "intervals at train/steps_per_s (evaluation excluded).",
+    "",
+  ]
   names = sorted({n for _, s in runs for n in s if _TABLE.match(n)})
-  lines += ["## All final values", "",
-            "| metric | " + " | ".join(lab for lab, _ in runs) + " |",
-            "|---|" + "--:|" * len(runs)]
+  lines += [
+    "## All final values",
+    "",
+    "| metric | " + " | ".join(lab for lab, _ in runs) + " |",
+    "|---|" + "--:|" * len(runs),
+  ]
   for n in names:
-    lines.append(f"| {n} | " + " | ".join(fmt(s[n][1][-1]) if n in s else "–"
-                                          for _, s in runs) + " |")
-  lines += ["", "Runs: " + ", ".join(f"`{w}`" for w in workdirs),
-            "Plots: " + (", ".join(f"![{k}]({k}.png)" for k in written) or "none "
-                         "(no plottable metrics)")]
+    lines.append(
+      f"| {n} | " + " | ".join(fmt(s[n][1][-1]) if n in s else "–" for _, s in runs) + " |"
+    )
+  lines += [
+    "",
+    "Runs: " + ", ".join(f"`{w}`" for w in workdirs),
+    "Plots: " + (", ".join(f"![{k}]({k}.png)" for k in written) or "none (no plottable metrics)"),
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -235,17 +255,38 @@ def build_report(workdirs: Sequence[str], out: str) -> Dict[str, str]:
   styles = ["-", "--", ":", "-."]
 
   plots = {
-      "loss": ([(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else []))
-                for n in LOSS_NAMES], "loss"),
-      "recall": ([(f"eval/{ev}", panel_lines(
-          lambda s, ks=ks: [(n, f" R@{k}", styles[i % 4])
-                            for i, (k, n) in enumerate(sorted(ks)) if n in s]))
-          for ev, ks in sorted(recall.items())], "recall"),
-      "drift": ([(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else []))
-                 for _, n in drift], "mean 1 - cos"),
-      "compare": ([(f"eval/{ev}/recall@{min(ks)[0]}", panel_lines(
-          lambda s, n=min(ks)[1]: [(n, "", "-")] if n in s else []))
-          for ev, ks in sorted(recall.items())], "recall"),
+    "loss": (
+      [(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else [])) for n in LOSS_NAMES],
+      "loss",
+    ),
+    "recall": (
+      [
+        (
+          f"eval/{ev}",
+          panel_lines(
+            lambda s, ks=ks: [
+              (n, f" R@{k}", styles[i % 4]) for i, (k, n) in enumerate(sorted(ks)) if n in s
+            ]
+          ),
+        )
+        for ev, ks in sorted(recall.items())
+      ],
+      "recall",
+    ),
+    "drift": (
+      [(n, panel_lines(lambda s, n=n: [(n, "", "-")] if n in s else [])) for _, n in drift],
+      "mean 1 - cos",
+    ),
+    "compare": (
+      [
+        (
+          f"eval/{ev}/recall@{min(ks)[0]}",
+          panel_lines(lambda s, n=min(ks)[1]: [(n, "", "-")] if n in s else []),
+        )
+        for ev, ks in sorted(recall.items())
+      ],
+      "recall",
+    ),
   }
   for kind, (panels, ylabel) in plots.items():
     path = os.path.join(out, f"{kind}.png")

@@ -7,10 +7,26 @@
 Names: resnet50, resnet18 (torchvision), bninception (Cadene), googlenet (torchvision),
 small_cnn (tests / glyph demo). Pretrained weights: scripts/convert_weights.py.
 """
+
 from xbm_jax.models.convert import load_pretrained
-from xbm_jax.models.factory import (NAMES, EmbeddingModel, create, default_config,
-                                    init_variables, make_backbone)
+from xbm_jax.models.factory import (
+  NAMES,
+  EmbeddingModel,
+  create,
+  default_config,
+  init_variables,
+  make_backbone,
+)
 from xbm_jax.models.head import EmbeddingHead, global_pool
 
-__all__ = ["NAMES", "EmbeddingHead", "EmbeddingModel", "create", "default_config",
-           "global_pool", "init_variables", "load_pretrained", "make_backbone"]
+__all__ = [
+  "NAMES",
+  "EmbeddingHead",
+  "EmbeddingModel",
+  "create",
+  "default_config",
+  "global_pool",
+  "init_variables",
+  "load_pretrained",
+  "make_backbone",
+]

@@ -13,6 +13,7 @@ backbone variable must be covered; otherwise a ValueError names the keys.
 
 torch is imported only inside `load_torch_state_dict` (an optional dependency).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,10 +30,19 @@ from flax import traverse_util
 
 from xbm_jax.models.factory import make_backbone
 
-ARCHS = {"resnet50": "resnet50", "resnet18": "resnet18", "bn_inception": "bninception",
-         "bninception": "bninception", "googlenet": "googlenet"}
-SKIP_PREFIXES = {"resnet50": ("fc.",), "resnet18": ("fc.",),
-                 "bninception": ("last_linear.",), "googlenet": ("fc.", "aux1.", "aux2.")}
+ARCHS = {
+  "resnet50": "resnet50",
+  "resnet18": "resnet18",
+  "bn_inception": "bninception",
+  "bninception": "bninception",
+  "googlenet": "googlenet",
+}
+SKIP_PREFIXES = {
+  "resnet50": ("fc.",),
+  "resnet18": ("fc.",),
+  "bninception": ("last_linear.",),
+  "googlenet": ("fc.", "aux1.", "aux2."),
+}
 FORMAT_VERSION = 1
 _MAX_LISTED = 20
 
@@ -48,8 +58,11 @@ def backbone_shapes(arch: str) -> dict:
   """Flattened {(collection, *path): ShapeDtypeStruct} of the backbone's variables
   (cached: tracing BN-Inception takes seconds; callers must not mutate the result)."""
   backbone = make_backbone(canonical_arch(arch))
-  shapes = jax.eval_shape(lambda: backbone.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32), train=False))
+  shapes = jax.eval_shape(
+    lambda: backbone.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32), train=False
+    )
+  )
   return traverse_util.flatten_dict(dict(shapes))
 
 
@@ -81,8 +94,13 @@ def flax_to_torch_key(target: tuple, arch: str) -> str:
   collection, *path, leaf = target
   if canonical_arch(arch) != "bninception":  # its flat names never hold an index
     path = [re.sub(r"_(\d+)$", r".\1", p) for p in path]
-  name = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-          "var": "running_var"}[leaf]
+  name = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+  }[leaf]
   return ".".join([*path, name])
 
 
@@ -109,7 +127,7 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict:
   arch = canonical_arch(arch)
   state = dict(state_dict)
   if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-    state = {k[len("module."):]: v for k, v in state.items()}
+    state = {k[len("module.") :]: v for k, v in state.items()}
   expected = backbone_shapes(arch)
   out, unexpected, wrong = {}, [], []
   for key, value in state.items():
@@ -125,12 +143,14 @@ def convert_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict:
     if arr.shape != want and len(want) == 1 and arr.size == want[0]:
       arr = arr.reshape(want)  # some BN-Inception ports store BN vectors as [1, C]
     if arr.shape != want:
-      wrong.append(f"{key}: checkpoint {tuple(value.shape)}, model expects "
-                   f"{want} as {'/'.join(target)}")
+      wrong.append(
+        f"{key}: checkpoint {tuple(value.shape)}, model expects {want} as {'/'.join(target)}"
+      )
       continue
     out[target] = np.ascontiguousarray(arr)
-  missing = [f"{flax_to_torch_key(t, arch)} {tuple(expected[t].shape)}"
-             for t in expected if t not in out]
+  missing = [
+    f"{flax_to_torch_key(t, arch)} {tuple(expected[t].shape)}" for t in expected if t not in out
+  ]
   problems = []
   if missing:
     problems.append(f"missing keys: {_listed(missing)}")
@@ -160,8 +180,12 @@ def load_torch_state_dict(path: str) -> dict:
 
 def save_variables(variables: Mapping[str, Any], out_path: str, *, arch: str) -> None:
   """Writes {"arch", "format", "params", "batch_stats"} as msgpack, atomically."""
-  payload = {"arch": canonical_arch(arch), "format": FORMAT_VERSION,
-             "params": variables["params"], "batch_stats": variables["batch_stats"]}
+  payload = {
+    "arch": canonical_arch(arch),
+    "format": FORMAT_VERSION,
+    "params": variables["params"],
+    "batch_stats": variables["batch_stats"],
+  }
   data = flax.serialization.msgpack_serialize(payload)
   directory = os.path.dirname(os.path.abspath(out_path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".msgpack")
@@ -191,25 +215,35 @@ def load_pretrained(variables: Mapping[str, Any], path: str) -> dict:
   with open(path, "rb") as f:
     payload = flax.serialization.msgpack_restore(f.read())
   if not isinstance(payload, dict) or not {"params", "batch_stats"} <= set(payload):
-    raise ValueError(f"{path}: not a converted backbone file (want keys params, "
-                     "batch_stats; write one with scripts/convert_weights.py)")
+    raise ValueError(
+      f"{path}: not a converted backbone file (want keys params, "
+      "batch_stats; write one with scripts/convert_weights.py)"
+    )
   variables = flax.core.unfreeze(variables)
   new = dict(variables)
   for collection in ("params", "batch_stats"):
     if "backbone" not in variables.get(collection, {}):
-      raise ValueError(f"variables[{collection!r}] has no 'backbone' entry; pass the "
-                       "variables of an xbm_jax.models.create(...) model")
+      raise ValueError(
+        f"variables[{collection!r}] has no 'backbone' entry; pass the "
+        "variables of an xbm_jax.models.create(...) model"
+      )
     have = traverse_util.flatten_dict(variables[collection]["backbone"], sep="/")
     got = traverse_util.flatten_dict(payload[collection], sep="/")
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in have.items() if k not in got]
-    problems += [f"unexpected {k} {tuple(np.shape(v))}" for k, v in got.items()
-                 if k not in have]
-    problems += [f"{k}: file {tuple(np.shape(got[k]))}, model {tuple(v.shape)}"
-                 for k, v in have.items() if k in got and np.shape(got[k]) != v.shape]
+    problems += [f"unexpected {k} {tuple(np.shape(v))}" for k, v in got.items() if k not in have]
+    problems += [
+      f"{k}: file {tuple(np.shape(got[k]))}, model {tuple(v.shape)}"
+      for k, v in have.items()
+      if k in got and np.shape(got[k]) != v.shape
+    ]
     if problems:
-      raise ValueError(f"{path} (arch {payload.get('arch')!r}) does not match the model's "
-                       f"backbone {collection}: {_listed(problems)}")
+      raise ValueError(
+        f"{path} (arch {payload.get('arch')!r}) does not match the model's "
+        f"backbone {collection}: {_listed(problems)}"
+      )
     loaded = {k: jnp.asarray(got[k], dtype=v.dtype) for k, v in have.items()}
-    new[collection] = {**variables[collection],
-                       "backbone": traverse_util.unflatten_dict(loaded, sep="/")}
+    new[collection] = {
+      **variables[collection],
+      "backbone": traverse_util.unflatten_dict(loaded, sep="/"),
+    }
   return new

@@ -1,11 +1,12 @@
 """The one place that turns a model config into a Flax module.
 
-    cfg = xbm_jax.models.default_config(); cfg.name = "bninception"; cfg.embed_dim = 512
-    model = xbm_jax.models.create(cfg, axis_name="data")
-    variables = xbm_jax.models.init_variables(model, rng, image_size=224,
-                                              init_from=cfg.init_from)
-    emb, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+cfg = xbm_jax.models.default_config(); cfg.name = "bninception"; cfg.embed_dim = 512
+model = xbm_jax.models.create(cfg, axis_name="data")
+variables = xbm_jax.models.init_variables(model, rng, image_size=224,
+                                          init_from=cfg.init_from)
+emb, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
@@ -41,17 +42,19 @@ def resolve_dtype(name: str, backend: Optional[str] = None) -> Any:
 
 def default_config() -> ml_collections.ConfigDict:
   """Every model key with its default (the XBM reference where it has one)."""
-  return ml_collections.ConfigDict({
-      "name": "resnet50",     # one of NAMES
-      "embed_dim": 128,       # D of the embedding (paper: 128 for ResNet-50, 512 BN-Inc.)
-      "pool": "max",          # global pooling before the Dense: max (paper) | avg | gem
-      "stem_relu": False,     # ResNet only: reference stem has NO ReLU after bn1
-      "layer4_stride": 2,     # ResNet only: 1 keeps layer4 at 1/16 resolution
-      "frozen_bn": False,     # BN uses running stats and never updates
-      "dtype": "float32",     # compute dtype: float32 | bfloat16 | auto (params stay f32)
+  return ml_collections.ConfigDict(
+    {
+      "name": "resnet50",  # one of NAMES
+      "embed_dim": 128,  # D of the embedding (paper: 128 for ResNet-50, 512 BN-Inc.)
+      "pool": "max",  # global pooling before the Dense: max (paper) | avg | gem
+      "stem_relu": False,  # ResNet only: reference stem has NO ReLU after bn1
+      "layer4_stride": 2,  # ResNet only: 1 keeps layer4 at 1/16 resolution
+      "frozen_bn": False,  # BN uses running stats and never updates
+      "dtype": "float32",  # compute dtype: float32 | bfloat16 | auto (params stay f32)
       "init_from": ml_collections.config_dict.placeholder(str),  # converted .msgpack
-      "width": 32,            # small_cnn only: channels of the first block
-  })
+      "width": 32,  # small_cnn only: channels of the first block
+    }
+  )
 
 
 class EmbeddingModel(nn.Module):
@@ -63,6 +66,7 @@ class EmbeddingModel(nn.Module):
   Other entry points (via `method=`): `features` (pooled `[B, C]` float32, before the
   head) and `feature_map` (`[B, h, w, C]` in the compute dtype).
   """
+
   backbone: nn.Module
   embed_dim: int
   pool: str = "max"
@@ -80,14 +84,20 @@ class EmbeddingModel(nn.Module):
     return global_pool(self.backbone(images, train=train), self.pool)
 
 
-def make_backbone(name: str, *, stem_relu: bool = False, layer4_stride: int = 2,
-                  frozen_bn: bool = False, dtype: Any = jnp.float32,
-                  axis_name: Optional[str] = None, width: int = 32) -> nn.Module:
+def make_backbone(
+  name: str,
+  *,
+  stem_relu: bool = False,
+  layer4_stride: int = 2,
+  frozen_bn: bool = False,
+  dtype: Any = jnp.float32,
+  axis_name: Optional[str] = None,
+  width: int = 32,
+) -> nn.Module:
   """The backbone module alone. ResNet-only switches are ignored by the others."""
   common = dict(frozen_bn=frozen_bn, bn_axis_name=axis_name, dtype=dtype)
   if name in ("resnet50", "resnet18"):
-    return ResNet(depth=int(name[6:]), stem_relu=stem_relu, layer4_stride=layer4_stride,
-                  **common)
+    return ResNet(depth=int(name[6:]), stem_relu=stem_relu, layer4_stride=layer4_stride, **common)
   if name == "bninception":
     return BNInception(**common)
   if name == "googlenet":
@@ -118,15 +128,26 @@ def create(model_cfg: Mapping[str, Any], *, axis_name: Optional[str] = None) -> 
   dtype = resolve_dtype(cfg["dtype"])
   if not isinstance(cfg["embed_dim"], int) or cfg["embed_dim"] < 1:
     raise ValueError(f"model.embed_dim must be a positive int; got {cfg['embed_dim']!r}")
-  backbone = make_backbone(cfg["name"], stem_relu=bool(cfg["stem_relu"]),
-                           layer4_stride=int(cfg["layer4_stride"]),
-                           frozen_bn=bool(cfg["frozen_bn"]), dtype=dtype,
-                           axis_name=axis_name, width=int(cfg["width"]))
+  backbone = make_backbone(
+    cfg["name"],
+    stem_relu=bool(cfg["stem_relu"]),
+    layer4_stride=int(cfg["layer4_stride"]),
+    frozen_bn=bool(cfg["frozen_bn"]),
+    dtype=dtype,
+    axis_name=axis_name,
+    width=int(cfg["width"]),
+  )
   return EmbeddingModel(backbone=backbone, embed_dim=cfg["embed_dim"], pool=cfg["pool"])
 
 
-def init_variables(module: nn.Module, rng: jax.Array, *, image_size: int = 224,
-                   channels: int = 3, init_from: Optional[str] = None) -> dict:
+def init_variables(
+  module: nn.Module,
+  rng: jax.Array,
+  *,
+  image_size: int = 224,
+  channels: int = 3,
+  init_from: Optional[str] = None,
+) -> dict:
   """Variables for an EmbeddingModel: {"params": {backbone, head}, "batch_stats"}.
 
   Without `init_from`, everything is freshly initialised (one eval-mode trace on a zero
@@ -137,10 +158,13 @@ def init_variables(module: nn.Module, rng: jax.Array, *, image_size: int = 224,
   if not init_from:
     return dict(jax.jit(lambda r: module.init(r, dummy, train=False))(rng))
   from xbm_jax.models.convert import load_pretrained  # no import cycle at load time
+
   shapes = jax.eval_shape(lambda r: module.init(r, dummy, train=False), rng)
   in_features = shapes["params"]["head"]["fc"]["kernel"].shape[0]
   head = EmbeddingHead(embed_dim=module.embed_dim, pool=module.pool)
   head_params = head.init(rng, jnp.zeros((1, 1, 1, in_features), jnp.float32))["params"]
-  variables = {"params": {**shapes["params"], "head": head_params},
-               "batch_stats": dict(shapes["batch_stats"])}
+  variables = {
+    "params": {**shapes["params"], "head": head_params},
+    "batch_stats": dict(shapes["batch_stats"]),
+  }
   return load_pretrained(variables, init_from)

@@ -4,6 +4,7 @@ As in the XBM reference: global **max** pooling by default, a Linear layer initi
 torch `kaiming_normal_(mode="fan_out")` (on a `[out, in]` weight: std = sqrt(2 / out)) and a
 zero bias, then unit rows.
 """
+
 from __future__ import annotations
 
 import jax
@@ -44,13 +45,19 @@ class EmbeddingHead(nn.Module):
     pool: "max" (paper), "avg" or "gem".
   Input `[B, H, W, C]` feature map (any float dtype); output `[B, D]` float32 unit rows.
   """
+
   embed_dim: int
   pool: str = "max"
 
   @nn.compact
   def __call__(self, feature_map: jax.Array) -> jax.Array:
     x = global_pool(feature_map, self.pool)
-    x = nn.Dense(self.embed_dim, dtype=jnp.float32, param_dtype=jnp.float32,
-                 kernel_init=fan_out_normal(self.embed_dim),
-                 bias_init=nn.initializers.zeros, name="fc")(x)
+    x = nn.Dense(
+      self.embed_dim,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      kernel_init=fan_out_normal(self.embed_dim),
+      bias_init=nn.initializers.zeros,
+      name="fc",
+    )(x)
     return l2_normalize(x)

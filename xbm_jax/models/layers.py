@@ -4,6 +4,7 @@ Every backbone takes images `[B, H, W, C]` (uint8 or float, values in 0..255, RG
 C = 1 grayscale) and normalises them itself, so the data pipeline never needs to know
 which pretrained weights a model came from.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,8 +28,7 @@ def check_images(images: jax.Array, name: str = "images") -> None:
   """Raises a clear error for anything that is not `[B, H, W, C]` images."""
   if images.ndim != 4:
     raise ValueError(f"{name} must be NHWC [B, H, W, C]; got shape {tuple(images.shape)}")
-  if not (jnp.issubdtype(images.dtype, jnp.integer)
-          or jnp.issubdtype(images.dtype, jnp.floating)):
+  if not (jnp.issubdtype(images.dtype, jnp.integer) or jnp.issubdtype(images.dtype, jnp.floating)):
     raise TypeError(f"{name} must be uint8 or float (0..255); got dtype {images.dtype}")
 
 
@@ -37,8 +37,10 @@ def to_rgb(images: jax.Array) -> jax.Array:
   check_images(images)
   channels = images.shape[-1]
   if channels not in (1, 3):
-    raise ValueError("ImageNet backbones take RGB (C=3) or grayscale (C=1) images; got "
-                     f"shape {tuple(images.shape)}")
+    raise ValueError(
+      "ImageNet backbones take RGB (C=3) or grayscale (C=1) images; got "
+      f"shape {tuple(images.shape)}"
+    )
   x = images.astype(jnp.float32)
   if channels == 1:
     x = jnp.tile(x, (1, 1, 1, 3))
@@ -53,8 +55,9 @@ def imagenet_normalize(images: jax.Array) -> jax.Array:
 
 def conv(*, dtype: Any, use_bias: bool = False):
   """An nn.Conv factory with torch's init, float32 params and `dtype` compute."""
-  return functools.partial(nn.Conv, use_bias=use_bias, dtype=dtype,
-                           param_dtype=jnp.float32, kernel_init=kaiming_fan_out)
+  return functools.partial(
+    nn.Conv, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, kernel_init=kaiming_fan_out
+  )
 
 
 class BatchNorm(nn.Module):
@@ -69,8 +72,9 @@ class BatchNorm(nn.Module):
   converted torchvision checkpoints load unchanged. Statistics and the
   normalisation are computed in float32 whatever `dtype` (the output's).
   """
+
   use_running_average: bool
-  momentum: float = 0.9           # flax convention: torch momentum 0.1
+  momentum: float = 0.9  # flax convention: torch momentum 0.1
   epsilon: float = 1e-5
   dtype: Any = None
   param_dtype: Any = jnp.float32
@@ -104,8 +108,9 @@ class BatchNorm(nn.Module):
     return y.astype(self.dtype or x.dtype)
 
 
-def batch_norm(*, train: bool, frozen: bool, axis_name: Optional[str], dtype: Any,
-               epsilon: float = 1e-5):
+def batch_norm(
+  *, train: bool, frozen: bool, axis_name: Optional[str], dtype: Any, epsilon: float = 1e-5
+):
   """A `BatchNorm` factory (torch BatchNorm2d, momentum 0.1 -> 0.9 here).
 
   Running statistics are used (and never updated) in eval mode and when `frozen`.
@@ -113,13 +118,19 @@ def batch_norm(*, train: bool, frozen: bool, axis_name: Optional[str], dtype: An
   """
   use_running = (not train) or frozen
   return functools.partial(
-      BatchNorm, use_running_average=use_running, momentum=0.9, epsilon=epsilon,
-      dtype=dtype, param_dtype=jnp.float32,
-      axis_name=None if use_running else axis_name)
+    BatchNorm,
+    use_running_average=use_running,
+    momentum=0.9,
+    epsilon=epsilon,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    axis_name=None if use_running else axis_name,
+  )
 
 
-def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0, *,
-             ceil_mode: bool = False) -> jax.Array:
+def max_pool(
+  x: jax.Array, window: int, stride: int, padding: int = 0, *, ceil_mode: bool = False
+) -> jax.Array:
   """torch.nn.MaxPool2d on NHWC, including `ceil_mode` (padding is -inf).
 
   With ceil_mode the output size is ceil((H + 2p - k) / s) + 1, minus one when the last
@@ -141,8 +152,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0, *,
 
 def avg_pool_same(x: jax.Array) -> jax.Array:
   """torch AvgPool2d(3, stride=1, padding=1, count_include_pad=True) on NHWC."""
-  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)),
-                     count_include_pad=True)
+  return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=True)
 
 
 def concat(xs: Sequence[jax.Array]) -> jax.Array:

@@ -10,6 +10,7 @@ XBM reference switches (defaults reproduce the reference, not torchvision):
   layer4_stride=2   1 doubles the final feature map (a common retrieval trick).
   frozen_bn=False   True: BN always uses running stats and never updates them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -20,12 +21,17 @@ import flax.linen as nn
 
 from xbm_jax.models import layers
 
-STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-          50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+STAGES = {
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
+}
 
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs; out channels = planes."""
+
   planes: int
   stride: int
   conv: Callable
@@ -34,8 +40,9 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    out = self.conv(self.planes, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
-                    name="conv1")(x)
+    out = self.conv(
+      self.planes, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name="conv1"
+    )(x)
     out = nn.relu(self.norm(name="bn1")(out))
     out = self.conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(out)
     out = self.norm(name="bn2")(out)
@@ -44,6 +51,7 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (strided) -> 1x1; out channels = 4 * planes."""
+
   planes: int
   stride: int
   conv: Callable
@@ -54,8 +62,9 @@ class Bottleneck(nn.Module):
   def __call__(self, x):
     out = self.conv(self.planes, (1, 1), name="conv1")(x)
     out = nn.relu(self.norm(name="bn1")(out))
-    out = self.conv(self.planes, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
-                    name="conv2")(out)
+    out = self.conv(
+      self.planes, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name="conv2"
+    )(out)
     out = nn.relu(self.norm(name="bn2")(out))
     out = self.conv(self.planes * 4, (1, 1), name="conv3")(out)
     out = self.norm(name="bn3")(out)
@@ -77,6 +86,7 @@ class ResNet(nn.Module):
   `[B, H/32, W/32, 512 * expansion]` (H/16 with layer4_stride=1) in `dtype`.
   Images are normalised with the ImageNet mean/std (torchvision weights).
   """
+
   depth: int = 50
   stem_relu: bool = False
   layer4_stride: int = 2
@@ -93,8 +103,9 @@ class ResNet(nn.Module):
     kind, blocks = STAGES[self.depth]
     block_cls = BasicBlock if kind == "basic" else Bottleneck
     conv = layers.conv(dtype=self.dtype)
-    norm = layers.batch_norm(train=train, frozen=self.frozen_bn,
-                             axis_name=self.bn_axis_name, dtype=self.dtype)
+    norm = layers.batch_norm(
+      train=train, frozen=self.frozen_bn, axis_name=self.bn_axis_name, dtype=self.dtype
+    )
 
     x = layers.imagenet_normalize(images).astype(self.dtype)
     x = conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), name="conv1")(x)
@@ -105,6 +116,11 @@ class ResNet(nn.Module):
     for i, (n_blocks, planes) in enumerate(zip(blocks, (64, 128, 256, 512))):
       stage_stride = (1, 2, 2, self.layer4_stride)[i]
       for j in range(n_blocks):
-        x = block_cls(planes=planes, stride=stage_stride if j == 0 else 1, conv=conv,
-                      norm=norm, name=f"layer{i + 1}_{j}")(x)
+        x = block_cls(
+          planes=planes,
+          stride=stage_stride if j == 0 else 1,
+          conv=conv,
+          norm=norm,
+          name=f"layer{i + 1}_{j}",
+        )(x)
     return x

@@ -9,6 +9,7 @@ checkpoint in --workdir. A mistake the user can fix (config, data, resume mismat
 busy workdir) prints one line and exits with status 2; `--verbose` shows the
 traceback and the libraries' INFO logs.
 """
+
 import logging
 import os
 import sys
@@ -21,14 +22,16 @@ import xbm_jax
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(xbm_jax.__file__)), "configs")
 USER_ERROR_STATUS = 2
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: a .py file "
-                                          "or a stock config name.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config: a .py file or a stock config name.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-host: process count.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's id.")
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for user errors, and INFO "
-                             "logs of orbax/absl/jax.")
+_VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "Tracebacks for user errors, and INFO logs of orbax/absl/jax."
+)
 
 
 def stock_config_path(value: str) -> str:
@@ -45,7 +48,7 @@ def resolve_argv(argv: list) -> list:
   out = []
   for a in argv:
     if a.startswith("--config="):
-      a = "--config=" + stock_config_path(a[len("--config="):])
+      a = "--config=" + stock_config_path(a[len("--config=") :])
     out.append(a)
   return out
 
@@ -70,10 +73,13 @@ def main(argv):
   del argv
   from xbm_jax import parallel  # pylint: disable=g-import-not-at-top
   from xbm_jax.train.errors import UserError  # pylint: disable=g-import-not-at-top
+
   quiet_logs(_VERBOSE.value)
-  parallel.initialize_distributed(coordinator_address=_COORD.value,
-                                  num_processes=_NPROC.value, process_id=_PID.value)
+  parallel.initialize_distributed(
+    coordinator_address=_COORD.value, num_processes=_NPROC.value, process_id=_PID.value
+  )
   from xbm_jax.train.loop import train_and_evaluate  # after distributed init
+
   try:
     metrics = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:

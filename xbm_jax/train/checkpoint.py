@@ -6,6 +6,7 @@ keeps the one with the best eval metric. Orbax writes into a temporary
 directory and renames it when complete, so a run killed mid-save leaves the
 previous checkpoint as the latest.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,24 +50,34 @@ class Checkpointer:
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.best_metric = best_metric
     self.last = ocp.CheckpointManager(
-        os.path.join(root, "last"), options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False),
-        item_handlers=_handlers())
+      os.path.join(root, "last"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+      ),
+      item_handlers=_handlers(),
+    )
     self.best = None
     if best_metric:
       self.best = ocp.CheckpointManager(
-          os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(
-              max_to_keep=1, create=True, best_fn=lambda m: m[best_metric],
-              best_mode="max", enable_async_checkpointing=False),
-          item_handlers=_handlers())
+        os.path.join(root, "best"),
+        options=ocp.CheckpointManagerOptions(
+          max_to_keep=1,
+          create=True,
+          best_fn=lambda m: m[best_metric],
+          best_mode="max",
+          enable_async_checkpointing=False,
+        ),
+        item_handlers=_handlers(),
+      )
 
   def latest_step(self) -> Optional[int]:
     return self.last.latest_step()
 
   @staticmethod
   def _args(state, host_state):
-    return ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              host=ocp.args.JsonSave(_to_json(host_state)))
+    return ocp.args.Composite(
+      state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(_to_json(host_state))
+    )
 
   def save(self, step: int, state, host_state: dict) -> None:
     if self.last.latest_step() == step:
@@ -77,19 +88,25 @@ class Checkpointer:
   def save_best(self, step: int, state, host_state: dict, metrics: dict) -> None:
     if self.best is None or self.best_metric not in metrics:
       return
-    self.best.save(step, args=self._args(state, host_state),
-                   metrics={self.best_metric: float(metrics[self.best_metric])})
+    self.best.save(
+      step,
+      args=self._args(state, host_state),
+      metrics={self.best_metric: float(metrics[self.best_metric])},
+    )
     self.best.wait_until_finished()
 
-  def restore(self, abstract_state, step: Optional[int] = None
-              ) -> Optional[tuple[Any, dict]]:
+  def restore(self, abstract_state, step: Optional[int] = None) -> Optional[tuple[Any, dict]]:
     """The state at `step` (default: latest), laid out like `abstract_state`
     (a pytree of `jax.ShapeDtypeStruct` with shardings), or None if none saved."""
     step = self.last.latest_step() if step is None else step
     if step is None:
       return None
-    out = self.last.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()))
+    out = self.last.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), host=ocp.args.JsonRestore()
+      ),
+    )
     return out["state"], _from_json(out["host"])
 
   def restore_plain(self, step: int) -> dict:
@@ -98,10 +115,10 @@ class Checkpointer:
     orbax refuses the saved topology without a target)."""
     meta = self.last.item_metadata(step)["state"]
     one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                            meta)
-    return self.last.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    return self.last.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )["state"]
 
   def saved_memory_ptr_shape(self, step: Optional[int] = None) -> Optional[tuple]:
     """Shape of the saved memory pointer: `()` replicated, `(n,)` sharded over n."""
@@ -115,13 +132,15 @@ class Checkpointer:
     device count, or a replicated one): the memory is restored to the host as
     saved, then re-laid by `sharded_memory.restore` (see its docstring)."""
     from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
+
     ptr_shape = self.saved_memory_ptr_shape()
     abstract = abstract_like(state)
     # Every process reads the whole saved memory onto one of its own devices.
     host_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     mem = abstract.memory._replace(ptr=jax.ShapeDtypeStruct(ptr_shape, jax.numpy.int32))
-    mem = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                      sharding=host_sharding), mem)
+    mem = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host_sharding), mem
+    )
     restored = self.restore(abstract.replace(memory=mem))
     if restored is None:
       return None
@@ -131,9 +150,11 @@ class Checkpointer:
       new_mem = sm.restore(saved_mem, mesh)
     else:
       if saved_mem.ptr.shape != ():
-        raise ValueError("the checkpoint holds a sharded memory but "
-                         "config.xbm.memory_sharding='replicated'; restoring a sharded "
-                         "memory into a replicated one is not supported")
+        raise ValueError(
+          "the checkpoint holds a sharded memory but "
+          "config.xbm.memory_sharding='replicated'; restoring a sharded "
+          "memory into a replicated one is not supported"
+        )
       new_mem = saved_mem
     st = jax.device_put(st.replace(memory=new_mem), shardings)
     return st, host
@@ -153,6 +174,7 @@ def export_params(workdir: str, out: str) -> int:
   """Writes the latest checkpoint's params and batch_stats of `workdir` to a small
   msgpack file (atomically); returns the step exported."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
+
   ck = Checkpointer(workdir, keep=1000)
   step = ck.latest_step()
   if step is None:
@@ -160,8 +182,11 @@ def export_params(workdir: str, out: str) -> int:
   raw = ck.restore_plain(step)
   ck.close()
   blob = serialization.msgpack_serialize(
-      jax.tree.map(np.asarray, {"params": raw["params"], "batch_stats": raw["batch_stats"],
-                                "step": np.asarray(step)}))
+    jax.tree.map(
+      np.asarray,
+      {"params": raw["params"], "batch_stats": raw["batch_stats"], "step": np.asarray(step)},
+    )
+  )
   tmp = out + ".tmp"
   with open(tmp, "wb") as f:
     f.write(blob)
@@ -172,6 +197,7 @@ def export_params(workdir: str, out: str) -> int:
 def load_params(path: str) -> dict:
   """`{"params", "batch_stats"}` from `export_params`' file."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
+
   if not os.path.exists(path):
     raise FileNotFoundError(f"no parameter file {path}")
   with open(path, "rb") as f:

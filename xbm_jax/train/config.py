@@ -3,6 +3,7 @@ its default, in grouped sub-dicts. Experiment files in `configs/` start from
 `base()` and override; `parse_arg` reads `get_config("smoke,seed=1")` arguments.
 The trainer calls `check` so a mistyped key fails before training starts.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -35,12 +36,17 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 def loss_kwargs_fields() -> dict:
   """Every keyword option of the losses, unset: `--config.loss.kwargs.margin=0.3`."""
   f, s = config_dict.placeholder(float), config_dict.placeholder(str)
-  return dict(margin=f, pos_threshold=config_dict.placeholder(float),
-              self_exclusion=s, reduction=config_dict.placeholder(str),
-              alpha=config_dict.placeholder(float), beta=config_dict.placeholder(float),
-              lam=config_dict.placeholder(float),
-              mining_margin=config_dict.placeholder(float),
-              mining=config_dict.placeholder(str))
+  return dict(
+    margin=f,
+    pos_threshold=config_dict.placeholder(float),
+    self_exclusion=s,
+    reduction=config_dict.placeholder(str),
+    alpha=config_dict.placeholder(float),
+    beta=config_dict.placeholder(float),
+    lam=config_dict.placeholder(float),
+    mining_margin=config_dict.placeholder(float),
+    mining=config_dict.placeholder(str),
+  )
 
 
 def set_kwargs(cfg) -> dict:
@@ -53,17 +59,16 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.input = dict(
-      dataset="glyphs",               # 'glyphs' (embedded) or a prepared tfds name
-      data_dir=config_dict.placeholder(str),
-      train_split="train",
-      batch_size=64,                  # global batch B = P classes x K samples
-      samples_per_class=4,            # K (P = B / K)
-      min_class_size=1,
-      # grain worker processes: an int >= 0, or -1 / "auto" (one per core but one)
-      worker_count=config_dict.FieldReference(0, field_type=object),
-      transform=dict(resize=256, crop=224, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                     flip=True),
-      eval_batch_size=128,            # must divide by the device count
+    dataset="glyphs",  # 'glyphs' (embedded) or a prepared tfds name
+    data_dir=config_dict.placeholder(str),
+    train_split="train",
+    batch_size=64,  # global batch B = P classes x K samples
+    samples_per_class=4,  # K (P = B / K)
+    min_class_size=1,
+    # grain worker processes: an int >= 0, or -1 / "auto" (one per core but one)
+    worker_count=config_dict.FieldReference(0, field_type=object),
+    transform=dict(resize=256, crop=224, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True),
+    eval_batch_size=128,  # must divide by the device count
   )
   c.model = models.default_config()
 
@@ -71,61 +76,72 @@ def base() -> ml_collections.ConfigDict:
   c.loss = dict(name="contrastive", kwargs=loss_kwargs_fields())
 
   c.xbm = dict(
-      enabled=True,
-      size=55_000,                    # memory slots (>= global batch)
-      # int, or "auto" (switch on when drift is slow): the first 0-based update that
-      # enqueues and uses the memory (xbm_jax.memory.active; the reference's
-      # `iteration > START_ITERATION`, so 1000 -> first used at update 1001).
-      start_step=config_dict.FieldReference(1000, field_type=object),
-      weight=1.0,                     # w in L(B, B) + w * L(B, M)
-      dtype="float32",                # memory storage: float32 | bfloat16
-      memory_sharding="replicated",   # replicated | sharded
-      prefill=False,                  # fill the memory from the model at the start
-      # Overrides for the memory term only, e.g. reduction="mean" (average the
-      # memory term over its active pairs instead of the paper's sum / anchors).
-      memory_loss_kwargs=loss_kwargs_fields(),
-      ramp_steps=0,
-      threshold=0.05,                 # drift threshold for "auto" and back-off
-      min_auto_step=0,
-      auto_max_step=config_dict.placeholder(int),
-      backoff=False,
-      backoff_threshold=config_dict.placeholder(float),   # None: threshold
-      backoff_factor=0.5,
-      min_weight=0.0,
-      recover_steps=1000,
-      # Switch the memory off for good when its relational drift per step exceeds
-      # guard_ratio x the memory-free rate measured before the start (issue 16).
-      guard=False,
-      guard_ratio=3.0,
+    enabled=True,
+    size=55_000,  # memory slots (>= global batch)
+    # int, or "auto" (switch on when drift is slow): the first 0-based update that
+    # enqueues and uses the memory (xbm_jax.memory.active; the reference's
+    # `iteration > START_ITERATION`, so 1000 -> first used at update 1001).
+    start_step=config_dict.FieldReference(1000, field_type=object),
+    weight=1.0,  # w in L(B, B) + w * L(B, M)
+    dtype="float32",  # memory storage: float32 | bfloat16
+    memory_sharding="replicated",  # replicated | sharded
+    prefill=False,  # fill the memory from the model at the start
+    # Overrides for the memory term only, e.g. reduction="mean" (average the
+    # memory term over its active pairs instead of the paper's sum / anchors).
+    memory_loss_kwargs=loss_kwargs_fields(),
+    ramp_steps=0,
+    threshold=0.05,  # drift threshold for "auto" and back-off
+    min_auto_step=0,
+    auto_max_step=config_dict.placeholder(int),
+    backoff=False,
+    backoff_threshold=config_dict.placeholder(float),  # None: threshold
+    backoff_factor=0.5,
+    min_weight=0.0,
+    recover_steps=1000,
+    # Switch the memory off for good when the probe's rank drift (share of nearest
+    # neighbours changed over the smallest drift lag) exceeds guard_ratio x its last
+    # reading before the start (issue 16; insight/controller.py).
+    guard=False,
+    guard_ratio=2.0,
   )
 
   c.optim = dict(
-      name="adam", lr=1e-4, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9,
-      schedule="plateau",             # constant | step | cosine | plateau
-      warmup_steps=0, decay_every=10_000, decay_factor=0.1,
-      plateau=dict(metric="", factor=0.5, patience=4, threshold=1e-4, min_scale=1e-3),
+    name="adam",
+    lr=1e-4,
+    weight_decay=5e-4,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    momentum=0.9,
+    schedule="plateau",  # constant | step | cosine | plateau
+    warmup_steps=0,
+    decay_every=10_000,
+    decay_factor=0.1,
+    plateau=dict(metric="", factor=0.5, patience=4, threshold=1e-4, min_scale=1e-3),
   )
 
   c.train = dict(
-      steps=35_000,
-      num_devices=config_dict.placeholder(int),   # default: all visible devices
-      log_every=50,
-      checkpoint_every=1000,
-      keep_checkpoints=2,
-      best_metric="",                 # e.g. "eval/sop/recall@1": also keep the best
-      # Warm start: another run's workdir; its latest params and BN statistics
-      # initialise this run (optimiser, memory and step start fresh).
-      init_from=config_dict.placeholder(str),
-      progress=True,
-      # Resume even though the config differs from the saved one (in ways that
-      # keep the state's shapes); the changes are logged.
-      allow_config_change=False,
-      # Gradient accumulation: each step's batch runs as this many micro-batches in
-      # turn, one update (see step.make_train_step for what the memory sees).
-      accumulate=1,
+    steps=35_000,
+    num_devices=config_dict.placeholder(int),  # default: all visible devices
+    log_every=50,
+    checkpoint_every=1000,
+    keep_checkpoints=2,
+    best_metric="",  # e.g. "eval/sop/recall@1": also keep the best
+    # Warm start: another run's workdir; its latest params and BN statistics
+    # initialise this run (optimiser, memory and step start fresh).
+    init_from=config_dict.placeholder(str),
+    progress=True,
+    # Resume even though the config differs from the saved one (in ways that
+    # keep the state's shapes); the changes are logged.
+    allow_config_change=False,
+    # Gradient accumulation: each step's batch runs as this many micro-batches in
+    # turn, one update (see step.make_train_step for what the memory sees).
+    accumulate=1,
   )
 
-  c.evals = ml_collections.ConfigDict()   # name -> dict(type=..., split=..., ks=..., every_steps=...)
+  c.evals = (
+    ml_collections.ConfigDict()
+  )  # name -> dict(type=..., split=..., ks=..., every_steps=...)
 
   c.drift = dict(enabled=True, interval=500, deltas=(500, 1000), probe_size=256)
   c.pictures = dict(enabled=True, evaluator="", num_queries=6, top_k=5, seed=0)
@@ -136,8 +152,7 @@ def apply_smoke(c: ml_collections.ConfigDict, *, eval_ks=(1, 2)) -> ml_collectio
   """The `:smoke` variant shared by the dataset configs: a tiny CNN, tiny images and
   batches, a few steps; checks the wiring, not the numbers."""
   c.model.name, c.model.embed_dim, c.model.width = "small_cnn", 32, 8
-  c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                           flip=True)
+  c.input.transform = dict(resize=40, crop=32, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), flip=True)
   c.input.batch_size, c.input.samples_per_class = 16, 4
   c.input.eval_batch_size = 32
   c.xbm.size, c.xbm.start_step = 64, 2
@@ -158,8 +173,10 @@ def check(config: ml_collections.ConfigDict) -> None:
       if any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS):
         continue
       if key not in ref_cfg:
-        raise ConfigKeyError(f"unknown config key {path!r}; valid keys under "
-                       f"{prefix or 'the top level'}: {sorted(ref_cfg.keys())}")
+        raise ConfigKeyError(
+          f"unknown config key {path!r}; valid keys under "
+          f"{prefix or 'the top level'}: {sorted(ref_cfg.keys())}"
+        )
       if isinstance(ref_cfg[key], ml_collections.ConfigDict):
         walk(cfg[key], ref_cfg[key], path + ".")
 

@@ -4,6 +4,7 @@
 else is a bug and keeps its traceback. Each class also derives from the builtin
 exception callers already catch (ValueError, KeyError, ...).
 """
+
 from __future__ import annotations
 
 
@@ -18,7 +19,7 @@ class ConfigError(UserError, ValueError):
 class ConfigKeyError(ConfigError, KeyError):
   """An unknown config key (a typo)."""
 
-  def __str__(self):   # KeyError would quote the whole message
+  def __str__(self):  # KeyError would quote the whole message
     return str(self.args[0]) if self.args else ""
 
 

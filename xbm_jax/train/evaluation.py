@@ -4,6 +4,7 @@ drift probe embeddings, and the retrieval pictures.
 Each eval round embeds every split it needs once (cached for that round), so
 several evaluators and the pictures share one extraction.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,15 +26,14 @@ from xbm_jax.train.errors import NonFiniteError
 
 log = logging.getLogger("xbm_jax.train")
 # How each metric reads on the one results line.
-SHORT = (("recall@", "R@"), ("map@r", "MAP@R"), ("precision@1", "P@1"),
-         ("r_precision", "RP"))
+SHORT = (("recall@", "R@"), ("map@r", "MAP@R"), ("precision@1", "P@1"), ("r_precision", "RP"))
 
 
 def _splits(cfg) -> tuple[str, str]:
   """(query split, gallery split) of an evaluator config."""
   if "split" in cfg:
     return cfg["split"], cfg["split"]
-  if "splits" in cfg:   # VehicleID: pictures of its first test set
+  if "splits" in cfg:  # VehicleID: pictures of its first test set
     first = list(cfg["splits"].values())[0]
     return first, first
   return cfg["query_split"], cfg["gallery_split"]
@@ -42,22 +42,33 @@ def _splits(cfg) -> tuple[str, str]:
 class EvalRunner:
   """Runs evaluators by schedule; embeds images with the current state."""
 
-  def __init__(self, config, model, mesh, *, train_src, writer, workdir: str,
-               say: Optional[Callable[[str], None]] = None):
+  def __init__(
+    self,
+    config,
+    model,
+    mesh,
+    *,
+    train_src,
+    writer,
+    workdir: str,
+    say: Optional[Callable[[str], None]] = None,
+  ):
     self.config, self.mesh, self.writer, self.workdir = config, mesh, writer, workdir
     self.say = say or log.info
     self.embed = step_lib.make_embed_fn(model, mesh)
-    self.evaluators = {name: evaluators_lib.create(name, cfg, mesh=mesh)
-                       for name, cfg in config.evals.items()}
-    self.every = {name: int(cfg.get("every_steps", config.train.steps))
-                  for name, cfg in config.evals.items()}
+    self.evaluators = {
+      name: evaluators_lib.create(name, cfg, mesh=mesh) for name, cfg in config.evals.items()
+    }
+    self.every = {
+      name: int(cfg.get("every_steps", config.train.steps)) for name, cfg in config.evals.items()
+    }
     self.tcfg = transforms.TransformConfig.from_config(config.input.transform)
     self.probe = None
     if config.drift.enabled:
-      idx = setup.probe_indices(len(train_src), int(config.drift.probe_size),
-                                int(config.seed))
-      self.probe = np.stack([transforms.eval_transform(np.asarray(train_src[int(i)]["image"]),
-                                                       self.tcfg) for i in idx])
+      idx = setup.probe_indices(len(train_src), int(config.drift.probe_size), int(config.seed))
+      self.probe = np.stack(
+        [transforms.eval_transform(np.asarray(train_src[int(i)]["image"]), self.tcfg) for i in idx]
+      )
 
   def due(self, done: int, total: int) -> list[str]:
     return [n for n, every in self.every.items() if done % every == 0 or done == total]
@@ -65,8 +76,7 @@ class EvalRunner:
   def _variables(self, state):
     return {"params": state.params, "batch_stats": state.batch_stats}
 
-  def embed_rows(self, state, n: int, load: Callable[[np.ndarray], np.ndarray]
-                 ) -> np.ndarray:
+  def embed_rows(self, state, n: int, load: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Eval-mode embeddings `[n, D]` float32 of rows `0..n-1`, whole on every process.
 
     `load(rows) -> uint8 [len(rows), H, W, C]` gives images by row. Each process loads
@@ -76,12 +86,15 @@ class EvalRunner:
     """
     sharding = parallel.batch_sharded(self.mesh)
     total = n + (-n) % self.mesh.size
-    blocks = sorted({(sl[0].start or 0, sl[0].stop or total) for sl in
-                     sharding.addressable_devices_indices_map((total,)).values()})
+    blocks = sorted(
+      {
+        (sl[0].start or 0, sl[0].stop or total)
+        for sl in sharding.addressable_devices_indices_map((total,)).values()
+      }
+    )
     mine = np.concatenate([np.arange(a, b) for a, b in blocks])
-    images = load(np.minimum(mine, n - 1))   # padding repeats the last row
-    x = jax.make_array_from_process_local_data(sharding, images,
-                                               (total,) + images.shape[1:])
+    images = load(np.minimum(mine, n - 1))  # padding repeats the last row
+    x = jax.make_array_from_process_local_data(sharding, images, (total,) + images.shape[1:])
     emb = self.embed(self._variables(state), x)
     return np.asarray(multihost_utils.process_allgather(emb, tiled=True))[:n]
 
@@ -105,10 +118,16 @@ class EvalRunner:
     idx = rng.choice(len(source), size=n, replace=False)
     labels = np.asarray([int(source[int(i)]["label"]) for i in idx], np.int32)
     chunk = int(self.config.input.eval_batch_size)
-    load = lambda lo: lambda rows: np.stack([transforms.eval_transform(
-        np.asarray(source[int(idx[lo + r])]["image"]), self.tcfg) for r in rows])
+    load = lambda lo: (
+      lambda rows: np.stack(
+        [
+          transforms.eval_transform(np.asarray(source[int(idx[lo + r])]["image"]), self.tcfg)
+          for r in rows
+        ]
+      )
+    )
     emb = [self.embed_rows(state, min(chunk, n - lo), load(lo)) for lo in range(0, n, chunk)]
-    mem = state.memory   # shapes and dtypes only: no fetch of a global array
+    mem = state.memory  # shapes and dtypes only: no fetch of a global array
     out_emb = np.zeros((size,) + mem.emb.shape[1:], mem.emb.dtype)
     out_emb[:n] = np.concatenate(emb).astype(mem.emb.dtype)
     out_labels = np.zeros((size,), np.int32)
@@ -127,9 +146,13 @@ class EvalRunner:
       if split not in cache:
         sources[split] = setup.load_source(self.config.input, split)
         batches = pipeline.eval_batches(
-            sources[split], batch_size=int(self.config.input.eval_batch_size),
-            transform_cfg=self.tcfg, process_index=jax.process_index(),
-            process_count=jax.process_count(), worker_count=self.config.input.worker_count)
+          sources[split],
+          batch_size=int(self.config.input.eval_batch_size),
+          transform_cfg=self.tcfg,
+          process_index=jax.process_index(),
+          process_count=jax.process_count(),
+          worker_count=self.config.input.worker_count,
+        )
         # embed_fn lays this process's batch out over its devices; extract gathers the
         # processes' parts, so every process scores the whole split (see extract).
         cache[split] = check_finite(extract(embed_fn, batches), split, step)
@@ -159,10 +182,17 @@ class EvalRunner:
     q, g = embed_split(qs), embed_split(gs)
     chosen = pictures.choose_queries(int(pc.num_queries), len(q["labels"]), int(pc.seed))
     self_index = chosen if qs == gs else None
-    topk, correct = pictures.retrieve(q["emb"][chosen], g["emb"], q["labels"][chosen],
-                                      g["labels"], k=int(pc.top_k), self_index=self_index)
-    load = lambda split, rows: [np.asarray(sources[split][int(i)]["image"])
-                                for i in embed_split(split)["index"][rows]]
+    topk, correct = pictures.retrieve(
+      q["emb"][chosen],
+      g["emb"],
+      q["labels"][chosen],
+      g["labels"],
+      k=int(pc.top_k),
+      self_index=self_index,
+    )
+    load = lambda split, rows: [
+      np.asarray(sources[split][int(i)]["image"]) for i in embed_split(split)["index"][rows]
+    ]
     q_img = load(qs, chosen)
     g_rows = np.unique(topk)
     g_img = load(gs, g_rows)
@@ -188,8 +218,10 @@ def check_finite(out: dict, split: str, step: int) -> dict:
   """Refuses NaN/inf embeddings: ranked, they would score as perfect retrieval."""
   bad = ~np.isfinite(out["emb"]).all(axis=1)
   if bad.any():
-    raise NonFiniteError(f"step {step}: {int(bad.sum())} of {len(bad)} embeddings of split "
-                         f"{split!r} are NaN/inf (the weights are broken); not evaluating")
+    raise NonFiniteError(
+      f"step {step}: {int(bad.sum())} of {len(bad)} embeddings of split "
+      f"{split!r} are NaN/inf (the weights are broken); not evaluating"
+    )
   return out
 
 
@@ -200,7 +232,7 @@ def results_line(name: str, step: int, res: dict, seconds: float) -> str:
     metric = key.rsplit("/", 1)[-1]
     if metric.startswith("num_"):
       continue
-    label = key[len(f"eval/{name}/"):]
+    label = key[len(f"eval/{name}/") :]
     for long, short in SHORT:
       label = label.replace(long, short)
     parts.append(f"{label} {value:.4f}")
@@ -210,9 +242,9 @@ def results_line(name: str, step: int, res: dict, seconds: float) -> str:
 def _same_size(images: list, size: int = 96) -> np.ndarray:
   """Images to one common square size for the grid (source images vary in size)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   shapes = {im.shape for im in images}
   if len(shapes) == 1 and max(next(iter(shapes))[:2]) <= size:
     return np.stack(images)
   squeeze = lambda im: im[..., 0] if im.ndim == 3 and im.shape[-1] == 1 else im
-  return np.stack([np.asarray(Image.fromarray(squeeze(im)).resize((size, size)))
-                   for im in images])
+  return np.stack([np.asarray(Image.fromarray(squeeze(im)).resize((size, size))) for im in images])

@@ -5,6 +5,7 @@ collapses.
 Each guard runs before the first step (or on the host between steps) and fails
 with a `UserError` of one line.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,14 +28,32 @@ PATH_KEYS = ("input.data_dir", "train.init_from", "model.init_from")
 
 # A change of these changes the shapes or structure of the saved state: restoring
 # cannot work, so a resume refuses them outright.
-SHAPE_KEYS = ("model.name", "model.embed_dim", "model.width", "model.pool",
-              "xbm.enabled", "xbm.size", "xbm.dtype", "xbm.memory_sharding", "optim.name")
+SHAPE_KEYS = (
+  "model.name",
+  "model.embed_dim",
+  "model.width",
+  "model.pool",
+  "xbm.enabled",
+  "xbm.size",
+  "xbm.dtype",
+  "xbm.memory_sharding",
+  "optim.name",
+)
 # Changes that do not touch the math of the run (where and how it runs, how often
 # it reports): allowed on resume without asking.
-FREE_KEYS = ("train.steps", "train.num_devices", "train.progress", "train.log_every",
-             "train.checkpoint_every", "train.keep_checkpoints", "train.init_from",
-             "train.allow_config_change", "input.data_dir", "input.worker_count",
-             "input.eval_batch_size")
+FREE_KEYS = (
+  "train.steps",
+  "train.num_devices",
+  "train.progress",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.init_from",
+  "train.allow_config_change",
+  "input.data_dir",
+  "input.worker_count",
+  "input.eval_batch_size",
+)
 COLLAPSE_COSINE = 0.99
 
 
@@ -73,8 +92,9 @@ class WorkdirLock:
       holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
       os.close(fd)
       raise WorkdirLockedError(
-          f"workdir {self.workdir} is in use by another run ({holder}); wait for it to "
-          "finish or use another --workdir") from None
+        f"workdir {self.workdir} is in use by another run ({holder}); wait for it to "
+        "finish or use another --workdir"
+      ) from None
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}".encode())
@@ -131,14 +151,18 @@ def check_resume(saved: Optional[dict], current: dict, *, allow_change: bool) ->
   shaped = [k for k in diff if _shape_changing(k, current)]
   if shaped:
     raise ResumeError(
-        "cannot resume: the checkpoint was saved with a different " + _describe(diff, shaped)
-        + " (this changes the saved state's shapes); use a new --workdir")
+      "cannot resume: the checkpoint was saved with a different "
+      + _describe(diff, shaped)
+      + " (this changes the saved state's shapes); use a new --workdir"
+    )
   strict = [k for k in diff if k not in FREE_KEYS and not k.startswith("evals.")]
   if strict and not allow_change:
     raise ResumeError(
-        "resuming with a changed config: " + _describe(diff, strict)
-        + "; pass --config.train.allow_config_change=True to resume anyway, or use a new "
-        "--workdir")
+      "resuming with a changed config: "
+      + _describe(diff, strict)
+      + "; pass --config.train.allow_config_change=True to resume anyway, or use a new "
+      "--workdir"
+    )
   return diff
 
 
@@ -183,11 +207,17 @@ class CollapseWatch:
 
   def grad_norm(self, step: int, value: float) -> None:
     if value == 0.0:
-      self._warn("grad", f"step {step}: the gradient norm is 0 - training has stalled "
-                 "(a collapsed model or a too large learning rate?)")
+      self._warn(
+        "grad",
+        f"step {step}: the gradient norm is 0 - training has stalled "
+        "(a collapsed model or a too large learning rate?)",
+      )
 
   def probe(self, step: int, emb: np.ndarray) -> None:
     cos = mean_pairwise_cosine(emb)
     if cos > COLLAPSE_COSINE:
-      self._warn("collapse", f"step {step}: the embeddings have collapsed (mean pairwise "
-                 f"cosine {cos:.4f} on the drift probe); check the learning rate")
+      self._warn(
+        "collapse",
+        f"step {step}: the embeddings have collapsed (mean pairwise "
+        f"cosine {cos:.4f} on the drift probe); check the learning rate",
+      )

@@ -5,6 +5,7 @@ next log line (`log`) and has a checkpointed `state_dict`. The drift monitor and
 the memory controller are hooks; a run without them (drift off, no memory) simply
 has fewer hooks, and the loop does not know what they do.
 """
+
 from __future__ import annotations
 
 import jax
@@ -18,14 +19,13 @@ NEVER = controller_lib.NEVER
 
 class DriftHook:
   """Measures the drift of the probe embeddings every `interval` steps; the reading
-  goes to the collapse watch, to later hooks of the same step (`notes["drift"]`) and
-  to the next log line."""
+  goes to the collapse watch and to later hooks of the same step (`notes["drift"]`);
+  the loop logs it at its own step."""
 
   key = "drift"
 
   def __init__(self, monitor, *, interval: int, evals, watch):
     self.monitor, self.interval, self.evals, self.watch = monitor, interval, evals, watch
-    self._pending: dict = {}
 
   def before_step(self, step: int, state, ctrl: dict, notes: dict):
     if step % self.interval == 0:
@@ -33,12 +33,10 @@ class DriftHook:
       self.watch.probe(step, probe)
       reading = self.monitor.update(step, probe)
       notes["drift"] = reading
-      self._pending.update(reading)
     return state
 
   def log(self) -> dict:
-    out, self._pending = self._pending, {}
-    return out
+    return {}
 
   def state_dict(self):
     return self.monitor.state_dict()
@@ -62,8 +60,7 @@ class MemoryHook:
   def before_step(self, step: int, state, ctrl: dict, notes: dict):
     start, weight = self.controller.update(step, notes.get("drift") or None)
     ctrl["start_step"], ctrl["xbm_weight"] = start, weight
-    if (self.prefill_fn is not None and not self.prefilled
-        and memory_lib.active(step, start)):
+    if self.prefill_fn is not None and not self.prefilled and memory_lib.active(step, start):
       state = self.prefill_fn(state, step)
       self.prefilled = True
     return state
@@ -82,12 +79,15 @@ def make_prefill(config, evals, train_src, shardings, mesh, *, sharded: bool):
   """`prefill(state, step) -> state`: the memory filled with eval-mode embeddings of
   training images (seeded by the run's seed and the step, so a resume redoes it
   identically), laid out like the state's memory."""
+
   def prefill(state, step):
-    full = evals.prefill(state, train_src, size=int(config.xbm.size),
-                         seed=int(config.seed) * 7919 + step)
+    full = evals.prefill(
+      state, train_src, size=int(config.xbm.size), seed=int(config.seed) * 7919 + step
+    )
     if sharded:
       full = sharded_memory.reshard(full, mesh.size)
     return state.replace(memory=jax.device_put(full, shardings.memory))
+
   return prefill
 
 
@@ -101,16 +101,19 @@ class HostState:
 
   def __init__(self, *, plateau: optim.Plateau, hooks=()):
     self.plateau, self.hooks = plateau, list(hooks)
-    self.batches = None    # the pipeline, once built; its position is read on save
-    self.pipeline = None   # a restored position, for building the pipeline
+    self.batches = None  # the pipeline, once built; its position is read on save
+    self.pipeline = None  # a restored position, for building the pipeline
 
   def _memory_hook(self):
     return next((h for h in self.hooks if isinstance(h, MemoryHook)), None)
 
   def state_dict(self) -> dict:
     mem = self._memory_hook()
-    out = {"pipeline": self.batches.get_state(), "plateau": self.plateau.state_dict(),
-           "prefilled": bool(mem is not None and mem.prefilled)}
+    out = {
+      "pipeline": self.batches.get_state(),
+      "plateau": self.plateau.state_dict(),
+      "prefilled": bool(mem is not None and mem.prefilled),
+    }
     out.update({h.key: h.state_dict() for h in self.hooks})
     return out
 

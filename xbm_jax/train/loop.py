@@ -8,6 +8,7 @@ the restored step. A run killed at any moment restarts from its last checkpoint
 and continues exactly as if uninterrupted (the batch of step t is a pure
 function of (seed, t), and the state holds everything else).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,44 +42,51 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
   first step with anything non-finite (loss, gradients, updates, parameters), or
   None if all are finite."""
   stacked = jax.device_get(pending)
-  bad_flags = np.array([float(m[1].get("nonfinite", 0.0)) > 0
-                        or not np.isfinite(m[1]["loss"]) for m in stacked])
+  bad_flags = np.array(
+    [float(m[1].get("nonfinite", 0.0)) > 0 or not np.isfinite(m[1]["loss"]) for m in stacked]
+  )
   bad = np.flatnonzero(bad_flags)
   first_bad = int(stacked[bad[0]][0]) if bad.size else None
   last = stacked[-1][1]
-  return {k: float(last[k]) if k in LAST_VALUE_KEYS else
-          float(np.mean([m[1][k] for m in stacked])) for k in last
-          if k != "nonfinite"}, first_bad
+  return {
+    k: float(last[k]) if k in LAST_VALUE_KEYS else float(np.mean([m[1][k] for m in stacked]))
+    for k in last
+    if k != "nonfinite"
+  }, first_bad
 
 
 def _warm_start(state, workdir: str):
   """Params and BN statistics from another run's latest checkpoint (whatever its
   memory size) or an exported `.msgpack`, placed like this run's."""
-  if workdir.endswith(".msgpack"):   # exported with scripts/export_params.py
+  if workdir.endswith(".msgpack"):  # exported with scripts/export_params.py
     raw = checkpoint.load_params(workdir)
   else:
     src = checkpoint.Checkpointer(workdir, keep=1000)
     step = src.latest_step()
     if step is None:
       raise FileNotFoundError(f"config.train.init_from={workdir!r} has no checkpoint")
-    raw = src.restore_plain(step)   # plain arrays, whatever devices saved them
+    raw = src.restore_plain(step)  # plain arrays, whatever devices saved them
     src.close()
   out = {}
   for key in ("params", "batch_stats"):
     mine = getattr(state, key)
     theirs = raw[key]
     if jax.tree.structure(mine) != jax.tree.structure(theirs):
-      raise ValueError(f"config.train.init_from={workdir!r}: its {key} do not match this "
-                       "model (different config.model?)")
-    out[key] = jax.tree.map(lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding),
-                            mine, theirs)
+      raise ValueError(
+        f"config.train.init_from={workdir!r}: its {key} do not match this "
+        "model (different config.model?)"
+      )
+    out[key] = jax.tree.map(
+      lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding), mine, theirs
+    )
   return state.replace(**out)
 
 
 def evals_due(config, done: int, total: int) -> bool:
   """Whether any evaluator runs after step `done` (as `EvalRunner.due`)."""
-  return any(done % int(ev.get("every_steps", total)) == 0 or done == total
-             for ev in config.evals.values())
+  return any(
+    done % int(ev.get("every_steps", total)) == 0 or done == total for ev in config.evals.values()
+  )
 
 
 def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
@@ -95,8 +103,10 @@ def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
     return ckpt.restore(checkpoint.abstract_like(state))
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    raise ResumeError(f"cannot restore the checkpoint at step {step} in {workdir} with "
-                      f"this config ({first}); use a new --workdir") from e
+    raise ResumeError(
+      f"cannot restore the checkpoint at step {step} in {workdir} with "
+      f"this config ({first}); use a new --workdir"
+    ) from e
 
 
 def _check_resume_config(config, workdir: str, ckpt) -> str:
@@ -106,13 +116,14 @@ def _check_resume_config(config, workdir: str, ckpt) -> str:
   if step is None:
     return ""
   saved = guards.read_saved_config(workdir)
-  diff = guards.check_resume(saved, config_json(config),
-                             allow_change=bool(config.train.allow_config_change))
+  diff = guards.check_resume(
+    saved, config_json(config), allow_change=bool(config.train.allow_config_change)
+  )
   if not diff:
     return ""
   text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
   guards.log.warning("resuming step %d with config changes: %s", step, text)
-  if jax.process_index() == 0:   # keep the config the checkpoint was written with
+  if jax.process_index() == 0:  # keep the config the checkpoint was written with
     with open(os.path.join(workdir, f"config.step{step}.json"), "w") as f:
       json.dump(saved, f, indent=2, sort_keys=True)
   return text
@@ -126,16 +137,19 @@ def _check_input(config, num_devices: int) -> None:
   try:
     pipeline.resolve_worker_count(wc)
   except (TypeError, ValueError):
-    raise ConfigError(f"config.input.worker_count={wc!r}: an int >= 0, -1 or 'auto' "
-                      "(one worker per core but one)") from None
+    raise ConfigError(
+      f"config.input.worker_count={wc!r}: an int >= 0, -1 or 'auto' (one worker per core but one)"
+    ) from None
   n, k = int(config.train.accumulate), int(config.input.samples_per_class)
   rows = int(config.input.batch_size) // num_devices
   if n == 1:
-    return   # one micro-batch: the whole global batch, however devices split classes
+    return  # one micro-batch: the whole global batch, however devices split classes
   if n < 1 or rows % n or (rows // n) % k:
-    raise ConfigError(f"config.train.accumulate={n}: each device's {rows} rows must split "
-                      f"into {n} micro-batches of whole classes "
-                      f"(config.input.samples_per_class={k} rows each)")
+    raise ConfigError(
+      f"config.train.accumulate={n}: each device's {rows} rows must split "
+      f"into {n} micro-batches of whole classes "
+      f"(config.input.samples_per_class={k} rows each)"
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -162,6 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 @dataclasses.dataclass
 class Run:
   """Everything the loop needs, built once by `_build`."""
+
   config: Any
   workdir: str
   state: Any
@@ -184,9 +199,13 @@ def _build_state(config, mesh, train_src):
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
   model, variables = setup.init_model(config, channels, init_rng)
   direction = optim.make_direction(config.optim)
-  state = state_lib.create(params=variables["params"],
-                           batch_stats=variables.get("batch_stats", {}), tx=direction,
-                           memory=setup.init_memory(config, mesh.size), rng=state_rng)
+  state = state_lib.create(
+    params=variables["params"],
+    batch_stats=variables.get("batch_stats", {}),
+    tx=direction,
+    memory=setup.init_memory(config, mesh.size),
+    rng=state_rng,
+  )
   sharded = config.xbm.enabled and config.xbm.memory_sharding == "sharded"
   shardings = step_lib.state_shardings(state, mesh, sharded_memory=sharded)
   return model, direction, jax.device_put(state, shardings), shardings, sharded
@@ -197,14 +216,19 @@ def _hooks(config, evals, train_src, shardings, mesh, *, sharded, watch, b):
   in this order, so a drift reading reaches the controller on its own step."""
   out = []
   if config.drift.enabled:
-    monitor = drift_lib.DriftMonitor(interval=int(config.drift.interval),
-                                     deltas=tuple(config.drift.deltas))
-    out.append(hooks_lib.DriftHook(monitor, interval=int(config.drift.interval),
-                                   evals=evals, watch=watch))
+    monitor = drift_lib.DriftMonitor(
+      interval=int(config.drift.interval), deltas=tuple(config.drift.deltas)
+    )
+    out.append(
+      hooks_lib.DriftHook(monitor, interval=int(config.drift.interval), evals=evals, watch=watch)
+    )
   if config.xbm.enabled:
     controller = controller_lib.MemoryController.from_config(config.xbm, global_batch=b)
-    prefill = (hooks_lib.make_prefill(config, evals, train_src, shardings, mesh,
-                                      sharded=sharded) if config.xbm.prefill else None)
+    prefill = (
+      hooks_lib.make_prefill(config, evals, train_src, shardings, mesh, sharded=sharded)
+      if config.xbm.prefill
+      else None
+    )
     out.append(hooks_lib.MemoryHook(controller, prefill_fn=prefill))
   return out
 
@@ -214,16 +238,24 @@ def _pipeline(config, train_src, mesh, position, stack: contextlib.ExitStack):
   both the grain iterator (its workers) and the prefetch thread close with `stack`."""
   b, p, k = setup.batch_shape(config)
   batches = pipeline.train_batches(
-      train_src, sampler={"classes_per_batch": p, "samples_per_class": k,
-                          "min_class_size": int(config.input.min_class_size)},
-      transform_cfg=config.input.transform, global_batch_size=b,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=config.input.worker_count, seed=int(config.seed), state=position)
+    train_src,
+    sampler={
+      "classes_per_batch": p,
+      "samples_per_class": k,
+      "min_class_size": int(config.input.min_class_size),
+    },
+    transform_cfg=config.input.transform,
+    global_batch_size=b,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    worker_count=config.input.worker_count,
+    seed=int(config.seed),
+    state=position,
+  )
   stack.callback(batches.close)
   # Host batches become global arrays (this process's rows on its devices) two steps
   # ahead in a thread; get_state() is as of the batches handed out, so resume is exact.
-  out = pipeline.prefetch_to_device(batches, lambda hb: parallel.global_batch(hb, mesh),
-                                    size=2)
+  out = pipeline.prefetch_to_device(batches, lambda hb: parallel.global_batch(hb, mesh), size=2)
   stack.callback(out.close)
   return out
 
@@ -234,8 +266,9 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   total = int(config.train.steps)
   pidx = jax.process_index()
   train_src = setup.load_source(config.input, config.input.train_split)
-  ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints),
-                                 best_metric=config.train.best_metric)
+  ckpt = checkpoint.Checkpointer(
+    workdir, keep=int(config.train.keep_checkpoints), best_metric=config.train.best_metric
+  )
   stack.callback(ckpt.close)
   changes = _check_resume_config(config, workdir, ckpt)
   model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
@@ -249,36 +282,59 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
       state = _warm_start(state, config.train.init_from)
   start = int(jax.device_get(state.step))
 
-  writer = MetricWriter(workdir, resume_step=start if restored else None,
-                        enabled=pidx == 0)
+  writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=pidx == 0)
   stack.callback(writer.close)
   if pidx == 0:
     writer.write_config(config)
   if changes:
     writer.write_text(start, "config_change", changes)
 
-  progress = Progress(total=total, start=start, enabled=bool(config.train.progress) and pidx == 0,
-                      eval_steps=[s for s in range(1, total + 1) if s > start
-                                  and evals_due(config, s, total)])
+  progress = Progress(
+    total=total,
+    start=start,
+    enabled=bool(config.train.progress) and pidx == 0,
+    eval_steps=[s for s in range(1, total + 1) if s > start and evals_due(config, s, total)],
+  )
   stack.callback(progress.close)
-  evals = evaluation.EvalRunner(config, model, mesh, train_src=train_src, writer=writer,
-                                workdir=workdir, say=progress.write)
+  evals = evaluation.EvalRunner(
+    config, model, mesh, train_src=train_src, writer=writer, workdir=workdir, say=progress.write
+  )
   watch = guards.CollapseWatch()
-  plateau = optim.Plateau(**{kk: v for kk, v in config.optim.plateau.items()
-                             if kk != "metric"})
-  host = hooks_lib.HostState(plateau=plateau, hooks=_hooks(
-      config, evals, train_src, shardings, mesh, sharded=sharded, watch=watch, b=b))
+  plateau = optim.Plateau(**{kk: v for kk, v in config.optim.plateau.items() if kk != "metric"})
+  host = hooks_lib.HostState(
+    plateau=plateau,
+    hooks=_hooks(config, evals, train_src, shardings, mesh, sharded=sharded, watch=watch, b=b),
+  )
   host.load_state_dict(saved_host)
 
   host.batches = batches = _pipeline(config, train_src, mesh, host.pipeline, stack)
   train_step = step_lib.make_train_step(
-      model=model, direction=direction, schedule=optim.make_schedule(config.optim, total),
-      loss_name=config.loss.name, loss_kwargs=config_lib.set_kwargs(config.loss.kwargs),
-      memory_loss_kwargs=config_lib.set_kwargs(config.xbm.memory_loss_kwargs), mesh=mesh,
-      sharded_memory=sharded, accumulate=int(config.train.accumulate))
-  return Run(config=config, workdir=workdir, state=state, start=start, total=total,
-             global_batch=b, ckpt=ckpt, writer=writer, batches=batches,
-             train_step=train_step, evals=evals, progress=progress, host=host, watch=watch)
+    model=model,
+    direction=direction,
+    schedule=optim.make_schedule(config.optim, total),
+    loss_name=config.loss.name,
+    loss_kwargs=config_lib.set_kwargs(config.loss.kwargs),
+    memory_loss_kwargs=config_lib.set_kwargs(config.xbm.memory_loss_kwargs),
+    mesh=mesh,
+    sharded_memory=sharded,
+    accumulate=int(config.train.accumulate),
+  )
+  return Run(
+    config=config,
+    workdir=workdir,
+    state=state,
+    start=start,
+    total=total,
+    global_batch=b,
+    ckpt=ckpt,
+    writer=writer,
+    batches=batches,
+    train_step=train_step,
+    evals=evals,
+    progress=progress,
+    host=host,
+    watch=watch,
+  )
 
 
 def _before_step(run: Run, step: int) -> dict:
@@ -287,9 +343,15 @@ def _before_step(run: Run, step: int) -> dict:
   ctrl, notes = {"start_step": NEVER, "xbm_weight": 0.0}, {}
   for hook in run.host.hooks:
     run.state = hook.before_step(step, run.state, ctrl, notes)
-  return {"start_step": jnp.int32(ctrl["start_step"]),
-          "xbm_weight": jnp.float32(ctrl["xbm_weight"]),
-          "lr_scale": jnp.float32(run.host.plateau.scale)}
+  if notes.get("drift"):
+    # A reading at step s measures the model after s updates: logged at s itself, not
+    # at the next log line (which would shift drift curves by one interval).
+    run.writer.write_scalars(step, notes["drift"])
+  return {
+    "start_step": jnp.int32(ctrl["start_step"]),
+    "xbm_weight": jnp.float32(ctrl["xbm_weight"]),
+    "lr_scale": jnp.float32(run.host.plateau.scale),
+  }
 
 
 def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict:
@@ -298,13 +360,19 @@ def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict
   if first_bad is not None:
     good = run.ckpt.latest_step()
     raise NonFiniteError(
-        f"non-finite loss, gradients or parameters at step {first_bad}; stopping. " + (
-            f"The last good checkpoint is step {good} in {run.workdir}" if good is not None
-            else "No checkpoint was saved") + " (a too large learning rate?)")
+      f"non-finite loss, gradients or parameters at step {first_bad}; stopping. "
+      + (
+        f"The last good checkpoint is step {good} in {run.workdir}"
+        if good is not None
+        else "No checkpoint was saved"
+      )
+      + " (a too large learning rate?)"
+    )
   scalars = {f"train/{kk}": v for kk, v in means.items()}
-  scalars.update({"train/steps_per_s": steps / seconds,
-                  "train/images_per_s": steps * run.global_batch / seconds})
-  for hook in reversed(run.host.hooks):   # the controller's values, then the drift
+  scalars.update(
+    {"train/steps_per_s": steps / seconds, "train/images_per_s": steps * run.global_batch / seconds}
+  )
+  for hook in reversed(run.host.hooks):  # the controller's values, then the drift
     scalars.update(hook.log())
   run.writer.write_scalars(done, scalars)
   run.watch.grad_norm(done, means["grad_norm"])
@@ -344,7 +412,7 @@ def _train(run: Run) -> dict:
       pending, t_log, steps_since = [], time.time(), 0
     if eval_names:
       last.update(_evaluate(run, eval_names, done))
-      t_log = time.time()   # steps_per_s counts steps, not the evaluation
+      t_log = time.time()  # steps_per_s counts steps, not the evaluation
     if ckpt_now:
       run.ckpt.save(done, run.state, run.host.state_dict())
   last["train/final_step"] = float(run.total)

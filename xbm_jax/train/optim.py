@@ -5,6 +5,7 @@ them by `-lr(step) * lr_scale`, where `lr_scale` is a traced scalar fed by the
 host-side `Plateau` controller (reduce-on-plateau on an eval metric, the
 reference's choice), so changing the learning rate never recompiles.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,11 +24,13 @@ def make_direction(cfg) -> optax.GradientTransformation:
   (decoupled), or SGD with momentum and coupled L2."""
   name, wd = cfg.name, float(cfg.weight_decay)
   if name == "adam":
-    return optax.chain(optax.add_decayed_weights(wd),
-                       optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+    return optax.chain(
+      optax.add_decayed_weights(wd), optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    )
   if name == "adamw":
-    return optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-                       optax.add_decayed_weights(wd))
+    return optax.chain(
+      optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), optax.add_decayed_weights(wd)
+    )
   if name == "sgd":
     return optax.chain(optax.add_decayed_weights(wd), optax.trace(decay=cfg.momentum))
   raise ValueError(f"config.optim.name: unknown optimiser {name!r}; valid: {OPTIMIZERS}")
@@ -45,8 +48,9 @@ def make_schedule(cfg, total_steps: int) -> Callable:
   if kind in ("constant", "plateau"):
     main = optax.constant_schedule(lr)
   elif kind == "step":
-    main = optax.exponential_decay(lr, transition_steps=int(cfg.decay_every),
-                                   decay_rate=float(cfg.decay_factor), staircase=True)
+    main = optax.exponential_decay(
+      lr, transition_steps=int(cfg.decay_every), decay_rate=float(cfg.decay_factor), staircase=True
+    )
   elif kind == "cosine":
     cosine = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps - warmup, 1))
     main = lambda s: cosine(jnp.maximum(s - warmup, 0))

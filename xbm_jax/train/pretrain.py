@@ -16,6 +16,7 @@ so every step teaches; there is nothing to throw away at export either: ``export
 the embedding model's params + batch_stats in ``checkpoint.export_params``' format
 (loadable with ``config.train.init_from=FILE.msgpack``).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,11 +31,11 @@ import optax
 
 from xbm_jax import models
 from xbm_jax.data import pipeline, sources
-from xbm_jax.embeddings import l2_normalize
 
 
-def batch_softmax_loss(emb: jax.Array, labels: jax.Array, scale: float
-                       ) -> tuple[jax.Array, jax.Array]:
+def batch_softmax_loss(
+  emb: jax.Array, labels: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
   """Softmax classification of each row among the batch's classes (N-pair / NCA style).
 
   Args:
@@ -59,26 +60,39 @@ def make_step(model: nn.Module, tx: optax.GradientTransformation, scale: float):
   (params, batch_stats, opt_state, loss, accuracy)``."""
 
   def loss_fn(params, batch_stats, images, labels):
-    emb, upd = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                           train=True, mutable=["batch_stats"])
+    emb, upd = model.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
     loss, acc = batch_softmax_loss(emb, labels, scale)
     return loss, (upd["batch_stats"], acc)
 
   @jax.jit
   def step(params, batch_stats, opt_state, images, labels):
     (loss, (batch_stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, images, labels)
+      params, batch_stats, images, labels
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss, acc
 
   return step
 
 
-def pretrain(images: np.ndarray, labels: np.ndarray, *, model_cfg: Mapping[str, Any],
-             transform_cfg: Mapping[str, Any], steps: int, batch_size: int = 128,
-             samples_per_class: int = 2, lr: float = 1e-3, warmup: int = 100,
-             scale: float = 10.0, seed: int = 0,
-             log_every: int = 50, log: Callable[[str], None] = print) -> dict[str, Any]:
+def pretrain(
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  model_cfg: Mapping[str, Any],
+  transform_cfg: Mapping[str, Any],
+  steps: int,
+  batch_size: int = 128,
+  samples_per_class: int = 2,
+  lr: float = 1e-3,
+  warmup: int = 100,
+  scale: float = 10.0,
+  seed: int = 0,
+  log_every: int = 50,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
   """Trains ``models.create(model_cfg)`` by batch-softmax classification of ``labels``.
 
   Args:
@@ -92,43 +106,58 @@ def pretrain(images: np.ndarray, labels: np.ndarray, *, model_cfg: Mapping[str, 
     a list of (step, mean loss, mean in-batch train accuracy) per ``log_every`` window.
   """
   model = models.create(model_cfg)
-  variables = models.init_variables(model, jax.random.key(seed),
-                                    image_size=int(transform_cfg["crop"]),
-                                    channels=images.shape[-1])
+  variables = models.init_variables(
+    model, jax.random.key(seed), image_size=int(transform_cfg["crop"]), channels=images.shape[-1]
+  )
   params, batch_stats = variables["params"], variables["batch_stats"]
   tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, steps // 2), steps))
   opt_state = tx.init(params)
   step_fn = make_step(model, tx, scale)
   batches = pipeline.train_batches(
-      sources.ArraySource(images, np.asarray(labels, np.int64)),
-      sampler={"classes_per_batch": batch_size // samples_per_class,
-               "samples_per_class": samples_per_class},
-      transform_cfg=transform_cfg, global_batch_size=batch_size, seed=seed,
-      num_steps=steps, worker_count=0)
+    sources.ArraySource(images, np.asarray(labels, np.int64)),
+    sampler={
+      "classes_per_batch": batch_size // samples_per_class,
+      "samples_per_class": samples_per_class,
+    },
+    transform_cfg=transform_cfg,
+    global_batch_size=batch_size,
+    seed=seed,
+    num_steps=steps,
+    worker_count=0,
+  )
   history, window, t0 = [], [], time.time()
   try:
     for i, batch in enumerate(batches, start=1):
       params, batch_stats, opt_state, loss, acc = step_fn(
-          params, batch_stats, opt_state, batch["image"], batch["label"])
+        params, batch_stats, opt_state, batch["image"], batch["label"]
+      )
       window.append((loss, acc))
       if i % log_every == 0 or i == steps:
         loss_m, acc_m = (float(np.mean([float(v[j]) for v in window])) for j in (0, 1))
         history.append((i, loss_m, acc_m))
-        log(f"step {i}/{steps}: loss {loss_m:.3f}  train acc {acc_m:.3f}  "
-            f"({time.time() - t0:.0f} s)")
+        log(
+          f"step {i}/{steps}: loss {loss_m:.3f}  train acc {acc_m:.3f}  ({time.time() - t0:.0f} s)"
+        )
         window = []
   finally:
     batches.close()
-  return {"params": params, "batch_stats": batch_stats, "step": steps,
-          "history": history}
+  return {"params": params, "batch_stats": batch_stats, "step": steps, "history": history}
 
 
 def export(result: Mapping[str, Any], out: str) -> None:
   """Writes params + batch_stats (+ step) as ``checkpoint.export_params`` does (atomic)."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
-  blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, {
-      "params": result["params"], "batch_stats": result["batch_stats"],
-      "step": np.asarray(result["step"])}))
+
+  blob = serialization.msgpack_serialize(
+    jax.tree.map(
+      np.asarray,
+      {
+        "params": result["params"],
+        "batch_stats": result["batch_stats"],
+        "step": np.asarray(result["step"]),
+      },
+    )
+  )
   tmp = out + ".tmp"
   with open(tmp, "wb") as f:
     f.write(blob)

@@ -6,6 +6,7 @@ time) first goes unpredicted and then, counted as one slow step, makes the ETA
 jump. Here the bar's clock skips evaluations, and the ETA adds the mean time of
 the evaluations so far for each one still due.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -35,8 +36,14 @@ class Progress:
     self.enabled = enabled
     self.eval_steps = sorted(eval_steps)
     self.eval_seconds: list[float] = []
-    self.bar = tqdm.tqdm(total=total, initial=start, disable=not enabled, unit="step",
-                         dynamic_ncols=True, bar_format=BAR_FORMAT)
+    self.bar = tqdm.tqdm(
+      total=total,
+      initial=start,
+      disable=not enabled,
+      unit="step",
+      dynamic_ncols=True,
+      bar_format=BAR_FORMAT,
+    )
     self.fields: dict = {}
 
   def update(self) -> None:

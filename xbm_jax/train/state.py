@@ -1,4 +1,5 @@
 """The one train-state pytree: step, params, batch_stats, opt_state, memory, rng."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,6 +23,7 @@ class TrainState:
     rng: a PRNG key (unused by the deterministic reference models; kept for
       dropout-like layers and so that resume restores it).
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -31,5 +33,11 @@ class TrainState:
 
 
 def create(*, params, batch_stats, tx, memory: MemoryState, rng) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                    opt_state=tx.init(params), memory=memory, rng=rng)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
+    memory=memory,
+    rng=rng,
+  )

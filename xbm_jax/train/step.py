@@ -14,6 +14,7 @@ Host-side controllers feed `ctrl = {"start_step", "xbm_weight", "lr_scale"}` as
 traced scalars, so memory switch-on, weight ramps and learning-rate drops never
 recompile the step.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -43,7 +44,7 @@ def combine_stats(aux: dict, total: Callable) -> dict:
   out = {}
   for name, x in aux.items():
     head, _, tail = name.rpartition("mean_")
-    count = f"{head}{tail[:-len('_sim')]}_pairs" if tail.endswith("_sim") else None
+    count = f"{head}{tail[: -len('_sim')]}_pairs" if tail.endswith("_sim") else None
     if name.endswith(COUNT_KEYS):
       out[name] = total(x)
     elif count in aux:
@@ -63,8 +64,11 @@ def all_finite(tree) -> jax.Array:
   """`[]` bool: no NaN/inf anywhere in `tree`. One reduction per leaf, fused into
   the step: a fraction of the backward pass, and it catches weights gone NaN while
   the loss still reads 0 (a NaN similarity fails every pair mask)."""
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  flags = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
@@ -83,16 +87,25 @@ def state_specs(state: TrainState, *, sharded_memory: bool = False):
 
 
 def state_shardings(state: TrainState, mesh, *, sharded_memory: bool = False):
-  return jax.tree.map(lambda s: NamedSharding(mesh, s),
-                      state_specs(state, sharded_memory=sharded_memory),
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s),
+    state_specs(state, sharded_memory=sharded_memory),
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
-def make_train_step(*, model, direction: optax.GradientTransformation, schedule: Callable,
-                    loss_name: str, loss_kwargs: dict,
-                    memory_loss_kwargs: Optional[dict] = None, mesh,
-                    sharded_memory: bool = False,
-                    accumulate: int = 1) -> Callable:
+def make_train_step(
+  *,
+  model,
+  direction: optax.GradientTransformation,
+  schedule: Callable,
+  loss_name: str,
+  loss_kwargs: dict,
+  memory_loss_kwargs: Optional[dict] = None,
+  mesh,
+  sharded_memory: bool = False,
+  accumulate: int = 1,
+) -> Callable:
   """Returns `train_step(state, batch, ctrl) -> (state, metrics)`, jitted.
 
   Args:
@@ -129,57 +142,71 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
     active = memory_lib.active(state.step, ctrl["start_step"])
 
     def objective(params):
-      emb, new_vars = model.apply({"params": params, "batch_stats": batch_stats},
-                                  images, train=True, mutable=["batch_stats"])
+      emb, new_vars = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+      )
       local = Embeddings(emb, labels)
-      glob = Embeddings(jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
-                        jax.lax.all_gather(labels, DATA_AXIS, tiled=True))
+      glob = Embeddings(
+        jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
+        jax.lax.all_gather(labels, DATA_AXIS, tiled=True),
+      )
       mem = memory
       if not sharded_memory:
         # Gathered "invarying": the same rows on every device, which shard_map's
         # replication check can verify for the replicated memory (the gather that
         # feeds the loss stays "varying": its transpose routes each device's
         # gradient back to its rows).
-        mem = memory_lib.enqueue(mem, Embeddings(
-            jax.lax.all_gather(jax.lax.stop_gradient(emb), DATA_AXIS, tiled=True,
-                               to="invarying"),
-            jax.lax.all_gather(labels, DATA_AXIS, tiled=True, to="invarying")),
-                                 when=active)
+        mem = memory_lib.enqueue(
+          mem,
+          Embeddings(
+            jax.lax.all_gather(jax.lax.stop_gradient(emb), DATA_AXIS, tiled=True, to="invarying"),
+            jax.lax.all_gather(labels, DATA_AXIS, tiled=True, to="invarying"),
+          ),
+          when=active,
+        )
       total, mem, aux = losses.xbm_total_loss(
-          local, glob, mem, step=state.step, start_step=ctrl["start_step"],
-          weight=ctrl["xbm_weight"], loss=loss_fn, enqueue=sharded_memory,
-          axis_name=DATA_AXIS if sharded_memory else None,
-          query_offset=jax.lax.axis_index(DATA_AXIS) * b,
-          memory_loss_kwargs=memory_loss_kwargs, **loss_kwargs)
+        local,
+        glob,
+        mem,
+        step=state.step,
+        start_step=ctrl["start_step"],
+        weight=ctrl["xbm_weight"],
+        loss=loss_fn,
+        enqueue=sharded_memory,
+        axis_name=DATA_AXIS if sharded_memory else None,
+        query_offset=jax.lax.axis_index(DATA_AXIS) * b,
+        memory_loss_kwargs=memory_loss_kwargs,
+        **loss_kwargs,
+      )
       return total, (mem, new_vars.get("batch_stats", batch_stats), aux)
 
     # Differentiate at a "varying" copy of the replicated params: each device's
     # gradient of its own loss, reduced once by the pmean in per_device (at the
     # invariant params the transpose would psum every micro-batch's gradient).
     params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
-    (loss, (mem, new_stats, aux)), grads = jax.value_and_grad(
-        objective, has_aux=True)(params)
+    (loss, (mem, new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return loss, grads, new_stats, mem, aux
 
   def accumulated(state, images, labels, ctrl):
     """`accumulate` micro-batches in turn (see make_train_step), gradients averaged."""
     if labels.shape[0] % accumulate:
-      raise ValueError(f"the per-device batch {labels.shape[0]} does not divide into "
-                       f"accumulate={accumulate} micro-batches")
+      raise ValueError(
+        f"the per-device batch {labels.shape[0]} does not divide into "
+        f"accumulate={accumulate} micro-batches"
+      )
     split = lambda x: x.reshape((accumulate, -1) + x.shape[1:])
 
     def body(carry, xs):
       grad_sum, batch_stats, memory = carry
-      loss, grads, batch_stats, memory, aux = micro_step(state, batch_stats, memory,
-                                                         *xs, ctrl)
+      loss, grads, batch_stats, memory, aux = micro_step(state, batch_stats, memory, *xs, ctrl)
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
       return (grad_sum, batch_stats, memory), (loss, aux)
 
     # Per-device gradients ("varying", see micro_step) until the pmean.
-    zeros = jax.lax.pcast(jax.tree.map(jnp.zeros_like, state.params), DATA_AXIS,
-                          to="varying")
+    zeros = jax.lax.pcast(jax.tree.map(jnp.zeros_like, state.params), DATA_AXIS, to="varying")
     (grad_sum, batch_stats, mem), (loss, aux) = jax.lax.scan(
-        body, (zeros, state.batch_stats, state.memory), (split(images), split(labels)))
+      body, (zeros, state.batch_stats, state.memory), (split(images), split(labels))
+    )
     grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
     aux = combine_stats(aux, lambda x: jnp.sum(x, axis=0))
     return jnp.mean(loss), grads, batch_stats, mem, aux
@@ -187,7 +214,8 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
   def per_device(state: TrainState, images, labels, ctrl):
     if accumulate == 1:
       loss, grads, batch_stats, mem, aux = micro_step(
-          state, state.batch_stats, state.memory, images, labels, ctrl)
+        state, state.batch_stats, state.memory, images, labels, ctrl
+      )
     else:
       loss, grads, batch_stats, mem, aux = accumulated(state, images, labels, ctrl)
     grads = jax.lax.pmean(grads, DATA_AXIS)
@@ -197,23 +225,30 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
     # optax.inject_hyperparams): it is host state, checkpointed with the Plateau,
     # and the opt_state (and so old checkpoints) keeps its structure.
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, memory=mem)
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, memory=mem
+    )
     mean_loss = jax.lax.pmean(loss, DATA_AXIS)
     ok = all_finite((mean_loss, grads, updates, params, batch_stats))
-    metrics = {"loss": mean_loss,
-               # 1.0 when anything of this step is NaN/inf; the loop stops on it.
-               "nonfinite": jax.lax.pmax(1.0 - ok.astype(jnp.float32), DATA_AXIS),
-               "grad_norm": optax.tree.norm(grads), "lr": lr,
-               "memory_fill": jax.lax.pmean(memory_lib.fill(mem), DATA_AXIS)}
+    metrics = {
+      "loss": mean_loss,
+      # 1.0 when anything of this step is NaN/inf; the loop stops on it.
+      "nonfinite": jax.lax.pmax(1.0 - ok.astype(jnp.float32), DATA_AXIS),
+      "grad_norm": optax.tree.norm(grads),
+      "lr": lr,
+      "memory_fill": jax.lax.pmean(memory_lib.fill(mem), DATA_AXIS),
+    }
     metrics.update(device_stats(aux))
     return new_state, metrics
 
   def train_step(state, batch, ctrl):
     specs = state_specs(state, sharded_memory=sharded_memory)
-    mapped = jax.shard_map(per_device, mesh=mesh,
-                           in_specs=(specs, P(DATA_AXIS), P(DATA_AXIS), P()),
-                           out_specs=(specs, P()))
+    mapped = jax.shard_map(
+      per_device,
+      mesh=mesh,
+      in_specs=(specs, P(DATA_AXIS), P(DATA_AXIS), P()),
+      out_specs=(specs, P()),
+    )
     return mapped(state, batch["image"], batch["label"], ctrl)
 
   return jax.jit(train_step, donate_argnums=(0,))
@@ -221,7 +256,10 @@ def make_train_step(*, model, direction: optax.GradientTransformation, schedule:
 
 def make_embed_fn(model, mesh) -> Callable:
   """`embed(variables, images [B, ...]) -> [B, D]` eval-mode, sharded over `data`."""
+
   def per_device(variables, images):
     return model.apply(variables, images, train=False)
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                               out_specs=P(DATA_AXIS)))
+
+  return jax.jit(
+    jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
+  )

@@ -13,6 +13,7 @@ files are never rewritten: a new file starts with a ``SessionLog.START`` at
 ``resume_step + 1`` (tensorboardX's ``purge_step``), from which TensorBoard purges the
 orphaned later events itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,8 +90,14 @@ class MetricWriter:
     tensorboard: also write the event file.
   """
 
-  def __init__(self, workdir: str, *, resume_step: Optional[int] = None,
-               enabled: bool = True, tensorboard: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    resume_step: Optional[int] = None,
+    enabled: bool = True,
+    tensorboard: bool = True,
+  ):
     self.workdir = workdir
     self.enabled = enabled
     self._jsonl = self._tb = None
@@ -104,13 +111,15 @@ class MetricWriter:
     if tensorboard:
       # tensorboardX names files by the second and host only: a pid and a clock in
       # the suffix keep a quick restart from reopening (and clobbering) the last file.
-      self._tb = FileWriter(
-          workdir, filename_suffix=f".{os.getpid()}.{time.time_ns()}.xbm")
+      self._tb = FileWriter(workdir, filename_suffix=f".{os.getpid()}.{time.time_ns()}.xbm")
       if resume_step is not None:
         # SessionLog START: TensorBoard purges the older files' events from here on.
-        self._tb.add_event(event_pb2.Event(
+        self._tb.add_event(
+          event_pb2.Event(
             step=int(resume_step) + 1,
-            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+          )
+        )
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Appends ``{"step": step, **scalars}`` (values cast to float; NaN/inf are kept
@@ -127,9 +136,12 @@ class MetricWriter:
     if self._tb is not None:
       # Raw Summary values keep the project's tag names (tensorboardX's add_scalar
       # would rewrite "recall@1" to "recall_1").
-      self._tb.add_summary(summary_pb2.Summary(value=[
-          summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]),
-                           global_step=step)
+      self._tb.add_summary(
+        summary_pb2.Summary(
+          value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+        ),
+        global_step=step,
+      )
     # Flush per call (every few steps, not every step): a crash loses nothing
     # that the checkpoint does not also lose.
     self.flush()
@@ -139,15 +151,20 @@ class MetricWriter:
     if not self.enabled or self._tb is None:
       return
     img = np.asarray(image)
-    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (
-        img.ndim == 3 and img.shape[-1] not in (1, 3, 4)):
-      raise ValueError(f"image {name!r} must be uint8 [H, W] or [H, W, 1|3|4], got "
-                       f"{img.dtype} {img.shape}")
+    if (
+      img.dtype != np.uint8
+      or img.ndim not in (2, 3)
+      or (img.ndim == 3 and img.shape[-1] not in (1, 3, 4))
+    ):
+      raise ValueError(
+        f"image {name!r} must be uint8 [H, W] or [H, W, 1|3|4], got {img.dtype} {img.shape}"
+      )
     if img.ndim == 3 and img.shape[-1] == 1:
       img = img[..., 0]
-    self._tb.add_summary(tb_summary.image(name, img,
-                                          dataformats="HW" if img.ndim == 2 else "HWC"),
-                         global_step=int(step))
+    self._tb.add_summary(
+      tb_summary.image(name, img, dataformats="HW" if img.ndim == 2 else "HWC"),
+      global_step=int(step),
+    )
     self._tb.flush()
 
   def write_text(self, step: int, name: str, text: str) -> None:

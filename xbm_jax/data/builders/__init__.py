@@ -7,6 +7,7 @@ Each builder module has `NAME`, `SPLITS`, `DESCRIPTION` and
 `entries(manual_dir) -> {split: [common.Entry]}`; `prepare` checks the splits
 and writes them with `xbm_jax.data.writer.write_dataset`.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,15 +37,22 @@ def entries(dataset: str, manual_dir: str, splits=None) -> dict[str, list[common
   out = BUILDERS[dataset].entries(manual_dir)
   for split in BUILDERS[dataset].SPLITS:
     if not out.get(split):
-      raise common.ListFileError(f"{dataset}: split {split!r} is empty in "
-                                 f"{manual_dir}")
+      raise common.ListFileError(f"{dataset}: split {split!r} is empty in {manual_dir}")
   return out
 
 
-def prepare(dataset: str, *, manual_dir: str, data_dir: str,
-            name: str | None = None, on_corrupt: str = "fail",
-            overwrite: bool = False, progress: bool = True, splits=None,
-            **write_kwargs: Any):
+def prepare(
+  dataset: str,
+  *,
+  manual_dir: str,
+  data_dir: str,
+  name: str | None = None,
+  on_corrupt: str = "fail",
+  overwrite: bool = False,
+  progress: bool = True,
+  splits=None,
+  **write_kwargs: Any,
+):
   """Parses `dataset` in `manual_dir` and writes it to `data_dir/<name>/<version>`.
 
   Args:
@@ -83,16 +91,21 @@ def prepare(dataset: str, *, manual_dir: str, data_dir: str,
     splits = entries(dataset, manual_dir, splits)
     if dataset == CUSTOM:
       description = listfile.DESCRIPTION.format(
-          kind=manual_dir, label="the given integer label / class folder")
+        kind=manual_dir, label="the given integer label / class folder"
+      )
     else:
       description = BUILDERS[dataset].DESCRIPTION
     return writer.write_dataset(
-        name, data_dir,
-        {s: ((e.path, e.label, e.name) for e in rows)
-         for s, rows in splits.items()},
-        totals={s: len(rows) for s, rows in splits.items()},
-        on_corrupt=on_corrupt, overwrite=overwrite, description=description,
-        progress=progress, **write_kwargs)
+      name,
+      data_dir,
+      {s: ((e.path, e.label, e.name) for e in rows) for s, rows in splits.items()},
+      totals={s: len(rows) for s, rows in splits.items()},
+      on_corrupt=on_corrupt,
+      overwrite=overwrite,
+      description=description,
+      progress=progress,
+      **write_kwargs,
+    )
   finally:
     if scratch:
       shutil.rmtree(scratch, ignore_errors=True)

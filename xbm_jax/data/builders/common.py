@@ -5,6 +5,7 @@ A builder turns an official layout under a manual directory into
 `xbm_jax.data.writer.write_dataset`. Every parsing error is a `ListFileError`
 that names the file and the 1-based line.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ class Entry(NamedTuple):
     label: the official class id (int).
     name: the path as written in the official list (stored as `path`).
   """
+
   path: str
   label: int
   name: str
@@ -32,9 +34,10 @@ def require_file(path: str, what: str = "list file") -> str:
   if not os.path.isfile(path):
     parent = os.path.dirname(path) or "."
     have = sorted(os.listdir(parent))[:20] if os.path.isdir(parent) else None
-    raise ListFileError(f"missing {what} {path}" + (
-        f" ({parent} holds {have})" if have is not None else
-        f" (no directory {parent})"))
+    raise ListFileError(
+      f"missing {what} {path}"
+      + (f" ({parent} holds {have})" if have is not None else f" (no directory {parent})")
+    )
   return path
 
 
@@ -50,14 +53,16 @@ def read_lines(path: str, *, skip: int = 0) -> Iterator[tuple[int, str]]:
         yield lineno, line
 
 
-def fields(path: str, lineno: int, line: str, n: int, sep: str | None = None,
-           names: str = "") -> list[str]:
+def fields(
+  path: str, lineno: int, line: str, n: int, sep: str | None = None, names: str = ""
+) -> list[str]:
   """Splits a line into exactly `n` fields or raises naming file and line."""
   parts = line.split(sep) if sep is None else line.rsplit(sep, n - 1)
   parts = [p.strip() for p in parts]
   if len(parts) != n or not all(parts):
-    raise ListFileError(f"{path}:{lineno}: expected {n} fields"
-                        f"{' (' + names + ')' if names else ''}, got {line!r}")
+    raise ListFileError(
+      f"{path}:{lineno}: expected {n} fields{' (' + names + ')' if names else ''}, got {line!r}"
+    )
   return parts
 
 
@@ -65,8 +70,7 @@ def to_int(token: str, path: str, lineno: int, what: str) -> int:
   try:
     return int(token)
   except ValueError:
-    raise ListFileError(f"{path}:{lineno}: {what} must be an integer, got "
-                        f"{token!r}") from None
+    raise ListFileError(f"{path}:{lineno}: {what} must be an integer, got {token!r}") from None
 
 
 def find_root(manual_dir: str, marker: str, folders: Sequence[str]) -> str:
@@ -87,8 +91,9 @@ def find_root(manual_dir: str, marker: str, folders: Sequence[str]) -> str:
     if os.path.exists(os.path.join(root, marker)):
       return root
   looked = ", ".join(os.path.join(c, marker) for c in candidates)
-  raise ListFileError(f"cannot find {marker} (looked at {looked}); extract the "
-                      f"official archive into {manual_dir}")
+  raise ListFileError(
+    f"cannot find {marker} (looked at {looked}); extract the official archive into {manual_dir}"
+  )
 
 
 ARCHIVE_SUFFIXES = (".zip", ".tgz", ".tar.gz", ".tar")
@@ -97,7 +102,7 @@ ARCHIVE_SUFFIXES = (".zip", ".tgz", ".tar.gz", ".tar")
 def _stem(name: str) -> str:
   for suffix in ARCHIVE_SUFFIXES:
     if name.lower().endswith(suffix):
-      return name[:-len(suffix)]
+      return name[: -len(suffix)]
   return name
 
 
@@ -110,8 +115,11 @@ def archives(manual_dir: str) -> list[str]:
   if not os.path.isdir(manual_dir):
     return []
   names = set(os.listdir(manual_dir))
-  return sorted(os.path.join(manual_dir, n) for n in names
-                if n.lower().endswith(ARCHIVE_SUFFIXES) and _stem(n) not in names)
+  return sorted(
+    os.path.join(manual_dir, n)
+    for n in names
+    if n.lower().endswith(ARCHIVE_SUFFIXES) and _stem(n) not in names
+  )
 
 
 def extract_overlay(manual_dir: str, out_dir: str) -> str:
