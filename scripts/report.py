@@ -8,12 +8,8 @@ its config.json); see xbm_jax/insight/report.py.
 """
 
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from xbm_jax.insight.report import build_report  # noqa: E402
+from xbm_jax.insight.report import build_report
 
 
 def main(argv=None):
