@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import xbm_jax
+from tests import loss_oracles
 from xbm_jax import losses, memory, parallel
 from xbm_jax.train import optim, state as state_lib, step as step_lib
 
@@ -179,6 +180,22 @@ def test_step_matches_single_device_by_hand():
     axis_size=1,
   )(variables["params"])
   np.testing.assert_allclose(h1[0]["loss"], float(value), rtol=1e-5)
+  # The value itself against the NumPy loop over pairs: the memory holds exactly this
+  # batch (enqueued first), so L(B, M) = L(B, B).
+  emb = jax.vmap(
+    lambda v: model.apply(v, jnp.asarray(batches[0]["image"]), train=True, mutable=["batch_stats"])[
+      0
+    ],
+    axis_name=parallel.DATA_AXIS,
+    in_axes=None,
+    out_axes=None,
+    axis_size=1,
+  )(variables)
+  lab = np.asarray(batches[0]["label"])
+  want = 2 * loss_oracles.contrastive(
+    np.asarray(emb, np.float64), lab, np.asarray(emb, np.float64), lab
+  )
+  np.testing.assert_allclose(h1[0]["loss"], want, rtol=1e-4)
   # Adam's first step moves each coordinate by ~lr * sign(g + wd * w).
   g = grads["Dense_1"]["kernel"] + 5e-4 * variables["params"]["Dense_1"]["kernel"]
   delta = np.asarray(s1.params["Dense_1"]["kernel"] - variables["params"]["Dense_1"]["kernel"])
