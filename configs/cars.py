@@ -8,15 +8,10 @@ Leave-one-out R@1/2/4/8 on the test classes. The training sets are small
 (~5-8k images), so the memory covers the whole set.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-  "_cub_config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "cub.py")
-)
-_cub = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cub)
+# The shared CUB/Cars recipe, imported from the installed package (xbm_jax.configs is
+# this folder, shipped with the package).
+from xbm_jax.configs import cub
 
 
 def get_config(arg=None):
-  return _cub.build("cars", arg)
+  return cub.build("cars", arg)
