@@ -102,6 +102,17 @@ def _pretrained_arms(lrs):
 WARM_START = os.path.join(ROOT, "xbm_jax", "data", "glyphs_data", "warm_start_small_cnn32.msgpack")
 
 
+def _memsize_arms(lr=3e-4):
+  """The memory-size curve in the pretrained regime: the averaged memory term (the one
+  arm that never hurt) at the lr both pretrained arms chose on val, sizes up to the
+  whole train set (6,000); size 0 is the no-memory arm."""
+  mean = {"xbm.enabled": True, "xbm.memory_loss_kwargs.reduction": "mean", "optim.lr": lr}
+  out = [Arm("memsize", "size_0", {"xbm.enabled": False, "optim.lr": lr}, {}, x=0)]
+  for size in (1000, 3000, 6000):
+    out.append(Arm("memsize", f"size_{size}", {**mean, "xbm.size": size}, {}, x=size))
+  return out
+
+
 def _guard_arms():
   """Issue 16, not a tuned comparison: the warm-start regime (the committed no-memory
   weights, lr 1e-4, 600 steps), memory 8,192 on at step 100 so the guard can measure
@@ -134,6 +145,7 @@ def arms(smoke: bool) -> list[Arm]:
     + _fair_arms((1e-3, 3e-3))
     + _guard_arms()
     + _pretrained_arms((3e-5, 1e-4, 3e-4))
+    + _memsize_arms()
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
   )
 
@@ -183,7 +195,7 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
   overrides = {**arm.fixed, **point, "seed": seed}
   if smoke:  # wiring only: a 1,500-image split stands in for the 24,648-image test set
     overrides["evals.test.split"] = "val5"
-  variant = "study" + (",pretrained" if arm.stage == "pretrained" else "")
+  variant = "study" + (",pretrained" if arm.stage in ("pretrained", "memsize") else "")
   cmd = [
     sys.executable,
     TRAIN,
@@ -295,13 +307,36 @@ def _table_md(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _memsize_plot(plt, out: str, rows: list[dict]) -> None:
+  if not rows:
+    return
+  rows = sorted(rows, key=lambda r: r["x"])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.errorbar(
+    [r["x"] for r in rows],
+    [np.mean(r["test_r1"]) for r in rows],
+    yerr=[np.std(r["test_r1"], ddof=1) if len(r["test_r1"]) > 1 else 0 for r in rows],
+    marker="o",
+    capsize=3,
+  )
+  ax.set(
+    xlabel="memory size (0 = no memory; 6,000 = the whole train set)",
+    ylabel="test R@1 (mean ± std over seeds)",
+    title="pretrained regime, averaged memory term: R@1 vs memory size",
+  )
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "r1_vs_memory_size.png"), dpi=120)
+  plt.close(fig)
+
+
 def _plots(out: str, rows: list[dict]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  curve_rows = [r for r in rows if r["x"] is not None and r["test_r1"]]
+  _memsize_plot(plt, out, [r for r in rows if r["stage"] == "memsize" and r["test_r1"]])
+  curve_rows = [r for r in rows if r["x"] is not None and r["test_r1"] and r["stage"] != "memsize"]
   if curve_rows:
     fig, ax = plt.subplots(figsize=(6, 4))
     for group in sorted({r["group"] for r in curve_rows}):
@@ -325,7 +360,7 @@ def _plots(out: str, rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "r1_vs_batch.png"), dpi=120)
     plt.close(fig)
-  for stage in sorted({r["stage"] for r in rows if r["x"] is None}):
+  for stage in sorted({r["stage"] for r in rows if r["x"] is None and r["stage"] != "memsize"}):
     g = [r for r in rows if r["stage"] == stage and r["curves"]]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     panels = (
