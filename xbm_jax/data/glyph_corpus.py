@@ -32,15 +32,8 @@ def default_path() -> str:
 
 
 def jis_level2_kanji() -> list[str]:
-  """The 3,390 JIS X 0208 level-2 kanji (rows 48-84), decoded via Python's euc_jp codec."""
-  chars = []
-  for row in range(48, 85):
-    for cell in range(1, 95):
-      try:
-        chars.append(bytes([0xA0 + row, 0xA0 + cell]).decode("euc_jp"))
-      except UnicodeDecodeError:  # row 84 ends at cell 6
-        pass
-  return chars
+  """The 3,390 JIS X 0208 level-2 kanji (rows 48-84)."""
+  return glyphs.jis_kanji_rows(48, 84)
 
 
 def corpus_chars(exclude: Iterable[str] = ()) -> list[str]:

@@ -38,16 +38,22 @@ UNASSIGNED = "\U0010fffd"  # a private-use code point no CJK font maps: renders 
 _RENDER_PX = 64  # render large, then downsample: smooth anti-aliasing
 
 
-def jis_level1_kanji() -> list[str]:
-  """The 2,965 JIS X 0208 level-1 kanji (rows 16-47), decoded via Python's euc_jp codec."""
+def jis_kanji_rows(first: int, last: int) -> list[str]:
+  """The JIS X 0208 kanji of rows ``first..last`` (inclusive), decoded via Python's euc_jp
+  codec; cells a row leaves unassigned are skipped."""
   chars = []
-  for row in range(16, 48):
+  for row in range(first, last + 1):
     for cell in range(1, 95):
       try:
         chars.append(bytes([0xA0 + row, 0xA0 + cell]).decode("euc_jp"))
-      except UnicodeDecodeError:  # row 47 ends at cell 51
+      except UnicodeDecodeError:  # e.g. row 47 ends at cell 51, row 84 at cell 6
         pass
   return chars
+
+
+def jis_level1_kanji() -> list[str]:
+  """The 2,965 JIS X 0208 level-1 kanji (rows 16-47)."""
+  return jis_kanji_rows(16, 47)
 
 
 def unicode_range(start: int, stop: int) -> list[str]:
