@@ -307,18 +307,24 @@ def _table_md(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _memsize_plot(plt, out: str, rows: list[dict]) -> None:
-  if not rows:
-    return
-  rows = sorted(rows, key=lambda r: r["x"])
-  fig, ax = plt.subplots(figsize=(6, 4))
+def _errorbar(ax, rows: list[dict], **kw) -> None:
+  """Test R@1 (mean ± std over seeds) against each row's x."""
   ax.errorbar(
     [r["x"] for r in rows],
     [np.mean(r["test_r1"]) for r in rows],
     yerr=[np.std(r["test_r1"], ddof=1) if len(r["test_r1"]) > 1 else 0 for r in rows],
     marker="o",
     capsize=3,
+    **kw,
   )
+
+
+def _memsize_plot(plt, out: str, rows: list[dict]) -> None:
+  if not rows:
+    return
+  rows = sorted(rows, key=lambda r: r["x"])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  _errorbar(ax, rows)
   ax.set(
     xlabel="memory size (0 = no memory; 6,000 = the whole train set)",
     ylabel="test R@1 (mean ± std over seeds)",
@@ -341,14 +347,7 @@ def _plots(out: str, rows: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for group in sorted({r["group"] for r in curve_rows}):
       g = sorted((r for r in curve_rows if r["group"] == group), key=lambda r: r["x"])
-      ax.errorbar(
-        [r["x"] for r in g],
-        [np.mean(r["test_r1"]) for r in g],
-        yerr=[np.std(r["test_r1"], ddof=1) if len(r["test_r1"]) > 1 else 0 for r in g],
-        marker="o",
-        capsize=3,
-        label=group,
-      )
+      _errorbar(ax, g, label=group)
     ax.set(
       xscale="log",
       xlabel="batch size B (K = 4), lr tuned per B",
