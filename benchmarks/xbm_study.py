@@ -19,6 +19,13 @@ Stages (each a list of arms; `--stage all` runs them in order):
 - fair: B = 64 from scratch, memory 8,192 switched on at step 100: no memory; the paper's
   summed memory term; the memory term averaged over its active pairs; the drift-aware
   auto start. lr (and weight) tuned per arm.
+- guard: the warm-start regime, memory on at step 100, the drift guard (issue 16).
+- pretrained: the paper's regime in miniature (`glyphs.py:study,pretrained`), lr tuned.
+- memsize: the pretrained regime, averaged term, memory 0 / 1k / 3k / 6k (whole train set).
+- margin: the pretrained regime, the contrastive margin tuned for no memory and the summed
+  memory term alike (0.5 .. 0.8).
+- long: the pretrained regime for 4,000 steps (10x), val R@1 every 200 steps.
+- batch_size_ms: the batch-size curve with multi-similarity (defined, not run yet).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
 SEEDS = (0, 1, 2)
+PRETRAINED_STAGES = ("pretrained", "memsize", "margin", "long")  # `glyphs.py:study,pretrained`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +121,40 @@ def _memsize_arms(lr=3e-4):
   return out
 
 
+def _margin_arms(lr=3e-4):
+  """The pretrained regime with the contrastive margin tuned per arm (issue 11, item 3):
+  many glyph negatives sit above cos 0.5, so the summed memory term over 6,000 slots is
+  large; a higher margin leaves only the hard negatives active, as on SOP. Both arms get
+  the same margin grid at the lr both pretrained arms chose."""
+  grid = {"loss.kwargs.margin": (0.5, 0.6, 0.7, 0.8)}
+  return [
+    Arm("margin", "no_memory", {"xbm.enabled": False, "optim.lr": lr}, grid),
+    Arm("margin", "memory_paper_sum", {"xbm.enabled": True, "optim.lr": lr}, grid),
+  ]
+
+
+def _long_arms(lr=3e-4, steps=4000):
+  """The training-length question (issue 11, item 3): the pretrained regime for 10x the
+  study's 400 steps, memory on from step 0, at the lr chosen on val at 400 steps (not
+  re-tuned for the long schedule). Val R@1 every 200 steps answers "does the memory's
+  early loss turn into a gain later, and when"; test every 1,000 steps, reported at the end."""
+  long = {
+    "train.steps": steps,
+    "optim.lr": lr,
+    "evals.val.every_steps": 200,
+    "evals.test.every_steps": 1000,
+  }
+  mem = {**long, "xbm.enabled": True}
+  seeds = (0, 1)
+  return [
+    Arm("long", "no_memory", {**long, "xbm.enabled": False}, {}, seeds=seeds),
+    Arm("long", "memory_paper_sum", mem, {}, seeds=seeds),
+    Arm(
+      "long", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"}, {}, seeds=seeds
+    ),
+  ]
+
+
 def _guard_arms():
   """Issue 16, not a tuned comparison: the warm-start regime (the committed no-memory
   weights, lr 1e-4, 600 steps), memory 8,192 on at step 100 so the guard can measure
@@ -146,6 +188,8 @@ def arms(smoke: bool) -> list[Arm]:
     + _guard_arms()
     + _pretrained_arms((3e-5, 1e-4, 3e-4))
     + _memsize_arms()
+    + _margin_arms()
+    + _long_arms()
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
   )
 
@@ -195,7 +239,7 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
   overrides = {**arm.fixed, **point, "seed": seed}
   if smoke:  # wiring only: a 1,500-image split stands in for the 24,648-image test set
     overrides["evals.test.split"] = "val5"
-  variant = "study" + (",pretrained" if arm.stage in ("pretrained", "memsize") else "")
+  variant = "study" + (",pretrained" if arm.stage in PRETRAINED_STAGES else "")
   cmd = [
     sys.executable,
     TRAIN,
@@ -229,13 +273,18 @@ def val_score(rec: dict) -> float:
   return rec["last"].get(VAL, 0.0) if rec["status"] == "ok" else 0.0
 
 
-def run_arm(out: str, arm: Arm, smoke: bool) -> None:
+def run_arm(out: str, arm: Arm, smoke: bool, only_seeds=None) -> None:
+  """Tunes on seed 0 (unless the grid is one point), then runs the chosen point's seeds;
+  `only_seeds` restricts the latter (two drivers can split one stage's seeds)."""
   seeds = arm.seeds[:1] if smoke else arm.seeds
   points = grid_points(arm)
-  scores = [val_score(launch(out, arm, p, seeds[0], smoke)) for p in points]
-  best = points[int(np.argmax(scores))]
-  for seed in seeds[1:]:
-    launch(out, arm, best, seed, smoke)
+  best = points[0]
+  if len(points) > 1:
+    scores = [val_score(launch(out, arm, p, seeds[0], smoke)) for p in points]
+    best = points[int(np.argmax(scores))]
+  for seed in seeds:
+    if only_seeds is None or seed in only_seeds:
+      launch(out, arm, best, seed, smoke)
 
 
 def _mean_std(values) -> str:
@@ -405,6 +454,7 @@ def main(argv=None):
   parser.add_argument("--out", required=True)
   parser.add_argument("--stage", default="all", help="a stage, a comma list, or all")
   parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--seeds", default="", help="run only these seeds, e.g. 0 or 1,2")
   args = parser.parse_args(argv)
   stages = args.stage.split(",")
   chosen = [a for st in stages for a in arms(args.smoke) if st in ("all", a.stage)]
@@ -413,8 +463,9 @@ def main(argv=None):
       f"--stage {args.stage!r} names no arm; stages: {sorted({a.stage for a in arms(args.smoke)})}"
     )
   if args.command == "run":
+    only = {int(x) for x in args.seeds.split(",")} if args.seeds else None
     for arm in chosen:
-      run_arm(args.out, arm, args.smoke)
+      run_arm(args.out, arm, args.smoke, only)
   write_table(args.out, chosen)
 
 
