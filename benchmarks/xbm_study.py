@@ -24,6 +24,7 @@ Stages (each a list of arms; `--stage all` runs them in order):
 - memsize: the pretrained regime, averaged term, memory 0 / 1k / 3k / 6k (whole train set).
 - margin: the pretrained regime, the contrastive margin tuned for no memory and the summed
   memory term alike (0.5 .. 0.8).
+- pretrained_batch: the pretrained regime, no memory, B = 64 and 256, lr tuned per B.
 - long: the pretrained regime for 4,000 steps (10x), val R@1 every 200 steps.
 - batch_size_ms: the batch-size curve with multi-similarity (defined, not run yet).
 """
@@ -45,7 +46,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
 SEEDS = (0, 1, 2)
-PRETRAINED_STAGES = ("pretrained", "memsize", "margin", "long")  # `glyphs.py:study,pretrained`
+PRETRAINED_STAGES = (
+  "pretrained",
+  "memsize",
+  "margin",
+  "long",
+  "pretrained_batch",
+)  # `glyphs.py:study,pretrained`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +140,23 @@ def _margin_arms(lr=3e-4):
   ]
 
 
+def _pretrained_batch_arms(lrs=(3e-4, 1e-3)):
+  """Item 1 asked in the paper's regime: does a 4x bigger batch (no memory) beat B = 64
+  after pretraining? 256 = 64 classes x 4 of the 1,200; the memory holds all 6,000."""
+  return [
+    Arm(
+      "pretrained_batch",
+      f"contrastive_B{b}",
+      {"xbm.enabled": False, "input.batch_size": b},
+      {"optim.lr": lrs},
+      x=b,
+      group="contrastive, pretrained",
+      seeds=(0, 1),
+    )
+    for b in (64, 256)
+  ]
+
+
 def _long_arms(lr=3e-4, steps=4000):
   """The training-length question (issue 11, item 3): the pretrained regime for 10x the
   study's 400 steps, memory on from step 0, at the lr chosen on val at 400 steps (not
@@ -186,9 +210,11 @@ def arms(smoke: bool) -> list[Arm]:
     _batch_arms("batch_size", "contrastive", lrs)
     + _fair_arms((1e-3, 3e-3))
     + _guard_arms()
-    + _pretrained_arms((3e-5, 1e-4, 3e-4))
+    # 1e-3 added after 3e-4 won at the grid's top edge for every pretrained arm.
+    + _pretrained_arms((3e-5, 1e-4, 3e-4, 1e-3))
     + _memsize_arms()
     + _margin_arms()
+    + _pretrained_batch_arms()
     + _long_arms()
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
   )
