@@ -26,6 +26,7 @@ Stages (each a list of arms; `--stage all` runs them in order):
   memory term alike (0.5 .. 0.8).
 - pretrained_batch: the pretrained regime, no memory, B = 64 and 256, lr tuned per B.
 - long: the pretrained regime for 4,000 steps (10x), val R@1 every 200 steps.
+- long8k: the long stage's no-memory and summed-memory runs resumed to 8,000 steps (20x).
 - batch_size_ms: the batch-size curve with multi-similarity (defined, not run yet).
 """
 
@@ -36,6 +37,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,6 +68,9 @@ class Arm:
   x: float | None = None  # e.g. the batch size, for the curve plots
   group: str = ""  # the curve an arm belongs to
   seeds: tuple = SEEDS
+  # "stage/arm" whose finished run (same seed) this arm resumes with more steps: under a
+  # constant lr, resuming is bit-identical to one longer run, so 8k steps cost 4k more.
+  extends: str = ""
 
 
 def _batch_arms(stage, loss, lrs, sizes=(32, 64, 128, 256)):
@@ -179,6 +184,22 @@ def _long_arms(lr=3e-4, steps=4000):
   ]
 
 
+def _long8k_arms():
+  """The long stage's no-memory and summed-memory runs continued to 8,000 steps (20x):
+  at 4,000 the summed term's deficit was still shrinking."""
+  return [
+    Arm(
+      "long8k",
+      name,
+      {**_long_arms()[0].fixed, "train.steps": 8000, "xbm.enabled": name != "no_memory"},
+      {},
+      seeds=(0, 1),
+      extends=f"long/{name}",
+    )
+    for name in ("no_memory", "memory_paper_sum")
+  ]
+
+
 def _guard_arms():
   """Issue 16, not a tuned comparison: the warm-start regime (the committed no-memory
   weights, lr 1e-4, 600 steps), memory 8,192 on at step 100 so the guard can measure
@@ -216,6 +237,7 @@ def arms(smoke: bool) -> list[Arm]:
     + _margin_arms()
     + _pretrained_batch_arms()
     + _long_arms()
+    + _long8k_arms()
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
   )
 
@@ -261,6 +283,11 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
   rec = read_run(workdir)
   if rec is not None:
     return rec
+  if arm.extends:
+    src = os.path.join(out, arm.extends, f"s{seed}")
+    if read_run(src) is None:
+      raise RuntimeError(f"{workdir} extends {src}, which has not finished")
+    shutil.copytree(src, workdir, ignore=shutil.ignore_patterns("run.json", "*.lock"))
   os.makedirs(workdir, exist_ok=True)
   overrides = {**arm.fixed, **point, "seed": seed}
   if smoke:  # wiring only: a 1,500-image split stands in for the 24,648-image test set
