@@ -54,6 +54,7 @@ PRETRAINED_STAGES = (
   "margin",
   "long",
   "pretrained_batch",
+  "long8k",
 )  # `glyphs.py:study,pretrained`
 
 
