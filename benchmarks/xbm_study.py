@@ -69,8 +69,9 @@ class Arm:
   x: float | None = None  # e.g. the batch size, for the curve plots
   group: str = ""  # the curve an arm belongs to
   seeds: tuple = SEEDS
-  # "stage/arm" whose finished run (same seed) this arm resumes with more steps: under a
-  # constant lr, resuming is bit-identical to one longer run, so 8k steps cost 4k more.
+  # The finished run this arm resumes with more steps: its directory under OUT without
+  # the seed ("stage/arm", plus "/grid_tag" for a tuned arm). Under a constant lr resuming
+  # is bit-identical to one longer run, so 8k steps cost 4k more.
   extends: str = ""
 
 
@@ -232,6 +233,13 @@ def arms(smoke: bool) -> list[Arm]:
     return [
       Arm("smoke", "no_memory", {"xbm.enabled": False}, {"optim.lr": (1e-3,)}),
       Arm("smoke", "memory", {"xbm.enabled": True}, {"optim.lr": (1e-3, 1e-2)}),
+      Arm(
+        "smoke",
+        "no_memory_longer",
+        {"xbm.enabled": False, "optim.lr": 1e-3, "train.steps": 8},
+        {},
+        extends="smoke/no_memory/lr0.001",
+      ),
     ]
   # A first grid with 3e-4 (B = 32 / 64 / 128, seed 0) put it last every time and
   # 3e-3 at the top edge: the grid moved up one step.

@@ -42,7 +42,7 @@ def test_smoke_study_tunes_on_val_and_tabulates_test(tmp_path):
     env=env,
   )
   rows = {r["arm"]: r for r in json.load(open(os.path.join(out, "study.json")))}
-  assert set(rows) == {"no_memory", "memory"}
+  assert set(rows) == {"no_memory", "memory", "no_memory_longer"}
   # The memory arm's choice is the grid point with the higher final val R@1, read
   # here straight from the two runs' logs.
   runs = {lr: os.path.join(out, "smoke", "memory", f"lr{lr}", "s0") for lr in ("0.001", "0.01")}
@@ -56,3 +56,13 @@ def test_smoke_study_tunes_on_val_and_tabulates_test(tmp_path):
   assert _last(base, "train/loss_xbm") == 0.0
   table = open(os.path.join(out, "study.md")).read()
   assert f"| smoke | memory | lr={float(best):g} | 1 |" in table
+  # The extending arm resumed the 6-step baseline (its log begins with the source's
+  # lines) and went on to 8 steps.
+  longer = os.path.join(out, "smoke", "no_memory_longer", "s0")
+  with open(os.path.join(base, "metrics.jsonl")) as f:
+    source_lines = f.read().splitlines()
+  with open(os.path.join(longer, "metrics.jsonl")) as f:
+    longer_lines = f.read().splitlines()
+  assert longer_lines[: len(source_lines)] == source_lines
+  assert json.loads(longer_lines[-1])["step"] == 8
+  assert "resuming step 6" in open(os.path.join(longer, "train.log")).read()
