@@ -48,14 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
 SEEDS = (0, 1, 2)
-PRETRAINED_STAGES = (
-  "pretrained",
-  "memsize",
-  "margin",
-  "long",
-  "pretrained_batch",
-  "long8k",
-)  # `glyphs.py:study,pretrained`
+PRETRAINED = "study,pretrained"  # `configs/glyphs.py` variant of the paper's regime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +62,7 @@ class Arm:
   x: float | None = None  # e.g. the batch size, for the curve plots
   group: str = ""  # the curve an arm belongs to
   seeds: tuple = SEEDS
+  variant: str = "study"  # the `configs/glyphs.py` variant the arm trains with
   # The finished run this arm resumes with more steps: its directory under OUT without
   # the seed ("stage/arm", plus "/grid_tag" for a tuned arm). Under a constant lr resuming
   # is bit-identical to one longer run, so 8k steps cost 4k more.
@@ -198,15 +192,11 @@ def _long8k_arms():
   """The long stage's no-memory and summed-memory runs continued to 8,000 steps (20x):
   at 4,000 the summed term's deficit was still shrinking."""
   return [
-    Arm(
-      "long8k",
-      name,
-      {**_long_arms()[0].fixed, "train.steps": 8000, "xbm.enabled": name != "no_memory"},
-      {},
-      seeds=(0, 1),
-      extends=f"long/{name}",
+    dataclasses.replace(
+      a, stage="long8k", fixed={**a.fixed, "train.steps": 8000}, extends=f"long/{a.name}"
     )
-    for name in ("no_memory", "memory_paper_sum")
+    for a in _long_arms()
+    if a.name in ("no_memory", "memory_paper_sum")
   ]
 
 
@@ -226,6 +216,11 @@ def _guard_arms():
     ),
     Arm("guard", "memory_paper_sum_guard", {**mem, "xbm.guard": True}, one, seeds=(0, 1)),
   ]
+
+
+def _in_paper_regime(arms_: list[Arm]) -> list[Arm]:
+  """The arms trained in `configs/glyphs.py:study,pretrained`."""
+  return [dataclasses.replace(a, variant=PRETRAINED) for a in arms_]
 
 
 def arms(smoke: bool) -> list[Arm]:
@@ -248,13 +243,15 @@ def arms(smoke: bool) -> list[Arm]:
     _batch_arms("batch_size", "contrastive", lrs)
     + _fair_arms((1e-3, 3e-3))
     + _guard_arms()
-    # 1e-3 added after 3e-4 won at the grid's top edge for every pretrained arm.
-    + _pretrained_arms((3e-5, 1e-4, 3e-4, 1e-3))
-    + _memsize_arms()
-    + _margin_arms()
-    + _pretrained_batch_arms()
-    + _long_arms()
-    + _long8k_arms()
+    + _in_paper_regime(
+      # 1e-3 added after 3e-4 won at the grid's top edge for every pretrained arm.
+      _pretrained_arms((3e-5, 1e-4, 3e-4, 1e-3))
+      + _memsize_arms()
+      + _margin_arms()
+      + _pretrained_batch_arms()
+      + _long_arms()
+      + _long8k_arms()
+    )
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
   )
 
@@ -309,11 +306,10 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
   overrides = {**arm.fixed, **point, "seed": seed}
   if smoke:  # wiring only: a 1,500-image split stands in for the 24,648-image test set
     overrides["evals.test.split"] = "val5"
-  variant = "study" + (",pretrained" if arm.stage in PRETRAINED_STAGES else "")
   cmd = [
     sys.executable,
     TRAIN,
-    f"--config=configs/glyphs.py:{variant}{',smoke' if smoke else ''}",
+    f"--config=configs/glyphs.py:{arm.variant}{',smoke' if smoke else ''}",
     f"--workdir={workdir}",
     "--config.train.progress=False",
   ]
