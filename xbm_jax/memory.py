@@ -59,12 +59,16 @@ def size(mem: MemoryState) -> int:
   return mem.emb.shape[0]
 
 
-def enqueue(mem: MemoryState, batch: Embeddings, *, when=True) -> MemoryState:
-  """Writes `batch` into the next `B` slots (mod size), oldest first out.
+def enqueue(mem: MemoryState, batch: Embeddings, *, when=True, mask=None) -> MemoryState:
+  """Writes the rows of `batch` into the next slots (mod size), oldest first out.
 
   The stored vectors are `stop_gradient`ed and cast to the memory's dtype.
-  Rows of `batch` marked invalid still take their slot (the pointer always
-  advances by B, so shapes stay static) but are stored as invalid.
+  Every row is written (the pointer advances by B) unless `mask` selects
+  some: then only those rows are written, in order, into consecutive slots,
+  and the pointer advances by their number (a true ring: the oldest entries
+  are the ones overwritten). Rows marked invalid in `batch.valid` but
+  selected still take their slot, stored as invalid; pass `mask=batch.valid`
+  to skip padding instead.
 
   Args:
     mem: the memory.
@@ -72,8 +76,10 @@ def enqueue(mem: MemoryState, batch: Embeddings, *, when=True) -> MemoryState:
     when: optional traced `[]` bool; where False the memory is returned
       unchanged, in the same compiled program (no recompilation at a start
       step). Costs O(B * dim), not a copy of the memory.
+    mask: optional `[B]` bool (may be traced): the rows to write.
   Returns:
-    The new memory. Raises ValueError at trace time if B > size or dims differ.
+    The new memory. Raises ValueError at trace time if B > size, dims differ or
+    the mask is not `[B]` bool.
   """
   check(batch, "batch")
   k, d = mem.emb.shape
@@ -85,23 +91,47 @@ def enqueue(mem: MemoryState, batch: Embeddings, *, when=True) -> MemoryState:
       f"batch of {b} is larger than the memory of {k} slots; "
       "use a memory at least as large as the (global) batch"
     )
-  when = jnp.asarray(when, jnp.bool_)
-  offsets = jnp.arange(b, dtype=jnp.int32)
-  # Out-of-range slots (distinct, so the scatter's indices stay unique) are
-  # dropped by the scatter: that is how `when=False` skips.
-  slots = jnp.where(when, (mem.ptr + offsets) % k, k + offsets)
+  slots = next_slots(mem, b, when=when, mask=mask)
+  # Rows not written go to distinct out-of-range slots (the scatter's indices
+  # stay unique), which the scatter drops.
+  slots = jnp.where(slots >= 0, slots, k + jnp.arange(b, dtype=jnp.int32))
   emb = jax.lax.stop_gradient(batch.emb).astype(mem.emb.dtype)
   put = lambda arr, val: arr.at[slots].set(val, mode="drop", unique_indices=True)
   return MemoryState(
     emb=put(mem.emb, emb),
     labels=put(mem.labels, batch.labels.astype(jnp.int32)),
     valid=put(mem.valid, valid_mask(batch)),
-    ptr=((mem.ptr + jnp.where(when, b, 0)) % k).astype(jnp.int32),
+    ptr=((mem.ptr + jnp.sum(slots < k, dtype=jnp.int32)) % k).astype(jnp.int32),
   )
 
 
+def check_mask(mask, rows: int, name: str = "mask") -> jax.Array:
+  """`mask` as a `[rows]` bool array; a clear error naming `name` otherwise."""
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"{name} must be a bool array; got dtype {mask.dtype}")
+  if mask.shape != (rows,):
+    raise ValueError(f"{name} must be [{rows}] (one flag per row); got shape {tuple(mask.shape)}")
+  return mask
+
+
+def next_slots(mem: MemoryState, batch_size: int, *, when=True, mask=None) -> jax.Array:
+  """`[batch_size]` int32 slots the next `enqueue(mem, ..., when=when, mask=mask)`
+  of that many rows writes, row by row; -1 for rows it does not write.
+
+  Read it from the memory *before* the enqueue (`last_slots` reads it after,
+  without a mask); pass them as `self_index=` to exclude each anchor's own slot.
+  """
+  k = size(mem)
+  write = jnp.ones((batch_size,), jnp.bool_) if mask is None else check_mask(mask, batch_size)
+  write = write & jnp.asarray(when, jnp.bool_)
+  rank = jnp.cumsum(write, dtype=jnp.int32) - 1
+  return jnp.where(write, (mem.ptr + rank) % k, -1).astype(jnp.int32)
+
+
 def last_slots(mem: MemoryState, batch_size: int) -> jax.Array:
-  """`[batch_size]` int32 slots written by the latest enqueue of that many rows.
+  """`[batch_size]` int32 slots written by the latest enqueue of that many rows
+  (all of them: no mask).
 
   Pass them as `self_index=` to a loss to exclude each anchor's own slot
   exactly (instead of the reference's similarity rule).

@@ -115,12 +115,15 @@ def put(mem: MemoryState, mesh, axis_name: str = "data") -> MemoryState:
   return jax.device_put(mem, shardings(mesh, axis_name))
 
 
-def enqueue_local(local_mem: MemoryState, local_batch: Embeddings, *, when=True) -> MemoryState:
+def enqueue_local(
+  local_mem: MemoryState, local_batch: Embeddings, *, when=True, mask=None
+) -> MemoryState:
   """Writes this device's `[b, dim]` batch into its own shard (call inside shard_map).
 
   `local_mem` is the per-device view: emb `[k, dim]`, ptr `[1]` int32.
   Same semantics as `memory.enqueue` (stop_gradient, invalid rows take a slot,
-  traced `when`); needs b <= k.
+  traced `when`, `mask` `[b]` bool selects the rows written, each shard a true
+  ring of its own device's selected rows); needs b <= k.
   """
   if local_mem.ptr.shape != (1,):
     raise ValueError(
@@ -128,8 +131,23 @@ def enqueue_local(local_mem: MemoryState, local_batch: Embeddings, *, when=True)
       f"ptr shape {tuple(local_mem.ptr.shape)}: call it inside shard_map "
       "with in_specs=sharded_memory.specs()"
     )
-  out = memory_lib.enqueue(local_mem._replace(ptr=local_mem.ptr[0]), local_batch, when=when)
+  out = memory_lib.enqueue(_one_ring(local_mem), local_batch, when=when, mask=mask)
   return out._replace(ptr=out.ptr[None])
+
+
+def _one_ring(local_mem: MemoryState) -> MemoryState:
+  """The per-device shard as an ordinary memory (scalar ptr)."""
+  return local_mem._replace(ptr=local_mem.ptr[0])
+
+
+def local_next_slots(
+  local_mem: MemoryState, batch_size: int, *, axis_name: str = "data", when=True, mask=None
+) -> jax.Array:
+  """`[b]` int32 *global* slot ids the next `enqueue_local` of b rows writes (-1
+  for rows it does not write), read before it (inside shard_map)."""
+  k = local_mem.emb.shape[0]
+  local = memory_lib.next_slots(_one_ring(local_mem), batch_size, when=when, mask=mask)
+  return jnp.where(local >= 0, jax.lax.axis_index(axis_name) * k + local, -1).astype(jnp.int32)
 
 
 def local_last_slots(
@@ -138,7 +156,7 @@ def local_last_slots(
   """`[b]` int32 *global* slot ids written by this device's latest enqueue of b rows
   (inside shard_map); pass them as `self_index=` with `self_exclusion="index"`."""
   k = local_mem.emb.shape[0]
-  local = memory_lib.last_slots(local_mem._replace(ptr=local_mem.ptr[0]), batch_size)
+  local = memory_lib.last_slots(_one_ring(local_mem), batch_size)
   return (jax.lax.axis_index(axis_name) * k + local).astype(jnp.int32)
 
 

@@ -133,59 +133,66 @@ def make_train_step(
   `data`; B must divide by the mesh size.
   """
   loss_kwargs = dict(loss_kwargs)
-  loss_fn = losses.get(loss_name)
+  mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
+  loss_fn = losses.check_loss_options(loss_name, set(mem_kwargs) | set(loss_kwargs))
+  # "mean" over micro-batches: the whole step's active pairs are counted first.
+  count_first = accumulate > 1 and "mean" in (
+    loss_kwargs.get("reduction"),
+    mem_kwargs.get("reduction"),
+  )
 
-  def micro_step(state, batch_stats, memory, images, labels, ctrl):
+  def embed_and_loss(params, batch_stats, memory, images, labels, step, ctrl, denominators):
+    """(loss, (memory, BN statistics, aux)) of one (micro-)batch on this device."""
+    emb, new_vars = model.apply(
+      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    local = Embeddings(emb, labels)
+    glob = Embeddings(
+      jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
+      jax.lax.all_gather(labels, DATA_AXIS, tiled=True),
+    )
+    total, mem, aux = losses.xbm_total_loss(
+      local,
+      glob,
+      memory,
+      step=step,
+      start_step=ctrl["start_step"],
+      weight=ctrl["xbm_weight"],
+      loss=loss_fn,
+      axis_name=DATA_AXIS if sharded_memory else None,
+      data_axis=DATA_AXIS,
+      memory_loss_kwargs=memory_loss_kwargs,
+      denominators=denominators,
+      **loss_kwargs,
+    )
+    return total, (mem, new_vars.get("batch_stats", batch_stats), aux)
+
+  def micro_step(state, batch_stats, memory, images, labels, ctrl, denominators=None):
     """Loss, gradients, BN statistics, memory and statistics of one (micro-)batch."""
-    b = labels.shape[0]
-
-    active = memory_lib.active(state.step, ctrl["start_step"])
-
-    def objective(params):
-      emb, new_vars = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
-      )
-      local = Embeddings(emb, labels)
-      glob = Embeddings(
-        jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
-        jax.lax.all_gather(labels, DATA_AXIS, tiled=True),
-      )
-      mem = memory
-      if not sharded_memory:
-        # Gathered "invarying": the same rows on every device, which shard_map's
-        # replication check can verify for the replicated memory (the gather that
-        # feeds the loss stays "varying": its transpose routes each device's
-        # gradient back to its rows).
-        mem = memory_lib.enqueue(
-          mem,
-          Embeddings(
-            jax.lax.all_gather(jax.lax.stop_gradient(emb), DATA_AXIS, tiled=True, to="invarying"),
-            jax.lax.all_gather(labels, DATA_AXIS, tiled=True, to="invarying"),
-          ),
-          when=active,
-        )
-      total, mem, aux = losses.xbm_total_loss(
-        local,
-        glob,
-        mem,
-        step=state.step,
-        start_step=ctrl["start_step"],
-        weight=ctrl["xbm_weight"],
-        loss=loss_fn,
-        enqueue=sharded_memory,
-        axis_name=DATA_AXIS if sharded_memory else None,
-        query_offset=jax.lax.axis_index(DATA_AXIS) * b,
-        memory_loss_kwargs=memory_loss_kwargs,
-        **loss_kwargs,
-      )
-      return total, (mem, new_vars.get("batch_stats", batch_stats), aux)
-
+    objective = lambda p: embed_and_loss(
+      p, batch_stats, memory, images, labels, state.step, ctrl, denominators
+    )
     # Differentiate at a "varying" copy of the replicated params: each device's
     # gradient of its own loss, reduced once by the pmean in per_device (at the
     # invariant params the transpose would psum every micro-batch's gradient).
     params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
     (loss, (mem, new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return loss, grads, new_stats, mem, aux
+
+  def step_denominators(state, images, labels, ctrl):
+    """`{"batch", "xbm"}`: each term's count over the whole step (all micro-batches and
+    devices, from a forward pass over them in turn) / accumulate, so that the mean
+    of the micro-batches' losses is the whole step's numerator over its count."""
+
+    def body(memory, xs):
+      _, (memory, _, aux) = embed_and_loss(
+        state.params, state.batch_stats, memory, *xs, state.step, ctrl, None
+      )
+      return memory, (aux["batch/denominator"], aux["xbm/denominator"])
+
+    split = lambda x: x.reshape((accumulate, -1) + x.shape[1:])
+    _, (d_batch, d_xbm) = jax.lax.scan(body, state.memory, (split(images), split(labels)))
+    return {"batch": jnp.sum(d_batch) / accumulate, "xbm": jnp.sum(d_xbm) / accumulate}
 
   def accumulated(state, images, labels, ctrl):
     """`accumulate` micro-batches in turn (see make_train_step), gradients averaged."""
@@ -195,10 +202,13 @@ def make_train_step(
         f"accumulate={accumulate} micro-batches"
       )
     split = lambda x: x.reshape((accumulate, -1) + x.shape[1:])
+    denominators = step_denominators(state, images, labels, ctrl) if count_first else None
 
     def body(carry, xs):
       grad_sum, batch_stats, memory = carry
-      loss, grads, batch_stats, memory, aux = micro_step(state, batch_stats, memory, *xs, ctrl)
+      loss, grads, batch_stats, memory, aux = micro_step(
+        state, batch_stats, memory, *xs, ctrl, denominators
+      )
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
       return (grad_sum, batch_stats, memory), (loss, aux)
 
@@ -238,7 +248,8 @@ def make_train_step(
       "lr": lr,
       "memory_fill": jax.lax.pmean(memory_lib.fill(mem), DATA_AXIS),
     }
-    metrics.update(device_stats(aux))
+    # The terms' counts are the reductions' inner workings, not metrics.
+    metrics.update(device_stats({k: v for k, v in aux.items() if not k.endswith("denominator")}))
     return new_state, metrics
 
   def train_step(state, batch, ctrl):

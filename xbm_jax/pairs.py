@@ -1,0 +1,436 @@
+"""Anchors scored against a reference set, and the two ways to write a pair loss on it.
+
+A pair loss here is a function of the `[B, R]` cosine-similarity matrix of the
+anchors (`query`) against a reference set (the batch, or the memory) and of
+two boolean masks, `pos` (same label, both valid, minus the anchor's own
+entry) and `neg` (different label, both valid). Write it once, in either form,
+and the library gives it the whole calling convention of the built-in losses:
+the in-batch term, a replicated memory and a memory sharded over devices
+(exact: same value and gradient as one device), the self rules, the
+reductions and the statistics.
+
+1. Per anchor, on one row (the simplest):
+
+       @xbm_jax.pairs.pair_loss
+       def my_loss(sim, pos, neg, *, margin=0.5):   # [R] f32, [R] bool, [R] bool
+         return jnp.sum(jnp.where(pos, 1 - sim, 0) + jnp.where(neg & (sim > margin), sim, 0))
+
+   It may return a scalar, or `(loss, active)` with `active` the anchor's
+   number of active pairs (`reduction="mean"` needs it). Against a sharded
+   memory each device first receives its anchors' whole rows (an all_to_all
+   of `[b, R]` floats per device), so it is exact for any function.
+
+2. On all rows at once, with reductions that complete across shards (for a
+   sharded memory without moving rows):
+
+       @xbm_jax.pairs.reduction_loss
+       def my_loss(rows, *, margin=0.5):             # rows: a `Rows`
+         neg = rows.neg & (jax.lax.stop_gradient(rows.sim) > margin)
+         loss = rows.sum(1 - rows.sim, rows.pos) + rows.sum(rows.sim, neg)   # [G]
+         return loss, rows.count(rows.pos) + rows.count(neg)
+
+   `Rows.sum / count / min / max / log1p_sum_exp` return one value per anchor
+   row `[G]`, complete over the whole reference (psum / pmin / pmax across
+   shards, the gradient routed to the winning entries). `rows.whole()` gives
+   the per-row form's whole rows. The built-in losses (`xbm_jax.losses`) are
+   written this way.
+
+Both decorators return `loss(query, reference, *, pos_threshold=None,
+self_exclusion="similarity", self_index=None, reduction="paper",
+return_stats=False, axis_name=None, data_axis=None, **options)`; the options
+are the decorated function's keyword parameters, checked at trace time.
+See `xbm_jax.losses` for the common options.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from xbm_jax.embeddings import Embeddings, check, valid_mask
+
+sg = jax.lax.stop_gradient
+
+EPS_SELF = 1e-5
+EPS_SELF_16BIT = 1e-2
+REDUCTIONS = ("paper", "mean")
+SELF_EXCLUSIONS = ("similarity", "index", "none")
+
+
+def self_threshold(query, reference) -> float:
+  """The default `pos_threshold` for these inputs' dtypes (see `xbm_jax.losses`)."""
+  narrow = any(jnp.finfo(x.emb.dtype).bits < 32 for x in (query, reference))
+  return 1.0 - (EPS_SELF_16BIT if narrow else EPS_SELF)
+
+
+def similarity(query, reference) -> jax.Array:
+  """`[B, R]` float32 cosine similarities of unit rows (computed in f32).
+
+  `Precision.HIGHEST` because the self rule `S < 1 - 1e-5` needs the exact
+  float32 product: at the DEFAULT precision a GPU rounds float32 operands to
+  TF32 (10-bit mantissa) and a TPU to bf16, which moves a unit row's
+  self-similarity by ~1e-3 and keeps the anchor's own copy as a positive.
+  """
+  q, r = query.emb, reference.emb
+  if q.shape[-1] != r.shape[-1]:
+    raise ValueError(f"query dim {q.shape[-1]} does not match reference dim {r.shape[-1]}")
+  if q.dtype != r.dtype:
+    q, r = q.astype(jnp.float32), r.astype(jnp.float32)
+  return jnp.matmul(
+    q, r.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+  ).astype(jnp.float32)
+
+
+def pair_masks(
+  query,
+  reference,
+  sim: jax.Array,
+  *,
+  self_exclusion: str = "similarity",
+  pos_threshold: Optional[float] = None,
+  self_index: Optional[jax.Array] = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`([B, R], [B, R])` bool positive and negative pair masks.
+
+  Positives: same label, both entries valid, minus the self pair (see
+  `xbm_jax.losses`). Negatives: different label, both valid.
+  """
+  same = query.labels[:, None] == reference.labels[None, :]
+  both = valid_mask(query)[:, None] & valid_mask(reference)[None, :]
+  pos, neg = same & both, ~same & both
+  if self_exclusion == "similarity":
+    if pos_threshold is None:
+      pos_threshold = self_threshold(query, reference)
+    pos = pos & (sim < pos_threshold)
+  elif self_exclusion == "index":
+    if self_index is None:
+      raise ValueError(
+        "self_exclusion='index' needs self_index: [B] int, the reference "
+        "index of each anchor's own entry (-1 for none)"
+      )
+    self_index = jnp.asarray(self_index)
+    check_self_index(self_index, query.labels.shape)
+    ref_idx = jnp.arange(reference.labels.shape[0], dtype=jnp.int32)
+    pos = pos & (ref_idx[None, :] != self_index[:, None])
+  elif self_exclusion != "none":
+    raise ValueError(f"self_exclusion must be one of {SELF_EXCLUSIONS}; got {self_exclusion!r}")
+  return pos, neg
+
+
+def check_self_index(self_index, shape) -> None:
+  if jnp.shape(self_index) != tuple(shape):
+    raise ValueError(f"self_index must be [B]={tuple(shape)}; got {jnp.shape(self_index)}")
+
+
+class Rows(NamedTuple):
+  """Anchors scored against a reference set that may be split over a mesh axis.
+
+  With `axis=None` the reference is whole and `sim` is `[b, R]`. With a mesh
+  axis each device holds a `[k, D]` slice of the reference, `sim` is ALL
+  `G = n*b` anchors (all-gathered) against that slice, and the reductions
+  below complete across devices with a collective. Either way they return
+  one value per row `[G]` that equals the whole reference's; the library
+  keeps each device's own anchors' rows at the end.
+  """
+
+  sim: jax.Array  # [G, R] f32
+  pos: jax.Array  # [G, R] bool
+  neg: jax.Array  # [G, R] bool
+  axis: Optional[str]
+  start: jax.Array  # [] int32: this device's first row in G (0 if whole)
+  b: int  # local anchors
+  local_valid: jax.Array  # [b] bool
+
+  def own(self, x):
+    """This device's rows of a `[G, ...]` per-anchor array."""
+    if self.axis is None:
+      return x
+    return jax.lax.dynamic_slice_in_dim(x, self.start, self.b, axis=0)
+
+  def across(self, op, x):
+    """Completes a per-anchor reduction over the reference's slices (psum/pmin/pmax)."""
+    return x if self.axis is None else op(x, self.axis)
+
+  def sum(self, x, mask) -> jax.Array:
+    """`[G]` sum over the whole reference of x where mask (x broadcasts to [G, R])."""
+    return self.across(jax.lax.psum, jnp.sum(jnp.where(mask, x, 0), axis=1))
+
+  def count(self, mask) -> jax.Array:
+    """`[G]` int32 number of True entries of mask over the whole reference."""
+    return self.sum(jnp.int32(1), mask)
+
+  def min(self, x, mask, fill=float(jnp.finfo(jnp.float32).max)) -> jax.Array:
+    """`[G]` minimum over the whole reference of x where mask (`fill` where none).
+    Across slices the value is re-read through a psum so that the gradient
+    reaches the winning entries (split evenly over ties, as `jnp.min` does)."""
+    return self._extreme(x, mask, fill, jnp.min, jax.lax.pmin)
+
+  def max(self, x, mask, fill=-float(jnp.finfo(jnp.float32).max)) -> jax.Array:
+    """`[G]` maximum over the whole reference of x where mask (see `min`)."""
+    return self._extreme(x, mask, fill, jnp.max, jax.lax.pmax)
+
+  def _extreme(self, x, mask, fill, local_fn, op):
+    xm = jnp.where(mask, x, fill)
+    loc = local_fn(xm, axis=1)
+    if self.axis is None:
+      return loc
+    best = op(sg(loc), self.axis)
+    ties = jnp.sum(sg(xm) == best[:, None], axis=1)
+    n_ties = jnp.maximum(jax.lax.psum(ties, self.axis), 1)
+    delta = jnp.where(sg(loc) == best, (loc - sg(loc)) * ties, 0.0)
+    return best + jax.lax.psum(delta, self.axis) / n_ties
+
+  def log1p_sum_exp(self, x, mask) -> jax.Array:
+    """`[G]` log(1 + sum over the whole reference of exp(x) where mask): stable
+    (a max stabiliser taken across slices) and NaN-free in grad."""
+    m = self.across(jax.lax.pmax, jnp.max(jnp.where(mask, sg(x), -jnp.inf), axis=1))
+    m = jnp.maximum(m, 0.0)
+    e = jnp.where(mask, jnp.exp(jnp.where(mask, x - m[:, None], 0.0)), 0.0)
+    return m + jnp.log(jnp.exp(-m) + self.sum(e, True))
+
+  def whole(self) -> "Rows":
+    """This device's anchors against the WHOLE reference: `[b, R]` rows in global
+    column order (an all_to_all when split), as a whole-reference `Rows`."""
+    if self.axis is None:
+      return self
+    a2a = lambda x: jax.lax.all_to_all(x, self.axis, split_axis=0, concat_axis=1, tiled=True)
+    return Rows(
+      a2a(self.sim), a2a(self.pos), a2a(self.neg), None, jnp.int32(0), self.b, self.local_valid
+    )
+
+
+class AnchorLoss(NamedTuple):
+  """What a `reduction_loss` function may return (a plain `[G]` array or a
+  `(loss, active)` tuple are accepted too).
+
+  loss: `[G]` per-anchor loss (or `[b]` when `rows` is a `whole()` view).
+  active: per-anchor count of active pairs (the denominator of "mean").
+  pos_active, neg_active: `[G, R]` bool pairs counted in the statistics
+    (default: all positives / negatives).
+  rows: the `Rows` these arrays belong to (default: the ones passed in).
+  """
+
+  loss: jax.Array
+  active: Optional[jax.Array] = None
+  pos_active: Optional[jax.Array] = None
+  neg_active: Optional[jax.Array] = None
+  rows: Optional[Rows] = None
+
+
+def score(query, reference, *, axis_name, self_exclusion, pos_threshold, self_index) -> Rows:
+  """The `Rows` of `query`'s anchors against `reference` (its slice, with `axis_name`)."""
+  check(query, "query")
+  check(reference, "reference")
+  local_valid, b = valid_mask(query), query.emb.shape[0]
+  start = jnp.int32(0)
+  if axis_name is not None:
+    k = reference.emb.shape[0]
+    me = jax.lax.axis_index(axis_name)
+    gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
+    query = Embeddings(gather(query.emb), gather(query.labels), gather(local_valid))
+    start = (me * b).astype(jnp.int32)
+    if self_exclusion == "index" and self_index is not None:
+      check_self_index(self_index, (b,))
+      # Global slot ids -> this slice's local rows; other slices' ids fall outside.
+      idx = gather(jnp.asarray(self_index).astype(jnp.int32)) - me * k
+      self_index = jnp.where(idx >= 0, idx, k)
+  sim = similarity(query, reference)
+  pos, neg = pair_masks(
+    query,
+    reference,
+    sim,
+    self_exclusion=self_exclusion,
+    pos_threshold=pos_threshold,
+    self_index=self_index,
+  )
+  return Rows(sim, pos, neg, axis_name, start, b, local_valid)
+
+
+def _as_anchor_loss(out, rows: Rows, name: str) -> AnchorLoss:
+  if isinstance(out, AnchorLoss):
+    pass
+  elif isinstance(out, tuple) and len(out) == 2:
+    out = AnchorLoss(*out)
+  elif isinstance(out, jax.Array) or hasattr(out, "shape"):
+    out = AnchorLoss(out)
+  else:
+    raise TypeError(
+      f"pair loss {name} must return a [G] per-anchor loss, a (loss, active) pair "
+      f"or an AnchorLoss; got {type(out).__name__}"
+    )
+  own = out.rows if out.rows is not None else rows
+  n = own.sim.shape[0]
+  if jnp.shape(out.loss) != (n,):
+    raise ValueError(
+      f"pair loss {name} returned a loss of shape {jnp.shape(out.loss)}; "
+      f"expected one value per anchor row, [{n}]"
+    )
+  return out._replace(rows=own)
+
+
+def _reduce(out: AnchorLoss, reduction, data_axis, denominator, name):
+  """(loss, denominator): the sum of this device's anchors' losses over the count of
+  valid anchors ("paper") or of active pairs ("mean"), over all of `data_axis`."""
+  rows = out.rows
+  per = jnp.where(rows.local_valid, rows.own(out.loss), 0.0)
+  if denominator is None:
+    if reduction == "paper":
+      denominator = jnp.sum(rows.local_valid)
+    else:
+      if out.active is None:
+        raise ValueError(
+          f"reduction='mean' needs pair loss {name} to return its per-anchor "
+          "active pair counts: (loss, active)"
+        )
+      denominator = jnp.sum(jnp.where(rows.local_valid, rows.own(out.active), 0))
+    if data_axis is not None:
+      denominator = jax.lax.psum(denominator, data_axis)
+  denominator = jnp.asarray(denominator, jnp.float32)
+  # Under data parallelism each device's share is scaled so that the mean over
+  # the axis (pmean, as for the gradients) is the whole batch's loss.
+  share = 1.0 if data_axis is None else jax.lax.axis_size(data_axis)
+  return jnp.sum(per) * share / jnp.maximum(denominator, 1.0), denominator
+
+
+def _stats(rows: Rows, pos_active, neg_active, denominator) -> dict:
+  s = sg(rows.sim)
+  counts, means = {}, {}
+  for kind, mask in (("pos", pos_active), ("neg", neg_active)):
+    n = jnp.sum(rows.own(rows.count(mask)))
+    counts[f"{kind}_pairs"] = n.astype(jnp.int32)
+    means[f"mean_{kind}_sim"] = jnp.sum(rows.own(rows.sum(s, mask))) / jnp.maximum(n, 1)
+  return {**counts, **means, "denominator": denominator}
+
+
+# The keyword options every pair loss takes (handled here, never by the loss itself).
+COMMON_OPTIONS = {
+  "pos_threshold": None,
+  "self_exclusion": "similarity",
+  "self_index": None,
+  "reduction": "paper",
+  "return_stats": False,
+  "axis_name": None,
+  "data_axis": None,
+  "denominator": None,
+}
+
+
+def _loss_options(fn: Callable, n_arrays: int, form: str) -> dict:
+  """`{name: default}` of fn's keyword options after its `n_arrays` positional
+  inputs; a clear TypeError for any other shape of signature."""
+  params = list(inspect.signature(fn).parameters.values())
+  positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  name = getattr(fn, "__name__", repr(fn))
+  head = [p for p in params[:n_arrays] if p.kind in positional and p.default is p.empty]
+  rest = params[len(head) :]
+  bad = [
+    p.name
+    for p in rest
+    if p.kind == p.VAR_POSITIONAL or (p.kind in positional and p.default is p.empty)
+  ]
+  if len(head) != n_arrays or bad:
+    want = {1: "(rows, *, options...)", 3: "(sim, pos, neg, *, options...)"}[n_arrays]
+    got = ", ".join(p.name for p in params)
+    raise TypeError(f"{form}: {name} must have the signature {want}; got ({got})")
+  options = {p.name: p.default for p in rest if p.kind != p.VAR_KEYWORD}
+  clash = sorted(set(options) & set(COMMON_OPTIONS))
+  if clash:
+    raise TypeError(f"{form}: {name} may not define the library's own options {clash}")
+  return options
+
+
+def check_options(name: str, given, options: dict) -> None:
+  """A clear error for an option the loss `name` does not take."""
+  unknown = sorted(set(given) - set(options) - set(COMMON_OPTIONS))
+  if unknown:
+    valid = sorted(set(options) | set(COMMON_OPTIONS))
+    raise TypeError(f"loss {name} takes no option {unknown[0]!r}; its options: {valid}")
+
+
+def _make_loss(per_rows: Callable, options: dict, name: str, doc: Optional[str]) -> Callable:
+  """The full calling convention around `per_rows(rows, **options) -> AnchorLoss`."""
+
+  def loss(
+    query,
+    reference,
+    *,
+    pos_threshold=None,
+    self_exclusion="similarity",
+    self_index=None,
+    reduction="paper",
+    return_stats=False,
+    axis_name=None,
+    data_axis=None,
+    denominator=None,
+    **kwargs,
+  ):
+    check_options(name, kwargs, options)
+    if reduction not in REDUCTIONS:
+      raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    rows = score(
+      query,
+      reference,
+      axis_name=axis_name,
+      self_exclusion=self_exclusion,
+      pos_threshold=pos_threshold,
+      self_index=self_index,
+    )
+    out = _as_anchor_loss(per_rows(rows, **kwargs), rows, name)
+    value, denom = _reduce(out, reduction, data_axis, denominator, name)
+    if not return_stats:
+      return value
+    pos = out.rows.pos if out.pos_active is None else out.pos_active
+    neg = out.rows.neg if out.neg_active is None else out.neg_active
+    return value, _stats(out.rows, pos, neg, denom)
+
+  kw = inspect.Parameter.KEYWORD_ONLY
+  arrays = [
+    inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("query", "reference")
+  ]
+  opts = {**COMMON_OPTIONS, **options}
+  loss.__signature__ = inspect.Signature(
+    arrays + [inspect.Parameter(k, kw, default=v) for k, v in opts.items()]
+  )
+  loss.__name__ = loss.__qualname__ = name
+  loss.__doc__ = doc
+  loss.options = dict(options)  # the loss's own options and their defaults
+  loss.is_pair_loss = True
+  return loss
+
+
+def reduction_loss(fn: Callable) -> Callable:
+  """A pair loss from `fn(rows: Rows, **options)` -> `[G]` per-anchor losses, a
+  `(loss, active)` pair or an `AnchorLoss` (see the module doc)."""
+  loss = _make_loss(fn, _loss_options(fn, 1, "reduction_loss"), fn.__name__, fn.__doc__)
+  loss.__module__ = fn.__module__
+  return loss
+
+
+def pair_loss(row_fn: Callable) -> Callable:
+  """A pair loss from a per-anchor `row_fn(sim [R] f32, pos [R] bool, neg [R] bool,
+  **options)` -> `[]` loss, or `([]` loss, `[]` active pair count) (see the module
+  doc). Each anchor's row is the whole reference; padding anchors count 0."""
+  options = _loss_options(row_fn, 3, "pair_loss")
+  name = getattr(row_fn, "__name__", "pair_loss")
+
+  def per_rows(rows: Rows, **kwargs) -> AnchorLoss:
+    whole = rows.whole()
+    out = jax.vmap(lambda s, p, n: row_fn(s, p, n, **kwargs))(whole.sim, whole.pos, whole.neg)
+    loss, active = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+    if jnp.ndim(loss) != 1:
+      raise ValueError(
+        f"pair loss {name} must return a scalar per anchor row; got {jnp.shape(loss)[1:]}"
+      )
+    return AnchorLoss(loss, active, rows=whole)
+
+  loss = _make_loss(per_rows, options, name, row_fn.__doc__)
+  loss.__module__ = getattr(row_fn, "__module__", loss.__module__)
+  return loss
+
+
+def is_pair_loss(fn) -> bool:
+  """Whether fn has the library's calling convention (built by these decorators)."""
+  return getattr(fn, "is_pair_loss", False) is True
