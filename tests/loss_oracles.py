@@ -108,3 +108,23 @@ def triplet(
         active += l > 0
   denom = qv.sum() if reduction == "paper" else active
   return total / max(denom, 1)
+
+
+def margin_rank(q, ql, r, rl, qv=None, rv=None, margin=0.2, thr=1 - 1e-5, reduction="paper"):
+  """A loss that is not built in (the test's user loss): per anchor, a hinge of each
+  negative against the anchor's mean positive similarity, summed; anchors without
+  a positive contribute 0. "mean": over the active (anchor, negative) pairs."""
+  qv, rv = _valid(q, qv), _valid(r, rv)
+  total, active = 0.0, 0
+  for i in range(len(q)):
+    pairs = list(_pairs(q, ql, qv, r, rl, rv, i, thr))
+    pos = [s for _, s, p in pairs if p]
+    if not pos:
+      continue
+    mean_pos = sum(pos) / len(pos)
+    for _, s, p in pairs:
+      if not p and s - mean_pos + margin > 0:
+        total += s - mean_pos + margin
+        active += 1
+  denom = qv.sum() if reduction == "paper" else active
+  return total / max(denom, 1)

@@ -1,0 +1,136 @@
+"""The one-call objective (`losses.xbm_total_loss`) as written inside a data-parallel
+shard_map step, replication checks on: on 8 fake devices it equals one device (loss,
+gradient, memory), with the replicated and the sharded memory, "paper" and "mean",
+padding rows spread unevenly and an enqueue mask. Oracles: the NumPy loop over
+pairs (tests/loss_oracles.py) on the memory's contents, and a Python list of the
+rows the mask selects."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tests import loss_oracles as oracle
+from xbm_jax import losses, memory, sharded_memory
+from xbm_jax.embeddings import Embeddings
+
+N, B, D, SIZE, AX = 8, 2, 4, 64, "data"
+G = N * B
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  return jax.make_mesh((N,), (AX,))
+
+
+def _batches(steps=2, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for s in range(steps):
+    e = rng.normal(size=(G, D))
+    e = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
+    labels = rng.integers(0, 3, G).astype(np.int32)
+    valid = np.ones(G, bool)
+    valid[[1, 2, 3, 9]] = s == 0  # step 1: devices 0 and 1 lose 3 rows, device 4 one
+    keep = rng.random(G) < 0.6  # enqueue mask
+    out.append((e, labels, valid, keep))
+  return out
+
+
+def _one_device(kw):
+  def f(e, l, v, keep, mem, step):
+    q = Embeddings(e, l, v)
+    total, mem, aux = losses.xbm_total_loss(
+      q, q, mem, step=step, start_step=0, enqueue_mask=keep, **kw
+    )
+    return total, mem
+
+  return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+
+def _eight_devices(mesh, kw, sharded):
+  mem_spec = sharded_memory.specs(AX) if sharded else memory.MemoryState(P(), P(), P(), P())
+
+  def body(e, l, v, keep, mem, step):
+    local = Embeddings(e, l, v)
+    gather = lambda x: jax.lax.all_gather(x, AX, tiled=True)
+    batch = Embeddings(gather(e), gather(l), gather(v))
+    total, mem, aux = losses.xbm_total_loss(
+      local,
+      batch,
+      mem,
+      step=step,
+      start_step=0,
+      enqueue_mask=keep,
+      axis_name=AX if sharded else None,
+      **kw,
+    )
+    return jax.lax.pmean(total, AX), mem
+
+  run = jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(P(AX), P(AX), P(AX), P(AX), mem_spec, P()),
+    out_specs=(P(), mem_spec),
+  )
+  return jax.jit(jax.value_and_grad(run, has_aux=True))
+
+
+def _numpy_total(e, l, v, mem_rows, reduction):
+  me, ml, mv = (np.asarray([r[k] for r in mem_rows]) for k in range(3))
+  return oracle.contrastive(e, l, e, l, v, v, reduction=reduction) + oracle.contrastive(
+    e, l, me, ml, v, mv, reduction=reduction
+  )
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
+@pytest.mark.parametrize("reduction", ["paper", "mean"])
+def test_one_call_in_shard_map_equals_one_device(mesh, reduction, sharded):
+  kw = {"reduction": reduction}
+  one, eight = _one_device(kw), _eight_devices(mesh, kw, sharded)
+  mem1 = memory.init(size=SIZE, dim=D)
+  if sharded:
+    mem8 = sharded_memory.init(size=SIZE, dim=D, n_shards=N, mesh=mesh)
+  else:
+    mem8 = jax.device_put(mem1, NamedSharding(mesh, P()))
+  split = NamedSharding(mesh, P(AX))
+  entries = []  # the list model: (emb, label, valid) of each enqueued row, in order
+  for step, (e, l, v, keep) in enumerate(_batches()):
+    (t1, mem1), g1 = one(e, l, v, keep, mem1, step)
+    args = [jax.device_put(jnp.asarray(x), split) for x in (e, l, v, keep)]
+    (t8, mem8), g8 = eight(*args, mem8, jnp.int32(step))
+    entries += [(e[i], l[i], v[i]) for i in range(G) if keep[i]]
+    want = _numpy_total(e, l, v, entries, reduction)
+    np.testing.assert_allclose(float(t1), want, rtol=2e-5, err_msg=f"one device, step {step}")
+    np.testing.assert_allclose(float(t8), float(t1), rtol=2e-5, err_msg=f"8 devices, step {step}")
+    np.testing.assert_allclose(np.asarray(g8), np.asarray(g1), rtol=2e-5, atol=1e-6)
+  # The replicated memory holds the selected rows in order; a shard, its device's.
+  k = len(entries)
+  assert int(mem1.ptr) == k and np.asarray(mem1.valid[:k]).tolist() == [r[2] for r in entries]
+  np.testing.assert_array_equal(np.asarray(mem1.emb[:k]), np.stack([r[0] for r in entries]))
+  if sharded:
+    got = jax.device_get(mem8)
+    for d in range(N):
+      rows = [
+        (e[i], l[i]) for e, l, _, keep in _batches() for i in range(d * B, d * B + B) if keep[i]
+      ]
+      shard = slice(d * (SIZE // N), d * (SIZE // N) + len(rows))
+      assert int(got.ptr[d]) == len(rows)
+      np.testing.assert_array_equal(got.labels[shard], [r[1] for r in rows])
+  else:
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(mem8), jax.device_get(mem1))
+
+
+def test_bad_enqueue_mask_is_a_clear_error():
+  q = Embeddings(jnp.eye(4, dtype=jnp.float32), jnp.arange(4))
+  mem = memory.init(size=8, dim=4)
+  call = lambda mask: losses.xbm_total_loss(q, q, mem, step=0, start_step=0, enqueue_mask=mask)
+  with pytest.raises(ValueError, match=r"enqueue_mask must be \[4\]"):
+    call(jnp.ones((3,), bool))
+  with pytest.raises(TypeError, match="enqueue_mask must be a bool array"):
+    call(jnp.ones((4,), jnp.int32))
+  with pytest.raises(TypeError, match="mask must be a bool array"):
+    memory.enqueue(mem, q, mask=jnp.ones((4,)))
+  with pytest.raises(ValueError, match=r"mask must be \[4\]"):
+    memory.enqueue(mem, q, mask=jnp.ones((2, 2), bool))
