@@ -46,7 +46,14 @@ def optim_cfg(**kw):
 
 
 def build(
-  mesh, first_batch, *, loss_name="contrastive", loss_kwargs=None, mem_size=40, accumulate=1
+  mesh,
+  first_batch,
+  *,
+  loss_name="contrastive",
+  loss_kwargs=None,
+  memory_loss_kwargs=None,
+  mem_size=40,
+  accumulate=1,
 ):
   """(placed initial state, jitted step) for the tiny embedder on `mesh`."""
   model = TinyEmbedder()
@@ -66,6 +73,7 @@ def build(
     schedule=optim.make_schedule(optim_cfg(), 10),
     loss_name=loss_name,
     loss_kwargs=loss_kwargs or {},
+    memory_loss_kwargs=memory_loss_kwargs,
     mesh=mesh,
     accumulate=accumulate,
   )
@@ -119,9 +127,12 @@ def make_batches(n, seed=0, b=16):
 @pytest.mark.parametrize(
   "loss_name,loss_kwargs",
   [
-    ("contrastive", {}),
+    # "mean": each device's active-pair count differs; exact only over the whole batch.
+    ("contrastive", {"reduction": "mean"}),
     ("multi_similarity", {}),
-    ("contrastive", {"self_exclusion": "index"}),
+    ("contrastive", {"self_exclusion": "index"}),  # "paper"
+    # a user's loss by import path, written once per anchor row (tests/test_pairs.py)
+    ("tests.test_pairs:margin_rank_row", {"margin": 0.3, "reduction": "mean"}),
   ],
 )
 def test_one_device_equals_eight(loss_name, loss_kwargs):
@@ -222,11 +233,10 @@ def test_controller_values_never_recompile_the_step(monkeypatch):
   assert len(traces) == 1
 
 
-def test_accumulated_step_is_micro_steps_at_frozen_params():
-  """accumulate=2 over 2 devices x 8 rows: the memory, BN statistics, loss and pair
-  statistics of two plain steps on the micro-batches (each device's rows 0-3, then
-  4-7) at frozen parameters (lr_scale=0), and their mean gradient (Adam's first
-  moment after one step is 0.1 g, so it is the mean of the plain steps' moments)."""
+def _plain_and_accumulated(**build_kw):
+  """Metrics and states of two plain steps on the micro-batches (each device's rows
+  0-3, then 4-7) at frozen parameters, and of one accumulate=2 step on the whole,
+  over 2 devices x 8 rows; with Adam's first moments of each."""
   mesh = parallel.make_mesh(2)
   (big,) = make_batches(1, seed=4)
   micro = [
@@ -245,7 +255,7 @@ def test_accumulated_step_is_micro_steps_at_frozen_params():
       if "mu" in jax.tree_util.keystr(path)
     ]
 
-  st0, plain = build(mesh, big)
+  st0, plain = build(mesh, big, **build_kw)
   opt0 = jax.device_get(st0.opt_state)
   s1, m1 = plain(jax.tree.map(jnp.copy, st0), parallel.global_batch(micro[0], mesh), frozen)
   mu1 = mu(s1)
@@ -254,11 +264,20 @@ def test_accumulated_step_is_micro_steps_at_frozen_params():
   )
   s2, m2 = plain(s1, parallel.global_batch(micro[1], mesh), frozen)
   mu2 = mu(s2)
-  st0, acc = build(mesh, big, accumulate=2)
+  st0, acc = build(mesh, big, accumulate=2, **build_kw)
   sa, ma = acc(st0, parallel.global_batch(big, mesh), frozen)
   m1, m2, ma, s2, sa = jax.device_get((m1, m2, ma, s2, sa))
+  return (m1, m2, ma), (s2, sa), (mu1, mu2, mu(sa))
+
+
+def test_accumulated_step_is_micro_steps_at_frozen_params():
+  """accumulate=2 over 2 devices x 8 rows: the memory, BN statistics, loss and pair
+  statistics of two plain steps on the micro-batches at frozen parameters
+  (lr_scale=0), and their mean gradient (Adam's first moment after one step is
+  0.1 g, so it is the mean of the plain steps' moments)."""
+  (m1, m2, ma), (s2, sa), (mu1, mu2, mua) = _plain_and_accumulated()
   assert mu1
-  for a, b, c in zip(mu(sa), mu1, mu2):
+  for a, b, c in zip(mua, mu1, mu2):
     np.testing.assert_allclose(a, (b + c) / 2, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(ma["loss"], (m1["loss"] + m2["loss"]) / 2, rtol=1e-5)
   for k in ("batch/pos_pairs", "xbm/neg_pairs"):
@@ -274,3 +293,36 @@ def test_accumulated_step_is_micro_steps_at_frozen_params():
       getattr(sa, name),
     )
   assert int(sa.memory.ptr) == 16 and int(sa.step) == 1
+
+
+def test_accumulated_mean_is_the_whole_steps_sum_over_its_count():
+  """reduction="mean" on the memory term, accumulate=2: each term of the accumulated
+  step is the micro-batches' summed numerators over their summed active-pair counts
+  (contrastive: positives + active negatives, as the plain steps' statistics count
+  them), not the mean of the micro-batches' ratios; the batch term stays "paper"."""
+  (m1, m2, ma), _, _ = _plain_and_accumulated(memory_loss_kwargs={"reduction": "mean"})
+  n1, n2 = (m["xbm/pos_pairs"] + m["xbm/neg_pairs"] for m in (m1, m2))
+  assert n1 != n2  # else the mean of ratios would be exact too
+  want_xbm = (m1["loss_xbm"] * n1 + m2["loss_xbm"] * n2) / (n1 + n2)
+  np.testing.assert_allclose(ma["loss_xbm"], want_xbm, rtol=1e-5)
+  want_batch = (m1["loss_batch"] + m2["loss_batch"]) / 2
+  np.testing.assert_allclose(ma["loss_batch"], want_batch, rtol=1e-5)
+  np.testing.assert_allclose(ma["loss"], want_batch + want_xbm, rtol=1e-5)
+
+
+def test_a_user_loss_from_the_config_is_checked_against_its_signature():
+  """config.loss.name may be an import path; its options are those of its signature."""
+  from xbm_jax.train import config as config_lib, setup
+  from xbm_jax.train.errors import ConfigError
+
+  c = config_lib.base()
+  c.loss.name = "tests.test_pairs:margin_rank_row"
+  c.loss.kwargs.margin = 0.3
+  setup.check_loss(c)
+  setup.check_enumerated(c)  # an import path is not one of the built-in names
+  c.xbm.memory_loss_kwargs.temperature = 0.1  # a key the base config does not list
+  with pytest.raises(ConfigError, match="memory_loss_kwargs.temperature.*'temperature'"):
+    setup.check_loss(c)
+  c.loss.name = "tests.test_pairs:no_such_loss"
+  with pytest.raises(ConfigError, match="config.loss.name=.*no function 'no_such_loss'"):
+    setup.check_loss(c)

@@ -12,8 +12,9 @@ from ml_collections import config_dict
 from xbm_jax import models
 from xbm_jax.train.errors import ConfigError, ConfigKeyError
 
-# Sections whose keys are free-form (names chosen by the experiment).
-OPEN_SECTIONS = ("evals",)
+# Sections whose keys are free-form (names chosen by the experiment; a loss's
+# options are checked against its signature by setup.check_loss).
+OPEN_SECTIONS = ("evals", "loss.kwargs", "xbm.memory_loss_kwargs")
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -72,6 +73,8 @@ def base() -> ml_collections.ConfigDict:
   )
   c.model = models.default_config()
 
+  # name: a built-in loss, or an import path "mypkg.losses:my_loss" (a pair loss of
+  # xbm_jax.pairs, or a plain f(query, reference, **kwargs)).
   # kwargs: the loss's keyword options; unset (None) ones keep the loss's defaults.
   c.loss = dict(name="contrastive", kwargs=loss_kwargs_fields())
 

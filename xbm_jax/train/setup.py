@@ -4,8 +4,6 @@ created or any file is written."""
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import ml_collections
 import numpy as np
@@ -32,13 +30,14 @@ def enumerated(config) -> dict:
   out = {
     "xbm.dtype": tuple(MEMORY_DTYPES),
     "xbm.memory_sharding": MEMORY_SHARDINGS,
-    "loss.name": tuple(sorted(losses.LOSSES)),
     "optim.name": optim.OPTIMIZERS,
     "optim.schedule": optim.SCHEDULES,
     "model.name": model_factory.NAMES,
     "model.pool": model_head.POOLS,
     "model.dtype": tuple(model_factory.DTYPES),
   }
+  if ":" not in str(config.loss.name):  # else an import path: validate() resolves it
+    out["loss.name"] = tuple(sorted(losses.LOSSES))
   for section in ("loss.kwargs", "xbm.memory_loss_kwargs"):
     out.update({f"{section}.{k}": v for k, v in _LOSS_OPTIONS.items()})
   out.update(
@@ -153,14 +152,7 @@ def validate(config, *, num_devices: int) -> None:
       f"config.input.eval_batch_size={config.input.eval_batch_size} is not "
       f"divisible by the {num_devices} devices of the mesh"
     )
-  params = inspect.signature(losses.get(config.loss.name)).parameters
-  for section in ("loss.kwargs", "xbm.memory_loss_kwargs"):
-    head, tail = section.split(".")
-    for key in config_lib.set_kwargs(config[head][tail]):
-      if key not in params:
-        raise ConfigError(
-          f"config.{section}.{key} is not an option of the {config.loss.name!r} loss"
-        )
+  check_loss(config)
   x = config.xbm
   if x.enabled:
     if int(x.size) < b:
@@ -179,6 +171,22 @@ def validate(config, *, num_devices: int) -> None:
   for name, ev in config.evals.items():
     if int(ev.get("every_steps", 1)) <= 0:
       raise ConfigError(f"config.evals.{name}.every_steps must be positive")
+
+
+def check_loss(config) -> None:
+  """`config.loss.name` (a built-in name or "pkg.module:function") resolves, and it
+  takes every option set in `loss.kwargs` and `xbm.memory_loss_kwargs`."""
+  try:
+    loss_fn = losses.resolve(config.loss.name)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.loss.name={config.loss.name!r}: {e}") from None
+  for section in ("loss.kwargs", "xbm.memory_loss_kwargs"):
+    head, tail = section.split(".")
+    for key in config_lib.set_kwargs(config[head][tail]):
+      try:
+        losses.check_loss_options(loss_fn, [key])
+      except TypeError as e:
+        raise ConfigError(f"config.{section}.{key} is not an option of the loss: {e}") from None
 
 
 def load_source(input_cfg, split: str):
