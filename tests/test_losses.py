@@ -219,5 +219,21 @@ def test_bf16_memory_never_keeps_the_anchors_own_slot():
     assert int(st["pos_pairs"]) == 0, name
   loss, _ = losses.contrastive(q, mem, reduction="mean", return_stats=True)
   assert float(loss) == 0.0
-  assert losses.self_threshold(q, mem) == 1 - 1e-2
-  assert losses.self_threshold(q, q) == 1 - 1e-5
+
+
+def test_float32_keeps_a_near_duplicate_positive_and_drops_the_copy():
+  """In float32 the self rule is tight: a distinct same-label entry at S = 1 - 1e-4
+  is a positive (1e-4 away from the anchor), the anchor's exact copy is not."""
+  rng = np.random.default_rng(1)
+  q = unit(rng, 1, 16)[0].astype(np.float64)
+  perp = rng.normal(size=16)
+  perp -= perp.dot(q) * q
+  perp /= np.linalg.norm(perp)
+  angle = np.arccos(1 - 1e-4)
+  near = np.cos(angle) * q + np.sin(angle) * perp
+  refs = np.stack([q, near]).astype(np.float32)
+  anchor = as_set(q[None].astype(np.float32), np.zeros(1, np.int32))
+  loss, st = losses.contrastive(anchor, as_set(refs, np.zeros(2, np.int32)), return_stats=True)
+  assert int(st["pos_pairs"]) == 1
+  np.testing.assert_allclose(float(st["mean_pos_sim"]), 1 - 1e-4, atol=2e-6)
+  np.testing.assert_allclose(float(loss), 1e-4, rtol=0.05)

@@ -17,10 +17,11 @@ class ListModel:
     self.slots = [None] * size
     self.ptr = 0
 
-  def enqueue(self, emb, labels):
-    for e, l in zip(emb, labels):
-      self.slots[self.ptr] = (e, int(l))
-      self.ptr = (self.ptr + 1) % len(self.slots)
+  def enqueue(self, emb, labels, mask=None):
+    for i, (e, l) in enumerate(zip(emb, labels)):
+      if mask is None or mask[i]:
+        self.slots[self.ptr] = (e, int(l))
+        self.ptr = (self.ptr + 1) % len(self.slots)
 
 
 def check_equal(mem, model):
@@ -46,6 +47,31 @@ def test_ring_buffer_matches_list_model(size, batch):
     model.enqueue(emb, labels)
     check_equal(mem, model)
   assert float(memory.fill(mem)) == 1.0
+
+
+@pytest.mark.parametrize("size,batch", [(10, 3), (7, 7), (6, 4)])
+def test_masked_enqueue_matches_list_model(size, batch):
+  """Only the selected rows enter, in order, at consecutive slots: a true ring
+  (the oldest selected rows are overwritten first), through several wraps, with
+  empty and full masks; next_slots names each row's slot beforehand."""
+  rng = np.random.default_rng(size * 10 + batch)
+  mem = memory.init(size=size, dim=4)
+  model = ListModel(size)
+  enqueue = jax.jit(lambda m, b, mask: memory.enqueue(m, b, mask=mask))
+  for step in range(4 * size // batch + 3):
+    emb = rng.normal(size=(batch, 4)).astype(np.float32)
+    labels = rng.integers(0, 3, size=batch)
+    mask = rng.random(batch) < 0.6
+    mask[:] = {0: False, 1: True}.get(step, mask)  # an empty and a full mask
+    slots = np.asarray(memory.next_slots(mem, batch, mask=jnp.asarray(mask)))
+    expect, ptr = [], model.ptr
+    for m in mask:
+      expect.append(ptr if m else -1)
+      ptr = (ptr + 1) % size if m else ptr
+    assert slots.tolist() == expect
+    mem = enqueue(mem, xbm_jax.Embeddings(jnp.asarray(emb), jnp.asarray(labels)), jnp.asarray(mask))
+    model.enqueue(emb, labels, mask)
+    check_equal(mem, model)
 
 
 def test_label_zero_and_fill():
@@ -147,13 +173,15 @@ def test_total_loss_gates_on_start_step_and_compiles_once():
     q = xbm_jax.Embeddings(e, b.labels)
     return losses.xbm_total_loss(q, q, mem, step=t, start_step=5, weight=0.5)
 
+  # The oracle: NumPy loops over pairs; at step 5 the memory holds exactly this batch.
+  e, lab = np.asarray(b.emb, np.float64), np.asarray(b.labels)
+  in_batch = loss_oracles.contrastive(e, lab, e, lab)
+  mem_only = loss_oracles.contrastive(e, lab, e, lab)
   loss, mem1, aux = step(b.emb, mem0, 4)
-  in_batch = float(losses.contrastive(b, b))
   np.testing.assert_allclose(float(loss), in_batch, rtol=1e-6)  # memory off
   assert int(mem1.ptr) == 0 and float(aux["xbm_weight"]) == 0.0
   loss, mem2, aux = step(b.emb, mem0, 5)
   assert int(mem2.ptr) == 8  # enqueued first
-  mem_only = float(losses.contrastive(b, memory.enqueue(mem0, b)))
   np.testing.assert_allclose(float(loss), in_batch + 0.5 * mem_only, rtol=1e-6)
   np.testing.assert_allclose(float(aux["loss_xbm"]), mem_only, rtol=1e-6)
   assert len(traces) == 1

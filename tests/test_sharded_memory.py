@@ -219,31 +219,35 @@ def _stream(rng, steps, n, b, *, start=0):
   return out
 
 
-def test_enqueue_local_is_a_ring_per_shard(mesh):
+@pytest.mark.parametrize("masked", [False, True])
+def test_enqueue_local_is_a_ring_per_shard(mesh, masked):
   """Each shard is the FIFO ring of its own device's rows (Python-list oracle),
-  `when=False` leaves it untouched, and invalid rows take a slot."""
+  `when=False` leaves it untouched, and invalid rows take a slot; with an enqueue
+  mask, only the selected rows, in order (shards then fill unevenly)."""
   rng = np.random.default_rng(2)
   spec = sharded_memory.specs(AX)
   enq = jax.jit(
     jax.shard_map(
-      lambda m, e, l, v, w: sharded_memory.enqueue_local(m, Embeddings(e, l, v), when=w),
+      lambda m, e, l, v, w, k: sharded_memory.enqueue_local(m, Embeddings(e, l, v), when=w, mask=k),
       mesh=mesh,
-      in_specs=(spec, P(AX), P(AX), P(AX), P()),
+      in_specs=(spec, P(AX), P(AX), P(AX), P(), P(AX)),
       out_specs=spec,
     )
   )
   mem = sharded_memory.put(sharded_memory.init(size=SIZE, dim=D, n_shards=N), mesh)
   rings = [[None] * K for _ in range(N)]  # (label, valid) per slot
   ptrs = [0] * N
-  for i, batch in enumerate(_stream(rng, 5, N, B)):
+  for i, batch in enumerate(_stream(rng, 9 if masked else 5, N, B)):
     when = i != 2
-    mem = enq(mem, *_split(batch, mesh), jnp.asarray(when))
+    keep = rng.random(G) < 0.5 if masked else np.ones(G, bool)
+    mem = enq(mem, *_split(batch, mesh), jnp.asarray(when), _split(jnp.asarray(keep), mesh))
     if when:
       for d in range(N):
         for j in range(B):
           row = d * B + j
-          rings[d][ptrs[d]] = (int(batch.labels[row]), bool(batch.valid[row]))
-          ptrs[d] = (ptrs[d] + 1) % K
+          if keep[row]:
+            rings[d][ptrs[d]] = (int(batch.labels[row]), bool(batch.valid[row]))
+            ptrs[d] = (ptrs[d] + 1) % K
   labels, valid = np.asarray(mem.labels), np.asarray(mem.valid)
   assert np.asarray(mem.ptr).tolist() == ptrs
   for d in range(N):
