@@ -17,7 +17,7 @@ import pytest
 from tests.train.test_loop import read_log, tiny_config
 from tests.train.test_step import build, ctrl_of, make_batches
 from xbm_jax import parallel
-from xbm_jax.train import evaluation, guards, loop, setup
+from xbm_jax.train import evaluation, guards, loop, validation
 from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError, WorkdirLockedError
 
 
@@ -163,7 +163,7 @@ def test_invalid_enumerated_value_fails_before_anything_runs(data_dir, tmp_path,
 def test_every_enumerated_default_is_valid():
   from xbm_jax.train import config as config_lib
 
-  setup.check_enumerated(config_lib.base())  # the oracle: base() must pass its own check
+  validation.check_enumerated(config_lib.base())  # the oracle: base() must pass its own check
 
 
 # --- 5. paths as the user wrote them ---------------------------------------------

@@ -1,5 +1,6 @@
 """train_and_evaluate end to end on a tiny prepared tfds dataset: logs, evals,
-pictures, checkpoints; exact resume after a kill; non-finite stop; config errors."""
+pictures, checkpoints; exact resume after a kill; non-finite stop (config errors:
+test_validation.py)."""
 
 import importlib.util
 import json
@@ -83,9 +84,9 @@ def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   assert fills == pytest.approx({2: 0.0, 3: 16 / 64, 4: 32 / 64, 6: 64 / 64})
   assert train_lines[0]["train/xbm_weight"] == 0.0
   # Drift every 2 updates at lags 2 and 4, each reading logged at the step it measured
-  # (after 2 updates: lag 2; after 4: lags 2 and 4), not at the next log line.
-  assert {l["step"] for l in log if "train/drift@2" in l} == {2, 4}
-  assert {l["step"] for l in log if "train/drift@4" in l} == {4}
+  # (after 2 updates: lag 2; after 4 and 6: lags 2 and 4), not at the next log line.
+  assert {l["step"] for l in log if "train/drift@2" in l} == {2, 4, 6}
+  assert {l["step"] for l in log if "train/drift@4" in l} == {4, 6}
   assert os.path.exists(os.path.join(wd, "pictures", "retrieval_tiny_0000006.png"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd))
   with open(os.path.join(wd, "config.json")) as f:
@@ -210,38 +211,12 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path,
   assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3"]
 
 
-@pytest.mark.parametrize(
-  "overrides,match",
-  [
-    ({"input.batch_size": 18}, "not divisible by config.input.samples_per_class"),
-    ({"input.batch_size": 12, "input.samples_per_class": 3}, "not divisible by the 8"),
-    ({"xbm.size": 8}, "smaller than the global batch"),
-    ({"input.dataset": "nope"}, "nope"),
-    ({"xbm.memory_sharding": "striped"}, "memory_sharding"),
-    ({"train.accumulate": 2}, "micro-batches of whole classes"),  # 2 rows per device
-    ({"input.worker_count": -2}, "worker_count=-2"),
-  ],
-)
-def test_bad_config_fails_before_training(data_dir, tmp_path, overrides, match):
-  wd = tmp_path / "bad"
-  with pytest.raises((ValueError, FileNotFoundError, KeyError), match=match):
-    loop.train_and_evaluate(tiny_config(data_dir, **overrides), str(wd))
-  assert not (wd / "checkpoints").exists()
-
-
 def test_a_run_with_gradient_accumulation(data_dir, tmp_path):
   """The loop wires train.accumulate through (the step's semantics: test_step.py)."""
   out = loop.train_and_evaluate(
     tiny_config(data_dir, **{"train.num_devices": 2, "train.accumulate": 2}), str(tmp_path / "acc")
   )
   assert np.isfinite(out["train/loss"]) and out["train/xbm/pos_pairs"] > 0
-
-
-def test_unknown_config_key_is_an_error(data_dir, tmp_path):
-  c = tiny_config(data_dir)
-  c.xbm.sise = 10
-  with pytest.raises(KeyError, match="xbm.sise"):
-    loop.train_and_evaluate(c, str(tmp_path / "typo"))
 
 
 def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
@@ -366,4 +341,5 @@ def test_each_drift_reading_reaches_the_controller_once(data_dir, tmp_path, monk
   loop.train_and_evaluate(
     tiny_config(data_dir, **{"pictures.enabled": False}), str(tmp_path / "spy")
   )
-  assert seen == [2, 4]  # drift.interval = 2 with deltas (2, 4): readings at steps 2, 4
+  # drift.interval = 2 with deltas (2, 4): readings after updates 2, 4 and 6.
+  assert seen == [2, 4, 6]

@@ -1,7 +1,7 @@
 """The config skeleton every experiment shares: every key the trainer reads, with
 its default, in grouped sub-dicts. Experiment files in `configs/` start from
 `base()` and override; `parse_arg` reads `get_config("smoke,seed=1")` arguments.
-The trainer calls `check` so a mistyped key fails before training starts.
+`validation.validate` refuses a key absent here (a typo) before training starts.
 """
 
 from __future__ import annotations
@@ -10,10 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from xbm_jax import models
-from xbm_jax.train.errors import ConfigError, ConfigKeyError
-
-# Sections whose keys are free-form (names chosen by the experiment).
-OPEN_SECTIONS = ("evals",)
+from xbm_jax.train.errors import ConfigError
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -98,11 +95,13 @@ def base() -> ml_collections.ConfigDict:
     backoff_factor=0.5,
     min_weight=0.0,
     recover_steps=1000,
-    # Switch the memory off for good when the probe's rank drift (share of nearest
-    # neighbours changed over the smallest drift lag) exceeds guard_ratio x its last
-    # reading before the start (issue 16; insight/controller.py).
+    # Switch the memory off for good (no enqueue, no memory term) when the probe's
+    # rank drift (share of nearest neighbours changed over the smallest drift lag)
+    # exceeds guard_ratio x its last reading before the start in guard_readings
+    # consecutive readings (insight/controller.py). Needs the drift monitor.
     guard=False,
     guard_ratio=2.0,
+    guard_readings=1,
   )
 
   c.optim = dict(
@@ -161,23 +160,3 @@ def apply_smoke(c: ml_collections.ConfigDict, *, eval_ks=(1, 2)) -> ml_collectio
     ev.every_steps, ev.ks = 6, tuple(eval_ks)
   c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
   return c
-
-
-def check(config: ml_collections.ConfigDict) -> None:
-  """Unknown keys (a typo in an experiment file) are an error naming the key."""
-  ref = base()
-
-  def walk(cfg, ref_cfg, prefix):
-    for key in cfg.keys():
-      path = f"{prefix}{key}"
-      if any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS):
-        continue
-      if key not in ref_cfg:
-        raise ConfigKeyError(
-          f"unknown config key {path!r}; valid keys under "
-          f"{prefix or 'the top level'}: {sorted(ref_cfg.keys())}"
-        )
-      if isinstance(ref_cfg[key], ml_collections.ConfigDict):
-        walk(cfg[key], ref_cfg[key], path + ".")
-
-  walk(config, ref, "")
