@@ -20,6 +20,7 @@ def prepare(c):
   setup.name_evaluators(c)
   validation.validate(c, num_devices=1, check_data=False)
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 

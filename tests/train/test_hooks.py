@@ -49,7 +49,10 @@ def test_drift_probe_measures_every_interval_once_per_step():
     return probes[state]
 
   probe = hooks.DriftProbe(
-    DriftMonitor(interval=2, deltas=(2,)), interval=2, embed_probe=embed, watch=guards.CollapseWatch()
+    DriftMonitor(interval=2, deltas=(2,)),
+    interval=2,
+    embed_probe=embed,
+    watch=guards.CollapseWatch(),
   )
   readings = {s: probe.measure(s, s) for s in range(5)}
   assert calls == [0, 2, 4]
@@ -60,7 +63,10 @@ def test_drift_probe_measures_every_interval_once_per_step():
   assert readings[4]["train/drift@2"] == pytest.approx(want, rel=1e-6)
   saved = probe.state_dict()
   again = hooks.DriftProbe(
-    DriftMonitor(interval=2, deltas=(2,)), interval=2, embed_probe=embed, watch=guards.CollapseWatch()
+    DriftMonitor(interval=2, deltas=(2,)),
+    interval=2,
+    embed_probe=embed,
+    watch=guards.CollapseWatch(),
   )
   again.load_state_dict(saved)
   assert again.measure(4, 4) == {} and calls == [0, 2, 4]
