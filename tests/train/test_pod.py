@@ -115,10 +115,8 @@ def logged(workdir) -> dict:
 def final_params(workdir):
   from xbm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
 
-  ck = checkpoint.Checkpointer(workdir, keep=100)
-  assert ck.latest_step() == STEPS
-  raw = ck.restore_plain(STEPS)  # saved by 4 devices of 2 processes
-  ck.close()
+  step, raw = checkpoint.read_params(workdir)  # saved by 4 devices of 2 processes
+  assert step == STEPS
   return raw["params"]
 
 

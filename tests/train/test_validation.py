@@ -76,6 +76,13 @@ def test_an_evaluator_key_of_another_type_and_a_missing_dataset(data_dir, tmp_pa
     loop.train_and_evaluate(c, str(tmp_path / "a"))
   with pytest.raises(DataError, match="no prepared dataset 'nope'"):
     loop.train_and_evaluate(tiny_config(data_dir, **{"input.dataset": "nope"}), str(tmp_path / "b"))
+  for key, value in (
+    ("train.init_from", str(tmp_path / "none.msgpack")),
+    ("train.init_from", str(tmp_path)),
+    ("model.init_from", str(tmp_path / "backbone.msgpack")),
+  ):
+    with pytest.raises(DataError, match=f"config.{key}="):
+      loop.train_and_evaluate(tiny_config(data_dir, **{key: value}), str(tmp_path / "c"))
   assert not os.listdir(tmp_path)
 
 

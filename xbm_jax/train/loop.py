@@ -31,7 +31,7 @@ from xbm_jax.insight import controller as controller_lib, drift as drift_lib
 from xbm_jax.train import checkpoint, evaluation, guards, hooks as hooks_lib, optim, setup
 from xbm_jax.train import config as config_lib, validation
 from xbm_jax.train import state as state_lib, step as step_lib
-from xbm_jax.train.errors import NonFiniteError, ResumeError
+from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError
 from xbm_jax.train.progress import Progress
 from xbm_jax.train.writer import MetricWriter, config_json
 
@@ -57,25 +57,20 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
   }, first_bad
 
 
-def _warm_start(state, workdir: str):
+def _warm_start(state, source: str):
   """Params and BN statistics from another run's latest checkpoint (whatever its
-  memory size) or an exported `.msgpack`, placed like this run's."""
-  if workdir.endswith(".msgpack"):  # exported with scripts/export_params.py
-    raw = checkpoint.load_params(workdir)
+  memory size; only those two are read) or an exported `.msgpack`, placed like
+  this run's."""
+  if source.endswith(".msgpack"):  # exported with scripts/export_params.py
+    raw = checkpoint.load_params(source)
   else:
-    src = checkpoint.Checkpointer(workdir, keep=1000)
-    step = src.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"config.train.init_from={workdir!r} has no checkpoint")
-    raw = src.restore_plain(step)  # plain arrays, whatever devices saved them
-    src.close()
+    raw = checkpoint.read_params(source)[1]
   out = {}
-  for key in ("params", "batch_stats"):
-    mine = getattr(state, key)
-    theirs = raw[key]
+  for key in checkpoint.PARAM_KEYS:
+    mine, theirs = getattr(state, key), raw[key]
     if jax.tree.structure(mine) != jax.tree.structure(theirs):
-      raise ValueError(
-        f"config.train.init_from={workdir!r}: its {key} do not match this "
+      raise ConfigError(
+        f"config.train.init_from={source!r}: its {key} do not match this "
         "model (different config.model?)"
       )
     out[key] = jax.tree.map(

@@ -14,6 +14,7 @@ lock by `guards.check_resume`.
 from __future__ import annotations
 
 import inspect
+import os
 
 import ml_collections
 
@@ -22,7 +23,7 @@ from xbm_jax.data import pipeline
 from xbm_jax.evaluation import evaluators
 from xbm_jax.models import factory as model_factory, head as model_head
 from xbm_jax.train import config as config_lib, optim, setup
-from xbm_jax.train.errors import ConfigError, ConfigKeyError
+from xbm_jax.train.errors import ConfigError, ConfigKeyError, DataError
 
 # Option values of the losses (losses.py validates them inside the traced loss;
 # read here so that a bad one fails before the run).
@@ -58,6 +59,7 @@ def validate(config, *, num_devices: int, check_data: bool = True) -> None:
   _check_evals(config)
   if check_data:
     _check_splits(config)
+    _check_paths(config)
 
 
 def _fail(msg: str):
@@ -336,3 +338,17 @@ def _check_splits(config) -> None:
       _fail(
         f"{key}: no split {split!r} in dataset {config.input.dataset!r}; splits: {sorted(have)}"
       )
+
+
+def _check_paths(config) -> None:
+  """The warm start and the pretrained backbone exist (read by the run, never written)."""
+  src = config.train.init_from
+  if src and src.endswith(".msgpack"):
+    if not os.path.isfile(src):
+      raise DataError(f"config.train.init_from={src!r}: no such file")
+  elif src:
+    last = os.path.join(src, "checkpoints", "last")
+    if not os.path.isdir(last) or not any(d.isdigit() for d in os.listdir(last)):
+      raise DataError(f"config.train.init_from={src!r} has no checkpoint (no {last}/<step>)")
+  if config.model.init_from and not os.path.isfile(config.model.init_from):
+    raise DataError(f"config.model.init_from={config.model.init_from!r}: no such file")
