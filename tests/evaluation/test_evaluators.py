@@ -82,12 +82,31 @@ def test_extract_drops_padding_and_keeps_index():
         "index": np.arange(s, s + 8) + 100,
       }
 
-  for mesh in (None, jax.make_mesh((8,), ("data",))):
-    out = extract.extract(embed_fn, batches(), mesh=mesh)
-    np.testing.assert_allclose(out["emb"], images.astype(np.float32).mean(axis=(1, 2)))
-    np.testing.assert_array_equal(out["labels"], np.arange(10) % 3)
-    np.testing.assert_array_equal(out["index"], np.arange(10) + 100)
-    assert out["emb"].dtype == np.float32 and out["labels"].dtype == np.int64
+  out = extract.extract(embed_fn, batches())
+  np.testing.assert_allclose(out["emb"], images.astype(np.float32).mean(axis=(1, 2)))
+  np.testing.assert_array_equal(out["labels"], np.arange(10) % 3)
+  np.testing.assert_array_equal(out["index"], np.arange(10) + 100)
+  assert out["emb"].dtype == np.float32 and out["labels"].dtype == np.int64
+
+
+def test_extract_fallback_index_counts_the_whole_split_across_processes(monkeypatch):
+  """Batches without `index`: after the processes' parts are gathered, each record's
+  index is its position in the whole split (it used to restart in every part). Two
+  processes are played by a gather that appends a second part of 3 records."""
+  second = dict(emb=np.ones((3, 1), np.float32), labels=np.array([7, 8, 9]))
+  monkeypatch.setattr(
+    extract,
+    "gather_processes",
+    lambda parts: {k: np.concatenate([parts[k], second[k]]) for k in parts},
+  )
+  batch = {
+    "image": np.zeros((4, 1, 1, 1), np.uint8),
+    "label": np.array([1, 2, 3, 4]),
+    "mask": np.array([1, 1, 1, 0], bool),
+  }
+  out = extract.extract(lambda x: np.zeros((len(x), 1), np.float32), [batch], prefetch=0)
+  np.testing.assert_array_equal(out["labels"], [1, 2, 3, 7, 8, 9])
+  np.testing.assert_array_equal(out["index"], np.arange(6))
 
 
 def test_top_k_by_runs_equals_lax_top_k_with_ties():
