@@ -6,10 +6,12 @@ its default, in grouped sub-dicts. Experiment files in `configs/` start from
 
 from __future__ import annotations
 
+import inspect
+
 import ml_collections
 from ml_collections import config_dict
 
-from xbm_jax import models
+from xbm_jax import losses, models
 from xbm_jax.train.errors import ConfigError
 
 
@@ -30,20 +32,19 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+# Keyword arguments of the losses that the step passes, not options a config sets.
+_CALL_ARGS = ("self_index", "return_stats", "axis_name")
+
+
 def loss_kwargs_fields() -> dict:
-  """Every keyword option of the losses, unset: `--config.loss.kwargs.margin=0.3`."""
-  f, s = config_dict.placeholder(float), config_dict.placeholder(str)
-  return dict(
-    margin=f,
-    pos_threshold=config_dict.placeholder(float),
-    self_exclusion=s,
-    reduction=config_dict.placeholder(str),
-    alpha=config_dict.placeholder(float),
-    beta=config_dict.placeholder(float),
-    lam=config_dict.placeholder(float),
-    mining_margin=config_dict.placeholder(float),
-    mining=config_dict.placeholder(str),
-  )
+  """Every keyword option of the losses, read from their signatures, unset
+  (`--config.loss.kwargs.margin=0.3`); typed float or str by their annotation."""
+  out = {}
+  for fn in losses.LOSSES.values():
+    for p in inspect.signature(fn).parameters.values():
+      if p.kind == p.KEYWORD_ONLY and p.name not in _CALL_ARGS:
+        out[p.name] = config_dict.placeholder(float if "float" in str(p.annotation) else str)
+  return out
 
 
 def set_kwargs(cfg) -> dict:
