@@ -122,9 +122,9 @@ def _check_resume_config(config, workdir: str, ckpt) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates, checkpoints and logs into `workdir`; returns the last metrics.
 
-  Checks first, in this order, before anything is written: the config (keys and
-  every enumerated value), the workdir lock (one live run per workdir), and on a
-  resume the saved config against this one. Whatever ends the run (the last step,
+  Checks first, in this order: the config, every rule (`validation.validate`,
+  before the lock, the data or any file), the workdir lock (one live run per
+  workdir), and on a resume the saved config against this one. Whatever ends the run (the last step,
   a non-finite loss, any exception, Ctrl-C), one ExitStack closes everything it
   opened: progress bar, pipeline workers, writer, checkpoint manager, lock.
   """
