@@ -206,12 +206,9 @@ def test_extract_with_prefetch_equals_without(source):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from xbm_jax.evaluation.extract import extract  # pylint: disable=g-import-not-at-top
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
   embed = jax.jit(lambda x: jnp.mean(x.astype(jnp.float32), axis=(1, 2)))
   runs = [
-    extract(
-      embed, pipeline.eval_batches(source, batch_size=16, transform_cfg=TCFG), mesh=mesh, prefetch=p
-    )
+    extract(embed, pipeline.eval_batches(source, batch_size=16, transform_cfg=TCFG), prefetch=p)
     for p in (0, 2)
   ]
   for k in ("emb", "labels", "index"):

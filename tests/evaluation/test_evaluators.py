@@ -7,7 +7,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from tests.evaluation.test_metrics import assert_same, clustered, oracle
-from xbm_jax.evaluation import evaluators, extract, metrics, protocols
+from xbm_jax.evaluation import evaluators, extract, metrics
 
 
 def split_fn(splits):
@@ -32,7 +32,7 @@ def test_leave_one_out_evaluator_names_and_values():
   want = oracle(x, l, ks=(1, 10))
   assert_same({k.removeprefix("eval/sop/"): v for k, v in out.items()}, want)
   assert "eval/sop/recall@1" in out and "eval/sop/num_singleton_excluded" in out
-  assert ev.should_run(200) and not ev.should_run(150)
+  assert ev.split_names() == ["test"] and ev.picture_splits() == ("test", "test")
 
 
 def test_query_gallery_and_vehicleid_evaluators():
@@ -57,14 +57,12 @@ def test_query_gallery_and_vehicleid_evaluators():
   assert out["eval/vid/large/map@r"] == pytest.approx(oracle(g, gl, ks=(5,))["map@r"])
 
 
-def test_config_errors_are_clear():
-  with pytest.raises(ValueError, match="leave_one_out.*query_gallery.*vehicleid"):
-    evaluators.create("x", dict(type="knn", ks=(1,)))
-  with pytest.raises(ValueError, match="evals.x.split"):
-    evaluators.create("x", dict(type="leave_one_out", ks=(1,)))
-  with pytest.raises(ValueError, match="unknown key.*splt"):
-    evaluators.create("x", dict(type="leave_one_out", splt="test", ks=(1,)))
-  assert protocols.DEFAULT_KS["sop"] == (1, 10, 100, 1000)
+def test_vehicleid_without_splits_uses_the_three_test_sets():
+  """Its pictures come from its first test set (an evaluator config without `splits`
+  used to raise KeyError in the pictures on process 0 alone)."""
+  ev = evaluators.create("vid", dict(type="vehicleid", ks=(1,)))
+  assert ev.split_names() == ["test_800", "test_1600", "test_2400"]
+  assert ev.picture_splits() == ("test_800", "test_800")
 
 
 def test_extract_drops_padding_and_keeps_index():
@@ -84,12 +82,31 @@ def test_extract_drops_padding_and_keeps_index():
         "index": np.arange(s, s + 8) + 100,
       }
 
-  for mesh in (None, jax.make_mesh((8,), ("data",))):
-    out = extract.extract(embed_fn, batches(), mesh=mesh)
-    np.testing.assert_allclose(out["emb"], images.astype(np.float32).mean(axis=(1, 2)))
-    np.testing.assert_array_equal(out["labels"], np.arange(10) % 3)
-    np.testing.assert_array_equal(out["index"], np.arange(10) + 100)
-    assert out["emb"].dtype == np.float32 and out["labels"].dtype == np.int64
+  out = extract.extract(embed_fn, batches())
+  np.testing.assert_allclose(out["emb"], images.astype(np.float32).mean(axis=(1, 2)))
+  np.testing.assert_array_equal(out["labels"], np.arange(10) % 3)
+  np.testing.assert_array_equal(out["index"], np.arange(10) + 100)
+  assert out["emb"].dtype == np.float32 and out["labels"].dtype == np.int64
+
+
+def test_extract_fallback_index_counts_the_whole_split_across_processes(monkeypatch):
+  """Batches without `index`: after the processes' parts are gathered, each record's
+  index is its position in the whole split (it used to restart in every part). Two
+  processes are played by a gather that appends a second part of 3 records."""
+  second = dict(emb=np.ones((3, 1), np.float32), labels=np.array([7, 8, 9]))
+  monkeypatch.setattr(
+    extract,
+    "gather_processes",
+    lambda parts: {k: np.concatenate([parts[k], second[k]]) for k in parts},
+  )
+  batch = {
+    "image": np.zeros((4, 1, 1, 1), np.uint8),
+    "label": np.array([1, 2, 3, 4]),
+    "mask": np.array([1, 1, 1, 0], bool),
+  }
+  out = extract.extract(lambda x: np.zeros((len(x), 1), np.float32), [batch], prefetch=0)
+  np.testing.assert_array_equal(out["labels"], [1, 2, 3, 7, 8, 9])
+  np.testing.assert_array_equal(out["index"], np.arange(6))
 
 
 def test_top_k_by_runs_equals_lax_top_k_with_ties():

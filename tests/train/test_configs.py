@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from xbm_jax.evaluation import evaluators
-from xbm_jax.train import config as config_lib, setup
+from xbm_jax.train import config as config_lib, setup, validation
 from xbm_jax.train.errors import ConfigError
+
+
+def prepare(c):
+  """What the trainer does to a config before the run: the evaluators named after
+  the dataset, then every check (no data here: the stock datasets are not prepared)."""
+  setup.name_evaluators(c)
+  validation.validate(c, num_devices=1, check_data=False)
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -27,7 +35,7 @@ def test_config_is_valid(path, arg):
   cmd = re.search(r"python scripts/train\.py --config=(configs/\w+\.py)", mod.__doc__)
   assert cmd and os.path.samefile(os.path.join(ROOT, cmd.group(1)), path)
   c = mod.get_config(arg)
-  setup.validate(c, num_devices=1)
+  prepare(c)
   for name, ev in c.evals.items():
     evaluators.create(name, ev)
   if c.optim.schedule == "plateau":
@@ -46,7 +54,7 @@ def test_loss_option_not_of_the_loss_is_an_error():
   c.optim.schedule = "constant"
   c.loss.kwargs.alpha = 2.0  # a multi-similarity option on the contrastive loss
   with pytest.raises(ValueError, match="loss.kwargs.alpha"):
-    setup.validate(c, num_devices=1)
+    prepare(c)
 
 
 def _load(name, arg=None):
@@ -74,7 +82,7 @@ def test_stock_configs_keep_their_metric_names(path):
   """READMEs and best_metric / plateau.metric name eval/<stock dataset>/..."""
   c = _load(os.path.basename(path))
   before = (list(c.evals), c.train.best_metric, c.optim.plateau.metric)
-  setup.validate(c, num_devices=1)
+  prepare(c)
   assert (list(c.evals), c.train.best_metric, c.optim.plateau.metric) == before
   assert list(c.evals) == [c.input.dataset]
 
@@ -87,7 +95,7 @@ def test_evaluator_names_follow_a_renamed_dataset(name):
   c.input.dataset = "mine"
   c.pictures.evaluator = stock
   c.lock()  # as config_flags hands it over
-  setup.validate(c, num_devices=1)
+  prepare(c)
   assert list(c.evals) == ["mine"]
   assert c.train.best_metric.startswith("eval/mine/")
   assert c.train.best_metric.removeprefix("eval/mine/") in ("recall@1", "small/recall@1")
@@ -97,14 +105,14 @@ def test_evaluator_names_follow_a_renamed_dataset(name):
   names = _metric_names(c)
   assert "eval/mine/recall@1" in names or "eval/mine/small/recall@1" in names
   assert not [n for n in names if n.startswith(f"eval/{stock}/")]
-  setup.validate(c, num_devices=1)  # idempotent (a resumed run validates again)
+  prepare(c)  # idempotent (a resumed run validates again)
   assert list(c.evals) == ["mine"]
 
 
 def test_study_keeps_val_and_test_on_a_renamed_dataset():
   c = _load("glyphs.py", "study")
   c.input.dataset = "mine"
-  setup.validate(c, num_devices=1)
+  prepare(c)
   assert sorted(c.evals) == ["test", "val"]
   assert set(_metric_names(c)) >= {"eval/val/recall@1", "eval/test/recall@1"}
 
@@ -112,11 +120,11 @@ def test_study_keeps_val_and_test_on_a_renamed_dataset():
 def test_alias_is_the_same_dataset_and_two_renames_are_an_error():
   c = _load("cars.py")
   c.input.dataset = "cars196"
-  setup.validate(c, num_devices=1)
+  prepare(c)
   assert list(c.evals) == ["cars"]
   c = _load("glyphs.py")
   c.input.dataset = "sop"
   c.evals.mine = dict(c.evals.glyphs)
   c.evals.sop = dict(c.evals.glyphs)
   with pytest.raises(ConfigError, match="two evaluators one name"):
-    setup.validate(c, num_devices=1)
+    prepare(c)

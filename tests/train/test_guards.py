@@ -17,7 +17,7 @@ import pytest
 from tests.train.test_loop import read_log, tiny_config
 from tests.train.test_step import build, ctrl_of, make_batches
 from xbm_jax import parallel
-from xbm_jax.train import evaluation, guards, loop, setup
+from xbm_jax.train import evaluation, guards, loop, validation
 from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError, WorkdirLockedError
 
 
@@ -163,7 +163,7 @@ def test_invalid_enumerated_value_fails_before_anything_runs(data_dir, tmp_path,
 def test_every_enumerated_default_is_valid():
   from xbm_jax.train import config as config_lib
 
-  setup.check_enumerated(config_lib.base())  # the oracle: base() must pass its own check
+  validation.check_enumerated(config_lib.base())  # the oracle: base() must pass its own check
 
 
 # --- 5. paths as the user wrote them ---------------------------------------------
@@ -221,3 +221,34 @@ def test_zero_gradients_and_collapsed_embeddings_are_warned(
   text = caplog.text
   assert "gradient norm is 0" in text and "collapsed" in text
   assert text.count("embeddings have collapsed") == 1  # said once, not per probe
+
+
+# --- the drift guard stops the memory -------------------------------------------
+
+
+def test_the_guard_stops_enqueue_and_the_memory_term(data_dir, tmp_path, monkeypatch):
+  """The probe is scripted: still before the start (rank drift 0, so the floor 0.01 is
+  the reference), a fresh random set at each reading after it (rank drift near 1).
+  With the memory on from update 2 (0-based) and a reading every 2 updates, the
+  reading after update 4 trips the guard: updates 2 and 3 enqueue 16 rows each into
+  64 slots, updates 4 and 5 nothing, and their loss is the batch term alone."""
+  rng = np.random.default_rng(0)
+  still = rng.normal(size=(16, 8))
+
+  def scripted(self, state):
+    done = int(jax.device_get(state.step))
+    return still if done <= 2 else rng.normal(size=(16, 8))
+
+  monkeypatch.setattr(evaluation.EvalRunner, "embed_probe", scripted)
+  wd = str(tmp_path / "guard")
+  cfg = tiny_config(
+    data_dir, **{"pictures.enabled": False, "train.log_every": 1, "xbm.guard": True}
+  )
+  loop.train_and_evaluate(cfg, wd)
+  rows = {l["step"]: l for l in read_log(wd) if "train/loss" in l}
+  fills = {s: rows[s]["train/memory_fill"] for s in rows}
+  assert fills == pytest.approx({1: 0, 2: 0, 3: 16 / 64, 4: 32 / 64, 5: 32 / 64, 6: 32 / 64})
+  assert [rows[s]["train/xbm_weight"] for s in range(1, 7)] == [0, 0, 1, 1, 0, 0]
+  for s in (5, 6):
+    assert rows[s]["train/loss"] == pytest.approx(rows[s]["train/loss_batch"], rel=1e-6)
+  assert rows[6]["train/xbm_guard_off_step"] == 4.0

@@ -312,17 +312,17 @@ def test_accumulated_mean_is_the_whole_steps_sum_over_its_count():
 
 def test_a_user_loss_from_the_config_is_checked_against_its_signature():
   """config.loss.name may be an import path; its options are those of its signature."""
-  from xbm_jax.train import config as config_lib, setup
+  from xbm_jax.train import config as config_lib, validation
   from xbm_jax.train.errors import ConfigError
 
   c = config_lib.base()
   c.loss.name = "tests.test_pairs:margin_rank_row"
   c.loss.kwargs.margin = 0.3
-  setup.check_loss(c)
-  setup.check_enumerated(c)  # an import path is not one of the built-in names
+  validation.check_loss(c)
+  validation.check_enumerated(c)  # an import path is not one of the built-in names
   c.xbm.memory_loss_kwargs.temperature = 0.1  # a key the base config does not list
   with pytest.raises(ConfigError, match="memory_loss_kwargs.temperature.*'temperature'"):
-    setup.check_loss(c)
+    validation.check_loss(c)
   c.loss.name = "tests.test_pairs:no_such_loss"
   with pytest.raises(ConfigError, match="config.loss.name=.*no function 'no_such_loss'"):
-    setup.check_loss(c)
+    validation.check_loss(c)

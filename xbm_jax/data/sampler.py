@@ -164,17 +164,6 @@ class PKSampler:
   def state(self, step: int) -> SamplerState:
     return SamplerState(step=int(step), seed=self.seed)
 
-  def check_state(self, state: SamplerState | Mapping[str, Any]) -> int:
-    """Validates a saved state against this sampler; returns the step to resume from."""
-    if not isinstance(state, SamplerState):
-      state = SamplerState.from_dict(state)
-    if state.seed != self.seed:
-      raise ValueError(
-        f"saved sampler seed {state.seed} != configured seed {self.seed}; "
-        "resuming would not reproduce the order"
-      )
-    return state.step
-
 
 def from_config(
   labels, cfg: Mapping[str, Any], *, seed: int, process_index: int = 0, process_count: int = 1

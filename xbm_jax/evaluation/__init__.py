@@ -1,6 +1,6 @@
 """Evaluation: embedding extraction, exact retrieval metrics, protocols, evaluators.
 
-Modules: `extract` (`extract.extract(embed_fn, batches, mesh=...)`), `metrics`
+Modules: `extract` (`extract.extract(embed_fn, batches)`), `metrics`
 (`retrieval_metrics`, `recall_at_k`, `map_at_r`), `protocols`, `evaluators` (`create`).
 """
 

@@ -10,8 +10,10 @@ Config (one entry per evaluator, e.g. in `configs/sop.py`):
                             splits=dict(small="test_800", medium="test_1600",
                                         large="test_2400"))
 
-The trainer calls `create(name, cfg)` once, then `evaluator.run(embed_split)` every
-`evaluator.every_steps` steps, where `embed_split(split_name)` returns an extract-dict
+The trainer checks every evaluator config before the run
+(`xbm_jax.train.validation`: the keys each type allows and requires are its class's
+`allowed_keys` and `required_keys`), calls `create(name, cfg)` once, then
+`evaluator.run(embed_split)` at the evaluation steps, where `embed_split(split_name)` returns an extract-dict
 (`xbm_jax.evaluation.extract.extract`). Metric names: `eval/<name>/recall@<k>`,
 `eval/<name>/map@r`, `eval/<name>/r_precision`, `eval/<name>/precision@1`,
 `eval/<name>/num_queries`, `eval/<name>/num_singleton_excluded` (VehicleID adds the set:
@@ -41,29 +43,27 @@ def _as_dict(cfg) -> dict:
 
 
 class Evaluator:
-  """Base class: `run(embed_split) -> {metric name: float}`."""
+  """Base class: `run(embed_split) -> {metric name: float}`. The config was checked
+  before (`xbm_jax.train.validation`): known keys, the required ones, non-empty `ks`."""
 
   allowed_keys = frozenset(_COMMON)
+  required_keys = frozenset()
 
   def __init__(self, name: str, cfg: Mapping, *, mesh: Optional[Mesh] = None):
-    unknown = set(cfg) - self.allowed_keys
-    if unknown:
-      raise ValueError(
-        f"evals.{name}: unknown key(s) {sorted(unknown)} for type "
-        f"{cfg.get('type')!r}; allowed: {sorted(self.allowed_keys)}"
-      )
-    if "ks" not in cfg or not cfg["ks"]:
-      raise ValueError(f"evals.{name}.ks must be a non-empty sequence of K for Recall@K")
     self.name = name
     self.ks = tuple(int(k) for k in cfg["ks"])
-    self.every_steps = int(cfg.get("every_steps", 0) or 0)
     self.map_at_r = bool(cfg.get("map_at_r", True))
     self.block_size = int(cfg.get("block_size", 1024))
     self.mesh = mesh
 
-  def should_run(self, step: int) -> bool:
-    """True every `every_steps` steps (never when every_steps is 0)."""
-    return self.every_steps > 0 and step % self.every_steps == 0
+  def split_names(self) -> list[str]:
+    """Every split this evaluator embeds, in order."""
+    raise NotImplementedError
+
+  def picture_splits(self) -> tuple[str, str]:
+    """(query split, gallery split) of the retrieval pictures."""
+    first = self.split_names()[0]
+    return first, first
 
   def _kw(self):
     return dict(ks=self.ks, map_at_r=self.map_at_r, block_size=self.block_size, mesh=self.mesh)
@@ -75,20 +75,18 @@ class Evaluator:
     raise NotImplementedError
 
 
-def _need(cfg, name, key):
-  if not cfg.get(key):
-    raise ValueError(f"evals.{name}.{key} is required for type {cfg.get('type')!r}")
-  return cfg[key]
-
-
 class LeaveOneOut(Evaluator):
   """Every image of `split` queries all the others (SOP, CUB, Cars)."""
 
   allowed_keys = frozenset(_COMMON | {"split"})
+  required_keys = frozenset({"split"})
 
   def __init__(self, name, cfg, *, mesh=None):
     super().__init__(name, cfg, mesh=mesh)
-    self.split = _need(cfg, name, "split")
+    self.split = cfg["split"]
+
+  def split_names(self):
+    return [self.split]
 
   def run(self, embed_split):
     return self._named(protocols.leave_one_out(embed_split(self.split), **self._kw()))
@@ -98,11 +96,18 @@ class QueryGallery(Evaluator):
   """`query_split` against `gallery_split` (In-shop)."""
 
   allowed_keys = frozenset(_COMMON | {"query_split", "gallery_split"})
+  required_keys = frozenset({"query_split", "gallery_split"})
 
   def __init__(self, name, cfg, *, mesh=None):
     super().__init__(name, cfg, mesh=mesh)
-    self.query_split = _need(cfg, name, "query_split")
-    self.gallery_split = _need(cfg, name, "gallery_split")
+    self.query_split = cfg["query_split"]
+    self.gallery_split = cfg["gallery_split"]
+
+  def split_names(self):
+    return [self.query_split, self.gallery_split]
+
+  def picture_splits(self):
+    return self.query_split, self.gallery_split
 
   def run(self, embed_split):
     res = protocols.query_gallery(
@@ -121,6 +126,9 @@ class VehicleID(Evaluator):
     super().__init__(name, cfg, mesh=mesh)
     self.splits = dict(cfg.get("splits") or self.default_splits)
 
+  def split_names(self):  # pictures: the first test set
+    return list(self.splits.values())
+
   def run(self, embed_split):
     sets = {size: embed_split(split) for size, split in self.splits.items()}
     return self._named(protocols.vehicleid(sets, **self._kw()))
@@ -136,9 +144,4 @@ REGISTRY = {
 def create(name: str, cfg, *, mesh: Optional[Mesh] = None) -> Evaluator:
   """Builds the evaluator `config.evals.<name>` (a dict or ConfigDict with a `type`)."""
   cfg = _as_dict(cfg)
-  kind = cfg.get("type")
-  if kind not in REGISTRY:
-    raise ValueError(
-      f"evals.{name}.type={kind!r} is not a known evaluator type; valid types: {sorted(REGISTRY)}"
-    )
-  return REGISTRY[kind](name, cfg, mesh=mesh)
+  return REGISTRY[cfg["type"]](name, cfg, mesh=mesh)

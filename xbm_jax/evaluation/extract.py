@@ -14,31 +14,13 @@ rows), and the pictures and per-query results need host arrays.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from xbm_jax.data import pipeline
-
-
-def _place(images, mesh: Optional[Mesh]):
-  """Shards the batch over all mesh devices when it divides evenly, else replicates.
-
-  With several processes `images` is this process's part of a global batch, laid
-  on its own devices (it must divide by them: replicating would need every
-  process to hold the same rows)."""
-  if mesh is None:
-    return images
-  if jax.process_count() > 1:
-    return jax.make_array_from_process_local_data(
-      NamedSharding(mesh, P(mesh.axis_names)), np.asarray(images)
-    )
-  n = mesh.devices.size
-  spec = P(mesh.axis_names) if images.shape[0] % n == 0 else P()
-  return jax.device_put(images, NamedSharding(mesh, spec))
 
 
 def local_rows(x) -> np.ndarray:
@@ -70,7 +52,6 @@ def gather_processes(parts: dict) -> dict:
 
 def _consume(embed_fn, batches, embs, labels, index, masks):
   """Dispatches every batch to `embed_fn`, collecting per-batch outputs in the lists."""
-  seen = 0
   for i, batch in enumerate(batches):
     for key in ("image", "label", "mask"):
       if key not in batch:
@@ -88,29 +69,25 @@ def _consume(embed_fn, batches, embs, labels, index, masks):
     labels.append(np.asarray(batch["label"]).astype(np.int64)[mask])
     if "index" in batch:
       index.append(np.asarray(batch["index"]).astype(np.int64)[mask])
-    else:
-      index.append(np.arange(seen, seen + int(mask.sum()), dtype=np.int64))
-    seen += int(mask.sum())
 
 
 def extract(
   embed_fn: Callable,
   batches: Iterable[Mapping],
   *,
-  mesh: Optional[Mesh] = None,
   prefetch: int = 2,
   across_processes: bool = True,
 ) -> dict:
   """Embeds every real record of a split.
 
   Args:
-    embed_fn: jitted `images [b, H, W, C] -> embeddings [b, D]` (the trainer closes it over
-      the parameters, sharded over `mesh` if given).
+    embed_fn: `images [b, H, W, C] -> embeddings [b, D]`, taking host images (the
+      trainer's closes over the parameters and lays each batch out over its mesh with
+      `parallel.global_batch`, the one host-to-mesh path).
     batches: iterator of dicts `{"image": uint8 [b, H, W, C], "label": int [b],
       "mask": bool [b]}`; the last batch is padded and `mask` is False on padding. A record
       may carry `"index"` (int [b], e.g. its position in the split's list file).
-    mesh: optional mesh; each batch is sharded over all its devices (batch dimension).
-    prefetch: batches read (and placed on `mesh`) ahead in a background thread, so
+    prefetch: batches read ahead in a background thread, so
       loading overlaps the device's work; 0 reads in this thread.
     across_processes: with several processes, `batches` are this process's part of the
       split (in process order) and the parts of all processes are gathered, so every
@@ -118,17 +95,11 @@ def extract(
   Returns:
     `dict(emb=float32 [N, D], labels=int64 [N], index=int64 [N])` on the host, padded rows
     dropped, in iteration order. `index` is the record's own index if batches carry one,
-    else its running position among real records.
+    else its position in the whole (gathered) split.
   """
   embs, labels, index, masks = [], [], [], []
   if prefetch > 0:
-    batches = pipeline.prefetch_to_device(
-      iter(batches),
-      lambda b: {**b, "image": _place(b["image"], mesh)} if "image" in b else b,
-      size=prefetch,
-    )
-  else:
-    batches = ({**b, "image": _place(b["image"], mesh)} if "image" in b else b for b in batches)
+    batches = pipeline.prefetch_to_device(iter(batches), lambda b: b, size=prefetch)
   try:
     _consume(embed_fn, batches, embs, labels, index, masks)
   finally:
@@ -144,5 +115,12 @@ def extract(
         f"embed_fn returned shape {e.shape} for batch {i} of {m.shape[0]} images; expected [b, D]"
       )
     out.append(e[m])
-  mine = dict(emb=np.concatenate(out), labels=np.concatenate(labels), index=np.concatenate(index))
-  return gather_processes(mine) if across_processes else mine
+  mine = dict(emb=np.concatenate(out), labels=np.concatenate(labels))
+  if index and len(index) != len(labels):
+    raise ValueError("some batches carry 'index' and others do not")
+  if index:
+    mine["index"] = np.concatenate(index)
+  whole = gather_processes(mine) if across_processes else mine
+  if not index:  # positions in the whole split, not restarting in each process's part
+    whole["index"] = np.arange(len(whole["labels"]), dtype=np.int64)
+  return whole

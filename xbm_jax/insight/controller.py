@@ -98,8 +98,10 @@ class MemoryController:
       (:func:`xbm_jax.insight.drift.rank_drift`: the share of each probe's nearest
       neighbours that changed over a lag, blind to motions that keep the ranking) at
       the smallest lag exceeds ``guard_ratio`` times its last reading before the
-      switch-on (the model's own, memory-free rate). Needs a reading before the start
-      (a start step >= the smallest drift delta).
+      switch-on (the model's own, memory-free rate) in ``guard_readings`` consecutive
+      readings. Off, the start fed is ``NEVER``: the step neither enqueues nor weighs
+      the memory term. Needs a reading before the start (a start step >= the
+      smallest drift delta; the config check refuses one that cannot act).
   """
 
   def __init__(
@@ -120,33 +122,13 @@ class MemoryController:
     recover_steps: int = 1000,
     guard: bool = False,
     guard_ratio: float = 2.0,
+    guard_readings: int = 1,
   ):
     self.auto = start_step == "auto"
-    if not self.auto and not isinstance(start_step, (int, np.integer)):
-      raise ValueError(f"xbm start_step must be an int or 'auto', got {start_step!r}")
-    if weight < 0:
-      raise ValueError(f"xbm weight must be >= 0, got {weight}")
-    if self.auto and threshold is None:
-      raise ValueError("xbm start_step='auto' needs a drift threshold (config key xbm.threshold)")
-    if backoff and threshold is None and backoff_threshold is None:
-      raise ValueError(
-        "xbm backoff needs a drift threshold (config key xbm.threshold or xbm.backoff_threshold)"
-      )
-    if (self.auto or backoff) and (memory_size <= 0 or global_batch <= 0):
-      raise ValueError(
-        f"xbm auto/backoff need memory_size > 0 and global_batch > 0, "
-        f"got {memory_size}, {global_batch}"
-      )
-    if backoff and not 0.0 < backoff_factor < 1.0:
-      raise ValueError(f"xbm backoff_factor must be in (0, 1), got {backoff_factor}")
-    if ramp_steps < 0 or recover_steps <= 0:
-      raise ValueError(
-        f"xbm ramp_steps must be >= 0 and recover_steps > 0, got {ramp_steps}, {recover_steps}"
-      )
-    if guard and guard_ratio <= 1.0:
-      raise ValueError(f"xbm guard_ratio must be > 1, got {guard_ratio}")
     self.guard, self.guard_ratio = bool(guard), float(guard_ratio)
+    self.guard_readings = int(guard_readings)
     self.base_lag, self.base_value = 0, float("nan")  # rank drift before the start
+    self.guard_over = 0  # consecutive readings over the ratio
     self.guard_off = -1  # the step the guard switched the memory off
     self.weight = float(weight)
     self.span = float(memory_size) / float(global_batch)
@@ -171,8 +153,9 @@ class MemoryController:
     """Builds from the ``config.xbm`` section (a ConfigDict or a dict). Keys:
     ``start_step``, ``weight``, ``size``, ``threshold``, ``min_auto_step``,
     ``auto_max_step``, ``ramp_steps``, ``backoff``, ``backoff_threshold``,
-    ``backoff_factor``, ``min_weight``, ``recover_steps``; absent keys take the
-    defaults above."""
+    ``backoff_factor``, ``min_weight``, ``recover_steps``, ``guard``, ``guard_ratio``,
+    ``guard_readings``; absent keys take the defaults above. The section was checked
+    by ``xbm_jax.train.validation`` (this class trusts its arguments)."""
     get = lambda k, d=None: xbm.get(k, d)
     kw = dict(
       start_step=get("start_step", 1000),
@@ -190,6 +173,7 @@ class MemoryController:
       recover_steps=get("recover_steps", 1000),
       guard=get("guard", False),
       guard_ratio=get("guard_ratio", 2.0),
+      guard_readings=get("guard_readings", 1),
     )
     return cls(**kw)
 
@@ -211,8 +195,10 @@ class MemoryController:
         without a measurement.
 
     Returns:
-      ``(start, weight)``: int start (``NEVER`` while off) and float weight, already
-      ramped and backed off (0.0 while the memory is not active).
+      ``(start, weight)``: int start (``NEVER`` while off, and once the guard has
+      switched the memory off) and float weight, already ramped and backed off (0.0
+      while the memory is not active). Without a reading the call changes nothing
+      (a resumed run repeats it at its first step).
     """
     step = int(step)
     drifts = parse_drift_metrics(drift_metrics)
@@ -239,7 +225,10 @@ class MemoryController:
         self.last_measure = step
     if self.guard:
       self._update_guard(step, drift_metrics)
-    self._fed_weight = 0.0 if self.guard_off >= 0 else self._ramp(step) * self.cur_weight
+    if self.guard_off >= 0:
+      self._fed_weight = 0.0
+      return NEVER, 0.0
+    self._fed_weight = self._ramp(step) * self.cur_weight
     return self.start, self._fed_weight
 
   def _update_guard(self, step: int, drift_metrics) -> None:
@@ -254,7 +243,9 @@ class MemoryController:
       now = readings.get(self.base_lag)
       # Only a window wholly after the switch-on measures what the memory does.
       if now is not None and step - self.base_lag >= self.start:
-        if now > self.guard_ratio * max(self.base_value, GUARD_FLOOR):
+        over = now > self.guard_ratio * max(self.base_value, GUARD_FLOOR)
+        self.guard_over = self.guard_over + 1 if over else 0
+        if self.guard_over >= self.guard_readings:
           self.guard_off = step
 
   def log(self) -> Dict[str, float]:
@@ -280,6 +271,7 @@ class MemoryController:
       "base_lag": np.asarray(self.base_lag, np.int64),
       "base_value": np.asarray(self.base_value, np.float64),
       "guard_off": np.asarray(self.guard_off, np.int64),
+      "guard_over": np.asarray(self.guard_over, np.int64),
     }
 
   def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
@@ -298,3 +290,4 @@ class MemoryController:
     self.base_lag = int(state.get("base_lag", 0))
     self.base_value = float(state.get("base_value", float("nan")))
     self.guard_off = int(state.get("guard_off", -1))
+    self.guard_over = int(state.get("guard_over", 0))

@@ -121,7 +121,8 @@ class DriftMonitor:
 
   Args (keyword-only):
     interval: steps between two calls of :meth:`update`.
-    deltas: the lags to report, each a positive multiple of ``interval``.
+    deltas: the lags to report, each a positive multiple of ``interval`` (checked
+      with the config by ``xbm_jax.train.validation``).
     num_probe, dim: optional; when both are given the ring is allocated up front, so
       :meth:`state_dict` has the same shapes from step 0 (handy for a checkpoint
       template). Otherwise it is allocated at the first update.
@@ -139,14 +140,7 @@ class DriftMonitor:
     num_probe: Optional[int] = None,
     dim: Optional[int] = None,
   ):
-    if int(interval) <= 0:
-      raise ValueError(f"DriftMonitor interval must be > 0, got {interval}")
-    deltas = sorted({int(d) for d in deltas})
-    if not deltas:
-      raise ValueError("DriftMonitor needs at least one delta")
-    for d in deltas:
-      if d <= 0 or d % interval:
-        raise ValueError(f"drift delta {d} is not a positive multiple of interval {interval}")
+    deltas = sorted({int(d) for d in deltas})  # positive multiples of interval
     self.interval = int(interval)
     self.deltas = tuple(deltas)
     self.ring_size = max(deltas) // self.interval + 1
@@ -157,6 +151,10 @@ class DriftMonitor:
 
   def _slot(self, step: int) -> int:
     return (step // self.interval) % self.ring_size
+
+  def holds(self, step: int) -> bool:
+    """Whether the ring holds the snapshot of `step`."""
+    return bool(self._steps[self._slot(int(step))] == int(step))
 
   def update(self, step: int, probe_emb: np.ndarray) -> Dict[str, float]:
     """Stores ``probe_emb`` as the snapshot of ``step`` and returns the drifts.

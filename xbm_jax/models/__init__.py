@@ -8,7 +8,6 @@ Names: resnet50, resnet18 (torchvision), bninception (Cadene), googlenet (torchv
 small_cnn (tests / glyph demo). Pretrained weights: scripts/convert_weights.py.
 """
 
-from xbm_jax.models.convert import load_pretrained
 from xbm_jax.models.factory import (
   NAMES,
   EmbeddingModel,
@@ -18,6 +17,7 @@ from xbm_jax.models.factory import (
   make_backbone,
 )
 from xbm_jax.models.head import EmbeddingHead, global_pool
+from xbm_jax.models.pretrained import load_pretrained
 
 __all__ = [
   "NAMES",

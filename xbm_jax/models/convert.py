@@ -29,6 +29,7 @@ import flax
 from flax import traverse_util
 
 from xbm_jax.models.factory import make_backbone
+from xbm_jax.models.pretrained import listed as _listed
 
 ARCHS = {
   "resnet50": "resnet50",
@@ -44,7 +45,6 @@ SKIP_PREFIXES = {
   "googlenet": ("fc.", "aux1.", "aux2."),
 }
 FORMAT_VERSION = 1
-_MAX_LISTED = 20
 
 
 def canonical_arch(arch: str) -> str:
@@ -110,12 +110,6 @@ def _torch_to_flax_layout(value: np.ndarray) -> np.ndarray:
   if value.ndim == 2:  # linear [out, in] -> [in, out]
     return value.T
   return value
-
-
-def _listed(items) -> str:
-  items = list(items)
-  more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-  return "; ".join(items[:_MAX_LISTED]) + more
 
 
 def convert_state_dict(arch: str, state_dict: Mapping[str, Any]) -> dict:
@@ -204,46 +198,3 @@ def convert_file(arch: str, torch_file: str, out_path: str) -> dict:
   variables = convert_state_dict(arch, load_torch_state_dict(torch_file))
   save_variables(variables, out_path, arch=arch)
   return variables
-
-
-def load_pretrained(variables: Mapping[str, Any], path: str) -> dict:
-  """Replaces the backbone of `variables` (from EmbeddingModel.init) by a converted file.
-
-  The head stays as initialised. Raises ValueError naming every key or shape of the file
-  that does not match the model (e.g. a resnet18 file for a resnet50 model).
-  """
-  with open(path, "rb") as f:
-    payload = flax.serialization.msgpack_restore(f.read())
-  if not isinstance(payload, dict) or not {"params", "batch_stats"} <= set(payload):
-    raise ValueError(
-      f"{path}: not a converted backbone file (want keys params, "
-      "batch_stats; write one with scripts/convert_weights.py)"
-    )
-  variables = flax.core.unfreeze(variables)
-  new = dict(variables)
-  for collection in ("params", "batch_stats"):
-    if "backbone" not in variables.get(collection, {}):
-      raise ValueError(
-        f"variables[{collection!r}] has no 'backbone' entry; pass the "
-        "variables of an xbm_jax.models.create(...) model"
-      )
-    have = traverse_util.flatten_dict(variables[collection]["backbone"], sep="/")
-    got = traverse_util.flatten_dict(payload[collection], sep="/")
-    problems = [f"missing {k} {tuple(v.shape)}" for k, v in have.items() if k not in got]
-    problems += [f"unexpected {k} {tuple(np.shape(v))}" for k, v in got.items() if k not in have]
-    problems += [
-      f"{k}: file {tuple(np.shape(got[k]))}, model {tuple(v.shape)}"
-      for k, v in have.items()
-      if k in got and np.shape(got[k]) != v.shape
-    ]
-    if problems:
-      raise ValueError(
-        f"{path} (arch {payload.get('arch')!r}) does not match the model's "
-        f"backbone {collection}: {_listed(problems)}"
-      )
-    loaded = {k: jnp.asarray(got[k], dtype=v.dtype) for k, v in have.items()}
-    new[collection] = {
-      **variables[collection],
-      "backbone": traverse_util.unflatten_dict(loaded, sep="/"),
-    }
-  return new

@@ -19,6 +19,7 @@ import ml_collections
 from xbm_jax.models.bninception import BNInception
 from xbm_jax.models.googlenet import GoogLeNet
 from xbm_jax.models.head import POOLS, EmbeddingHead, global_pool
+from xbm_jax.models.pretrained import load_pretrained
 from xbm_jax.models.resnet import ResNet
 from xbm_jax.models.small import SmallCNN
 
@@ -157,8 +158,6 @@ def init_variables(
   dummy = jnp.zeros((1, image_size, image_size, channels), jnp.uint8)
   if not init_from:
     return dict(jax.jit(lambda r: module.init(r, dummy, train=False))(rng))
-  from xbm_jax.models.convert import load_pretrained  # no import cycle at load time
-
   shapes = jax.eval_shape(lambda r: module.init(r, dummy, train=False), rng)
   in_features = shapes["params"]["head"]["fc"]["kernel"].shape[0]
   head = EmbeddingHead(embed_dim=module.embed_dim, pool=module.pool)

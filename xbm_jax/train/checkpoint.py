@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def _to_json(x):
@@ -109,17 +110,6 @@ class Checkpointer:
     )
     return out["state"], _from_json(out["host"])
 
-  def restore_plain(self, step: int) -> dict:
-    """The saved train state at `step` as a plain dict of arrays on this process's
-    first device, whatever devices saved it (a pod's checkpoint read on one host:
-    orbax refuses the saved topology without a target)."""
-    meta = self.last.item_metadata(step)["state"]
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
-    return self.last.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )["state"]
-
   def saved_memory_ptr_shape(self, step: Optional[int] = None) -> Optional[tuple]:
     """Shape of the saved memory pointer: `()` replicated, `(n,)` sharded over n."""
     step = self.last.latest_step() if step is None else step
@@ -170,32 +160,60 @@ def abstract_like(state):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def export_params(workdir: str, out: str) -> int:
-  """Writes the latest checkpoint's params and batch_stats of `workdir` to a small
-  msgpack file (atomically); returns the step exported."""
+PARAM_KEYS = ("params", "batch_stats")
+
+
+def read_params(workdir: str) -> tuple[int, dict]:
+  """`(step, {"params", "batch_stats"})` of the latest checkpoint in another run's
+  `workdir`, as host numpy arrays.
+
+  Only those two subtrees are read (not the memory, the optimiser state or the host
+  state), whatever devices or processes saved them, and nothing is created or
+  written in `workdir` (no CheckpointManager is opened there).
+  """
+  last = os.path.join(os.path.abspath(workdir), "checkpoints", "last")
+  steps = sorted(int(d) for d in os.listdir(last) if d.isdigit()) if os.path.isdir(last) else []
+  if not steps:
+    raise FileNotFoundError(f"{workdir} has no checkpoint (no {last}/<step>)")
+  path = epath.Path(last) / str(steps[-1]) / "state"
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(path).tree
+    wanted = {k: tree[k] for k in PARAM_KEYS}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    out = handler.restore(
+      path, args=ocp.args.PyTreeRestore(item=wanted, restore_args=as_numpy, partial_restore=True)
+    )
+  finally:
+    handler.close()
+  return steps[-1], {k: out[k] for k in PARAM_KEYS}
+
+
+def write_params(out: str, variables: dict, step: int) -> None:
+  """Writes `variables["params"]` and `["batch_stats"]` (+ `step`) to a small
+  msgpack file, atomically (`load_params` reads it; `train.init_from` takes it)."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
-  ck = Checkpointer(workdir, keep=1000)
-  step = ck.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir} has no checkpoint")
-  raw = ck.restore_plain(step)
-  ck.close()
+  tree = {k: variables[k] for k in PARAM_KEYS}
   blob = serialization.msgpack_serialize(
-    jax.tree.map(
-      np.asarray,
-      {"params": raw["params"], "batch_stats": raw["batch_stats"], "step": np.asarray(step)},
-    )
+    jax.tree.map(np.asarray, {**tree, "step": np.asarray(step)})
   )
   tmp = out + ".tmp"
   with open(tmp, "wb") as f:
     f.write(blob)
   os.replace(tmp, out)
+
+
+def export_params(workdir: str, out: str) -> int:
+  """Writes the latest checkpoint's params and batch_stats of `workdir` to `out`
+  (`write_params`), reading only those; returns the step exported."""
+  step, variables = read_params(workdir)
+  write_params(out, variables, step)
   return step
 
 
 def load_params(path: str) -> dict:
-  """`{"params", "batch_stats"}` from `export_params`' file."""
+  """`{"params", "batch_stats"}` from `write_params`' file."""
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
   if not os.path.exists(path):

@@ -1,20 +1,18 @@
 """The config skeleton every experiment shares: every key the trainer reads, with
 its default, in grouped sub-dicts. Experiment files in `configs/` start from
 `base()` and override; `parse_arg` reads `get_config("smoke,seed=1")` arguments.
-The trainer calls `check` so a mistyped key fails before training starts.
+`validation.validate` refuses a key absent here (a typo) before training starts.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import ml_collections
 from ml_collections import config_dict
 
-from xbm_jax import models
-from xbm_jax.train.errors import ConfigError, ConfigKeyError
-
-# Sections whose keys are free-form (names chosen by the experiment; a loss's
-# options are checked against its signature by setup.check_loss).
-OPEN_SECTIONS = ("evals", "loss.kwargs", "xbm.memory_loss_kwargs")
+from xbm_jax import losses, models
+from xbm_jax.train.errors import ConfigError
 
 
 def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
@@ -34,20 +32,20 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+# Keyword arguments of the losses that the step passes, not options a config sets.
+_CALL_ARGS = ("self_index", "return_stats", "axis_name", "data_axis", "denominator")
+
+
 def loss_kwargs_fields() -> dict:
-  """Every keyword option of the losses, unset: `--config.loss.kwargs.margin=0.3`."""
-  f, s = config_dict.placeholder(float), config_dict.placeholder(str)
-  return dict(
-    margin=f,
-    pos_threshold=config_dict.placeholder(float),
-    self_exclusion=s,
-    reduction=config_dict.placeholder(str),
-    alpha=config_dict.placeholder(float),
-    beta=config_dict.placeholder(float),
-    lam=config_dict.placeholder(float),
-    mining_margin=config_dict.placeholder(float),
-    mining=config_dict.placeholder(str),
-  )
+  """Every keyword option of the losses, read from their signatures, unset
+  (`--config.loss.kwargs.margin=0.3`); a str default makes a str option, any other
+  (a number, or None as for pos_threshold) a float."""
+  out = {}
+  for fn in losses.LOSSES.values():
+    for p in inspect.signature(fn).parameters.values():
+      if p.kind == p.KEYWORD_ONLY and p.name not in _CALL_ARGS:
+        out[p.name] = config_dict.placeholder(str if isinstance(p.default, str) else float)
+  return out
 
 
 def set_kwargs(cfg) -> dict:
@@ -73,9 +71,9 @@ def base() -> ml_collections.ConfigDict:
   )
   c.model = models.default_config()
 
+  # kwargs: the loss's keyword options; unset (None) ones keep the loss's defaults.
   # name: a built-in loss, or an import path "mypkg.losses:my_loss" (a pair loss of
   # xbm_jax.pairs, or a plain f(query, reference, **kwargs)).
-  # kwargs: the loss's keyword options; unset (None) ones keep the loss's defaults.
   c.loss = dict(name="contrastive", kwargs=loss_kwargs_fields())
 
   c.xbm = dict(
@@ -101,11 +99,13 @@ def base() -> ml_collections.ConfigDict:
     backoff_factor=0.5,
     min_weight=0.0,
     recover_steps=1000,
-    # Switch the memory off for good when the probe's rank drift (share of nearest
-    # neighbours changed over the smallest drift lag) exceeds guard_ratio x its last
-    # reading before the start (issue 16; insight/controller.py).
+    # Switch the memory off for good (no enqueue, no memory term) when the probe's
+    # rank drift (share of nearest neighbours changed over the smallest drift lag)
+    # exceeds guard_ratio x its last reading before the start in guard_readings
+    # consecutive readings (insight/controller.py). Needs the drift monitor.
     guard=False,
     guard_ratio=2.0,
+    guard_readings=1,
   )
 
   c.optim = dict(
@@ -164,23 +164,3 @@ def apply_smoke(c: ml_collections.ConfigDict, *, eval_ks=(1, 2)) -> ml_collectio
     ev.every_steps, ev.ks = 6, tuple(eval_ks)
   c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2, 4), 16
   return c
-
-
-def check(config: ml_collections.ConfigDict) -> None:
-  """Unknown keys (a typo in an experiment file) are an error naming the key."""
-  ref = base()
-
-  def walk(cfg, ref_cfg, prefix):
-    for key in cfg.keys():
-      path = f"{prefix}{key}"
-      if any(path == s or path.startswith(s + ".") for s in OPEN_SECTIONS):
-        continue
-      if key not in ref_cfg:
-        raise ConfigKeyError(
-          f"unknown config key {path!r}; valid keys under "
-          f"{prefix or 'the top level'}: {sorted(ref_cfg.keys())}"
-        )
-      if isinstance(ref_cfg[key], ml_collections.ConfigDict):
-        walk(cfg[key], ref_cfg[key], path + ".")
-
-  walk(config, ref, "")

@@ -29,14 +29,14 @@ log = logging.getLogger("xbm_jax.train")
 SHORT = (("recall@", "R@"), ("map@r", "MAP@R"), ("precision@1", "P@1"), ("r_precision", "RP"))
 
 
-def _splits(cfg) -> tuple[str, str]:
-  """(query split, gallery split) of an evaluator config."""
-  if "split" in cfg:
-    return cfg["split"], cfg["split"]
-  if "splits" in cfg:  # VehicleID: pictures of its first test set
-    first = list(cfg["splits"].values())[0]
-    return first, first
-  return cfg["query_split"], cfg["gallery_split"]
+def due(config, done: int, total: int) -> list[str]:
+  """The evaluators that run after update `done`: every `every_steps` updates
+  (default: only at the end) and after the last one."""
+  return [
+    name
+    for name, ev in config.evals.items()
+    if done % int(ev.get("every_steps", total)) == 0 or done == total
+  ]
 
 
 class EvalRunner:
@@ -59,9 +59,6 @@ class EvalRunner:
     self.evaluators = {
       name: evaluators_lib.create(name, cfg, mesh=mesh) for name, cfg in config.evals.items()
     }
-    self.every = {
-      name: int(cfg.get("every_steps", config.train.steps)) for name, cfg in config.evals.items()
-    }
     self.tcfg = transforms.TransformConfig.from_config(config.input.transform)
     self.probe = None
     if config.drift.enabled:
@@ -69,9 +66,6 @@ class EvalRunner:
       self.probe = np.stack(
         [transforms.eval_transform(np.asarray(train_src[int(i)]["image"]), self.tcfg) for i in idx]
       )
-
-  def due(self, done: int, total: int) -> list[str]:
-    return [n for n, every in self.every.items() if done % every == 0 or done == total]
 
   def _variables(self, state):
     return {"params": state.params, "batch_stats": state.batch_stats}
@@ -94,7 +88,7 @@ class EvalRunner:
     )
     mine = np.concatenate([np.arange(a, b) for a, b in blocks])
     images = load(np.minimum(mine, n - 1))  # padding repeats the last row
-    x = jax.make_array_from_process_local_data(sharding, images, (total,) + images.shape[1:])
+    x = parallel.global_batch({"image": images}, self.mesh)["image"]
     emb = self.embed(self._variables(state), x)
     return np.asarray(multihost_utils.process_allgather(emb, tiled=True))[:n]
 
@@ -116,7 +110,7 @@ class EvalRunner:
     rng = np.random.default_rng(seed)
     n = min(size, len(source))
     idx = rng.choice(len(source), size=n, replace=False)
-    labels = np.asarray([int(source[int(i)]["label"]) for i in idx], np.int32)
+    labels = np.asarray(source.labels)[idx].astype(np.int32)  # no image decoded
     chunk = int(self.config.input.eval_batch_size)
     load = lambda lo: (
       lambda rows: np.stack(
@@ -170,7 +164,7 @@ class EvalRunner:
     return metrics
 
   def _num_images(self, name: str) -> int:
-    splits = set(_all_splits(self.config.evals[name]))
+    splits = set(self.evaluators[name].split_names())
     return sum(len(setup.load_source(self.config.input, s)) for s in splits)
 
   def _pictures(self, names, embed_split, sources, step):
@@ -178,7 +172,7 @@ class EvalRunner:
     name = pc.evaluator or (names[0] if names else "")
     if not pc.enabled or name not in names or jax.process_index() != 0:
       return
-    qs, gs = _splits(self.config.evals[name])
+    qs, gs = self.evaluators[name].picture_splits()
     q, g = embed_split(qs), embed_split(gs)
     chosen = pictures.choose_queries(int(pc.num_queries), len(q["labels"]), int(pc.seed))
     self_index = chosen if qs == gs else None
@@ -202,16 +196,6 @@ class EvalRunner:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     pictures.save_png(out, grid)
     self.writer.write_image(step, f"eval/{name}/retrieval", grid)
-
-
-def _all_splits(cfg) -> list:
-  if "split" in cfg:
-    return [cfg["split"]]
-  if "splits" in cfg:
-    return list(cfg["splits"].values())
-  if "query_split" in cfg:
-    return [cfg["query_split"], cfg["gallery_split"]]
-  return list(evaluators_lib.VehicleID.default_splits.values())
 
 
 def check_finite(out: dict, split: str, step: int) -> dict:

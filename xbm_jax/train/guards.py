@@ -18,7 +18,9 @@ from typing import Optional
 
 import numpy as np
 
+from xbm_jax.train import config as config_lib
 from xbm_jax.train.errors import ResumeError, WorkdirLockedError
+from xbm_jax.train.writer import config_json
 
 log = logging.getLogger("xbm_jax.train")
 
@@ -148,6 +150,9 @@ def check_resume(saved: Optional[dict], current: dict, *, allow_change: bool) ->
   if saved is None:
     return {}
   diff = config_diff(saved, current)
+  # A key the trainer gained since the checkpoint, at its default, changes nothing.
+  old, defaults = _flatten(saved), _flatten(config_json(config_lib.base()))
+  diff = {k: v for k, v in diff.items() if k in old or v[1] != defaults.get(k)}
   shaped = [k for k in diff if _shape_changing(k, current)]
   if shaped:
     raise ResumeError(

@@ -1,42 +1,44 @@
-"""The host-side state of a run and the loop's optional hooks.
+"""The host-side parts of a run that act between steps, each with explicit inputs.
 
-A hook runs on the host before each step (`before_step`), may add scalars to the
-next log line (`log`) and has a checkpointed `state_dict`. The drift monitor and
-the memory controller are hooks; a run without them (drift off, no memory) simply
-has fewer hooks, and the loop does not know what they do.
+* `DriftProbe.measure(done, state) -> reading`: after the update `done`, the drift
+  of the probe embeddings (every `interval` updates; `{}` otherwise).
+* `MemoryControl.controls(step, reading) -> (start, weight)`: the memory's traced
+  controls for the update `step`, from the reading taken just before it; and
+  `prefill(step, state, start) -> state` before the memory's first active update.
+* `PlateauHook.after_eval(metrics)`: the learning-rate scale from an evaluation.
+
+The loop calls each by name and passes what it needs; nothing is shared between
+them. `HostState` gathers their checkpointed state with the pipeline position.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import jax
 
 from xbm_jax import memory as memory_lib, sharded_memory
-from xbm_jax.insight import controller as controller_lib
 from xbm_jax.train import optim
 
-NEVER = controller_lib.NEVER
 
-
-class DriftHook:
-  """Measures the drift of the probe embeddings every `interval` steps; the reading
-  goes to the collapse watch and to later hooks of the same step (`notes["drift"]`);
-  the loop logs it at its own step."""
+class DriftProbe:
+  """Embeds the fixed probe set after every `interval`-th update and returns the
+  `DriftMonitor` reading; the collapse watch sees the embeddings too."""
 
   key = "drift"
 
-  def __init__(self, monitor, *, interval: int, evals, watch):
-    self.monitor, self.interval, self.evals, self.watch = monitor, interval, evals, watch
+  def __init__(self, monitor, *, interval: int, embed_probe: Callable, watch):
+    self.monitor, self.interval = monitor, int(interval)
+    self.embed_probe, self.watch = embed_probe, watch
 
-  def before_step(self, step: int, state, ctrl: dict, notes: dict):
-    if step % self.interval == 0:
-      probe = self.evals.embed_probe(state)
-      self.watch.probe(step, probe)
-      reading = self.monitor.update(step, probe)
-      notes["drift"] = reading
-    return state
-
-  def log(self) -> dict:
-    return {}
+  def measure(self, done: int, state) -> dict:
+    """The reading after `done` updates, `{}` when none is due or the monitor holds
+    this step already (a resumed run took it before its checkpoint)."""
+    if done % self.interval or self.monitor.holds(done):
+      return {}
+    probe = self.embed_probe(state)
+    self.watch.probe(done, probe)
+    return self.monitor.update(done, probe)
 
   def state_dict(self):
     return self.monitor.state_dict()
@@ -45,25 +47,29 @@ class DriftHook:
     self.monitor.load_state_dict(d)
 
 
-class MemoryHook:
-  """Feeds the memory's start step and weight from the `MemoryController`, and
-  pre-fills the memory from the model before its first active update (the paper's
-  initialisation) when `prefill` is on."""
+class MemoryControl:
+  """The `MemoryController`'s start step and weight for each update, and the
+  pre-fill of the memory from the model before its first active update (the
+  paper's initialisation) when `prefill_fn` is given."""
 
   key = "controller"
 
-  def __init__(self, controller, *, prefill_fn=None):
+  def __init__(self, controller, *, prefill_fn: Optional[Callable] = None):
     """`prefill_fn(state, step) -> state` with a full memory, or None."""
     self.controller, self.prefill_fn = controller, prefill_fn
     self.prefilled = False
 
-  def before_step(self, step: int, state, ctrl: dict, notes: dict):
-    start, weight = self.controller.update(step, notes.get("drift") or None)
-    ctrl["start_step"], ctrl["xbm_weight"] = start, weight
-    if self.prefill_fn is not None and not self.prefilled and memory_lib.active(step, start):
-      state = self.prefill_fn(state, step)
-      self.prefilled = True
-    return state
+  def controls(self, step: int, reading: dict) -> tuple[int, float]:
+    """`(start, weight)` to feed the update `step`; `reading` is the drift reading
+    taken after `step` updates (`{}` if none)."""
+    return self.controller.update(step, reading or None)
+
+  def prefill(self, step: int, state, start: int):
+    """`state` with the memory pre-filled, once, before its first active update."""
+    if self.prefill_fn is None or self.prefilled or not memory_lib.active(step, start):
+      return state
+    self.prefilled = True
+    return self.prefill_fn(state, step)
 
   def log(self) -> dict:
     return self.controller.log()
@@ -73,6 +79,29 @@ class MemoryHook:
 
   def load_state_dict(self, d) -> None:
     self.controller.load_state_dict(d)
+
+
+class PlateauHook:
+  """Reduce-on-plateau over `metric` (`""`: the scale stays 1)."""
+
+  key = "plateau"
+
+  def __init__(self, plateau: optim.Plateau, *, metric: str):
+    self.plateau, self.metric = plateau, metric
+
+  @property
+  def scale(self) -> float:
+    return self.plateau.scale
+
+  def after_eval(self, metrics: dict) -> None:
+    if self.metric and self.metric in metrics:
+      self.plateau.update(metrics[self.metric])
+
+  def state_dict(self):
+    return self.plateau.state_dict()
+
+  def load_state_dict(self, d) -> None:
+    self.plateau.load_state_dict(d)
 
 
 def make_prefill(config, evals, train_src, shardings, mesh, *, sharded: bool):
@@ -93,39 +122,42 @@ def make_prefill(config, evals, train_src, shardings, mesh, *, sharded: bool):
 
 class HostState:
   """What a resume must restore besides the train state: the pipeline position,
-  the plateau scheduler, each hook's state and whether the memory was pre-filled.
+  the plateau scheduler, the drift monitor and the memory controller (either may
+  be absent) and whether the memory was pre-filled.
 
-  The keys of `state_dict()` ("pipeline", "plateau", "prefilled", and each hook's
-  `key`) are those of the checkpoints written before this class, so they resume.
+  The keys of `state_dict()` ("pipeline", "plateau", "prefilled", "drift",
+  "controller") are those of the checkpoints written before this class, so they
+  resume.
   """
 
-  def __init__(self, *, plateau: optim.Plateau, hooks=()):
-    self.plateau, self.hooks = plateau, list(hooks)
+  def __init__(
+    self,
+    *,
+    plateau: PlateauHook,
+    drift: Optional[DriftProbe] = None,
+    memory: Optional[MemoryControl] = None,
+  ):
+    self.plateau, self.drift, self.memory = plateau, drift, memory
     self.batches = None  # the pipeline, once built; its position is read on save
     self.pipeline = None  # a restored position, for building the pipeline
 
-  def _memory_hook(self):
-    return next((h for h in self.hooks if isinstance(h, MemoryHook)), None)
+  def _parts(self):
+    return [p for p in (self.plateau, self.drift, self.memory) if p is not None]
 
   def state_dict(self) -> dict:
-    mem = self._memory_hook()
     out = {
       "pipeline": self.batches.get_state(),
-      "plateau": self.plateau.state_dict(),
-      "prefilled": bool(mem is not None and mem.prefilled),
+      "prefilled": bool(self.memory is not None and self.memory.prefilled),
     }
-    out.update({h.key: h.state_dict() for h in self.hooks})
+    out.update({p.key: p.state_dict() for p in self._parts()})
     return out
 
   def load_state_dict(self, d: dict) -> None:
     """Restores all but the pipeline, whose position is kept in `self.pipeline`
     for the caller to build the pipeline from (grain iterators start at a step)."""
     self.pipeline = d.get("pipeline")
-    if "plateau" in d:
-      self.plateau.load_state_dict(d["plateau"])
-    for h in self.hooks:
-      if h.key in d:
-        h.load_state_dict(d[h.key])
-    mem = self._memory_hook()
-    if mem is not None:
-      mem.prefilled = bool(d.get("prefilled"))
+    for p in self._parts():
+      if p.key in d:
+        p.load_state_dict(d[p.key])
+    if self.memory is not None:
+      self.memory.prefilled = bool(d.get("prefilled"))

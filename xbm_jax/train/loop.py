@@ -4,7 +4,9 @@ Resume order (it matters): build everything from the config; if the workdir has
 a checkpoint, restore the train state (params, BN stats, optimiser, memory and
 pointer, rng, step) and the host state (pipeline position, memory controller,
 plateau scheduler, drift snapshots); the writer then drops log lines newer than
-the restored step. A run killed at any moment restarts from its last checkpoint
+the restored step. Everything that belongs to update t (its drift reading, the
+controller's decision on it, its log line, its evaluation) happens before the
+checkpoint of step t, so a resume neither repeats nor loses any of it. A run killed at any moment restarts from its last checkpoint
 and continues exactly as if uninterrupted (the batch of step t is a pure
 function of (seed, t), and the state holds everything else).
 """
@@ -27,7 +29,7 @@ from xbm_jax import parallel
 from xbm_jax.data import pipeline
 from xbm_jax.insight import controller as controller_lib, drift as drift_lib
 from xbm_jax.train import checkpoint, evaluation, guards, hooks as hooks_lib, optim, setup
-from xbm_jax.train import config as config_lib
+from xbm_jax.train import config as config_lib, validation
 from xbm_jax.train import state as state_lib, step as step_lib
 from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError
 from xbm_jax.train.progress import Progress
@@ -55,38 +57,26 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
   }, first_bad
 
 
-def _warm_start(state, workdir: str):
+def _warm_start(state, source: str):
   """Params and BN statistics from another run's latest checkpoint (whatever its
-  memory size) or an exported `.msgpack`, placed like this run's."""
-  if workdir.endswith(".msgpack"):  # exported with scripts/export_params.py
-    raw = checkpoint.load_params(workdir)
+  memory size; only those two are read) or an exported `.msgpack`, placed like
+  this run's."""
+  if source.endswith(".msgpack"):  # exported with scripts/export_params.py
+    raw = checkpoint.load_params(source)
   else:
-    src = checkpoint.Checkpointer(workdir, keep=1000)
-    step = src.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"config.train.init_from={workdir!r} has no checkpoint")
-    raw = src.restore_plain(step)  # plain arrays, whatever devices saved them
-    src.close()
+    raw = checkpoint.read_params(source)[1]
   out = {}
-  for key in ("params", "batch_stats"):
-    mine = getattr(state, key)
-    theirs = raw[key]
+  for key in checkpoint.PARAM_KEYS:
+    mine, theirs = getattr(state, key), raw[key]
     if jax.tree.structure(mine) != jax.tree.structure(theirs):
-      raise ValueError(
-        f"config.train.init_from={workdir!r}: its {key} do not match this "
+      raise ConfigError(
+        f"config.train.init_from={source!r}: its {key} do not match this "
         "model (different config.model?)"
       )
     out[key] = jax.tree.map(
       lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding), mine, theirs
     )
   return state.replace(**out)
-
-
-def evals_due(config, done: int, total: int) -> bool:
-  """Whether any evaluator runs after step `done` (as `EvalRunner.due`)."""
-  return any(
-    done % int(ev.get("every_steps", total)) == 0 or done == total for ev in config.evals.values()
-  )
 
 
 def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
@@ -129,53 +119,31 @@ def _check_resume_config(config, workdir: str, ckpt) -> str:
   return text
 
 
-def _check_input(config, num_devices: int) -> None:
-  """A worker count grain can use; with accumulation, each device's rows must split
-  into micro-batches of whole classes (K rows each), so that every anchor of a
-  micro-batch has its positives."""
-  wc = config.input.worker_count
-  try:
-    pipeline.resolve_worker_count(wc)
-  except (TypeError, ValueError):
-    raise ConfigError(
-      f"config.input.worker_count={wc!r}: an int >= 0, -1 or 'auto' (one worker per core but one)"
-    ) from None
-  n, k = int(config.train.accumulate), int(config.input.samples_per_class)
-  rows = int(config.input.batch_size) // num_devices
-  if n == 1:
-    return  # one micro-batch: the whole global batch, however devices split classes
-  if n < 1 or rows % n or (rows // n) % k:
-    raise ConfigError(
-      f"config.train.accumulate={n}: each device's {rows} rows must split "
-      f"into {n} micro-batches of whole classes "
-      f"(config.input.samples_per_class={k} rows each)"
-    )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains, evaluates, checkpoints and logs into `workdir`; returns the last metrics.
 
-  Checks first, in this order, before anything is written: the config (keys and
-  every enumerated value), the workdir lock (one live run per workdir), and on a
-  resume the saved config against this one. Whatever ends the run (the last step,
+  Checks first, in this order: the config, every rule (`validation.validate`,
+  before the lock, the data or any file), the workdir lock (one live run per
+  workdir), and on a resume the saved config against this one. Whatever ends the run (the last step,
   a non-finite loss, any exception, Ctrl-C), one ExitStack closes everything it
   opened: progress bar, pipeline workers, writer, checkpoint manager, lock.
   """
-  config = ml_collections.ConfigDict(config)
+  config = ml_collections.ConfigDict(config)  # a copy: the caller's stays as given
   guards.expand_paths(config)
+  setup.name_evaluators(config)
   workdir = guards.expand_path(workdir)
+  validation.validate(config, num_devices=jax.device_count())
   mesh = parallel.make_mesh(config.train.num_devices)
-  setup.validate(config, num_devices=mesh.size)
-  _check_input(config, mesh.size)
   with contextlib.ExitStack() as stack:
     stack.enter_context(guards.WorkdirLock(workdir, jax.process_index()))
     run = _build(config, workdir, mesh, stack)
     return _train(run)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Run:
-  """Everything the loop needs, built once by `_build`."""
+  """Everything the loop needs, built once by `_build` (the train state it starts
+  from is `state`; the loop keeps its own)."""
 
   config: Any
   workdir: str
@@ -211,16 +179,16 @@ def _build_state(config, mesh, train_src):
   return model, direction, jax.device_put(state, shardings), shardings, sharded
 
 
-def _hooks(config, evals, train_src, shardings, mesh, *, sharded, watch, b):
-  """The drift monitor (if on), then the memory controller (if the memory is on):
-  in this order, so a drift reading reaches the controller on its own step."""
-  out = []
+def _host_state(config, evals, train_src, shardings, mesh, *, sharded, watch, b):
+  """The drift probe (if on), the memory control (if the memory is on) and the
+  plateau scheduler."""
+  drift = memory = None
   if config.drift.enabled:
     monitor = drift_lib.DriftMonitor(
       interval=int(config.drift.interval), deltas=tuple(config.drift.deltas)
     )
-    out.append(
-      hooks_lib.DriftHook(monitor, interval=int(config.drift.interval), evals=evals, watch=watch)
+    drift = hooks_lib.DriftProbe(
+      monitor, interval=int(config.drift.interval), embed_probe=evals.embed_probe, watch=watch
     )
   if config.xbm.enabled:
     controller = controller_lib.MemoryController.from_config(config.xbm, global_batch=b)
@@ -229,8 +197,12 @@ def _hooks(config, evals, train_src, shardings, mesh, *, sharded, watch, b):
       if config.xbm.prefill
       else None
     )
-    out.append(hooks_lib.MemoryHook(controller, prefill_fn=prefill))
-  return out
+    memory = hooks_lib.MemoryControl(controller, prefill_fn=prefill)
+  plateau = optim.Plateau(**{k: v for k, v in config.optim.plateau.items() if k != "metric"})
+  metric = config.optim.plateau.metric if config.optim.schedule == "plateau" else ""
+  return hooks_lib.HostState(
+    plateau=hooks_lib.PlateauHook(plateau, metric=metric), drift=drift, memory=memory
+  )
 
 
 def _pipeline(config, train_src, mesh, position, stack: contextlib.ExitStack):
@@ -293,18 +265,14 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     total=total,
     start=start,
     enabled=bool(config.train.progress) and pidx == 0,
-    eval_steps=[s for s in range(1, total + 1) if s > start and evals_due(config, s, total)],
+    eval_steps=[s for s in range(start + 1, total + 1) if evaluation.due(config, s, total)],
   )
   stack.callback(progress.close)
   evals = evaluation.EvalRunner(
     config, model, mesh, train_src=train_src, writer=writer, workdir=workdir, say=progress.write
   )
   watch = guards.CollapseWatch()
-  plateau = optim.Plateau(**{kk: v for kk, v in config.optim.plateau.items() if kk != "metric"})
-  host = hooks_lib.HostState(
-    plateau=plateau,
-    hooks=_hooks(config, evals, train_src, shardings, mesh, sharded=sharded, watch=watch, b=b),
-  )
+  host = _host_state(config, evals, train_src, shardings, mesh, sharded=sharded, watch=watch, b=b)
   host.load_state_dict(saved_host)
 
   host.batches = batches = _pipeline(config, train_src, mesh, host.pipeline, stack)
@@ -337,21 +305,23 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   )
 
 
-def _before_step(run: Run, step: int) -> dict:
-  """Runs the hooks (which may replace the state, e.g. a pre-filled memory) and
-  returns the step's traced controls; without a memory hook the memory stays off."""
-  ctrl, notes = {"start_step": NEVER, "xbm_weight": 0.0}, {}
-  for hook in run.host.hooks:
-    run.state = hook.before_step(step, run.state, ctrl, notes)
-  if notes.get("drift"):
-    # A reading at step s measures the model after s updates: logged at s itself, not
-    # at the next log line (which would shift drift curves by one interval).
-    run.writer.write_scalars(step, notes["drift"])
-  return {
-    "start_step": jnp.int32(ctrl["start_step"]),
-    "xbm_weight": jnp.float32(ctrl["xbm_weight"]),
-    "lr_scale": jnp.float32(run.host.plateau.scale),
-  }
+def _memory_controls(run: Run, step: int, reading: dict) -> tuple[int, float]:
+  """`(start, weight)` of the update `step`, from the reading taken just before it;
+  without the memory control the memory stays off."""
+  if run.host.memory is None:
+    return NEVER, 0.0
+  return run.host.memory.controls(step, reading)
+
+
+def _measure(run: Run, done: int, state) -> dict:
+  """The drift reading after `done` updates (`{}` if none), logged at `done` itself:
+  it measures the model after `done` updates."""
+  if run.host.drift is None:
+    return {}
+  reading = run.host.drift.measure(done, state)
+  if reading:
+    run.writer.write_scalars(done, reading)
+  return reading
 
 
 def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict:
@@ -368,52 +338,62 @@ def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict
       )
       + " (a too large learning rate?)"
     )
-  scalars = {f"train/{kk}": v for kk, v in means.items()}
+  # The controller's state (auto start, span drift, guard); the weight the logged
+  # updates used is the step's own `xbm_weight` (the controller already holds the
+  # next update's).
+  scalars = dict(run.host.memory.log()) if run.host.memory is not None else {}
+  scalars.update({f"train/{kk}": v for kk, v in means.items()})
   scalars.update(
     {"train/steps_per_s": steps / seconds, "train/images_per_s": steps * run.global_batch / seconds}
   )
-  for hook in reversed(run.host.hooks):  # the controller's values, then the drift
-    scalars.update(hook.log())
   run.writer.write_scalars(done, scalars)
   run.watch.grad_norm(done, means["grad_norm"])
   run.progress.postfix(loss=f"{means['loss']:.4f}", fill=f"{means['memory_fill']:.2f}")
   return scalars
 
 
-def _evaluate(run: Run, names: list, done: int) -> dict:
+def _evaluate(run: Run, state, names: list, done: int) -> dict:
   """Runs the due evaluators, steps the plateau scheduler, keeps the best checkpoint."""
   t_eval = time.time()
-  ev = run.evals.run(names, run.state, done)
+  ev = run.evals.run(names, state, done)
   run.progress.evaluated(time.time() - t_eval)
-  metric = run.config.optim.plateau.metric
-  if run.config.optim.schedule == "plateau" and metric in ev:
-    run.host.plateau.update(ev[metric])
-  run.ckpt.save_best(done, run.state, run.host.state_dict(), ev)
+  run.host.plateau.after_eval(ev)
+  run.ckpt.save_best(done, state, run.host.state_dict(), ev)
   return ev
 
 
 def _train(run: Run) -> dict:
-  """The loop: hooks, the step, and at their steps the log, evaluation, checkpoint."""
-  cfg = run.config.train
+  """The loop: the step, then after update `done` the drift reading, the controls of
+  the next update, and at their steps the log, evaluation, checkpoint."""
+  cfg, state = run.config.train, run.state
   pending, last = [], {}
   t_log, steps_since = time.time(), 0
+  start, weight = _memory_controls(run, run.start, _measure(run, run.start, state))
   for step in range(run.start, run.total):
-    ctrl = _before_step(run, step)
-    run.state, metrics = run.train_step(run.state, next(run.batches), ctrl)
+    if run.host.memory is not None:
+      state = run.host.memory.prefill(step, state, start)
+    # Traced scalars: switching the memory or the learning rate never recompiles.
+    ctrl = {
+      "start_step": jnp.int32(start),
+      "xbm_weight": jnp.float32(weight),
+      "lr_scale": jnp.float32(run.host.plateau.scale),
+    }
+    state, metrics = run.train_step(state, next(run.batches), ctrl)
     pending.append((step, metrics))
     done, steps_since = step + 1, steps_since + 1
     run.progress.update()
+    start, weight = _memory_controls(run, done, _measure(run, done, state))
 
     log_now = done % int(cfg.log_every) == 0 or done == run.total
     ckpt_now = done % int(cfg.checkpoint_every) == 0 or done == run.total
-    eval_names = run.evals.due(done, run.total)
+    eval_names = evaluation.due(run.config, done, run.total)
     if log_now or ckpt_now or eval_names:
       last.update(_log(run, pending, done, steps_since, time.time() - t_log))
       pending, t_log, steps_since = [], time.time(), 0
     if eval_names:
-      last.update(_evaluate(run, eval_names, done))
+      last.update(_evaluate(run, state, eval_names, done))
       t_log = time.time()  # steps_per_s counts steps, not the evaluation
     if ckpt_now:
-      run.ckpt.save(done, run.state, run.host.state_dict())
+      run.ckpt.save(done, state, run.host.state_dict())
   last["train/final_step"] = float(run.total)
   return last

@@ -19,7 +19,6 @@ the embedding model's params + batch_stats in ``checkpoint.export_params``' form
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -146,19 +145,6 @@ def pretrain(
 
 def export(result: Mapping[str, Any], out: str) -> None:
   """Writes params + batch_stats (+ step) as ``checkpoint.export_params`` does (atomic)."""
-  from flax import serialization  # pylint: disable=g-import-not-at-top
+  from xbm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
 
-  blob = serialization.msgpack_serialize(
-    jax.tree.map(
-      np.asarray,
-      {
-        "params": result["params"],
-        "batch_stats": result["batch_stats"],
-        "step": np.asarray(result["step"]),
-      },
-    )
-  )
-  tmp = out + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(blob)
-  os.replace(tmp, out)
+  checkpoint.write_params(out, dict(result), int(result["step"]))

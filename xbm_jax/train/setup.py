@@ -1,6 +1,6 @@
-"""What the loop needs before its first step: config checks, data sources, the
-model and the initial train state. Every check here runs before any state is
-created or any file is written."""
+"""What the loop needs before its first step: the evaluators named after the
+dataset, data sources, the model and the initial train state (the config was
+checked by `validation.validate` first)."""
 
 from __future__ import annotations
 
@@ -8,75 +8,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from xbm_jax import losses, memory, models
+from xbm_jax import memory, models
 from xbm_jax.data import builders
-from xbm_jax.evaluation import evaluators as evaluators_lib
-from xbm_jax.models import factory as model_factory, head as model_head
-from xbm_jax.train import config as config_lib, optim
 from xbm_jax.train.errors import ConfigError, DataError
 
-MEMORY_SHARDINGS = ("replicated", "sharded")
 MEMORY_DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
-_LOSS_OPTIONS = {
-  "reduction": ("paper", "mean"),
-  "self_exclusion": ("similarity", "index", "none"),
-  "mining": ("hard", "semihard", "all"),
-}
-
-
-def enumerated(config) -> dict:
-  """`{dotted key: valid values}` of every setting that names one of a fixed set,
-  read from the modules that define the set."""
-  out = {
-    "xbm.dtype": tuple(MEMORY_DTYPES),
-    "xbm.memory_sharding": MEMORY_SHARDINGS,
-    "optim.name": optim.OPTIMIZERS,
-    "optim.schedule": optim.SCHEDULES,
-    "model.name": model_factory.NAMES,
-    "model.pool": model_head.POOLS,
-    "model.dtype": tuple(model_factory.DTYPES),
-  }
-  if ":" not in str(config.loss.name):  # else an import path: validate() resolves it
-    out["loss.name"] = tuple(sorted(losses.LOSSES))
-  for section in ("loss.kwargs", "xbm.memory_loss_kwargs"):
-    out.update({f"{section}.{k}": v for k, v in _LOSS_OPTIONS.items()})
-  out.update(
-    {f"evals.{name}.type": tuple(sorted(evaluators_lib.REGISTRY)) for name in config.evals}
-  )
-  return out
-
-
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def check_enumerated(config) -> None:
-  """Every enumerated setting holds one of its valid values (unset kwargs keep the
-  loss's default)."""
-  for key, valid in enumerated(config).items():
-    value = _get(config, key)
-    if value is None and "kwargs" in key:
-      continue
-    if value not in valid:
-      raise ConfigError(
-        f"config.{key}={value!r} is not valid; choose one of {', '.join(map(str, valid))}"
-      )
-  names = list(config.evals)
-  for key in ("train.best_metric", "optim.plateau.metric"):
-    metric = _get(config, key)
-    if metric and not any(metric.startswith(f"eval/{n}/") for n in names):
-      raise ConfigError(
-        f"config.{key}={metric!r} names no evaluator; the metrics are "
-        f"eval/<name>/... with <name> one of {names}"
-      )
-  pic = config.pictures.evaluator
-  if config.pictures.enabled and pic and pic not in names:
-    raise ConfigError(
-      f"config.pictures.evaluator={pic!r} is not an evaluator; choose one of {names}"
-    )
 
 
 # Names of the datasets the library knows (and so the stock configs' evaluators).
@@ -127,66 +63,30 @@ def batch_shape(config) -> tuple[int, int, int]:
   return b, b // k, k
 
 
-def validate(config, *, num_devices: int) -> None:
-  """Clear errors for a config that cannot train, before training starts. First names
-  the evaluators after the dataset (`name_evaluators`, in place)."""
-  config_lib.check(config)
-  name_evaluators(config)
-  check_enumerated(config)
-  b, k = int(config.input.batch_size), int(config.input.samples_per_class)
-  if k < 2:
-    raise ConfigError(
-      f"config.input.samples_per_class={k}: need >= 2 so that every "
-      "anchor has a positive in the batch"
-    )
-  if b % k:
-    raise ConfigError(
-      f"config.input.batch_size={b} is not divisible by config.input.samples_per_class={k}"
-    )
-  if b % num_devices:
-    raise ConfigError(
-      f"config.input.batch_size={b} is not divisible by the {num_devices} devices of the mesh"
-    )
-  if int(config.input.eval_batch_size) % num_devices:
-    raise ConfigError(
-      f"config.input.eval_batch_size={config.input.eval_batch_size} is not "
-      f"divisible by the {num_devices} devices of the mesh"
-    )
-  check_loss(config)
-  x = config.xbm
-  if x.enabled:
-    if int(x.size) < b:
-      raise ConfigError(f"config.xbm.size={x.size} is smaller than the global batch {b}")
-    if x.memory_sharding == "sharded" and int(x.size) % num_devices:
-      raise ConfigError(
-        f"config.xbm.size={x.size} must divide by the {num_devices} devices for a sharded memory"
-      )
-    if not (x.start_step == "auto" or isinstance(x.start_step, int)):
-      raise ConfigError(f"config.xbm.start_step={x.start_step!r}: an int or 'auto'")
-  if config.optim.schedule == "plateau" and not config.optim.plateau.metric:
-    raise ConfigError(
-      "config.optim.schedule='plateau' needs config.optim.plateau.metric "
-      "(an eval metric name such as 'eval/sop/recall@1')"
-    )
-  for name, ev in config.evals.items():
-    if int(ev.get("every_steps", 1)) <= 0:
-      raise ConfigError(f"config.evals.{name}.every_steps must be positive")
+def split_names(input_cfg) -> list[str]:
+  """The splits of the configured dataset (read from its files, no image decoded)."""
+  if input_cfg.dataset == "glyphs":
+    from xbm_jax.data import glyphs  # pylint: disable=g-import-not-at-top
 
+    return sorted({**glyphs.SPLITS, **glyphs.CARVED_SPLITS, **glyphs.FEW_SHOT_SPLITS})
+  _need_data_dir(input_cfg)
+  from xbm_jax.data import sources  # pylint: disable=g-import-not-at-top
 
-def check_loss(config) -> None:
-  """`config.loss.name` (a built-in name or "pkg.module:function") resolves, and it
-  takes every option set in `loss.kwargs` and `xbm.memory_loss_kwargs`."""
   try:
-    loss_fn = losses.resolve(config.loss.name)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.loss.name={config.loss.name!r}: {e}") from None
-  for section in ("loss.kwargs", "xbm.memory_loss_kwargs"):
-    head, tail = section.split(".")
-    for key in config_lib.set_kwargs(config[head][tail]):
-      try:
-        losses.check_loss_options(loss_fn, [key])
-      except TypeError as e:
-        raise ConfigError(f"config.{section}.{key} is not an option of the loss: {e}") from None
+    return sources.splits(
+      sources.ALIASES.get(input_cfg.dataset, input_cfg.dataset), input_cfg.data_dir
+    )
+  except FileNotFoundError as e:  # a user's path, not a bug: one line
+    raise DataError(str(e).splitlines()[0] if str(e) else repr(e)) from e
+
+
+def _need_data_dir(input_cfg) -> None:
+  if not input_cfg.data_dir:
+    raise DataError(
+      f"config.input.data_dir is not set for dataset "
+      f"{input_cfg.dataset!r}; prepare it with scripts/prepare_data.py "
+      "--dataset ... --manual_dir ... --data_dir ..."
+    )
 
 
 def load_source(input_cfg, split: str):
@@ -195,12 +95,7 @@ def load_source(input_cfg, split: str):
     from xbm_jax.data import glyphs  # pylint: disable=g-import-not-at-top
 
     return glyphs.load_embedded(split)
-  if not input_cfg.data_dir:
-    raise DataError(
-      f"config.input.data_dir is not set for dataset "
-      f"{input_cfg.dataset!r}; prepare it with scripts/prepare_data.py "
-      "--dataset ... --manual_dir ... --data_dir ..."
-    )
+  _need_data_dir(input_cfg)
   from xbm_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   try:
