@@ -9,14 +9,19 @@ Datasets: sop, cub, cars (alias cars196), inshop, vehicleid, listfile
 (`<split>.txt` files of `relative/path.jpg,label`, or `<split>/<class>/`
 folders; needs --name; `--splits train,test` names the splits, default: the files
 named like splits, so a README.txt beside them is not a split).
-A mistake in the inputs prints one line and exits non-zero (--verbose: traceback).
+A mistake in the inputs (a missing or malformed list file, a corrupt or missing
+image, an unwritable --data_dir) prints one line, `error: ...`, and exits with
+status 2; `--verbose` shows the traceback and tfds's INFO logs.
 Read back with `xbm_jax.data.sources.load(name, split, data_dir)`.
 """
 
+import logging as py_logging
 import os
 import sys
 
 from absl import app, flags, logging
+
+from xbm_jax.train.cli_checks import AboveTheBarHandler
 
 from xbm_jax.data import builders, writer
 from xbm_jax.data.builders import listfile
@@ -36,16 +41,37 @@ _SPLITS = flags.DEFINE_list(
   None,
   "listfile: the splits to read, e.g. train,test (default: the <split>.txt named like splits).",
 )
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Tracebacks for input errors.")
+_VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "Tracebacks for input errors, and the INFO logs of tfds/absl."
+)
 flags.mark_flags_as_required(["dataset", "manual_dir", "data_dir"])
 USER_ERRORS = (
   builders.ListFileError,
   writer.CorruptImageError,
-  FileExistsError,
-  FileNotFoundError,
-  NotADirectoryError,
+  OSError,  # FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError
   ValueError,
 )
+USER_ERROR_STATUS = 2
+
+
+def quiet_logs() -> None:
+  """Warnings only (e.g. each image `--on_corrupt skip` leaves out), as whole lines
+  above the progress bars; tfds's INFO lines about its scratch folders go."""
+  root = py_logging.getLogger()
+  for handler in list(root.handlers):
+    root.removeHandler(handler)
+  handler = AboveTheBarHandler()
+  handler.setFormatter(py_logging.Formatter("%(levelname)s: %(message)s"))
+  root.addHandler(handler)
+  root.setLevel(py_logging.WARNING)
+  logging.set_verbosity(logging.WARNING)
+
+
+def error_line(e: BaseException) -> str:
+  """The one line a failed prepare ends with."""
+  if isinstance(e, writer.CorruptImageError):
+    return f"{e}; pass --on_corrupt skip to leave such images out"
+  return str(e)
 
 
 def say_list_files(manual_dir: str) -> None:
@@ -61,6 +87,8 @@ def say_list_files(manual_dir: str) -> None:
 
 def main(argv):
   del argv
+  if not _VERBOSE.value:
+    quiet_logs()
   manual_dir = os.path.expandvars(os.path.expanduser(_MANUAL_DIR.value))
   data_dir = os.path.expandvars(os.path.expanduser(_DATA_DIR.value))
   try:
@@ -78,7 +106,9 @@ def main(argv):
   except USER_ERRORS as e:  # the message says it all; --verbose for the traceback
     if _VERBOSE.value:
       raise
-    sys.exit(f"prepare_data: {type(e).__name__}: {e}")
+    sys.stdout.flush()
+    print(f"error: {error_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_STATUS)
   for split, n in result.num_examples.items():
     skipped = result.skipped[split]
     logging.info(

@@ -69,6 +69,6 @@ def test_prepare_script_reads_the_named_splits_and_errors_in_one_line(tmp_path):
   )
   assert out.returncode != 0
   assert out.stderr.strip().splitlines() == [
-    f"prepare_data: ListFileError: {lists}: no list file for split(s) ['valid'] "
+    f"error: {lists}: no list file for split(s) ['valid'] "
     "(expected valid.txt); found: ['README.txt', 'test.txt', 'train.txt']"
   ]

@@ -102,7 +102,7 @@ def encode_image(image: Any, *, where: str = "<image>") -> bytes:
       with open(image, "rb") as f:
         image = f.read()
     except OSError as e:
-      raise CorruptImageError(f"{where}: cannot read image file ({e})") from e
+      raise CorruptImageError(f"{where}: cannot read image file ({e.strerror or e})") from e
   if not isinstance(image, (bytes, bytearray, memoryview)):
     raise TypeError(
       f"{where}: image must be bytes, a path or a uint8 array, got {type(image).__name__}"
@@ -115,7 +115,8 @@ def encode_image(image: Any, *, where: str = "<image>") -> bytes:
         return data
       rgb = im.convert("RGB")
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
-    raise CorruptImageError(f"{where}: corrupt image ({type(e).__name__}: {e})") from e
+    detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))  # PIL's
+    raise CorruptImageError(f"{where}: corrupt image ({type(e).__name__}: {detail})") from e
   buf = io.BytesIO()
   rgb.save(buf, format="PNG")
   return buf.getvalue()
@@ -169,6 +170,15 @@ def _make_builder(
 
     def _generate_examples(self):  # required by the ABC; splits come above
       raise NotImplementedError
+
+    # tfds prints "Downloading and preparing dataset Unknown size ... to <.tmp- path>"
+    # and "... downloaded and prepared to <.tmp- path>": both about a folder the
+    # caller never sees (the result is renamed into place), so neither is printed.
+    def _log_download_bytes(self):
+      pass
+
+    def _log_download_done(self):
+      pass
 
   _Builder.name = name
   return _Builder(data_dir=data_dir, file_format="array_record")
@@ -241,6 +251,14 @@ def write_dataset(
     bar = tqdm.tqdm(
       total=(totals or {}).get(split), desc=f"{name}/{split}", unit="img", disable=not progress
     )
+    with bar:  # closed on an error too, so the error's line is not glued to the bar
+      yield from _split_examples(split, items, bar)
+    if not labels[split]:
+      raise ValueError(
+        f"{name}/{split}: no usable images ({len(skipped[split])} skipped as corrupt)"
+      )
+
+  def _split_examples(split, items, bar):
     for item, entry in enumerate(items):
       bar.update(1)
       try:
@@ -266,11 +284,6 @@ def write_dataset(
       index = len(labels[split])
       labels[split].append(int(label))
       yield index, {"image": data, "label": int(label), "index": index, "path": stored}
-    bar.close()
-    if not labels[split]:
-      raise ValueError(
-        f"{name}/{split}: no usable images ({len(skipped[split])} skipped as corrupt)"
-      )
 
   was_active = getattr(tqdm_utils, "_active", True)
   tfds.display_progress_bar(False)  # ours have totals and skip counts

@@ -1,7 +1,7 @@
 """Errors a user can fix (config, data, resume mismatch, a busy workdir).
 
-`scripts/train.py` prints such an error as one line and exits non-zero; anything
-else is a bug and keeps its traceback. Each class also derives from the builtin
+`scripts/train.py` prints such an error as one line and exits with status 2
+(`--verbose`: the traceback); anything else is a bug and keeps its traceback. Each class also derives from the builtin
 exception callers already catch (ValueError, KeyError, ...).
 """
 
@@ -33,6 +33,10 @@ class ResumeError(UserError, ValueError):
 
 class WorkdirLockedError(UserError, RuntimeError):
   """Another live run holds the workdir."""
+
+
+class WorkdirError(UserError, OSError):
+  """The workdir cannot be created or written (a file in the way, no permission)."""
 
 
 class NonFiniteError(UserError, FloatingPointError):
