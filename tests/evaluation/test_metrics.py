@@ -219,3 +219,60 @@ def test_non_finite_embeddings_are_refused():
     metrics.retrieval_metrics(
       np.eye(4, dtype=np.float32), np.arange(4), g, np.arange(4), self_exclude=False
     )
+
+
+def tie_heavy(n, d, classes, seed):
+  """Entries in {-2..2}/4, d = 3: every score is one of the 25 multiples of 1/16 in
+  [-3/4, 3/4], exact in float32 and float64, so almost every item ties with others."""
+  rng = np.random.default_rng(seed)
+  x = (rng.integers(-2, 3, (n, d)) / 4).astype(np.float32)
+  return x, rng.integers(0, classes, n)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tie_heavy_random_matches_oracle_on_one_and_eight_devices(seed):
+  x, l = tie_heavy(150, 3, 25, seed)
+  want = oracle(x, l, ks=KS)
+  one = metrics.retrieval_metrics(x, l, ks=KS, self_exclude=True, block_size=32)
+  assert_same(one, want)
+  eight = metrics.retrieval_metrics(x, l, ks=KS, self_exclude=True, block_size=32, mesh=mesh8())
+  assert eight == one
+
+
+def test_block_bytes_bounds_the_score_block_and_keeps_results():
+  # 203 gallery rows pad to 224 (whole runs of 32): 8 rows x 224 x 4 B = 7,168 B.
+  assert metrics._block_rows(1024, 203, 224, 7_168) == 8
+  assert metrics._block_rows(1024, 203, 224, 7_167) == 8  # never below 8 rows
+  assert metrics._block_rows(1024, 203, 224, 64 * 2**20) == 208  # all queries, padded to 8
+  assert metrics._block_rows(3, 203, 224, 64 * 2**20) == 3
+  rows = metrics._block_rows(1024, 60_502, 60_512, 64 * 2**20)
+  assert rows * 60_512 * 4 <= 64 * 2**20 < (rows + 8) * 60_512 * 4
+  x, l = clustered(203, 16, 40, 1.0, seed=5)
+  small = metrics.retrieval_metrics(x, l, ks=KS, self_exclude=True, block_bytes=7_168)
+  assert small == metrics.retrieval_metrics(x, l, ks=KS, self_exclude=True)
+  assert_same(small, oracle(x, l, ks=KS))
+  with pytest.raises(ValueError, match="block_bytes"):
+    metrics.retrieval_metrics(x, l, self_exclude=True, block_bytes=0)
+
+
+def test_nan_guard_is_skipped_only_when_scores_are_provably_finite():
+  unit = np.eye(4, dtype=np.float32)
+  assert metrics._scores_finite(unit, unit)
+  big = np.full((2, 4), 1e18, np.float32)  # 4 * 1e18 * 1e18 = 4e36: still safe
+  assert metrics._scores_finite(big, big)
+  assert not metrics._scores_finite(big * 10, big)  # 4e37: may overflow, guarded
+  assert not metrics._scores_finite(-big * 10, big)  # magnitude, not sign
+  # Both compiled paths give the same outputs on finite data (ties and ragged padding).
+  x, l = tie_heavy(70, 3, 12, seed=2)
+  pos, npos = metrics._positive_lists(l, l, True)
+  gx = np.zeros((96, 3), np.float32)
+  gx[:70] = x
+  gl = np.zeros(96, np.int32)
+  gl[:70] = l
+  args = (x, np.arange(70, dtype=np.int32), pos, l.astype(np.int32), npos, gx, gl)
+  mesh = metrics._default_mesh()
+  top_k = int(npos.max()) + 1
+  guarded = metrics._compiled_block(mesh, 70, top_k, True)(*args)
+  plain = metrics._compiled_block(mesh, 70, top_k, False)(*args)
+  for a, b in zip(guarded, plain):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

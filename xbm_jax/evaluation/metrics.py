@@ -70,7 +70,7 @@ def _check_set(emb, labels, name):
     )
   if not np.issubdtype(labels.dtype, np.integer):
     raise TypeError(f"{name}_labels must be integers; got dtype {labels.dtype}")
-  return emb.astype(np.float32), labels.astype(np.int64)
+  return emb.astype(np.float32, copy=False), labels.astype(np.int64, copy=False)
 
 
 def _positive_lists(query_labels, gallery_labels, self_exclude):
@@ -100,7 +100,19 @@ def _positive_lists(query_labels, gallery_labels, self_exclude):
 
 
 def _block_fn(
-  q, q_self, q_pos, q_labels, q_npos, g, g_labels, *, n_gallery, top_k, axis, num_shards
+  q,
+  q_self,
+  q_pos,
+  q_labels,
+  q_npos,
+  g,
+  g_labels,
+  *,
+  n_gallery,
+  top_k,
+  axis,
+  num_shards,
+  may_overflow,
 ):
   """Per-device body: one query block against this device's gallery shard.
 
@@ -111,6 +123,7 @@ def _block_fn(
     g: `[G, D]` float32 gallery shard; g_labels: `[G]` int32.
     n_gallery: true gallery size (rows at global index >= n_gallery are padding).
     top_k: 0 to skip MAP@R, else how many items to keep (max R, +1 with self).
+    may_overflow: False when the host proved every score finite (`_scores_finite`).
   Returns:
     rank `[B]` int32 (negatives ranked before the best positive), and when top_k:
     average precision at R `[B]`, R-precision `[B]`, precision@1 `[B]` (float32).
@@ -120,19 +133,24 @@ def _block_fn(
   s = jax.lax.dot_general(
     q, g, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST
   )  # [B, G]
-  # A NaN score (finite inputs can overflow to inf - inf) ranks first and is never a
-  # hit: as +inf it is counted before any positive, and a NaN positive is never the
-  # best one. Compared against NaN, it would rank nowhere and a NaN best positive
-  # would have nothing before it: rank 0, a "hit".
-  nan = jnp.isnan(s)
-  s = jnp.where(nan, jnp.inf, s)
+  if may_overflow:
+    # A NaN score (finite inputs can overflow to inf - inf) ranks first and is never a
+    # hit: as +inf it is counted before any positive, and a NaN positive is never the
+    # best one. Compared against NaN, it would rank nowhere and a NaN best positive
+    # would have nothing before it: rank 0, a "hit".
+    nan = jnp.isnan(s)
+    s = jnp.where(nan, jnp.inf, s)
+  else:  # the host proved every score finite: no [B, G] copy, one pass less
+    nan = None
 
   # Best positive: gathered from this very matrix, so p is bit-identical to s[i, jpos].
   local = q_pos - offset
   mine = (q_pos >= 0) & (local >= 0) & (local < size)
   vals = jnp.take_along_axis(s, jnp.clip(local, 0, size - 1), axis=1)
-  pos_nan = jnp.take_along_axis(nan, jnp.clip(local, 0, size - 1), axis=1)
-  vals = jnp.where(mine & ~pos_nan, vals, -jnp.inf)
+  usable = mine
+  if nan is not None:  # a NaN positive is never the best one
+    usable = mine & ~jnp.take_along_axis(nan, jnp.clip(local, 0, size - 1), axis=1)
+  vals = jnp.where(usable, vals, -jnp.inf)
   p = jax.lax.pmax(jnp.max(vals, axis=1), axis)  # [B]; -inf where no positive
   jpos = jnp.where(mine & (vals == p[:, None]), q_pos, _BIG_INDEX)
   jpos = jax.lax.pmin(jnp.min(jpos, axis=1), axis)  # [B]
@@ -174,7 +192,7 @@ def _block_fn(
   ixg = ix + offset
   v = jnp.where(ixg < n_gallery, v, -jnp.inf)
   lab = g_labels[ix]
-  was_nan = jnp.take_along_axis(nan, ix, axis=1)
+  was_nan = jnp.take_along_axis(nan, ix, axis=1) if nan is not None else jnp.zeros(ix.shape, bool)
   v = jax.lax.all_gather(v, axis, axis=1, tiled=True)
   ixg = jax.lax.all_gather(ixg, axis, axis=1, tiled=True)
   lab = jax.lax.all_gather(lab, axis, axis=1, tiled=True)
@@ -222,11 +240,16 @@ def _top_k_by_runs(s, k, run_max=None):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_block(mesh, n_gallery, top_k):
+def _compiled_block(mesh, n_gallery, top_k, may_overflow=True):
   axis = mesh.axis_names
   rep = P()
   fn = functools.partial(
-    _block_fn, n_gallery=n_gallery, top_k=top_k, axis=axis, num_shards=mesh.devices.size
+    _block_fn,
+    n_gallery=n_gallery,
+    top_k=top_k,
+    axis=axis,
+    num_shards=mesh.devices.size,
+    may_overflow=may_overflow,
   )
   n_out = 4 if top_k else 1
   mapped = jax.shard_map(
@@ -237,6 +260,36 @@ def _compiled_block(mesh, n_gallery, top_k):
     check_vma=False,
   )
   return jax.jit(mapped)
+
+
+def _block_rows(block_size, nq, shard_rows, block_bytes):
+  """Queries per block: `block_size`, lowered so that one block's `[rows, shard_rows]`
+  float32 score matrix fits in `block_bytes`, a multiple of 8, and no more than needed."""
+  by_memory = max(8, (block_bytes // (4 * shard_rows)) // 8 * 8)
+  return max(1, min(block_size, by_memory, -(-nq // 8) * 8))
+
+
+def _run_blocks(fn, blocks, bs, gallery, rep):
+  """Runs `fn` on each block of `bs` rows of the `blocks` arrays; returns its outputs
+  concatenated on the host. Two blocks are in flight at a time: the next is dispatched
+  while the last one's (small) results come back, and no more score matrices than that
+  are alive at once (memory stays bounded however many blocks there are)."""
+  outs, in_flight = [], []
+  for start in range(0, len(blocks[0]), bs):
+    args = [jax.device_put(x[start : start + bs], rep) for x in blocks]
+    in_flight.append(fn(*args, *gallery))  # dispatched asynchronously
+    if len(in_flight) > 1:
+      outs.append([np.asarray(o) for o in in_flight.pop(0)])
+  outs.extend([np.asarray(o) for o in res] for res in in_flight)
+  return [np.concatenate(c) for c in zip(*outs)]
+
+
+def _scores_finite(q, g):
+  """True when no score or partial sum can overflow float32: every |q_k g_k| and every
+  partial sum of a row's products is at most D max|q| max|g| (times 1 + D 2^-24 for
+  rounding), kept well below float32's 3.4e38. Then the NaN guard can be skipped."""
+  amax = lambda x: max(float(x.max()), -float(x.min())) if x.size else 0.0
+  return q.shape[1] * amax(q) * amax(g) < 1e37
 
 
 def _default_mesh():
@@ -253,6 +306,7 @@ def retrieval_metrics(
   self_exclude: bool,
   map_at_r: bool = True,
   block_size: int = 1024,
+  block_bytes: int = 64 * 2**20,
   mesh: Optional[Mesh] = None,
   per_query: bool = False,
 ) -> dict:
@@ -267,7 +321,10 @@ def retrieval_metrics(
     self_exclude: True for leave-one-out: query i is gallery item i and is removed from
       its own ranking (requires Nq == Ng).
     map_at_r: also compute MAP@R, R-precision and precision@1 (adds a top-R pass).
-    block_size: queries per block; the largest temporary is `[block_size, Ng/devices]`.
+    block_size: at most this many queries per block.
+    block_bytes: and at most as many as keep a block's `[rows, Ng/devices]` float32 score
+      matrix within this many bytes (64 MiB: host memory stays bounded for any gallery;
+      raise it on an accelerator with memory to spare, for fewer, larger products).
     mesh: optional mesh; the gallery is sharded over all of its axes.
     per_query: also return per-query arrays (`rank`, `valid`, and with map_at_r `ap`).
   Returns:
@@ -290,8 +347,8 @@ def retrieval_metrics(
   ks = tuple(int(k) for k in ks)
   if any(k < 1 for k in ks):
     raise ValueError(f"ks must be >= 1; got {ks}")
-  if block_size < 1:
-    raise ValueError(f"block_size must be >= 1; got {block_size}")
+  if block_size < 1 or block_bytes < 1:
+    raise ValueError(f"block_size and block_bytes must be >= 1; got {block_size}, {block_bytes}")
   nq, ng = q.shape[0], g.shape[0]
   if ng == 0 or nq == 0:
     raise ValueError(f"empty query ({nq}) or gallery ({ng}) set")
@@ -312,13 +369,15 @@ def retrieval_metrics(
   shard = NamedSharding(mesh, P(mesh.axis_names))
   g_dev = jax.device_put(g_pad, shard)
   gl_dev = jax.device_put(gl_pad, shard)
-  fn = _compiled_block(mesh, ng, top_k)
+  fn = _compiled_block(mesh, ng, top_k, not _scores_finite(q, g))
 
   # Queries: padded to whole blocks so every block has one shape (one compilation).
-  bs = min(block_size, -(-nq // 8) * 8)
+  bs = _block_rows(block_size, nq, g_rows // ndev, block_bytes)
   q_rows = -(-nq // bs) * bs
 
   def padded(x, fill):
+    if len(x) == q_rows:
+      return x
     out = np.full((q_rows,) + x.shape[1:], fill, x.dtype)
     out[:nq] = x
     return out
@@ -327,16 +386,9 @@ def retrieval_metrics(
   self_all = padded(
     np.arange(nq, dtype=np.int32) if self_exclude else np.full(nq, -1, np.int32), -1
   )
-  pos_all = padded(pos, -1)
-  ql_all = padded(ql.astype(np.int32), 0)
-  npos_all = padded(npos, 0)
-  rep = NamedSharding(mesh, P())
-  outs = []
-  for start in range(0, q_rows, bs):
-    sl = slice(start, start + bs)
-    args = [jax.device_put(x[sl], rep) for x in (q_all, self_all, pos_all, ql_all, npos_all)]
-    outs.append(fn(*args, g_dev, gl_dev))  # dispatched asynchronously
-  cols = [np.concatenate([np.asarray(o[i]) for o in outs])[:nq] for i in range(len(outs[0]))]
+  blocks = (q_all, self_all, padded(pos, -1), padded(ql.astype(np.int32), 0), padded(npos, 0))
+  cols = _run_blocks(fn, blocks, bs, (g_dev, gl_dev), NamedSharding(mesh, P()))
+  cols = [c[:nq] for c in cols]
 
   rank = cols[0].astype(np.int64)
   n = int(has_pos.sum())
