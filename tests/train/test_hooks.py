@@ -49,3 +49,23 @@ def test_host_state_round_trip():
   assert mem_b.prefilled
   mem_b.before_step(4, None, {}, {})
   assert log == [2]  # a resumed run does not pre-fill again
+
+
+def test_refresh_every_refills_the_memory_every_k_updates_after_the_first_fill():
+  """The fresh-memory oracle: fills at the first active update (2) and then at
+  2 + 3i; a hook rebuilt from a checkpoint keeps that grid."""
+  log = []
+  ctrl = MemoryController(start_step=2, weight=1.0)
+  mem = hooks.MemoryHook(ctrl, prefill_fn=lambda s, step: log.append(step), refresh_every=3)
+  for step in range(10):
+    mem.before_step(step, None, {}, {})
+  assert log == [2, 5, 8]
+  resumed = hooks.MemoryHook(
+    MemoryController(start_step=2, weight=1.0),
+    prefill_fn=lambda s, step: log.append(step),
+    refresh_every=3,
+  )
+  resumed.prefilled = True  # as HostState.load_state_dict restores it
+  for step in range(9, 12):
+    resumed.before_step(step, None, {}, {})
+  assert log == [2, 5, 8, 11]

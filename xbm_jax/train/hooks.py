@@ -48,19 +48,26 @@ class DriftHook:
 class MemoryHook:
   """Feeds the memory's start step and weight from the `MemoryController`, and
   pre-fills the memory from the model before its first active update (the paper's
-  initialisation) when `prefill` is on."""
+  initialisation) when `prefill` is on. With `refresh_every` = k > 0 it fills it again
+  every k updates after that (the fresh-memory oracle: no entry older than k updates)."""
 
   key = "controller"
 
-  def __init__(self, controller, *, prefill_fn=None):
+  def __init__(self, controller, *, prefill_fn=None, refresh_every: int = 0):
     """`prefill_fn(state, step) -> state` with a full memory, or None."""
     self.controller, self.prefill_fn = controller, prefill_fn
+    self.refresh_every = int(refresh_every)
     self.prefilled = False
 
   def before_step(self, step: int, state, ctrl: dict, notes: dict):
     start, weight = self.controller.update(step, notes.get("drift") or None)
     ctrl["start_step"], ctrl["xbm_weight"] = start, weight
-    if self.prefill_fn is not None and not self.prefilled and memory_lib.active(step, start):
+    if self.prefill_fn is None or not memory_lib.active(step, start):
+      return state
+    # A resumed run refreshes on the same grid of updates (start + i * k) as one long run.
+    since = step - int(start)
+    due = self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0
+    if not self.prefilled or due:
       state = self.prefill_fn(state, step)
       self.prefilled = True
     return state

@@ -226,10 +226,11 @@ def _hooks(config, evals, train_src, shardings, mesh, *, sharded, watch, b):
     controller = controller_lib.MemoryController.from_config(config.xbm, global_batch=b)
     prefill = (
       hooks_lib.make_prefill(config, evals, train_src, shardings, mesh, sharded=sharded)
-      if config.xbm.prefill
+      if config.xbm.prefill or config.xbm.refresh_every
       else None
     )
-    out.append(hooks_lib.MemoryHook(controller, prefill_fn=prefill))
+    refresh = int(config.xbm.refresh_every)
+    out.append(hooks_lib.MemoryHook(controller, prefill_fn=prefill, refresh_every=refresh))
   return out
 
 
