@@ -22,14 +22,14 @@ COMPACT_SUFFIX = ".runs.jsonl"
 RUN_FILES = ("run.json", "metrics.jsonl", "config.json")
 
 
-def git_commit(root: str) -> dict:
-  """{"commit": HEAD's hash, "dirty": tracked files differ from HEAD} of the tree at
-  `root` ("?" / None outside a git checkout)."""
+def git_commit(root: str, paths=()) -> dict:
+  """{"commit": HEAD's hash, "dirty": tracked files (under `paths`, git pathspecs; all
+  if empty) differ from HEAD} of the tree at `root` ("?" / None outside a checkout)."""
   try:
     head = subprocess.run(
       ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
     ).stdout.strip()
-    diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, check=False)
+    diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=root, check=False)
     return {"commit": head, "dirty": diff.returncode != 0}
   except (OSError, subprocess.CalledProcessError):
     return {"commit": "?", "dirty": None}

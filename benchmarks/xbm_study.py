@@ -49,6 +49,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
 SEEDS = (0, 1, 2)
+# What a run's code is: the tree's files under these (dirty = any of them edited).
+CODE = ("xbm_jax", "configs", "scripts", "benchmarks/*.py")
 PRETRAINED = "study,pretrained"  # `configs/glyphs.py` variant of the paper's regime
 
 
@@ -352,7 +354,7 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
     "--config.train.progress=False",
   ]
   cmd += [f"--config.{k}={_fmt(v)}" for k, v in overrides.items()]
-  commit = study_records.git_commit(ROOT)  # before the run: the code it ran
+  commit = study_records.git_commit(ROOT, CODE)  # before the run: the code it ran
   t0 = time.time()
   with open(os.path.join(workdir, "train.log"), "w") as log:
     rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

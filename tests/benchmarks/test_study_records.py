@@ -86,4 +86,5 @@ def test_git_commit_names_head_and_whether_tracked_files_changed(tmp_path):
   assert study_records.git_commit(str(tmp_path))["dirty"] is False
   (tmp_path / "f.txt").write_text("b")
   assert study_records.git_commit(str(tmp_path)) == {"commit": head, "dirty": True}
+  assert study_records.git_commit(str(tmp_path), ("src",))["dirty"] is False  # f.txt not code
   assert study_records.git_commit(str(tmp_path / "nowhere"))["commit"] == "?"
