@@ -4,7 +4,8 @@ A finished run leaves `OUT/<run>/run.json` (status, wall time, overrides, commit
 `OUT/<run>/metrics.jsonl` (one row per logged step). `compact` folds every run of a
 stage into one file, `OUT/<stage>.runs.jsonl`, one line per run:
 
-    {"run": "<stage>/<arm>/<grid tag>/s<seed>", "record": {run.json}, "metrics": [rows]}
+    {"run": "<stage>/<arm>/<grid tag>/s<seed>", "record": {run.json}, "metrics": [rows],
+     "configs": {"config.json": {...}, ...}}     # the run's resolved config file(s)
 
 and `read_run` reads either form, so the tables rebuild from the compact files alone.
 """
@@ -19,7 +20,7 @@ import subprocess
 import numpy as np
 
 COMPACT_SUFFIX = ".runs.jsonl"
-RUN_FILES = ("run.json", "metrics.jsonl", "config.json")
+RUN_FILES = ("run.json", "metrics.jsonl")  # and every config*.json (the resolved configs)
 
 
 def git_commit(root: str, paths=()) -> dict:
@@ -46,6 +47,15 @@ def _merge(rec: dict, rows: list[dict]) -> dict:
   return {**rec, "last": last, "curves": curves}
 
 
+def _configs(workdir: str) -> dict:
+  names = sorted(f for f in os.listdir(workdir) if f.startswith("config") and f.endswith(".json"))
+  out = {}
+  for name in names:
+    with open(os.path.join(workdir, name)) as f:
+      out[name] = json.load(f)
+  return out
+
+
 def _read_dir(workdir: str) -> tuple[dict, list[dict]] | None:
   path = os.path.join(workdir, "run.json")
   if not os.path.exists(path):
@@ -68,7 +78,7 @@ def _compact_file(path: str, mtime: float) -> dict[str, tuple[dict, list[dict]]]
     for line in f:
       if line.strip():
         entry = json.loads(line)
-        out[entry["run"]] = (entry["record"], entry["metrics"])
+        out[entry["run"]] = (entry["record"], entry["metrics"], entry.get("configs", {}))
   return out
 
 
@@ -80,7 +90,7 @@ def read_run(out: str, name: str) -> dict | None:
     path = os.path.join(out, name.split("/")[0] + COMPACT_SUFFIX)
     if os.path.exists(path):
       found = _compact_file(path, os.path.getmtime(path)).get(name)
-  return None if found is None else _merge(*found)
+  return None if found is None else _merge(*found[:2])
 
 
 def compact(out: str, stage: str, *, prune: bool) -> str:
@@ -93,19 +103,20 @@ def compact(out: str, stage: str, *, prune: bool) -> str:
   for root, _, files in os.walk(os.path.join(out, stage)):
     if "run.json" in files:
       name = os.path.relpath(root, out).replace(os.sep, "/")
-      runs[name] = _read_dir(root)
+      runs[name] = (*_read_dir(root), _configs(root))
       dirs.append(root)
   if not runs:
     raise ValueError(f"no runs of stage {stage!r} under {out}")
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     for name in sorted(runs):
-      rec, rows = runs[name]
-      f.write(json.dumps({"run": name, "record": rec, "metrics": rows}) + "\n")
+      rec, rows, configs = runs[name]
+      line = {"run": name, "record": rec, "metrics": rows, "configs": configs}
+      f.write(json.dumps(line) + "\n")
   os.replace(tmp, path)
   if prune:
     for d in dirs:
-      for fname in RUN_FILES:
+      for fname in [*RUN_FILES, *_configs(d)]:
         if os.path.exists(os.path.join(d, fname)):
           os.remove(os.path.join(d, fname))
   return path

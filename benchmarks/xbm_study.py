@@ -229,7 +229,7 @@ CJK = {"config": "cjk.py", "variant": ""}  # configs/cjk.py, the SOP-shaped test
 LOSS_TAGS = {"contrastive": "contrastive", "multi_similarity": "ms"}
 
 
-def _cjk_arms(lrs=(3e-4, 1e-3, 3e-3, 1e-2)):
+def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2)):
   """The SOP-shaped testbed (`configs/cjk.py`): contrastive and multi-similarity, each
   without and with the memory (the whole train set, 50,505 images, filled from the
   pretrained model at step 0, weight 1), lr tuned per arm on val."""
@@ -627,7 +627,8 @@ def main(argv=None):
     )
   if args.command == "compact":
     for stage in sorted({a.stage for a in chosen}):
-      print(study_records.compact(args.out, stage, prune=args.prune))
+      if os.path.isdir(os.path.join(args.out, stage)):  # stages never run have nothing
+        print(study_records.compact(args.out, stage, prune=args.prune))
   if args.command == "run":
     only = {int(x) for x in args.seeds.split(",")} if args.seeds else None
     names = set(filter(None, args.arms.split(",")))

@@ -49,10 +49,13 @@ def main(argv=None):
   p.add_argument("--name", default="cjk")
   p.add_argument("--per_class", type=int, default=5)
   p.add_argument("--num_val", type=int, default=1000)
-  p.add_argument("--num_train", type=int, default=None, help="default: half of the non-val")
+  p.add_argument("--num_train", type=int, default=10000, help="0: half of the non-val")
   p.add_argument("--min_coverage", type=int, default=5000)
   p.add_argument("--exclude", default="KanjiStrokeOrders")
   p.add_argument("--dup_threshold", type=float, default=0.07)
+  p.add_argument(
+    "--all_weights", action="store_true", help="keep every weight of a family (easier classes)"
+  )
   p.add_argument("--max_chars", type=int, default=None, help="first N of the charset")
   p.add_argument("--chars", default="", help="these characters instead of the Han charset")
   p.add_argument("--seed", type=int, default=0)
@@ -64,6 +67,8 @@ def main(argv=None):
   covered = glyph_testbed.covering_faces(
     faces, chars, min_coverage=min(args.min_coverage, len(chars)), exclude=args.exclude
   )
+  if not args.all_weights:
+    covered = glyph_testbed.one_per_family(covered)
   kept_faces = glyph_testbed.distinct_faces(
     covered, dup_threshold=args.dup_threshold, sample_chars=200, size=32, margin=2, seed=args.seed
   )
@@ -78,7 +83,7 @@ def main(argv=None):
   if not kept:
     sys.exit(f"no character has {args.per_class} distinct typefaces in {args.font_dir}")
   split = glyph_testbed.split_classes(
-    len(kept), num_val=args.num_val, num_train=args.num_train, seed=args.seed
+    len(kept), num_val=args.num_val, num_train=args.num_train or None, seed=args.seed
   )
   labels = np.repeat(np.arange(len(kept)), args.per_class)
   image_split = np.repeat(split, args.per_class)

@@ -37,7 +37,9 @@ def test_compact_keeps_every_record_and_prunes_the_directories(tmp_path):
   assert before["st/a/lr0.1/s0"]["curves"]["x"] == [(1, 1.0), (2, 0.5)]
   path = study_records.compact(out, "st", prune=True)
   assert path == os.path.join(out, "st.runs.jsonl")
-  assert [json.loads(line)["run"] for line in open(path)] == sorted(runs)
+  lines = [json.loads(line) for line in open(path)]
+  assert [e["run"] for e in lines] == sorted(runs)
+  assert all(e["configs"] == {"config.json": {"seed": 0}} for e in lines)
   for name in runs:
     assert not os.listdir(os.path.join(out, name))  # run.json, metrics, config gone
     after = study_records.read_run(out, name)

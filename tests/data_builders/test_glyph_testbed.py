@@ -68,6 +68,23 @@ def test_covering_faces_filters_on_coverage_and_name():
   assert all(has == {c for c in CHARS if _draws(f, c)} for f, has in got)
 
 
+def test_one_face_per_design_family():
+  assert glyph_testbed.family("Noto Serif CJK TC Bold") == "Noto Serif CJK"
+  assert glyph_testbed.family("Noto Sans Mono CJK KR Black") == "Noto Sans CJK"
+  assert glyph_testbed.family("AR PL UMing CN Light") == "AR PL UMing"
+  assert glyph_testbed.family("WenQuanYi Zen Hei Sharp Regular") == "WenQuanYi Zen Hei Sharp"
+  faces = _faces()  # DejaVu Sans Book, Sans Bold, Serif Book, Sans Mono Book
+  n = len(CHARS)
+  covered = [(f, frozenset(CHARS[: n - i])) for i, f in enumerate(faces)]
+  got = glyph_testbed.one_per_family(covered)
+  assert [f.name for f, _ in got] == ["DejaVu Sans Book", "DejaVu Serif Book"]
+  # Among equal coverage a regular weight wins; more coverage wins over weight.
+  bold_first = [(faces[1], frozenset(CHARS)), (faces[0], frozenset(CHARS))]
+  assert [f.name for f, _ in glyph_testbed.one_per_family(bold_first)] == ["DejaVu Sans Book"]
+  bold_more = [(faces[1], frozenset(CHARS)), (faces[0], frozenset(CHARS[:2]))]
+  assert [f.name for f, _ in glyph_testbed.one_per_family(bold_more)] == ["DejaVu Sans Bold"]
+
+
 def test_distinct_faces_drop_a_renamed_twin_and_a_placeholder_font(tmp_path):
   twin = tmp_path / "Twin.ttf"
   shutil.copy(os.path.join(TTF, "DejaVuSans.ttf"), twin)
@@ -143,8 +160,18 @@ def test_rgb_params_give_a_grey_rgb_image_the_grey_image_s_features():
 def test_build_script_writes_class_disjoint_tfds_splits(tmp_path):
   fonts = [a for n in FACES for a in ("--font_dir", os.path.join(TTF, n))]
   build_cjk.main(
-    [*fonts, "--chars", "ABCDEFGHIJKLMN一", "--per_class", "3", "--num_val", "2"]
-    + ["--min_coverage", "1", "--data_dir", str(tmp_path)]
+    [
+      *fonts,
+      "--chars",
+      "ABCDEFGHIJKLMN一",
+      "--per_class",
+      "3",
+      "--num_val",
+      "2",
+      "--num_train",
+      "0",
+    ]
+    + ["--min_coverage", "1", "--all_weights", "--data_dir", str(tmp_path)]
   )
   path = os.path.join(tmp_path, "cjk", "1.0.0")
   info = json.load(open(os.path.join(path, "testbed.json"), encoding="utf-8"))

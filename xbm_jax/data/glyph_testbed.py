@@ -69,6 +69,35 @@ def covering_faces(
   return out
 
 
+# Words of a face name that name a weight, width, slant or regional variant, not a design.
+_STYLE_WORDS = re.compile(
+  r"\b(JP|KR|SC|TC|HK|CN|TW|MBE|Mono|Thin|ExtraLight|Light|DemiLight|Regular|Book|Medium|"
+  r"SemiBold|DemiBold|Bold|ExtraBold|Black|Heavy|Italic|Oblique)\b"
+)
+_PREFERRED_WEIGHT = ("Regular", "Book", "Medium")
+
+
+def family(name: str) -> str:
+  """A face name without its weight / width / regional words: "Noto Serif CJK TC Bold"
+  -> "Noto Serif CJK"."""
+  return " ".join(_STYLE_WORDS.sub(" ", name).split())
+
+
+def one_per_family(
+  covered: Sequence[tuple[glyphs.Face, frozenset[str]]],
+) -> list[tuple[glyphs.Face, frozenset[str]]]:
+  """One face of each design family (``family``), in input order: the one covering the
+  most characters, a regular weight first among equals. Weights of one design are
+  near-copies of each other at 32 x 32, so they would make a class's images too alike."""
+  best: dict[str, tuple[tuple[int, int], int]] = {}
+  for i, (face, has) in enumerate(covered):
+    rank = (len(has), any(w in face.name.split() for w in _PREFERRED_WEIGHT))
+    key = family(face.name)
+    if key not in best or rank > best[key][0]:
+      best[key] = (rank, i)
+  return [covered[i] for i in sorted(i for _, i in best.values())]
+
+
 def distinct_faces(
   covered: Sequence[tuple[glyphs.Face, frozenset[str]]],
   *,
