@@ -231,7 +231,7 @@ LOSS_TAGS = {"contrastive": "contrastive", "multi_similarity": "ms"}
 
 def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2)):
   """The SOP-shaped testbed (`configs/cjk.py`): contrastive and multi-similarity, each
-  without and with the memory (the whole train set, 50,505 images, filled from the
+  without and with the memory (the whole train set, 50,000 images, filled from the
   pretrained model at step 0, weight 1), lr tuned per arm on val."""
   out = []
   for loss, tag in LOSS_TAGS.items():

@@ -4,13 +4,13 @@ r"""The SOP-shaped glyph testbed "cjk": XBM where the paper says it matters.
     python scripts/train.py --config=configs/cjk.py --workdir=/tmp/cjk_base
     python scripts/train.py --config=configs/cjk.py:memory --workdir=/tmp/cjk_xbm
 
-10,101 train classes x 5 typefaces (50,505 images), 1,000 val and 10,102 test classes
+10,000 train classes x 5 typefaces (50,000 images), 1,000 val and 9,663 test classes
 (class-disjoint Han characters none of which the encoder saw); 32 x 32 glyphs.
 Start from the committed encoder pretrained on JIS level-2 kanji (its first kernel spread
 over the 3 channels tfds decodes, written by the builder), fine-tune 400 steps at B = 64
 (16 classes x 4: 0.16 % of the train classes per batch; SOP 0.14 %), val R@1 every 100
 steps, test once at the end. `:memory` adds the memory holding the whole train set
-(50,505 slots, filled from the model at step 0, as on SOP: 55,000 of 59,551).
+(50,000 slots, filled from the model at step 0, as on SOP: 55,000 of 59,551).
 Variants: `:seed=N`, `:loss=multi_similarity`, `:smoke` (a few steps; needs a built
 dataset, e.g. a tiny one: see tests/data_builders/test_glyph_testbed.py).
 
@@ -25,7 +25,7 @@ from xbm_jax.train import config as config_lib
 
 DATA_DIR = os.path.join(glyph_corpus.CACHE_DIR, "tfds")
 ENCODER = "pretrained_small_cnn32_rgb.msgpack"  # written by scripts/build_cjk.py
-TRAIN_IMAGES = 50_505  # 10,101 train classes x 5 typefaces (scripts/build_cjk.py defaults)
+TRAIN_IMAGES = 50_000  # 10,000 train classes x 5 typefaces (scripts/build_cjk.py defaults)
 
 
 def get_config(arg=None):
