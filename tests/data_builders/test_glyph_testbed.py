@@ -157,30 +157,26 @@ def test_rgb_params_give_a_grey_rgb_image_the_grey_image_s_features():
   )
 
 
-def test_build_script_writes_class_disjoint_tfds_splits(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_cjk(tmp_path_factory):
+  """scripts/build_cjk.py on 14 Latin letters (and a Han one no DejaVu face has), 4
+  DejaVu faces each: 6 train / 2 val / 6 test classes of 4 images."""
+  data_dir = str(tmp_path_factory.mktemp("cjk"))
   fonts = [a for n in FACES for a in ("--font_dir", os.path.join(TTF, n))]
-  build_cjk.main(
-    [
-      *fonts,
-      "--chars",
-      "ABCDEFGHIJKLMN一",
-      "--per_class",
-      "3",
-      "--num_val",
-      "2",
-      "--num_train",
-      "0",
-    ]
-    + ["--min_coverage", "1", "--all_weights", "--data_dir", str(tmp_path)]
-  )
-  path = os.path.join(tmp_path, "cjk", "1.0.0")
+  args = ["--chars", "ABCDEFGHIJKLMN一", "--per_class", "4", "--num_val", "2", "--num_train", "0"]
+  build_cjk.main([*fonts, *args, "--min_coverage", "1", "--all_weights", "--data_dir", data_dir])
+  return data_dir
+
+
+def test_build_script_writes_class_disjoint_tfds_splits(tiny_cjk):
+  path = os.path.join(tiny_cjk, "cjk", "1.0.0")
   info = json.load(open(os.path.join(path, "testbed.json"), encoding="utf-8"))
   assert info["chars"] == "ABCDEFGHIJKLMN" and info["classes"] == {"train": 6, "val": 2, "test": 6}
   seen = set()
   for split in ("train", "val", "test"):
-    src = sources.load("cjk", split, str(tmp_path))
+    src = sources.load("cjk", split, tiny_cjk)
     labels = src.labels
-    assert np.bincount(labels).max() == 3 and len(labels) == 3 * info["classes"][split]
+    assert np.bincount(labels).max() == 4 and len(labels) == 4 * info["classes"][split]
     assert not seen & set(labels.tolist())
     seen |= set(labels.tolist())
     ex = src[0]
@@ -189,3 +185,24 @@ def test_build_script_writes_class_disjoint_tfds_splits(tmp_path):
     char = info["chars"][int(ex["label"])]
     assert any(np.array_equal(image[..., 0], glyphs.render(f.font(), char)) for f in _faces())
   assert os.path.isfile(os.path.join(path, build_cjk.ENCODER_RGB))
+
+
+@pytest.mark.slow
+def test_cjk_smoke_trains_from_the_rgb_encoder_and_refreshes_the_memory(tiny_cjk, tmp_path):
+  """configs/cjk.py:smoke,memory on the tiny build (~1 min): the RGB encoder loads, the
+  memory is filled from the model before update 0 (prefill: the 24 train images of the
+  64 slots) and, with refresh_every=2, refilled before update 2. Oracle for the logged
+  fill after each update (B = 16 enqueued per update): 40 / 64, 56 / 64, then back to
+  24 + 16 = 40 / 64, 56 / 64; never refilled, it would reach 64 / 64."""
+  from configs import cjk  # pylint: disable=g-import-not-at-top
+  from xbm_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  c = cjk.get_config(f"smoke,memory,data_dir={tiny_cjk}")
+  c.xbm.refresh_every, c.train.progress, c.train.log_every = 2, False, 1
+  c.drift.enabled = False  # one compile fewer
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(c, workdir)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  fills = [r["train/memory_fill"] for r in rows if "train/memory_fill" in r]
+  assert fills == [40 / 64, 56 / 64, 40 / 64, 56 / 64]
+  assert any("eval/test/recall@1" in r for r in rows)
