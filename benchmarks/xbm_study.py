@@ -43,11 +43,14 @@ import sys
 import time
 
 import numpy as np
+import study_records  # benchmarks/, next to this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
 SEEDS = (0, 1, 2)
+# What a run's code is: the tree's files under these (dirty = any of them edited).
+CODE = ("xbm_jax", "configs", "scripts", "benchmarks/*.py")
 PRETRAINED = "study,pretrained"  # `configs/glyphs.py` variant of the paper's regime
 
 
@@ -67,6 +70,10 @@ class Arm:
   # the seed ("stage/arm", plus "/grid_tag" for a tuned arm). Under a constant lr resuming
   # is bit-identical to one longer run, so 8k steps cost 4k more.
   extends: str = ""
+  config: str = "glyphs.py"  # the file under configs/ (`variant` is its argument)
+  # The arm of the same stage this one's paired differences are taken against (same
+  # seed, each at its own chosen grid point); "" for none.
+  baseline: str = ""
 
 
 def _batch_arms(stage, loss, lrs, sizes=(32, 64, 128, 256)):
@@ -218,6 +225,49 @@ def _guard_arms():
   ]
 
 
+CJK = {"config": "cjk.py", "variant": ""}  # configs/cjk.py, the SOP-shaped testbed
+LOSS_TAGS = {"contrastive": "contrastive", "multi_similarity": "ms"}
+
+
+def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2)):
+  """The SOP-shaped testbed (`configs/cjk.py`): contrastive and multi-similarity, each
+  without and with the memory (the whole train set, 50,000 images, filled from the
+  pretrained model at step 0, weight 1), lr tuned per arm on val."""
+  out = []
+  for loss, tag in LOSS_TAGS.items():
+    out += [
+      Arm(
+        "cjk",
+        f"{tag}_no_memory",
+        {"loss.name": loss, "xbm.enabled": False},
+        {"optim.lr": lrs},
+        **CJK,
+      ),
+      Arm(
+        "cjk",
+        f"{tag}_memory",
+        {"loss.name": loss, "xbm.enabled": True},
+        {"optim.lr": lrs},
+        baseline=f"{tag}_no_memory",
+        **CJK,
+      ),
+    ]
+  return out
+
+
+def _with_baselines(arms_: list[Arm]) -> list[Arm]:
+  """Arms of a stage with a no-memory arm ("no_memory", or memsize's "size_0") and no
+  baseline of their own take it as their paired baseline."""
+  names = {(a.stage, a.name) for a in arms_}
+  out = []
+  for a in arms_:
+    base = next((b for b in ("no_memory", "size_0") if (a.stage, b) in names), "")
+    if not a.baseline and base and a.name != base:
+      a = dataclasses.replace(a, baseline=base)
+    out.append(a)
+  return out
+
+
 def _in_paper_regime(arms_: list[Arm]) -> list[Arm]:
   """The arms trained in `configs/glyphs.py:study,pretrained`."""
   return [dataclasses.replace(a, variant=PRETRAINED) for a in arms_]
@@ -225,21 +275,23 @@ def _in_paper_regime(arms_: list[Arm]) -> list[Arm]:
 
 def arms(smoke: bool) -> list[Arm]:
   if smoke:  # two tiny arms: wiring only
-    return [
-      Arm("smoke", "no_memory", {"xbm.enabled": False}, {"optim.lr": (1e-3,)}),
-      Arm("smoke", "memory", {"xbm.enabled": True}, {"optim.lr": (1e-3, 1e-2)}),
-      Arm(
-        "smoke",
-        "no_memory_longer",
-        {"xbm.enabled": False, "optim.lr": 1e-3, "train.steps": 8},
-        {},
-        extends="smoke/no_memory/lr0.001",
-      ),
-    ]
+    return _with_baselines(
+      [
+        Arm("smoke", "no_memory", {"xbm.enabled": False}, {"optim.lr": (1e-3,)}),
+        Arm("smoke", "memory", {"xbm.enabled": True}, {"optim.lr": (1e-3, 1e-2)}),
+        Arm(
+          "smoke",
+          "no_memory_longer",
+          {"xbm.enabled": False, "optim.lr": 1e-3, "train.steps": 8},
+          {},
+          extends="smoke/no_memory/lr0.001",
+        ),
+      ]
+    )
   # A first grid with 3e-4 (B = 32 / 64 / 128, seed 0) put it last every time and
   # 3e-3 at the top edge: the grid moved up one step.
   lrs = (1e-3, 3e-3, 1e-2)
-  return (
+  return _with_baselines(
     _batch_arms("batch_size", "contrastive", lrs)
     + _fair_arms((1e-3, 3e-3))
     + _guard_arms()
@@ -253,6 +305,7 @@ def arms(smoke: bool) -> list[Arm]:
       + _long8k_arms()
     )
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
+    + _cjk_arms()
   )
 
 
@@ -266,25 +319,10 @@ def run_name(arm: Arm, point: dict, seed: int) -> str:
   return os.path.join(arm.stage, arm.name, tag, f"s{seed}")
 
 
-def read_run(workdir: str) -> dict | None:
-  """The run's record (status, wall time) merged with its last logged metrics."""
-  path = os.path.join(workdir, "run.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    rec = json.load(f)
-  last, curves = {}, {}
-  mpath = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(mpath):
-    with open(mpath) as f:
-      for line in f:
-        row = json.loads(line)
-        for k, v in row.items():
-          if k != "step":
-            last[k] = v
-            curves.setdefault(k, []).append((row["step"], v))
-  rec.update(last=last, curves=curves)
-  return rec
+def read_run(out: str, name: str) -> dict | None:
+  """The run's record (status, wall time, commit) merged with its logged metrics, from
+  its directory or its stage's compact file (study_records)."""
+  return study_records.read_run(out, name)
 
 
 def _fmt(v) -> str:
@@ -293,27 +331,30 @@ def _fmt(v) -> str:
 
 def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
   """Runs one training (skipped when its run.json exists); returns its record."""
-  workdir = os.path.join(out, run_name(arm, point, seed))
-  rec = read_run(workdir)
+  name = run_name(arm, point, seed)
+  workdir = os.path.join(out, name)
+  rec = read_run(out, name)
   if rec is not None:
     return rec
   if arm.extends:
     src = os.path.join(out, arm.extends, f"s{seed}")
-    if read_run(src) is None:
+    if not os.path.exists(os.path.join(src, "run.json")):
       raise RuntimeError(f"{workdir} extends {src}, which has not finished")
     shutil.copytree(src, workdir, ignore=shutil.ignore_patterns("run.json", "*.lock"))
   os.makedirs(workdir, exist_ok=True)
   overrides = {**arm.fixed, **point, "seed": seed}
   if smoke:  # wiring only: a 1,500-image split stands in for the 24,648-image test set
     overrides["evals.test.split"] = "val5"
+  variant = ",".join(filter(None, (arm.variant, "smoke" if smoke else "")))
   cmd = [
     sys.executable,
     TRAIN,
-    f"--config=configs/glyphs.py:{arm.variant}{',smoke' if smoke else ''}",
+    f"--config=configs/{arm.config}" + (f":{variant}" if variant else ""),
     f"--workdir={workdir}",
     "--config.train.progress=False",
   ]
   cmd += [f"--config.{k}={_fmt(v)}" for k, v in overrides.items()]
+  commit = study_records.git_commit(ROOT, CODE)  # before the run: the code it ran
   t0 = time.time()
   with open(os.path.join(workdir, "train.log"), "w") as log:
     rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -327,12 +368,13 @@ def launch(out: str, arm: Arm, point: dict, seed: int, smoke: bool) -> dict:
     "wall_s": time.time() - t0,
     "overrides": overrides,
     "cmd": cmd,
+    **commit,
   }
   with open(os.path.join(workdir, "run.json.tmp"), "w") as f:
     json.dump(rec, f, indent=1)
   os.replace(os.path.join(workdir, "run.json.tmp"), os.path.join(workdir, "run.json"))
   print(f"{run_name(arm, point, seed)}: {rec['status']} in {rec['wall_s']:.0f} s", flush=True)
-  return read_run(workdir)
+  return read_run(out, name)
 
 
 def val_score(rec: dict) -> float:
@@ -361,13 +403,14 @@ def _mean_std(values) -> str:
 def summarize(out: str, arm: Arm) -> dict | None:
   """The arm's tuning scores, chosen point and per-seed records (None if not run)."""
   points = grid_points(arm)
-  tuning = [read_run(os.path.join(out, run_name(arm, p, SEEDS[0]))) for p in points]
+  tuning = [read_run(out, run_name(arm, p, arm.seeds[0])) for p in points]
   if any(r is None for r in tuning):
     return None
   scores = [val_score(r) for r in tuning]
   best = points[int(np.argmax(scores))]
-  recs = [read_run(os.path.join(out, run_name(arm, best, s))) for s in arm.seeds]
-  recs = [r for r in recs if r is not None and r["status"] == "ok"]
+  by_seed = {s: read_run(out, run_name(arm, best, s)) for s in arm.seeds}
+  by_seed = {s: r for s, r in by_seed.items() if r is not None and r["status"] == "ok"}
+  recs = list(by_seed.values())
   col = lambda key: [r["last"][key] for r in recs if key in r["last"]]
   return {
     "arm": arm.name,
@@ -379,6 +422,9 @@ def summarize(out: str, arm: Arm) -> dict | None:
     "tuning": [
       {"point": p, "val_r1": sc, "status": r["status"]} for p, sc, r in zip(points, scores, tuning)
     ],
+    "baseline": arm.baseline,
+    "seed_test_r1": {s: r["last"][TEST] for s, r in by_seed.items() if TEST in r["last"]},
+    "commits": sorted({_commit(r) for r in recs}),
     "test_r1": col(TEST),
     "test_r8": col("eval/test/recall@8"),
     "test_map_r": col("eval/test/map@r"),
@@ -390,6 +436,47 @@ def summarize(out: str, arm: Arm) -> dict | None:
     "steps": [int(r["curves"]["train/loss"][-1][0]) for r in recs if "train/loss" in r["curves"]],
     "curves": [r["curves"] for r in recs],
   }
+
+
+def _commit(rec: dict) -> str:
+  """A run's commit, short, "+dirty" when its tree had uncommitted changes; "?" for the
+  runs recorded before run.json held it."""
+  c = rec.get("commit", "?")
+  return c if c == "?" else c[:10] + ("+dirty" if rec.get("dirty") else "")
+
+
+def add_paired(rows: list[dict]) -> None:
+  """Each row with a baseline gets `paired`: its per-seed test R@1 minus the baseline
+  row's (same stage, same seed; study_records.paired) and `gain` (the decision rule)."""
+  by_name = {(r["stage"], r["arm"]): r for r in rows}
+  for r in rows:
+    stage, _, arm = r["baseline"].rpartition("/")  # "arm", or "stage/arm" elsewhere
+    base = by_name.get((stage or r["stage"], arm)) if arm else None
+    r["paired"] = base and study_records.paired(r["seed_test_r1"], base["seed_test_r1"])
+    r["gain"] = study_records.gain_counts(r["paired"])
+
+
+def _paired_md(rows: list[dict]) -> str:
+  lines = [
+    "Paired differences (test R@1, arm minus its baseline, same seed; each at its own",
+    "chosen point). A gain counts when it is positive on every seed, its mean exceeds",
+    "2x its std, over >= 3 seeds:",
+    "",
+    "| stage | arm | baseline | seeds | per seed | mean ± std | positive on every seed "
+    "| gain counts | commits |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    p = r.get("paired")
+    if not p:
+      continue
+    per = " / ".join(f"{d:+.4f}" for d in p["diffs"])
+    lines.append(
+      f"| {r['stage']} | {r['arm']} | {r['baseline']} | {len(p['seeds'])} | {per} | "
+      f"{p['mean']:+.4f} ± {p['std']:.4f} | {'yes' if p['all_positive'] else 'no'} | "
+      f"{'yes' if r['gain'] else 'no'} | {', '.join(r['commits'])} |"
+    )
+  return "\n".join(lines) + "\n" if len(lines) > 6 else ""
 
 
 def _table_md(rows: list[dict]) -> str:
@@ -507,8 +594,12 @@ def write_table(out: str, chosen: list[Arm]) -> list[dict]:
   """Writes OUT/study.md, OUT/study.json and the plots from the runs on disk."""
   rows = [r for r in (summarize(out, a) for a in chosen) if r is not None]
   os.makedirs(out, exist_ok=True)
+  add_paired(rows)
   with open(os.path.join(out, "study.md"), "w") as f:
     f.write(_table_md(rows))
+    paired_md = _paired_md(rows)
+    if paired_md:
+      f.write("\n" + paired_md)
   with open(os.path.join(out, "study.json"), "w") as f:
     json.dump([{k: v for k, v in r.items() if k != "curves"} for r in rows], f, indent=1)
   _plots(out, rows)
@@ -518,11 +609,15 @@ def write_table(out: str, chosen: list[Arm]) -> list[dict]:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("command", choices=("run", "table"))
+  parser.add_argument("command", choices=("run", "table", "compact"))
   parser.add_argument("--out", required=True)
   parser.add_argument("--stage", default="all", help="a stage, a comma list, or all")
   parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--arms", default="", help="run only these arms (comma list of names)")
   parser.add_argument("--seeds", default="", help="run only these seeds, e.g. 0 or 1,2")
+  parser.add_argument(
+    "--prune", action="store_true", help="compact: delete the run directories' record files"
+  )
   args = parser.parse_args(argv)
   stages = args.stage.split(",")
   chosen = [a for st in stages for a in arms(args.smoke) if st in ("all", a.stage)]
@@ -530,9 +625,14 @@ def main(argv=None):
     parser.error(
       f"--stage {args.stage!r} names no arm; stages: {sorted({a.stage for a in arms(args.smoke)})}"
     )
+  if args.command == "compact":
+    for stage in sorted({a.stage for a in chosen}):
+      if os.path.isdir(os.path.join(args.out, stage)):  # stages never run have nothing
+        print(study_records.compact(args.out, stage, prune=args.prune))
   if args.command == "run":
     only = {int(x) for x in args.seeds.split(",")} if args.seeds else None
-    for arm in chosen:
+    names = set(filter(None, args.arms.split(",")))
+    for arm in (a for a in chosen if not names or a.name in names):
       run_arm(args.out, arm, args.smoke, only)
   write_table(args.out, chosen)
 

@@ -103,3 +103,29 @@ def test_host_state_round_trip():
   assert mem_b.prefilled
   mem_b.prefill(4, None, mem_b.controls(4, {})[0])
   assert log == [2]  # a resumed run does not pre-fill again
+
+
+def test_refresh_every_refills_the_memory_every_k_updates_after_the_first_fill():
+  """The fresh-memory oracle: fills at the first active update (2) and then at
+  2 + 3i; a hook rebuilt from a checkpoint keeps that grid."""
+  log = []
+
+  def run(mem, steps):
+    for step in steps:
+      mem.prefill(step, None, mem.controls(step, {})[0])
+
+  def fill(state, step):
+    log.append(step)
+    return state
+
+  mem = hooks.MemoryControl(
+    MemoryController(start_step=2, weight=1.0), prefill_fn=fill, refresh_every=3
+  )
+  run(mem, range(10))
+  assert log == [2, 5, 8]
+  resumed = hooks.MemoryControl(
+    MemoryController(start_step=2, weight=1.0), prefill_fn=fill, refresh_every=3
+  )
+  resumed.prefilled = True  # as HostState.load_state_dict restores it
+  run(resumed, range(9, 12))
+  assert log == [2, 5, 8, 11]

@@ -87,6 +87,10 @@ def base() -> ml_collections.ConfigDict:
     dtype="float32",  # memory storage: float32 | bfloat16
     memory_sharding="replicated",  # replicated | sharded
     prefill=False,  # fill the memory from the model at the start
+    # > 0: fill it again from the current model every this many updates (implies
+    # prefill; the fresh-memory oracle of benchmarks/xbm_study.py, costs one embedding
+    # pass over `size` training images per refill).
+    refresh_every=0,
     # Overrides for the memory term only, e.g. reduction="mean" (average the
     # memory term over its active pairs instead of the paper's sum / anchors).
     memory_loss_kwargs=loss_kwargs_fields(),

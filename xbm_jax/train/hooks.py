@@ -50,13 +50,16 @@ class DriftProbe:
 class MemoryControl:
   """The `MemoryController`'s start step and weight for each update, and the
   pre-fill of the memory from the model before its first active update (the
-  paper's initialisation) when `prefill_fn` is given."""
+  paper's initialisation) when `prefill_fn` is given. With `refresh_every` = k > 0 it
+  fills it again every k updates after that (the fresh-memory oracle: no entry older
+  than k updates)."""
 
   key = "controller"
 
-  def __init__(self, controller, *, prefill_fn: Optional[Callable] = None):
+  def __init__(self, controller, *, prefill_fn: Optional[Callable] = None, refresh_every=0):
     """`prefill_fn(state, step) -> state` with a full memory, or None."""
     self.controller, self.prefill_fn = controller, prefill_fn
+    self.refresh_every = int(refresh_every)
     self.prefilled = False
 
   def controls(self, step: int, reading: dict) -> tuple[int, float]:
@@ -65,8 +68,14 @@ class MemoryControl:
     return self.controller.update(step, reading or None)
 
   def prefill(self, step: int, state, start: int):
-    """`state` with the memory pre-filled, once, before its first active update."""
-    if self.prefill_fn is None or self.prefilled or not memory_lib.active(step, start):
+    """`state` with the memory pre-filled before its first active update, and again
+    every `refresh_every` updates after it."""
+    if self.prefill_fn is None or not memory_lib.active(step, start):
+      return state
+    # A resumed run refreshes on the same grid of updates (start + i * k) as one long run.
+    since = step - int(start)
+    due = self.refresh_every > 0 and since > 0 and since % self.refresh_every == 0
+    if self.prefilled and not due:
       return state
     self.prefilled = True
     return self.prefill_fn(state, step)

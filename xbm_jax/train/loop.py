@@ -194,10 +194,12 @@ def _host_state(config, evals, train_src, shardings, mesh, *, sharded, watch, b)
     controller = controller_lib.MemoryController.from_config(config.xbm, global_batch=b)
     prefill = (
       hooks_lib.make_prefill(config, evals, train_src, shardings, mesh, sharded=sharded)
-      if config.xbm.prefill
+      if config.xbm.prefill or config.xbm.refresh_every
       else None
     )
-    memory = hooks_lib.MemoryControl(controller, prefill_fn=prefill)
+    memory = hooks_lib.MemoryControl(
+      controller, prefill_fn=prefill, refresh_every=int(config.xbm.refresh_every)
+    )
   plateau = optim.Plateau(**{k: v for k, v in config.optim.plateau.items() if k != "metric"})
   metric = config.optim.plateau.metric if config.optim.schedule == "plateau" else ""
   return hooks_lib.HostState(

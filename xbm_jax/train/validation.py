@@ -215,6 +215,8 @@ def _check_memory(config, mesh: int) -> None:
         _fail(f"config.xbm.{key}=True needs the memory: config.xbm.enabled is False")
     if x.start_step == "auto":
       _fail("config.xbm.start_step='auto' needs the memory: config.xbm.enabled is False")
+    if int(x.refresh_every):
+      _fail("config.xbm.refresh_every needs the memory: config.xbm.enabled is False")
     return
   if int(x.size) < b:
     _fail(f"config.xbm.size={x.size} is smaller than the global batch {b}")
@@ -225,7 +227,7 @@ def _check_memory(config, mesh: int) -> None:
     _fail(f"config.xbm.start_step={s!r}: an int >= 0 or 'auto'")
   if float(x.weight) < 0:
     _fail(f"config.xbm.weight={x.weight} must be >= 0")
-  _positive(config, "xbm.ramp_steps", "xbm.min_auto_step", allow_zero=True)
+  _positive(config, "xbm.ramp_steps", "xbm.min_auto_step", "xbm.refresh_every", allow_zero=True)
 
 
 def _check_control(config) -> None:

@@ -1,0 +1,51 @@
+r"""The SOP-shaped glyph testbed "cjk": XBM where the paper says it matters.
+
+    python scripts/build_cjk.py          # once: ~/.cache/xbm_jax/tfds/cjk/1.0.0 (see README)
+    python scripts/train.py --config=configs/cjk.py --workdir=/tmp/cjk_base
+    python scripts/train.py --config=configs/cjk.py:memory --workdir=/tmp/cjk_xbm
+
+10,000 train classes x 5 typefaces (50,000 images), 1,000 val and 9,663 test classes
+(class-disjoint Han characters none of which the encoder saw); 32 x 32 glyphs.
+Start from the committed encoder pretrained on JIS level-2 kanji (its first kernel spread
+over the 3 channels tfds decodes, written by the builder), fine-tune 400 steps at B = 64
+(16 classes x 4: 0.16 % of the train classes per batch; SOP 0.14 %), val R@1 every 100
+steps, test once at the end. `:memory` adds the memory holding the whole train set
+(50,000 slots, filled from the model at step 0, as on SOP: 55,000 of 59,551).
+Variants: `:seed=N`, `:loss=multi_similarity`, `:smoke` (a few steps; needs a built
+dataset, e.g. a tiny one: see tests/data_builders/test_glyph_testbed.py).
+
+Measured numbers: README, "The memory study" (benchmarks/xbm_study.py --stage cjk).
+"""
+
+import os
+
+from xbm_jax.configs import glyphs as glyph_config
+from xbm_jax.data import glyph_corpus
+from xbm_jax.train import config as config_lib
+
+DATA_DIR = os.path.join(glyph_corpus.CACHE_DIR, "tfds")
+ENCODER = "pretrained_small_cnn32_rgb.msgpack"  # written by scripts/build_cjk.py
+TRAIN_IMAGES = 50_000  # 10,000 train classes x 5 typefaces (scripts/build_cjk.py defaults)
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(
+    arg, smoke=False, seed=0, memory=False, loss="contrastive", data_dir=DATA_DIR
+  )
+  # The glyph study's recipe (transforms, small_cnn 32/64, Adam, val/test evaluators).
+  c = glyph_config.get_config(f"study,seed={args.seed}")
+  c.input.dataset, c.input.data_dir, c.input.train_split = "cjk", args.data_dir, "train"
+  c.train.init_from = os.path.join(args.data_dir, "cjk", "1.0.0", ENCODER)
+  c.loss.name = args.loss
+  c.optim.lr = 1e-3
+  c.xbm.enabled, c.xbm.size, c.xbm.start_step, c.xbm.prefill = args.memory, TRAIN_IMAGES, 0, True
+  c.evals.val.split, c.evals.test.split = "val", "test"
+  c.drift.deltas = (50, 100)
+  if args.smoke:
+    c.input.batch_size, c.input.eval_batch_size = 16, 64
+    c.xbm.size = 64
+    c.train.steps, c.train.log_every = 4, 2
+    for ev in c.evals.values():
+      ev.every_steps = min(int(ev.every_steps), 4)
+    c.drift.interval, c.drift.deltas, c.drift.probe_size = 2, (2,), 16
+  return c
