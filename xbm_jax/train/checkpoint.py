@@ -51,7 +51,7 @@ class Checkpointer:
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.best_metric = best_metric
     self.last = ocp.CheckpointManager(
-      os.path.join(root, "last"),
+      _last_dir(workdir),
       options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False
       ),
@@ -163,6 +163,18 @@ def abstract_like(state):
 PARAM_KEYS = ("params", "batch_stats")
 
 
+def _last_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints", "last")
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in `workdir`, oldest first, read from the
+  folder names alone (orbax renames a checkpoint's temporary folder to its step
+  when it is complete); nothing is created."""
+  last = _last_dir(workdir)
+  return sorted(int(d) for d in os.listdir(last) if d.isdigit()) if os.path.isdir(last) else []
+
+
 def read_params(workdir: str) -> tuple[int, dict]:
   """`(step, {"params", "batch_stats"})` of the latest checkpoint in another run's
   `workdir`, as host numpy arrays.
@@ -171,11 +183,10 @@ def read_params(workdir: str) -> tuple[int, dict]:
   state), whatever devices or processes saved them, and nothing is created or
   written in `workdir` (no CheckpointManager is opened there).
   """
-  last = os.path.join(os.path.abspath(workdir), "checkpoints", "last")
-  steps = sorted(int(d) for d in os.listdir(last) if d.isdigit()) if os.path.isdir(last) else []
+  steps = saved_steps(workdir)
   if not steps:
-    raise FileNotFoundError(f"{workdir} has no checkpoint (no {last}/<step>)")
-  path = epath.Path(last) / str(steps[-1]) / "state"
+    raise FileNotFoundError(f"{workdir} has no checkpoint (no checkpoints/last/<step>)")
+  path = epath.Path(_last_dir(workdir)) / str(steps[-1]) / "state"
   handler = ocp.PyTreeCheckpointHandler()
   try:
     tree = handler.metadata(path).tree
