@@ -119,18 +119,19 @@ class Checkpointer:
 
   def restore_resharded(self, state, shardings, mesh, *, sharded_memory: bool):
     """Restores onto another memory layout (a sharded memory saved with another
-    device count, or a replicated one): the memory is restored to the host as
-    saved, then re-laid by `sharded_memory.restore` (see its docstring)."""
+    device count, or a replicated one): the memory is read to host memory as
+    saved, then re-laid by `sharded_memory.restore` (see its docstring), which
+    places only each device's shard on it. Every process reads the whole saved
+    memory to its host (not shard by shard); no device holds more than its own
+    shard. The rest of the state is restored straight onto its shardings."""
     from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
 
     ptr_shape = self.saved_memory_ptr_shape()
     abstract = abstract_like(state)
-    # Every process reads the whole saved memory onto one of its own devices.
-    host_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # numpy templates: orbax restores these leaves as host arrays (np.empty
+    # touches no page until orbax writes it).
     mem = abstract.memory._replace(ptr=jax.ShapeDtypeStruct(ptr_shape, jax.numpy.int32))
-    mem = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host_sharding), mem
-    )
+    mem = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), mem)
     restored = self.restore(abstract.replace(memory=mem))
     if restored is None:
       return None
