@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.train.test_loop import read_log, tiny_config
+from tests.train.test_loop import read_log, tiny_config, tree_listing
 from tests.train.test_step import build, ctrl_of, make_batches
 from xbm_jax import parallel
 from xbm_jax.train import evaluation, guards, loop, validation
@@ -99,6 +99,8 @@ def test_resume_with_a_changed_config_names_the_keys(data_dir, tmp_path):
   wd = str(tmp_path / "resume")
   loop.train_and_evaluate(tiny_config(data_dir, **QUICK), wd)
   saved = open(os.path.join(wd, "config.json")).read()
+  unlocked = lambda: {p: v for p, v in tree_listing(wd).items() if ".lock" not in p}
+  before = unlocked()
   for key, value in (("xbm.size", 32), ("model.embed_dim", 16), ("xbm.dtype", "bfloat16")):
     with pytest.raises(ResumeError) as err:
       loop.train_and_evaluate(tiny_config(data_dir, **QUICK, **{key: value}), wd)
@@ -110,6 +112,7 @@ def test_resume_with_a_changed_config_names_the_keys(data_dir, tmp_path):
     )
   assert "optim.lr" in str(err.value)
   assert open(os.path.join(wd, "config.json")).read() == saved  # nothing overwritten
+  assert unlocked() == before  # refused before the checkpoint manager or the writer opened
   # Explicitly allowed: resumes (one more step), logs the change, keeps the old config.
   loop.train_and_evaluate(
     tiny_config(

@@ -51,7 +51,7 @@ class Checkpointer:
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.best_metric = best_metric
     self.last = ocp.CheckpointManager(
-      os.path.join(root, "last"),
+      _last_dir(workdir),
       options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=False
       ),
@@ -119,18 +119,19 @@ class Checkpointer:
 
   def restore_resharded(self, state, shardings, mesh, *, sharded_memory: bool):
     """Restores onto another memory layout (a sharded memory saved with another
-    device count, or a replicated one): the memory is restored to the host as
-    saved, then re-laid by `sharded_memory.restore` (see its docstring)."""
+    device count, or a replicated one): the memory is read to host memory as
+    saved, then re-laid by `sharded_memory.restore` (see its docstring), which
+    places only each device's shard on it. Every process reads the whole saved
+    memory to its host (not shard by shard); no device holds more than its own
+    shard. The rest of the state is restored straight onto its shardings."""
     from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
 
     ptr_shape = self.saved_memory_ptr_shape()
     abstract = abstract_like(state)
-    # Every process reads the whole saved memory onto one of its own devices.
-    host_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # numpy templates: orbax restores these leaves as host arrays (np.empty
+    # touches no page until orbax writes it).
     mem = abstract.memory._replace(ptr=jax.ShapeDtypeStruct(ptr_shape, jax.numpy.int32))
-    mem = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=host_sharding), mem
-    )
+    mem = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), mem)
     restored = self.restore(abstract.replace(memory=mem))
     if restored is None:
       return None
@@ -163,6 +164,18 @@ def abstract_like(state):
 PARAM_KEYS = ("params", "batch_stats")
 
 
+def _last_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints", "last")
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the finished checkpoints in `workdir`, oldest first, read from the
+  folder names alone (orbax renames a checkpoint's temporary folder to its step
+  when it is complete); nothing is created."""
+  last = _last_dir(workdir)
+  return sorted(int(d) for d in os.listdir(last) if d.isdigit()) if os.path.isdir(last) else []
+
+
 def read_params(workdir: str) -> tuple[int, dict]:
   """`(step, {"params", "batch_stats"})` of the latest checkpoint in another run's
   `workdir`, as host numpy arrays.
@@ -171,11 +184,10 @@ def read_params(workdir: str) -> tuple[int, dict]:
   state), whatever devices or processes saved them, and nothing is created or
   written in `workdir` (no CheckpointManager is opened there).
   """
-  last = os.path.join(os.path.abspath(workdir), "checkpoints", "last")
-  steps = sorted(int(d) for d in os.listdir(last) if d.isdigit()) if os.path.isdir(last) else []
+  steps = saved_steps(workdir)
   if not steps:
-    raise FileNotFoundError(f"{workdir} has no checkpoint (no {last}/<step>)")
-  path = epath.Path(last) / str(steps[-1]) / "state"
+    raise FileNotFoundError(f"{workdir} has no checkpoint (no checkpoints/last/<step>)")
+  path = epath.Path(_last_dir(workdir)) / str(steps[-1]) / "state"
   handler = ocp.PyTreeCheckpointHandler()
   try:
     tree = handler.metadata(path).tree

@@ -99,12 +99,14 @@ def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
     ) from e
 
 
-def _check_resume_config(config, workdir: str, ckpt) -> str:
+def _check_resume_config(config, workdir: str) -> str:
   """Refuses a resume with a config other than the saved one, unless allowed; then
-  returns the changes as text to log ("" when none)."""
-  step = ckpt.latest_step()
-  if step is None:
+  returns the changes as text to log ("" when none). Reads only: runs before the
+  checkpoint manager, the writer or the data are opened."""
+  steps = checkpoint.saved_steps(workdir)
+  if not steps:
     return ""
+  step = steps[-1]
   saved = guards.read_saved_config(workdir)
   diff = guards.check_resume(
     saved, config_json(config), allow_change=bool(config.train.allow_config_change)
@@ -239,12 +241,12 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   b = setup.batch_shape(config)[0]
   total = int(config.train.steps)
   pidx = jax.process_index()
+  changes = _check_resume_config(config, workdir)
   train_src = setup.load_source(config.input, config.input.train_split)
   ckpt = checkpoint.Checkpointer(
     workdir, keep=int(config.train.keep_checkpoints), best_metric=config.train.best_metric
   )
   stack.callback(ckpt.close)
-  changes = _check_resume_config(config, workdir, ckpt)
   model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
 
   restored = _restore(ckpt, state, shardings, mesh, sharded=sharded, workdir=workdir)
