@@ -149,6 +149,7 @@ def quiet_logs(verbose: bool) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in ("orbax", "jax", "absl", "tensorflow_datasets"):
       logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(cli_checks.DropNoise())
   ours = logging.getLogger("xbm_jax")
   if not ours.handlers:
     handler = cli_checks.AboveTheBarHandler()

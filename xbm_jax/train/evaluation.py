@@ -21,7 +21,7 @@ from xbm_jax.data import pipeline, transforms
 from xbm_jax.evaluation import evaluators as evaluators_lib
 from xbm_jax.evaluation.extract import extract
 from xbm_jax.insight import pictures
-from xbm_jax.train import setup, step as step_lib
+from xbm_jax.train import collapse, setup, step as step_lib
 from xbm_jax.train.errors import NonFiniteError
 
 log = logging.getLogger("xbm_jax.train")
@@ -166,6 +166,9 @@ class EvalRunner:
       self.say(results_line(name, step, res, time.time() - t0))
       metrics.update(res)
     self.writer.write_scalars(step, metrics)
+    collapse.warn_after_evaluation(
+      self.config.evals, names, metrics, cache, step, writer=self.writer
+    )
     self._pictures(names, embed_split, sources, step)
     return metrics
 
