@@ -200,7 +200,10 @@ class EvalRunner:
     g_rows = np.unique(topk)
     g_img = load(gs, g_rows)
     remap = np.searchsorted(g_rows, topk)
-    grid = pictures.retrieval_grid(_same_size(q_img), _same_size(g_img), remap, correct)
+    title = pictures.run_title(self.workdir, name, step)
+    grid = pictures.retrieval_grid(
+      _same_size(q_img), _same_size(g_img), remap, correct, title=title
+    )
     out = os.path.join(self.workdir, "pictures", f"retrieval_{name}_{step:07d}.png")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     pictures.save_png(out, grid)
