@@ -21,7 +21,7 @@ import sys
 
 from absl import app, flags, logging
 
-from xbm_jax.train.cli_checks import AboveTheBarHandler
+from xbm_jax.train.cli_checks import AboveTheBarHandler, DropNoise
 
 from xbm_jax.data import builders, writer
 from xbm_jax.data.builders import listfile
@@ -65,6 +65,7 @@ def quiet_logs() -> None:
   root.addHandler(handler)
   root.setLevel(py_logging.WARNING)
   logging.set_verbosity(logging.WARNING)
+  py_logging.getLogger("absl").addFilter(DropNoise())
 
 
 def error_line(e: BaseException) -> str:

@@ -143,3 +143,19 @@ def vehicleid(manual_dir: str) -> dict:
         expect[split].append((f"image/{name}.jpg", vid))
     write(os.path.join(root, "train_test_split", lists[split]), "\n".join(lines) + "\n")
   return expect
+
+
+def listfile(manual_dir: str, classes: dict) -> dict:
+  """`train.txt` / `test.txt` list files over PNGs in `imgs/`; `classes` maps each
+  split to `{label: number of images}`. Returns `{split: [(relative_name, label)]}`."""
+  expect = {}
+  for split, sizes in classes.items():
+    rows = []
+    for label, n in sizes.items():
+      for i in range(n):
+        rel = f"imgs/{split}_{label}_{i}.png"
+        image(os.path.join(manual_dir, rel), seed=1000 * label + i, fmt="PNG", size=(12, 10))
+        rows.append((rel, label))
+    write(os.path.join(manual_dir, f"{split}.txt"), "".join(f"{r},{l}\n" for r, l in rows))
+    expect[split] = rows
+  return expect

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from xbm_jax.insight import pictures
 from xbm_jax.insight.pictures import (
   GRAY,
   GREEN,
@@ -74,6 +75,17 @@ def test_small_images_are_enlarged_and_the_grid_has_a_caption():
     2 * (96 + 4) + 6,
     3,
   )  # already large: not enlarged
+
+
+def test_a_title_names_the_run_and_the_step_above_the_caption():
+  q = np.full((1, 32, 32), 50, np.uint8)
+  title = pictures.run_title("/runs/xbm_glyphs/", "glyphs", 1200)
+  assert title == "xbm_glyphs: glyphs at step 1,200"
+  captioned = retrieval_grid(q, q, [[0]], [[True]])
+  titled = retrieval_grid(q, q, [[0]], [[True]], title=title)
+  strip = titled[: titled.shape[0] - captioned.shape[0]]
+  assert (titled[len(strip) :] == captioned).all() and len(strip) >= 14
+  assert (strip.max(axis=-1) < 100).sum() > 100  # the title's ink, above the caption
 
 
 def test_captioned_picture_saves_at_its_size(tmp_path):

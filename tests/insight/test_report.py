@@ -162,3 +162,24 @@ def test_legend_says_which_run_is_xbm_and_which_the_baseline(tmp_path):
       w.write_config({"xbm": {"enabled": enabled, "size": 8192, "start_step": 300}})
   assert report.run_label(str(tmp_path / "run_a")) == "run_a: XBM (memory 8192 from step 300)"
   assert report.run_label(str(tmp_path / "run_b")) == "run_b: baseline (no memory)"
+
+
+def test_the_legend_sits_below_every_panel_and_names_runs_and_ks_once():
+  """2 runs x R@1/2/4/8 read from 6 legend entries (runs by colour, K by style), drawn
+  in the figure's margin below the panels' axes and labels, not over the curves."""
+  import numpy as np
+
+  steps = np.array([100, 200, 300])
+  lines = [
+    (run, f" R@{k}", colour, ls, steps, np.array([0.1, 0.2, 0.3]) * k)
+    for run, colour in (("xbm", "C0"), ("base", "C1"))
+    for k, ls in zip((1, 2, 4, 8), ("-", "--", ":", "-."))
+  ]
+  fig = report.figure([("eval/a", lines), ("eval/b", lines[:4])], "recall")
+  (legend,) = fig.legends
+  assert [t.get_text() for t in legend.get_texts()] == ["xbm", "base", "R@1", "R@2", "R@4", "R@8"]
+  assert min(t.get_fontsize() for t in legend.get_texts()) >= 9
+  renderer = fig.canvas.get_renderer()
+  top = legend.get_window_extent(renderer).y1
+  for ax in fig.axes:
+    assert top < ax.get_tightbbox(renderer).y0  # below the x labels too

@@ -15,6 +15,8 @@ def test_stock_config_names_resolve_to_the_shipped_files():
   assert os.path.samefile(path, os.path.join(ROOT, "configs", "glyphs.py"))
   assert cli.stock_config_path("configs/sop.py:smoke") == "configs/sop.py:smoke"
   assert cli.stock_config_path("nope") == "nope"  # config_flags then names it
+  spaced = cli.resolve_argv(["train", "--config", "glyphs:smoke", "--workdir=w"])
+  assert spaced[2] == cli.stock_config_path("glyphs:smoke") and spaced[3] == "--workdir=w"
 
 
 def run_cli(args, cwd):

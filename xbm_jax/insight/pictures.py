@@ -52,6 +52,7 @@ def retrieval_grid(
   background: Tuple[int, int, int] = WHITE,
   min_size: int = MIN_SIZE,
   caption: Optional[str] = CAPTION,
+  title: Optional[str] = None,
 ) -> np.ndarray:
   """Lays out one row per query: the query, then its K retrieved gallery images.
 
@@ -66,6 +67,7 @@ def retrieval_grid(
       smallest whole factor f that reaches it, each pixel an f x f block.
     caption: text above the grid (``{k}`` becomes K, wrapped to the grid's width);
       None for none.
+    title: a line above the caption naming what is shown (see `run_title`).
 
   Returns:
     uint8 ``[Q*(H'+2b) + (Q+1)*pad, (K+1)*(W'+2b) + (K+2)*pad, 3]`` with
@@ -109,9 +111,16 @@ def retrieval_grid(
     for j in range(k):
       if topk[i, j] >= 0:
         put(i, j + 1, g[topk[i, j]], GREEN if correct[i, j] else RED)
-  if caption is None:
-    return out
-  return add_caption(out, caption.format(k=k), pad=pad, background=background)
+  if caption is not None:
+    out = add_caption(out, caption.format(k=k), pad=pad, background=background)
+  if title:
+    out = add_caption(out, title, pad=pad, background=background)
+  return out
+
+
+def run_title(workdir: str, evaluator: str, step: int) -> str:
+  """`"xbm_glyphs: glyphs at step 1,200"`: which run, evaluation and step a picture shows."""
+  return f"{os.path.basename(os.path.normpath(workdir))}: {evaluator} at step {step:,}"
 
 
 def add_caption(

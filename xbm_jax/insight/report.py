@@ -82,33 +82,77 @@ def run_label(workdir: str) -> str:
   return folder
 
 
-def _plot(
-  path: str, panels: List[Tuple[str, List[Tuple[str, str, np.ndarray, np.ndarray]]]], ylabel: str
-) -> bool:
-  """One figure, one panel per ``(title, [(run, line label, steps, values)])``."""
+Line = Tuple[str, str, str, str, np.ndarray, np.ndarray]  # run, suffix, colour, style, x, y
+
+
+def _legend_handles(panels) -> List[Tuple[object, str]]:
+  """One entry per run (its colour) and, where lines differ by style within a run
+  (R@1, R@2, ...), one per style (black): 2 runs x 4 Ks read from 6 entries, not 8."""
+  from matplotlib.lines import Line2D
+
+  runs, styles = {}, {}
+  for _, lines in panels:
+    for run, suffix, colour, style, _, _ in lines:
+      runs.setdefault(run, colour)
+      if suffix:
+        styles.setdefault(suffix.strip(), style)
+  handles = [(Line2D([], [], color=c, lw=2), run) for run, c in runs.items()]
+  if len(styles) > 1:
+    handles += [(Line2D([], [], color="k", ls=ls), name) for name, ls in styles.items()]
+  return handles
+
+
+def _plot(path: str, panels: List[Tuple[str, List[Line]]], ylabel: str) -> bool:
+  """Saves `figure(panels)` to `path`; False when no panel has a line."""
   panels = [p for p in panels if p[1]]
   if not panels:
     return False
+  import matplotlib.pyplot as plt
+
+  fig = figure(panels, ylabel)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def figure(panels: List[Tuple[str, List[Line]]], ylabel: str):
+  """One figure, one panel per ``(title, lines)``; the legend sits below the panels,
+  so it never covers a curve."""
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.8), squeeze=False)
+  handles = _legend_handles(panels)
+  ncol = min(len(handles), 3 if len(panels) == 1 else 4)
+  legend_rows = -(-len(handles) // ncol)
+  legend_h = 0.3 * legend_rows + 0.2  # inches
+  width, height = 5.0 * len(panels) + 1.0, 3.8 + legend_h
+  fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
   for ax, (title, lines) in zip(axes[0], panels):
-    for label, style, steps, values in lines:
-      ax.plot(steps, values, style, label=label, marker="." if len(steps) < 30 else None)
+    for _, _, colour, style, steps, values in lines:
+      ax.plot(steps, values, style, color=colour, marker="." if len(steps) < 30 else None)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+  fig.legend(
+    [h for h, _ in handles],
+    [label for _, label in handles],
+    loc="lower center",
+    ncol=ncol,
+    fontsize=9,
+    frameon=False,
+  )
   # Fixed margins: tight_layout doubles the cost of a small figure.
-  width = 5.0 * len(panels)  # inches
-  fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.14, top=0.9, wspace=0.3)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return True
+  fig.subplots_adjust(
+    left=0.8 / width,
+    right=1 - 0.2 / width,
+    bottom=(legend_h + 0.5) / height,
+    top=1 - 0.35 / height,
+    wspace=0.3,
+  )
+  return fig
 
 
 def fmt(v) -> str:
@@ -237,12 +281,12 @@ def build_report(workdirs: Sequence[str], out: str) -> Dict[str, str]:
   os.makedirs(out, exist_ok=True)
   written = {}
 
-  def panel_lines(pick):
+  def panel_lines(pick) -> List[Line]:
     lines = []
     for (label, series), colour in zip(runs, colours):
       for name, suffix, ls in pick(series):
         steps, values = series[name]
-        lines.append((f"{label}{suffix}", colour + ls, steps, values))
+        lines.append((label, suffix, colour, ls, steps, values))
     return lines
 
   names = sorted({n for _, s in runs for n in s})

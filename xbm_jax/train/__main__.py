@@ -68,10 +68,13 @@ def stock_config_path(value: str) -> str:
 
 
 def resolve_argv(argv: list) -> list:
+  """Stock config names in `--config=NAME` and `--config NAME` made paths."""
   out = []
   for a in argv:
     if a.startswith("--config="):
       a = "--config=" + stock_config_path(a[len("--config=") :])
+    elif out and out[-1] == "--config":
+      a = stock_config_path(a)
     out.append(a)
   return out
 
@@ -149,6 +152,7 @@ def quiet_logs(verbose: bool) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in ("orbax", "jax", "absl", "tensorflow_datasets"):
       logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("absl").addFilter(cli_checks.DropNoise())
   ours = logging.getLogger("xbm_jax")
   if not ours.handlers:
     handler = cli_checks.AboveTheBarHandler()

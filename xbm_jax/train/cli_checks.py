@@ -187,3 +187,13 @@ class AboveTheBarHandler(logging.Handler):
       tqdm.tqdm.write(self.format(record), file=sys.stderr)
     except Exception:  # logging must never raise
       self.handleError(record)
+
+
+class DropNoise(logging.Filter):
+  """Drops library warnings that ask nothing of the user (tfds: "OpenCV is not
+  installed ... Defaulting to PIL", at every run that decodes images)."""
+
+  NOISE = ("OpenCV is not installed",)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not any(n in record.getMessage() for n in self.NOISE)

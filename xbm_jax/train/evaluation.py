@@ -21,7 +21,7 @@ from xbm_jax.data import pipeline, transforms
 from xbm_jax.evaluation import evaluators as evaluators_lib
 from xbm_jax.evaluation.extract import extract
 from xbm_jax.insight import pictures
-from xbm_jax.train import setup, step as step_lib
+from xbm_jax.train import collapse, setup, step as step_lib
 from xbm_jax.train.errors import NonFiniteError
 
 log = logging.getLogger("xbm_jax.train")
@@ -160,6 +160,9 @@ class EvalRunner:
       self.say(results_line(name, step, res, time.time() - t0))
       metrics.update(res)
     self.writer.write_scalars(step, metrics)
+    collapse.warn_after_evaluation(
+      self.config.evals, names, metrics, cache, step, writer=self.writer
+    )
     self._pictures(names, embed_split, sources, step)
     return metrics
 
@@ -191,7 +194,10 @@ class EvalRunner:
     g_rows = np.unique(topk)
     g_img = load(gs, g_rows)
     remap = np.searchsorted(g_rows, topk)
-    grid = pictures.retrieval_grid(_same_size(q_img), _same_size(g_img), remap, correct)
+    title = pictures.run_title(self.workdir, name, step)
+    grid = pictures.retrieval_grid(
+      _same_size(q_img), _same_size(g_img), remap, correct, title=title
+    )
     out = os.path.join(self.workdir, "pictures", f"retrieval_{name}_{step:07d}.png")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     pictures.save_png(out, grid)

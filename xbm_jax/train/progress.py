@@ -47,6 +47,9 @@ class Progress:
     self.fields: dict = {}
 
   def update(self) -> None:
+    """One step done; the ETA is recomputed on every redraw, not only at log steps."""
+    if self.enabled:
+      self.bar.set_postfix(self._shown(), refresh=False)
     self.bar.update(1)
 
   def eta(self) -> float | None:
@@ -61,11 +64,13 @@ class Progress:
       left += due * sum(self.eval_seconds) / len(self.eval_seconds)
     return left
 
+  def _shown(self) -> dict:
+    eta = self.eta()
+    return dict(self.fields, eta=format_seconds(eta) if eta is not None else "?")
+
   def postfix(self, **fields) -> None:
     self.fields.update(fields)
-    eta = self.eta()
-    shown = dict(self.fields, eta=format_seconds(eta) if eta is not None else "?")
-    self.bar.set_postfix(shown, refresh=True)
+    self.bar.set_postfix(self._shown(), refresh=True)
 
   def write(self, line: str) -> None:
     """A line above the bar (the bar is redrawn below it)."""
