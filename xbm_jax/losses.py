@@ -21,7 +21,11 @@ Common keyword-only options:
     its self-similarity by up to ~1e-3, which would keep the anchor's own
     memory slot as a positive. "index": drop exactly the
     reference entry `self_index[i]` (e.g. `memory.last_slots(...)`, or
-    `arange(B)` for the in-batch term). "none": keep every same-label pair.
+    `arange(B)` for the in-batch term). "id": drop every reference entry of the
+    anchor's own image, by image id (`Embeddings.ids`, and a memory made with
+    `memory.init(..., ids=True)`): its current slot and its older copies (other
+    augmentations of the same image enqueued at earlier steps), which "similarity"
+    and "index" keep as positives. "none": keep every same-label pair.
   reduction: "paper" (default): the sum over anchors of each anchor's loss,
     divided by the number of valid anchors |A| (the reference's `/ batch_size`).
     "mean": the sum divided by the number of active pairs (contrastive: pairs

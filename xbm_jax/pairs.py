@@ -57,7 +57,7 @@ sg = jax.lax.stop_gradient
 EPS_SELF = 1e-5
 EPS_SELF_16BIT = 1e-2
 REDUCTIONS = ("paper", "mean")
-SELF_EXCLUSIONS = ("similarity", "index", "none")
+SELF_EXCLUSIONS = ("similarity", "index", "id", "none")
 
 
 def self_threshold(query, reference) -> float:
@@ -115,6 +115,15 @@ def pair_masks(
     check_self_index(self_index, query.labels.shape)
     ref_idx = jnp.arange(reference.labels.shape[0], dtype=jnp.int32)
     pos = pos & (ref_idx[None, :] != self_index[:, None])
+  elif self_exclusion == "id":
+    q_ids, r_ids = getattr(query, "ids", None), getattr(reference, "ids", None)
+    if q_ids is None or r_ids is None:
+      which = "query" if q_ids is None else "reference"
+      raise ValueError(
+        f"self_exclusion='id' needs image ids on both sides; the {which} has none "
+        "(Embeddings(..., ids=...), memory.init(..., ids=True))"
+      )
+    pos = pos & (q_ids[:, None] != r_ids[None, :])
   elif self_exclusion != "none":
     raise ValueError(f"self_exclusion must be one of {SELF_EXCLUSIONS}; got {self_exclusion!r}")
   return pos, neg
@@ -230,7 +239,8 @@ def score(query, reference, *, axis_name, self_exclusion, pos_threshold, self_in
     k = reference.emb.shape[0]
     me = jax.lax.axis_index(axis_name)
     gather = lambda x: jax.lax.all_gather(x, axis_name, tiled=True)
-    query = Embeddings(gather(query.emb), gather(query.labels), gather(local_valid))
+    ids = None if query.ids is None else gather(query.ids)
+    query = Embeddings(gather(query.emb), gather(query.labels), gather(local_valid), ids)
     start = (me * b).astype(jnp.int32)
     if self_exclusion == "index" and self_index is not None:
       check_self_index(self_index, (b,))
