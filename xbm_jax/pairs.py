@@ -116,17 +116,22 @@ def pair_masks(
     ref_idx = jnp.arange(reference.labels.shape[0], dtype=jnp.int32)
     pos = pos & (ref_idx[None, :] != self_index[:, None])
   elif self_exclusion == "id":
-    q_ids, r_ids = getattr(query, "ids", None), getattr(reference, "ids", None)
-    if q_ids is None or r_ids is None:
-      which = "query" if q_ids is None else "reference"
-      raise ValueError(
-        f"self_exclusion='id' needs image ids on both sides; the {which} has none "
-        "(Embeddings(..., ids=...), memory.init(..., ids=True))"
-      )
-    pos = pos & (q_ids[:, None] != r_ids[None, :])
+    check_ids(query, reference)
+    pos = pos & (query.ids[:, None] != reference.ids[None, :])
   elif self_exclusion != "none":
     raise ValueError(f"self_exclusion must be one of {SELF_EXCLUSIONS}; got {self_exclusion!r}")
   return pos, neg
+
+
+def check_ids(query, reference) -> None:
+  """`self_exclusion="id"` needs image ids on both sides."""
+  q_ids, r_ids = getattr(query, "ids", None), getattr(reference, "ids", None)
+  if q_ids is None or r_ids is None:
+    which = "query" if q_ids is None else "reference"
+    raise ValueError(
+      f"self_exclusion='id' needs image ids on both sides; the {which} has none "
+      "(Embeddings(..., ids=...), memory.init(..., ids=True))"
+    )
 
 
 def check_self_index(self_index, shape) -> None:
@@ -229,12 +234,33 @@ class AnchorLoss(NamedTuple):
   rows: Optional[Rows] = None
 
 
-def score(query, reference, *, axis_name, self_exclusion, pos_threshold, self_index) -> Rows:
-  """The `Rows` of `query`'s anchors against `reference` (its slice, with `axis_name`)."""
+class Prepared(NamedTuple):
+  """A loss's inputs made ready to score: every anchor this device scores (all of
+  them, gathered, when the reference is split), and where its own ones are."""
+
+  query: Embeddings  # [G] anchors (G = b, or n*b gathered over `axis`)
+  self_index: Optional[jax.Array]  # [G] rows of this reference slice (k: none)
+  start: jax.Array  # [] int32: this device's first anchor in G
+  b: int
+  local_valid: jax.Array  # [b] bool
+
+
+def prepare(query, reference, *, axis_name, self_exclusion, self_index) -> Prepared:
+  """Checks the inputs; with `axis_name`, gathers the anchors and maps GLOBAL
+  `self_index` slot ids to rows of this device's reference slice."""
   check(query, "query")
   check(reference, "reference")
   local_valid, b = valid_mask(query), query.emb.shape[0]
   start = jnp.int32(0)
+  if self_exclusion not in SELF_EXCLUSIONS:
+    raise ValueError(f"self_exclusion must be one of {SELF_EXCLUSIONS}; got {self_exclusion!r}")
+  if self_exclusion == "index" and self_index is None:
+    raise ValueError(
+      "self_exclusion='index' needs self_index: [B] int, the reference "
+      "index of each anchor's own entry (-1 for none)"
+    )
+  if self_exclusion == "index":
+    check_self_index(self_index, (b,))
   if axis_name is not None:
     k = reference.emb.shape[0]
     me = jax.lax.axis_index(axis_name)
@@ -242,21 +268,28 @@ def score(query, reference, *, axis_name, self_exclusion, pos_threshold, self_in
     ids = None if query.ids is None else gather(query.ids)
     query = Embeddings(gather(query.emb), gather(query.labels), gather(local_valid), ids)
     start = (me * b).astype(jnp.int32)
-    if self_exclusion == "index" and self_index is not None:
-      check_self_index(self_index, (b,))
+    if self_exclusion == "index":
       # Global slot ids -> this slice's local rows; other slices' ids fall outside.
       idx = gather(jnp.asarray(self_index).astype(jnp.int32)) - me * k
       self_index = jnp.where(idx >= 0, idx, k)
-  sim = similarity(query, reference)
+  return Prepared(query, self_index, start, b, local_valid)
+
+
+def score(query, reference, *, axis_name, self_exclusion, pos_threshold, self_index) -> Rows:
+  """The `Rows` of `query`'s anchors against `reference` (its slice, with `axis_name`)."""
+  p = prepare(
+    query, reference, axis_name=axis_name, self_exclusion=self_exclusion, self_index=self_index
+  )
+  sim = similarity(p.query, reference)
   pos, neg = pair_masks(
-    query,
+    p.query,
     reference,
     sim,
     self_exclusion=self_exclusion,
     pos_threshold=pos_threshold,
-    self_index=self_index,
+    self_index=p.self_index,
   )
-  return Rows(sim, pos, neg, axis_name, start, b, local_valid)
+  return Rows(sim, pos, neg, axis_name, p.start, p.b, p.local_valid)
 
 
 def _as_anchor_loss(out, rows: Rows, name: str) -> AnchorLoss:
@@ -282,20 +315,29 @@ def _as_anchor_loss(out, rows: Rows, name: str) -> AnchorLoss:
 
 
 def _reduce(out: AnchorLoss, reduction, data_axis, denominator, name):
-  """(loss, denominator): the sum of this device's anchors' losses over the count of
-  valid anchors ("paper") or of active pairs ("mean"), over all of `data_axis`."""
+  """(loss, denominator) of an `AnchorLoss` (see `reduce_anchors`)."""
   rows = out.rows
-  per = jnp.where(rows.local_valid, rows.own(out.loss), 0.0)
+  if reduction == "mean" and out.active is None and denominator is None:
+    raise ValueError(
+      f"reduction='mean' needs pair loss {name} to return its per-anchor "
+      "active pair counts: (loss, active)"
+    )
+  active = None if out.active is None else rows.own(out.active)
+  return reduce_anchors(
+    rows.own(out.loss), active, rows.local_valid, reduction, data_axis, denominator
+  )
+
+
+def reduce_anchors(per, active, local_valid, reduction, data_axis, denominator):
+  """(loss, denominator): the sum of this device's anchors' losses `per [b]` over
+  the count of valid anchors ("paper") or of active pairs ("mean", `active [b]`),
+  counted over all of `data_axis`, unless `denominator` is given."""
+  per = jnp.where(local_valid, per, 0.0)
   if denominator is None:
     if reduction == "paper":
-      denominator = jnp.sum(rows.local_valid)
+      denominator = jnp.sum(local_valid)
     else:
-      if out.active is None:
-        raise ValueError(
-          f"reduction='mean' needs pair loss {name} to return its per-anchor "
-          "active pair counts: (loss, active)"
-        )
-      denominator = jnp.sum(jnp.where(rows.local_valid, rows.own(out.active), 0))
+      denominator = jnp.sum(jnp.where(local_valid, active, 0))
     if data_axis is not None:
       denominator = jax.lax.psum(denominator, data_axis)
   denominator = jnp.asarray(denominator, jnp.float32)
@@ -360,8 +402,14 @@ def check_options(name: str, given, options: dict) -> None:
     raise TypeError(f"loss {name} takes no option {unknown[0]!r}; its options: {valid}")
 
 
-def _make_loss(per_rows: Callable, options: dict, name: str, doc: Optional[str]) -> Callable:
-  """The full calling convention around `per_rows(rows, **options) -> AnchorLoss`."""
+def _make_loss(
+  per_rows: Callable, options: dict, name: str, doc: Optional[str], fast: Optional[Callable] = None
+) -> Callable:
+  """The full calling convention around `per_rows(rows, **options) -> AnchorLoss`.
+
+  `fast(query, reference, *, axis_name, self_exclusion, pos_threshold, self_index,
+  **options)`, where given, may instead return `(per [b], active [b], local_valid
+  [b], stats)` with the same values (or None to use `per_rows`)."""
 
   def loss(
     query,
@@ -380,14 +428,18 @@ def _make_loss(per_rows: Callable, options: dict, name: str, doc: Optional[str])
     check_options(name, kwargs, options)
     if reduction not in REDUCTIONS:
       raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
-    rows = score(
-      query,
-      reference,
+    common = dict(
       axis_name=axis_name,
       self_exclusion=self_exclusion,
       pos_threshold=pos_threshold,
       self_index=self_index,
     )
+    quick = None if fast is None else fast(query, reference, **common, **kwargs)
+    if quick is not None:
+      per, active, local_valid, stats = quick
+      value, denom = reduce_anchors(per, active, local_valid, reduction, data_axis, denominator)
+      return (value, {**stats, "denominator": denom}) if return_stats else value
+    rows = score(query, reference, **common)
     out = _as_anchor_loss(per_rows(rows, **kwargs), rows, name)
     value, denom = _reduce(out, reduction, data_axis, denominator, name)
     if not return_stats:
@@ -411,10 +463,12 @@ def _make_loss(per_rows: Callable, options: dict, name: str, doc: Optional[str])
   return loss
 
 
-def reduction_loss(fn: Callable) -> Callable:
+def reduction_loss(fn: Callable, *, fast: Optional[Callable] = None) -> Callable:
   """A pair loss from `fn(rows: Rows, **options)` -> `[G]` per-anchor losses, a
-  `(loss, active)` pair or an `AnchorLoss` (see the module doc)."""
-  loss = _make_loss(fn, _loss_options(fn, 1, "reduction_loss"), fn.__name__, fn.__doc__)
+  `(loss, active)` pair or an `AnchorLoss` (see the module doc). `fast`: an
+  optional one-pass implementation of the same loss (see `_make_loss`)."""
+  options = _loss_options(fn, 1, "reduction_loss")
+  loss = _make_loss(fn, options, fn.__name__, fn.__doc__, fast)
   loss.__module__ = fn.__module__
   return loss
 
