@@ -10,10 +10,10 @@ pass, S = q r^T (product 1), ONE fused pass over S that makes dS and every
 per-anchor sum, and the gradient g = dS r (product 2); the backward pass only
 scales g. That is the two products the step cannot avoid plus one pass.
 
-The reference's gradient (the in-batch term, where the reference is the batch
-itself) is dS^T (ct * q) from the saved dS; a memory (`MemoryState`, detached
-by `memory.enqueue`) gets none, and nothing is saved for it.
-Tested against `jax.grad` of the plain form (tests/test_losses.py).
+It serves the memory term: the reference is a memory (`MemoryState`, detached
+by `memory.enqueue`), which gets no gradient, so nothing of `[B, R]` is saved.
+(The in-batch term, whose reference is small and gets a gradient, keeps the
+plain form.) Tested against `jax.grad` of the plain form (tests/test_losses.py).
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ HI = jax.lax.Precision.HIGHEST
 
 
 class Rule(NamedTuple):
-  """Static settings: margin, the self rule ("similarity" | "key" | "none"), its
-  threshold, and whether the reference gets a gradient."""
+  """Static settings: margin, the self rule ("similarity" | "key" | "none") and its
+  threshold."""
 
   margin: float
   self_rule: str
   threshold: float
-  ref_grad: bool
 
 
 def _f32(q, r):
@@ -84,22 +83,14 @@ def contrastive_rows(rule: Rule, q, r, ql, rl, qv, rv, qk, rk):
 
 def _fwd(rule, q, r, ql, rl, qv, rv, qk, rk):
   ds, sums = _sign_and_sums(rule, q, r, ql, rl, qv, rv, qk, rk)
-  q32, r32 = _f32(q, r)
-  g = jnp.matmul(ds, r32, precision=HI)  # [G, D]: d loss_i / d q_i
-  saved = (ds, q32) if rule.ref_grad else None
-  return sums, (g, saved, jnp.zeros((0,), q.dtype), r)  # an empty array carries q's dtype
+  g = jnp.matmul(ds, _f32(q, r)[1], precision=HI)  # [G, D]: d loss_i / d q_i
+  return sums, (g, jnp.zeros((0,), q.dtype), r)  # an empty array carries q's dtype
 
 
 def _bwd(rule, res, ct):
-  g, saved, q_like, r = res
-  ct_loss = ct[0][:, None]
-  dq = (ct_loss * g).astype(q_like.dtype)
-  if saved is None:
-    dr = jnp.zeros_like(r)
-  else:
-    ds, q32 = saved
-    dr = jnp.matmul(ds.T, ct_loss * q32, precision=HI).astype(r.dtype)
-  return (dq, dr, None, None, None, None, None, None)
+  g, q_like, r = res
+  dq = (ct[0][:, None] * g).astype(q_like.dtype)
+  return (dq, jnp.zeros_like(r), None, None, None, None, None, None)  # the memory: none
 
 
 contrastive_rows.defvjp(_fwd, _bwd)

@@ -98,9 +98,10 @@ def _contrastive_plain(rows: Rows, *, margin: float = 0.5) -> AnchorLoss:
       with `axis_name`, this device's slice of a reference split over that mesh axis
       (call inside shard_map; see the module doc).
   Returns:
-    `[]` float32 loss (and a stats dict if `return_stats`). Computed in one pass
-    over the similarities with a custom VJP (`xbm_jax.fused`); `contrastive_plain`
-    is the same loss through plain autodiff.
+    `[]` float32 loss (and a stats dict if `return_stats`). Against a memory it
+    is computed in one pass over the similarities with a custom VJP
+    (`xbm_jax.fused`; the memory gets no gradient); `contrastive_plain` is the
+    same loss through plain autodiff.
   """
   neg_active = rows.neg & (sg(rows.sim) > margin)
   loss = rows.sum(1.0 - rows.sim, rows.pos) + rows.sum(rows.sim, neg_active)
@@ -114,6 +115,8 @@ def _contrastive_fast(
   static = (float, int)
   if not isinstance(margin, static) or not isinstance(pos_threshold, (type(None),) + static):
     return None  # traced settings: the plain form
+  if not isinstance(reference, memory_lib.MemoryState):
+    return None  # a batch (small, and it gets a gradient): the plain form is as fast
   p = pairs.prepare(
     query, reference, axis_name=axis_name, self_exclusion=self_exclusion, self_index=self_index
   )
@@ -131,9 +134,7 @@ def _contrastive_fast(
   elif self_exclusion == "id":
     pairs.check_ids(q, reference)
     q_key, r_key = q.ids, reference.ids
-  settings = fused.Rule(
-    float(margin), rule, float(threshold), not isinstance(reference, memory_lib.MemoryState)
-  )
+  settings = fused.Rule(float(margin), rule, float(threshold))
   sums = fused.contrastive_rows(
     settings,
     q.emb,
