@@ -1,4 +1,4 @@
-"""Memory + contrastive loss step against its honest matmul floor, in one run.
+"""Memory + loss step against its honest matmul floor, in one run.
 
 For B=64, D=128 and memory sizes M: the jitted train-step part that XBM adds
 (enqueue into a donated memory, as the train step donates its state, then
@@ -13,12 +13,14 @@ The memory gets no gradient, so there is no third product `s_grad.T @ e`
 Both run at `Precision.HIGHEST`, as the loss does (exact float32 for the
 self rule); on CPU every float32 dot is exact anyway.
 
-"fused" is a what-if, not the library: the same contrastive value and
-gradient written as one select per pair (value and derivative from the same
-masks), to show what fusing the masks/thresholds/reductions with the
-products would buy. `--hlo` prints the fusions XLA emits over [B, M] arrays
-for the step. Figures are ratios timed in one process: these machines are
-noisy.
+Timed for each loss of the library: contrastive (one pass over S with a custom
+VJP, `xbm_jax.fused`), the same loss through plain autodiff
+(`losses.contrastive_plain`, to show what the one pass buys), multi-similarity
+and triplet ("hard"), which still run through plain autodiff. "what-if" is the
+benchmark's own hand-fused contrastive (value from the gradient product, one
+select per pair), a lower bound for a fused formulation. `--hlo` prints the
+fusions XLA emits over [B, M] arrays for each step. Figures are ratios timed in
+one process, interleaved: these machines are noisy.
 
     python benchmarks/loss_memory.py [--sizes 8000,55000,200000] [--iters 20] [--hlo]
 """
@@ -64,12 +66,12 @@ def make_memory(rng, m, d):
   )
 
 
-def xbm_step_fn(labels):
+def xbm_step_fn(labels, loss_fn=losses.contrastive):
   def step(e, mem):
     def f(e):
       batch = xbm_jax.Embeddings(e, labels)
       new = memory.enqueue(mem, batch)
-      return losses.contrastive(batch, batch) + losses.contrastive(batch, new), new
+      return loss_fn(batch, batch) + loss_fn(batch, new), new
 
     (loss, new), g = jax.value_and_grad(f, has_aux=True)(e)
     return loss, g, new
@@ -122,6 +124,14 @@ def big_fusions(fn, args, b, m):
   ]
 
 
+STEPS = {  # name -> loss of the library timed in the step
+  "contrastive": losses.contrastive,
+  "plain": losses.contrastive_plain,
+  "ms": losses.multi_similarity,
+  "triplet": losses.triplet,
+}
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--sizes", default="8000,55000,200000")
@@ -133,38 +143,34 @@ def main():
   b, d = args.batch, args.dim
   rng = np.random.default_rng(0)
   print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  B={b} D={d}")
-  print(
-    f"{'M':>8} {'mem MB':>7} {'floor ms':>9} {'step ms':>8} {'ratio':>6} "
-    f"{'fused ms':>9} {'ratio':>6}"
-  )
+  print("step time / floor time (the two products), best of --iters, interleaved")
+  names = list(STEPS) + ["what-if"]
+  print(f"{'M':>8} {'mem MB':>7} {'floor ms':>9} " + " ".join(f"{n:>11}" for n in names))
   for m in [int(s) for s in args.sizes.split(",")]:
     x = rng.normal(size=(b, d)).astype(np.float32)
     emb = jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
     labels = jnp.asarray(rng.integers(0, max(m // 5, 1), size=b), jnp.int32)
     mem = make_memory(rng, m, d)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(mem))
-    step, fused = xbm_step_fn(labels), fused_step_fn(labels)
-    check = [
-      jax.device_get(fn(emb, make_memory(np.random.default_rng(m), m, d))[:2])
-      for fn in (step, fused)
-    ]
-    np.testing.assert_allclose(check[1][0], check[0][0], rtol=1e-4)  # same loss
-    np.testing.assert_allclose(check[1][1], check[0][1], rtol=1e-3, atol=1e-5)  # same grad
+    fns = {n: xbm_step_fn(labels, fn) for n, fn in STEPS.items()}
+    fns["what-if"] = fused_step_fn(labels)
+    check = {
+      n: jax.device_get(fns[n](emb, make_memory(np.random.default_rng(m), m, d))[:2])
+      for n in ("contrastive", "plain", "what-if")
+    }
+    for n in ("plain", "what-if"):  # the same loss and gradient three ways
+      np.testing.assert_allclose(check[n][0], check["contrastive"][0], rtol=1e-4)
+      np.testing.assert_allclose(check[n][1], check["contrastive"][1], rtol=1e-3, atol=1e-5)
     if args.hlo:
-      for name, fn in (("step", step), ("fused", fused)):
-        print(f"  {name}: [B, M] ops: " + "; ".join(big_fusions(fn, (emb, mem), b, m)))
-    t_floor, t_step, t_fused = timeit_interleaved(
-      [
-        (floor, (emb, jnp.array(mem.emb, copy=True)), False),
-        (step, (emb, mem), True),
-        (fused, (emb, make_memory(rng, m, d)), True),
-      ],
+      for n, fn in fns.items():
+        print(f"  {n}: [B, M] ops: " + "; ".join(big_fusions(fn, (emb, mem), b, m)))
+    times = timeit_interleaved(
+      [(floor, (emb, jnp.array(mem.emb, copy=True)), False)]
+      + [(fns[n], (emb, make_memory(rng, m, d)), True) for n in names],
       args.iters,
     )
-    print(
-      f"{m:>8} {nbytes / 2**20:>7.1f} {t_floor * 1e3:>9.2f} {t_step * 1e3:>8.2f} "
-      f"{t_step / t_floor:>6.2f} {t_fused * 1e3:>9.2f} {t_fused / t_floor:>6.2f}"
-    )
+    cells = " ".join(f"{t / times[0]:>10.2f}x" for t in times[1:])
+    print(f"{m:>8} {nbytes / 2**20:>7.1f} {times[0] * 1e3:>9.2f} {cells}")
 
 
 if __name__ == "__main__":

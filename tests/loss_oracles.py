@@ -5,14 +5,18 @@ import math
 import numpy as np
 
 
-def _pairs(q, ql, qv, r, rl, rv, i, thr, self_index=None):
-  """Yields (j, S_ij, is_pos) for anchor i, in the reference's rules."""
+def _pairs(q, ql, qv, r, rl, rv, i, thr, self_index=None, ids=None):
+  """Yields (j, S_ij, is_pos) for anchor i, in the reference's rules (or, with
+  `ids=(query ids, reference ids)`, dropping every positive of the anchor's image)."""
   for j in range(len(r)):
     if not (qv[i] and rv[j]):
       continue
     s = float(np.dot(q[i].astype(np.float64), r[j].astype(np.float64)))
     if ql[i] == rl[j]:
-      if self_index is not None:
+      if ids is not None:
+        if ids[0][i] == ids[1][j]:
+          continue
+      elif self_index is not None:
         if j == self_index[i]:
           continue
       elif s >= thr:
@@ -27,12 +31,22 @@ def _valid(x, v):
 
 
 def contrastive(
-  q, ql, r, rl, qv=None, rv=None, margin=0.5, thr=1 - 1e-5, self_index=None, reduction="paper"
+  q,
+  ql,
+  r,
+  rl,
+  qv=None,
+  rv=None,
+  margin=0.5,
+  thr=1 - 1e-5,
+  self_index=None,
+  reduction="paper",
+  ids=None,
 ):
   qv, rv = _valid(q, qv), _valid(r, rv)
   total, active = 0.0, 0
   for i in range(len(q)):
-    for _, s, is_pos in _pairs(q, ql, qv, r, rl, rv, i, thr, self_index):
+    for _, s, is_pos in _pairs(q, ql, qv, r, rl, rv, i, thr, self_index, ids):
       if is_pos:
         total += 1 - s
         active += 1

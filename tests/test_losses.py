@@ -237,3 +237,44 @@ def test_float32_keeps_a_near_duplicate_positive_and_drops_the_copy():
   assert int(st["pos_pairs"]) == 1
   np.testing.assert_allclose(float(st["mean_pos_sim"]), 1 - 1e-4, atol=2e-6)
   np.testing.assert_allclose(float(loss), 1e-4, rtol=0.05)
+
+
+@pytest.mark.parametrize("self_exclusion", ["similarity", "index", "id", "none"])
+def test_contrastive_one_pass_equals_plain_autodiff(self_exclusion):
+  """`contrastive` against a memory (custom VJP, one pass) against
+  `contrastive_plain` (jax.grad of the plain form): value, statistics and the
+  anchors' gradient; the memory, detached, gets none. Against a batch both are
+  the plain form, the reference's gradient included."""
+  rng = np.random.default_rng(4)
+  q, ql, qv = labeled(rng, 10, 3, 3, valid_frac=0.8)
+  r, rl, rv = labeled(rng, 24, 3, 3, valid_frac=0.8)
+  r[:4], rl[:4] = q[:4], ql[:4]
+  q_ids, r_ids = jnp.arange(10), jnp.concatenate([jnp.arange(4), 100 + jnp.arange(20)])
+  kw = dict(self_exclusion=self_exclusion, margin=0.3, return_stats=True)
+  if self_exclusion == "index":
+    kw["self_index"] = jnp.asarray([0, 1, 2, 3] + [-1] * 6)
+
+  def ref_set(e):
+    return xbm_jax.MemoryState(e, jnp.asarray(rl), jnp.asarray(rv), jnp.int32(0), r_ids)
+
+  def run(fn, reduction):
+    f = lambda e, m: fn(
+      xbm_jax.Embeddings(e, jnp.asarray(ql), jnp.asarray(qv), q_ids),
+      ref_set(m),
+      reduction=reduction,
+      **kw,
+    )
+    (value, stats), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+      jnp.asarray(q), jnp.asarray(r)
+    )
+    return value, stats, grads
+
+  for reduction in ("paper", "mean"):
+    fast, plain = run(losses.contrastive, reduction), run(losses.contrastive_plain, reduction)
+    np.testing.assert_allclose(fast[0], plain[0], rtol=1e-6, atol=1e-7)
+    assert fast[1].keys() == plain[1].keys()
+    for k in plain[1]:
+      np.testing.assert_allclose(fast[1][k], plain[1][k], rtol=1e-6, atol=1e-7, err_msg=k)
+    np.testing.assert_allclose(fast[2][0], plain[2][0], rtol=1e-6, atol=1e-7)
+    assert not np.any(np.asarray(fast[2][1]))
+    assert np.any(np.asarray(plain[2][0]) != 0) and int(plain[1]["pos_pairs"]) > 0

@@ -134,3 +134,92 @@ def test_bad_enqueue_mask_is_a_clear_error():
     memory.enqueue(mem, q, mask=jnp.ones((4,)))
   with pytest.raises(ValueError, match=r"mask must be \[4\]"):
     memory.enqueue(mem, q, mask=jnp.ones((2, 2), bool))
+
+
+def _recurring_images(steps=3, seed=5, pool=24):
+  """Batches of G images drawn from a pool, so that images recur across steps, each
+  time a fresh augmentation (its base vector plus noise): (emb, labels, ids)."""
+  rng = np.random.default_rng(seed)
+  base = rng.normal(size=(pool, D))
+  pool_labels = np.arange(pool, dtype=np.int32) % 4
+  out = []
+  for _ in range(steps):
+    ids = rng.choice(pool, G, replace=False).astype(np.int32)
+    e = base[ids] + 0.3 * rng.normal(size=(G, D))
+    out.append(
+      ((e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32), pool_labels[ids], ids)
+    )
+  return out
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
+def test_self_exclusion_by_image_id(mesh, sharded):
+  """The memory stores each entry's image id; with self_exclusion="id" an anchor's
+  own older copies (earlier augmentations of its image) are no positives: one device
+  equals the NumPy oracle with ids, and 8 devices (replicated or sharded memory) equal
+  one device in loss, gradient and stored ids."""
+  kw = {"self_exclusion": "id"}
+
+  def one(e, l, i, mem, step):
+    q = Embeddings(e, l, None, i)
+    total, mem, _ = losses.xbm_total_loss(q, q, mem, step=step, start_step=0, **kw)
+    return total, mem
+
+  mem_spec = (
+    sharded_memory.specs(AX, ids=True) if sharded else memory.MemoryState(P(), P(), P(), P(), P())
+  )
+
+  def body(e, l, i, mem, step):
+    gather = lambda x: jax.lax.all_gather(x, AX, tiled=True)
+    total, mem, _ = losses.xbm_total_loss(
+      Embeddings(e, l, None, i),
+      Embeddings(gather(e), gather(l), None, gather(i)),
+      mem,
+      step=step,
+      start_step=0,
+      axis_name=AX if sharded else None,
+      **kw,
+    )
+    return jax.lax.pmean(total, AX), mem
+
+  eight = jax.shard_map(
+    body, mesh=mesh, in_specs=(P(AX), P(AX), P(AX), mem_spec, P()), out_specs=(P(), mem_spec)
+  )
+  one = jax.jit(jax.value_and_grad(one, has_aux=True))
+  eight = jax.jit(jax.value_and_grad(eight, has_aux=True))
+  mem1 = memory.init(size=SIZE, dim=D, ids=True)
+  if sharded:
+    mem8 = sharded_memory.init(size=SIZE, dim=D, n_shards=N, mesh=mesh, ids=True)
+  else:
+    mem8 = jax.device_put(mem1, NamedSharding(mesh, P()))
+  split = NamedSharding(mesh, P(AX))
+  entries, differs = [], False
+  for step, (e, l, i) in enumerate(_recurring_images()):
+    (t1, mem1), g1 = one(e, l, i, mem1, step)
+    args = [jax.device_put(jnp.asarray(x), split) for x in (e, l, i)]
+    (t8, mem8), g8 = eight(*args, mem8, jnp.int32(step))
+    entries += list(zip(e, l, i))
+    me, ml, mi = (np.asarray([r[k] for r in entries]) for k in range(3))
+    want = oracle.contrastive(e, l, e, l, ids=(i, i)) + oracle.contrastive(
+      e, l, me, ml, ids=(i, mi)
+    )
+    np.testing.assert_allclose(float(t1), want, rtol=2e-5, err_msg=f"one device, step {step}")
+    np.testing.assert_allclose(float(t8), float(t1), rtol=2e-5, err_msg=f"8 devices, step {step}")
+    np.testing.assert_allclose(np.asarray(g8), np.asarray(g1), rtol=2e-5, atol=1e-6)
+    keep_copies = oracle.contrastive(e, l, e, l) + oracle.contrastive(e, l, me, ml)
+    differs |= abs(keep_copies - want) > 1e-3
+  assert differs, "no anchor met an older copy of its image: not a test"
+  assert sorted(np.asarray(mem1.ids[: len(entries)]).tolist()) == sorted(mi.tolist())
+  assert sorted(
+    np.asarray(jax.device_get(mem8).ids)[np.asarray(jax.device_get(mem8).valid)].tolist()
+  ) == sorted(mi.tolist())
+
+
+def test_self_exclusion_by_id_needs_ids_on_both_sides():
+  q = Embeddings(jnp.eye(4, dtype=jnp.float32), jnp.arange(4) % 2, None, jnp.arange(4))
+  with pytest.raises(ValueError, match="the reference has none"):
+    losses.contrastive(q, q._replace(ids=None), self_exclusion="id")
+  with pytest.raises(ValueError, match="batch.ids must be given"):
+    memory.enqueue(memory.init(size=8, dim=4, ids=True), q._replace(ids=None))
+  with pytest.raises(TypeError, match="query.ids must be integers"):
+    losses.contrastive(q._replace(ids=jnp.zeros(4)), q, self_exclusion="id")

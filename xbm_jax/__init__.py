@@ -5,11 +5,23 @@ batch = xbm_jax.Embeddings(emb, labels)
 mem = xbm_jax.memory.init(size=55_000, dim=128)
 mem = xbm_jax.memory.enqueue(mem, batch)
 loss = xbm_jax.losses.contrastive(batch, mem)
+total, mem, aux = xbm_jax.losses.xbm_total_loss(batch, batch, mem, step=t, start_step=1000)
+
+Your own pair loss, written once, with the memory (replicated or sharded):
+`xbm_jax.pairs.pair_loss` / `xbm_jax.pairs.reduction_loss`.
 """
 
-from xbm_jax import losses, memory
+from xbm_jax import losses, memory, pairs, sharded_memory
 from xbm_jax.embeddings import Embeddings, l2_normalize
 from xbm_jax.memory import MemoryState
 
 __version__ = "0.1.0"
-__all__ = ["Embeddings", "MemoryState", "losses", "memory", "l2_normalize"]
+__all__ = [
+  "Embeddings",
+  "MemoryState",
+  "losses",
+  "memory",
+  "pairs",
+  "sharded_memory",
+  "l2_normalize",
+]

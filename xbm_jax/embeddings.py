@@ -15,11 +15,14 @@ class Embeddings(NamedTuple):
     emb: `[N, D]` float (float32 or bfloat16), L2-normalised rows.
     labels: `[N]` integer class labels. Any integer is a label, 0 included.
     valid: optional `[N]` bool; False rows are padding and take part in no pair.
+    ids: optional `[N]` int image ids (e.g. the dataset index of each row's image),
+      for `self_exclusion="id"`: a pair of the same id is never a positive.
   """
 
   emb: jax.Array
   labels: jax.Array
   valid: Optional[jax.Array] = None
+  ids: Optional[jax.Array] = None
 
 
 def check(x, name: str = "embeddings") -> None:
@@ -42,6 +45,12 @@ def check(x, name: str = "embeddings") -> None:
       raise ValueError(f"{name}.valid must be [N]={emb.shape[:1]}; got shape {tuple(valid.shape)}")
     if valid.dtype != jnp.bool_:
       raise TypeError(f"{name}.valid must be bool; got dtype {valid.dtype}")
+  ids = getattr(x, "ids", None)
+  if ids is not None:
+    if ids.shape != emb.shape[:1]:
+      raise ValueError(f"{name}.ids must be [N]={emb.shape[:1]}; got shape {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise TypeError(f"{name}.ids must be integers; got dtype {ids.dtype}")
 
 
 def valid_mask(x) -> jax.Array:

@@ -21,7 +21,11 @@ Common keyword-only options:
     its self-similarity by up to ~1e-3, which would keep the anchor's own
     memory slot as a positive. "index": drop exactly the
     reference entry `self_index[i]` (e.g. `memory.last_slots(...)`, or
-    `arange(B)` for the in-batch term). "none": keep every same-label pair.
+    `arange(B)` for the in-batch term). "id": drop every reference entry of the
+    anchor's own image, by image id (`Embeddings.ids`, and a memory made with
+    `memory.init(..., ids=True)`): its current slot and its older copies (other
+    augmentations of the same image enqueued at earlier steps), which "similarity"
+    and "index" keep as positives. "none": keep every same-label pair.
   reduction: "paper" (default): the sum over anchors of each anchor's loss,
     divided by the number of valid anchors |A| (the reference's `/ batch_size`).
     "mean": the sum divided by the number of active pairs (contrastive: pairs
@@ -64,7 +68,7 @@ from typing import Callable, Union
 import jax
 import jax.numpy as jnp
 
-from xbm_jax import pairs
+from xbm_jax import embeddings, fused, memory as memory_lib, pairs
 from xbm_jax.pairs import (  # noqa: F401  (re-exported: the public names of this module)
   EPS_SELF,
   EPS_SELF_16BIT,
@@ -82,8 +86,7 @@ sg = jax.lax.stop_gradient
 _SENTINEL = -4.0  # below any cosine similarity; marks masked-out negatives when sorted
 
 
-@reduction_loss
-def contrastive(rows: Rows, *, margin: float = 0.5) -> AnchorLoss:
+def _contrastive_plain(rows: Rows, *, margin: float = 0.5) -> AnchorLoss:
   """XBM's contrastive loss (paper Eq. 4 as coded).
 
   L(A, R) = 1/|A| sum_i [ sum_{y_j = y_i, S_ij < 1-eps} (1 - S_ij)
@@ -95,11 +98,74 @@ def contrastive(rows: Rows, *, margin: float = 0.5) -> AnchorLoss:
       with `axis_name`, this device's slice of a reference split over that mesh axis
       (call inside shard_map; see the module doc).
   Returns:
-    `[]` float32 loss (and a stats dict if `return_stats`).
+    `[]` float32 loss (and a stats dict if `return_stats`). Against a memory it
+    is computed in one pass over the similarities with a custom VJP
+    (`xbm_jax.fused`; the memory gets no gradient); `contrastive_plain` is the
+    same loss through plain autodiff.
   """
   neg_active = rows.neg & (sg(rows.sim) > margin)
   loss = rows.sum(1.0 - rows.sim, rows.pos) + rows.sum(rows.sim, neg_active)
   return AnchorLoss(loss, rows.count(rows.pos) + rows.count(neg_active), rows.pos, neg_active)
+
+
+def _contrastive_fast(
+  query, reference, *, axis_name, self_exclusion, pos_threshold, self_index, margin=0.5
+):
+  """contrastive through `fused.contrastive_rows` (same values; see `_make_loss`)."""
+  static = (float, int)
+  if not isinstance(margin, static) or not isinstance(pos_threshold, (type(None),) + static):
+    return None  # traced settings: the plain form
+  if not isinstance(reference, memory_lib.MemoryState):
+    return None  # a batch (small, and it gets a gradient): the plain form is as fast
+  p = pairs.prepare(
+    query, reference, axis_name=axis_name, self_exclusion=self_exclusion, self_index=self_index
+  )
+  q, n_ref = p.query, reference.emb.shape[0]
+  if q.emb.shape[-1] != reference.emb.shape[-1]:
+    raise ValueError(
+      f"query dim {q.emb.shape[-1]} does not match reference dim {reference.emb.shape[-1]}"
+    )
+  q_key = r_key = jnp.zeros((), jnp.int32)
+  rule, threshold = {"similarity": "similarity", "none": "none"}.get(self_exclusion, "key"), 0.0
+  if self_exclusion == "similarity":
+    threshold = self_threshold(q, reference) if pos_threshold is None else pos_threshold
+  elif self_exclusion == "index":
+    q_key, r_key = p.self_index.astype(jnp.int32), jnp.arange(n_ref, dtype=jnp.int32)
+  elif self_exclusion == "id":
+    pairs.check_ids(q, reference)
+    q_key, r_key = q.ids, reference.ids
+  settings = fused.Rule(float(margin), rule, float(threshold))
+  sums = fused.contrastive_rows(
+    settings,
+    q.emb,
+    reference.emb,
+    q.labels,
+    reference.labels,
+    embeddings.valid_mask(q),
+    embeddings.valid_mask(reference),
+    jnp.broadcast_to(q_key, q.labels.shape),
+    jnp.broadcast_to(r_key, reference.labels.shape),
+  )
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  own = lambda x: x if axis_name is None else jax.lax.dynamic_slice_in_dim(x, p.start, p.b)
+  loss, n_pos, n_neg, s_pos, s_neg = (own(x) for x in sums)
+  valid = p.local_valid
+  counts = [jnp.sum(jnp.where(valid, n, 0)) for n in (n_pos, n_neg)]
+  sims = [jnp.sum(jnp.where(valid, sg(x), 0.0)) for x in (s_pos, s_neg)]
+  stats = {
+    "pos_pairs": counts[0],
+    "neg_pairs": counts[1],
+    "mean_pos_sim": sims[0] / jnp.maximum(counts[0], 1),
+    "mean_neg_sim": sims[1] / jnp.maximum(counts[1], 1),
+  }
+  return loss, n_pos + n_neg, valid, stats
+
+
+contrastive = reduction_loss(_contrastive_plain, fast=_contrastive_fast)
+contrastive.__name__ = contrastive.__qualname__ = "contrastive"
+contrastive_plain = reduction_loss(_contrastive_plain)
+contrastive_plain.__name__ = contrastive_plain.__qualname__ = "contrastive_plain"
 
 
 @reduction_loss

@@ -16,7 +16,7 @@ true modular ring (the reference writes the last q slots instead).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,16 +32,20 @@ class MemoryState(NamedTuple):
     labels: `[size]` int32 labels of the stored embeddings.
     valid: `[size]` bool, True for slots that have been written.
     ptr: `[]` int32, the slot the next enqueue writes first.
+    ids: optional `[size]` int32 image ids of the stored entries (-1: none), kept
+      when the memory is made with `init(..., ids=True)`, for `self_exclusion="id"`.
+      None otherwise (no leaf: such a memory's pytree is the four arrays above).
   """
 
   emb: jax.Array
   labels: jax.Array
   valid: jax.Array
   ptr: jax.Array
+  ids: Optional[jax.Array] = None
 
 
-def init(*, size: int, dim: int, dtype=jnp.float32) -> MemoryState:
-  """An empty memory of `size` slots of `dim` features."""
+def init(*, size: int, dim: int, dtype=jnp.float32, ids: bool = False) -> MemoryState:
+  """An empty memory of `size` slots of `dim` features (and their image ids if `ids`)."""
   size, dim = int(size), int(dim)
   if size <= 0 or dim <= 0:
     raise ValueError(f"memory size and dim must be positive; got size={size}, dim={dim}")
@@ -52,6 +56,7 @@ def init(*, size: int, dim: int, dtype=jnp.float32) -> MemoryState:
     labels=jnp.zeros((size,), jnp.int32),
     valid=jnp.zeros((size,), jnp.bool_),
     ptr=jnp.zeros((), jnp.int32),
+    ids=jnp.full((size,), -1, jnp.int32) if ids else None,
   )
 
 
@@ -91,6 +96,8 @@ def enqueue(mem: MemoryState, batch: Embeddings, *, when=True, mask=None) -> Mem
       f"batch of {b} is larger than the memory of {k} slots; "
       "use a memory at least as large as the (global) batch"
     )
+  if mem.ids is not None and batch.ids is None:
+    raise ValueError("this memory stores image ids (init(ids=True)): batch.ids must be given")
   slots = next_slots(mem, b, when=when, mask=mask)
   # Rows not written go to distinct out-of-range slots (the scatter's indices
   # stay unique), which the scatter drops.
@@ -102,6 +109,7 @@ def enqueue(mem: MemoryState, batch: Embeddings, *, when=True, mask=None) -> Mem
     labels=put(mem.labels, batch.labels.astype(jnp.int32)),
     valid=put(mem.valid, valid_mask(batch)),
     ptr=((mem.ptr + jnp.sum(slots < k, dtype=jnp.int32)) % k).astype(jnp.int32),
+    ids=None if mem.ids is None else put(mem.ids, batch.ids.astype(jnp.int32)),
   )
 
 

@@ -77,6 +77,7 @@ def _enqueue(mem, query, batch, data, axis_name, active, enqueue_mask, query_off
       _gather(jax.lax.stop_gradient(query.emb), data, to="invarying"),
       _gather(query.labels, data, to="invarying"),
       _gather(valid_mask(query), data, to="invarying"),
+      None if query.ids is None else _gather(query.ids, data, to="invarying"),
     )
     mask = None if mask is None else _gather(mask, data, to="invarying")
   else:

@@ -71,7 +71,14 @@ def _check_divisible(size: int, n_shards: int) -> int:
 
 
 def init(
-  *, size: int, dim: int, n_shards: int, dtype=jnp.float32, mesh=None, axis_name: str = "data"
+  *,
+  size: int,
+  dim: int,
+  n_shards: int,
+  dtype=jnp.float32,
+  mesh=None,
+  axis_name: str = "data",
+  ids: bool = False,
 ) -> MemoryState:
   """An empty sharded memory with global shapes (see module doc).
 
@@ -86,21 +93,23 @@ def init(
     raise ValueError(
       f"n_shards={n_shards} does not match mesh axis {axis_name!r} of size {mesh.shape[axis_name]}"
     )
-  make = lambda: memory_lib.init(size=size, dim=dim, dtype=dtype)._replace(
+  make = lambda: memory_lib.init(size=size, dim=dim, dtype=dtype, ids=ids)._replace(
     ptr=jnp.zeros((n_shards,), jnp.int32)
   )
   if mesh is None:
     return make()
-  return jax.jit(make, out_shardings=shardings(mesh, axis_name))()
+  return jax.jit(make, out_shardings=shardings(mesh, axis_name, ids=ids))()
 
 
-def specs(axis_name: str = "data") -> MemoryState:
-  """`MemoryState` of `PartitionSpec`s: every leaf split on its first axis."""
-  return MemoryState(P(axis_name), P(axis_name), P(axis_name), P(axis_name))
+def specs(axis_name: str = "data", *, ids: bool = False) -> MemoryState:
+  """`MemoryState` of `PartitionSpec`s: every leaf split on its first axis (`ids`:
+  for a memory that stores image ids)."""
+  split = P(axis_name)
+  return MemoryState(split, split, split, split, split if ids else None)
 
 
-def shardings(mesh, axis_name: str = "data") -> MemoryState:
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs(axis_name))
+def shardings(mesh, axis_name: str = "data", *, ids: bool = False) -> MemoryState:
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs(axis_name, ids=ids))
 
 
 def put(mem: MemoryState, mesh, axis_name: str = "data") -> MemoryState:
@@ -112,7 +121,7 @@ def put(mem: MemoryState, mesh, axis_name: str = "data") -> MemoryState:
       f"{axis_name!r}); got shape {tuple(mem.ptr.shape)}: use reshard()"
     )
   _check_divisible(mem.emb.shape[0], n)
-  return jax.device_put(mem, shardings(mesh, axis_name))
+  return jax.device_put(mem, shardings(mesh, axis_name, ids=mem.ids is not None))
 
 
 def enqueue_local(
@@ -197,6 +206,7 @@ def to_replicated(mem: MemoryState, *, local_batch: int) -> MemoryState:
     relayout(mem.labels),
     relayout(mem.valid),
     np.asarray(int(ptr[0]) * n % size, np.int32),
+    None if mem.ids is None else relayout(mem.ids),
   )
 
 
@@ -224,7 +234,11 @@ def from_replicated(mem: MemoryState, *, n_shards: int, local_batch: int) -> Mem
     return np.swapaxes(x, 0, 1).reshape((size,) + x.shape[3:])
 
   return MemoryState(
-    relayout(mem.emb), relayout(mem.labels), relayout(mem.valid), np.full((n,), ptr // n, np.int32)
+    relayout(mem.emb),
+    relayout(mem.labels),
+    relayout(mem.valid),
+    np.full((n,), ptr // n, np.int32),
+    None if mem.ids is None else relayout(mem.ids),
   )
 
 
@@ -250,9 +264,10 @@ def reshard(saved: ArrayTree, n_new: int) -> MemoryState:
   it with `put(mem, mesh)`. `n_new=1` gives a single ring (ptr `[1]`); index
   `ptr[0]` for an ordinary replicated memory.
   """
-  get = (lambda key: getattr(saved, key)) if isinstance(saved, MemoryState) else saved.__getitem__
+  get = _getter(saved)
   emb, labels, valid = (np.asarray(get(key)) for key in ("emb", "labels", "valid"))
   ptr = np.asarray(get("ptr")).reshape(-1)
+  ids = get("ids")
   size = emb.shape[0]
   if labels.shape != (size,) or valid.shape != (size,):
     raise ValueError(
@@ -269,7 +284,29 @@ def reshard(saved: ArrayTree, n_new: int) -> MemoryState:
   dest = (i % n_new) * k_new + i // n_new
   order = np.empty(size, np.int64)
   order[dest] = stream
-  return MemoryState(emb[order], labels[order], valid[order], np.zeros((int(n_new),), np.int32))
+  return MemoryState(
+    emb[order],
+    labels[order],
+    valid[order],
+    np.zeros((int(n_new),), np.int32),
+    None if ids is None else np.asarray(ids)[order],
+  )
+
+
+def _getter(saved: ArrayTree):
+  """key -> leaf of a saved memory (None for the optional `ids` when absent, also
+  when saved as `np.asarray(None)`)."""
+  get = (lambda key: getattr(saved, key)) if isinstance(saved, MemoryState) else saved.get
+
+  def leaf(key):
+    value = get(key)
+    if key == "ids" and (value is None or np.ndim(value) == 0):
+      return None
+    if value is None:
+      raise KeyError(f"saved memory has no {key!r}")
+    return value
+
+  return leaf
 
 
 def restore(saved: ArrayTree, mesh, axis_name: str = "data") -> MemoryState:
@@ -280,8 +317,10 @@ def restore(saved: ArrayTree, mesh, axis_name: str = "data") -> MemoryState:
   n = mesh.shape[axis_name]
   ptr = saved.ptr if isinstance(saved, MemoryState) else saved["ptr"]
   if np.shape(ptr) == (n,):
-    get = (lambda key: getattr(saved, key)) if isinstance(saved, MemoryState) else saved.__getitem__
-    mem = MemoryState(*(np.asarray(get(key)) for key in MemoryState._fields))
+    get = _getter(saved)
+    mem = MemoryState(
+      *(None if get(k) is None else np.asarray(get(k)) for k in MemoryState._fields)
+    )
   else:
     mem = reshard(saved, n)
   return put(mem, mesh, axis_name)

@@ -3,12 +3,14 @@
 Per device (the reference's step, with the global batch gathered first):
   1. embed the local batch (train mode; BN statistics averaged over `data`);
   2. `all_gather` embeddings and labels in mesh order -> the global batch;
-  3. enqueue the detached global batch (from `start_step` on), so every device
-     holds the identical memory;
-  4. loss = L(local, global batch) + w * L(local, memory); gradients `pmean`ed.
-With the "paper" reduction each device's loss is a mean over its local anchors,
-so the `pmean` over devices equals the 1-device loss of the whole batch: the
-same global batch on 1 and on 8 devices gives the same loss and update.
+  3. the library's one call, `losses.xbm_total_loss(local, global batch, memory)`:
+     it enqueues the detached global batch (from `start_step` on), so every
+     device holds the identical memory (or, sharded, its own rows into its
+     shard), then loss = L(local, global batch) + w * L(local, memory);
+  4. gradients `pmean`ed.
+Each device's loss is its share of the whole batch's (both reductions count over
+the whole batch), so the `pmean` over devices equals the 1-device loss: the same
+global batch on 1 and on 8 devices gives the same loss and update.
 
 Host-side controllers feed `ctrl = {"start_step", "xbm_weight", "lr_scale"}` as
 traced scalars, so memory switch-on, weight ramps and learning-rate drops never
@@ -113,7 +115,8 @@ def make_train_step(
       -> [b, D]` float32 unit rows, with BatchNorm `axis_name=DATA_AXIS`.
     direction: optimiser transform without the learning rate (`optim.make_direction`).
     schedule: `step -> lr`.
-    loss_name, loss_kwargs, memory_loss_kwargs: see `losses.xbm_total_loss`.
+    loss_name, loss_kwargs, memory_loss_kwargs: see `losses.xbm_total_loss`; the
+      loss is a built-in name or an import path "pkg.module:function".
     mesh: 1-D mesh with axis `DATA_AXIS`.
     sharded_memory: the memory's rows are split over the devices
       (`xbm_jax.sharded_memory`): each device enqueues its local batch into its
@@ -128,7 +131,10 @@ def make_train_step(
       statistics update in turn. The loss and gradients are the means over the
       micro-batches, applied in one optimiser update; so the loss, memory and BN
       statistics equal N steps on the micro-batches with the parameters frozen
-      (tests/train/test_step.py), not one step on the whole batch.
+      (tests/train/test_step.py), not one step on the whole batch. With
+      reduction="mean" a term is the micro-batches' summed numerators over their
+      summed active-pair counts, which a forward pass over the micro-batches
+      counts first (one extra forward per step; "paper" needs none).
   The batch is `{"image": [B, H, W, C], "label": [B] int32}` sharded over
   `data`; B must divide by the mesh size.
   """
