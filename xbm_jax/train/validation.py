@@ -17,19 +17,20 @@ import os
 
 import ml_collections
 
-from xbm_jax import losses, sharded_memory
+from xbm_jax import losses, scoring, sharded_memory
 from xbm_jax.data import pipeline
 from xbm_jax.evaluation import evaluators
 from xbm_jax.models import factory as model_factory, head as model_head
 from xbm_jax.train import config as config_lib, optim, setup
 from xbm_jax.train.errors import ConfigError, ConfigKeyError, DataError
 
-# Option values of the losses (losses.py validates them inside the traced loss;
-# read here so that a bad one fails before the run).
+# Option values of the losses (the losses validate them inside the traced loss;
+# read here so that a bad one fails before the run). "id" needs each image's id in
+# the batch, which the trainer's pipeline does not carry: library use only.
 _LOSS_OPTIONS = {
-  "reduction": ("paper", "mean"),
-  "self_exclusion": ("similarity", "index", "none"),
-  "mining": ("hard", "semihard", "all"),
+  "reduction": scoring.REDUCTIONS,
+  "self_exclusion": tuple(s for s in scoring.SELF_EXCLUSIONS if s != "id"),
+  "mining": losses.TRIPLET_MINING,
 }
 # Sections whose keys are free-form: evaluator names chosen by the experiment, and a
 # loss's options (checked against the loss's signature by `check_loss`).
