@@ -223,3 +223,37 @@ def test_self_exclusion_by_id_needs_ids_on_both_sides():
     memory.enqueue(memory.init(size=8, dim=4, ids=True), q._replace(ids=None))
   with pytest.raises(TypeError, match="query.ids must be integers"):
     losses.contrastive(q._replace(ids=jnp.zeros(4)), q, self_exclusion="id")
+
+
+def _memory_products(jaxpr) -> int:
+  """dot_general equations in a jaxpr, its sub-jaxprs (cond branches, pjit) included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "dot_general"
+    for p in eqn.params.values():
+      for sub in p if isinstance(p, (tuple, list)) else (p,):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          n += _memory_products(getattr(inner, "jaxpr", inner))
+  return n
+
+
+def test_before_the_start_the_memory_term_is_not_computed():
+  """Before `start_step` (and while a guard holds the memory off) the step takes the
+  zero branch of a `lax.cond`: the memory's statistics are 0 although it holds pairs
+  the term would count (a computed-then-weighted-0 term reports them), the loss is the
+  batch term alone, and the zero branch holds no product."""
+  e, l, v, _ = _batches(1)[0]
+  q = Embeddings(jnp.asarray(e), jnp.asarray(l), jnp.asarray(v))
+  mem = memory.enqueue(memory.init(size=SIZE, dim=D), q)  # same rows: positives galore
+  run = lambda step: losses.xbm_total_loss(q, q, mem, step=step, start_step=5)
+  total, new_mem, aux = run(4)
+  assert int(aux["xbm/pos_pairs"]) == 0 and float(aux["loss_xbm"]) == 0.0
+  np.testing.assert_allclose(total, oracle.contrastive(e, l, e, l), rtol=1e-5)
+  np.testing.assert_array_equal(new_mem.ptr, mem.ptr)  # nothing enqueued
+  _, _, on = run(5)
+  assert int(on["xbm/pos_pairs"]) > 0  # the same memory, switched on, has pairs
+  cond = [x for x in jax.make_jaxpr(run)(4).jaxpr.eqns if x.primitive.name == "cond"]
+  assert len(cond) == 1
+  branches = [_memory_products(b.jaxpr) for b in cond[0].params["branches"]]
+  assert sorted(branches)[0] == 0 and sorted(branches)[1] > 0  # false: none; true: S = q M^T

@@ -109,6 +109,28 @@ def _call(loss_fn, query, reference, kwargs, extra):
   return loss_fn(query, reference, **kwargs), {}
 
 
+def _memory_term(active, loss_fn, query, mem, kwargs, extra):
+  """`_call` on the memory where `active`, else zeros: under `lax.cond` the compiled
+  step skips the memory's products before the start and while a guard holds the
+  memory off (one compiled step still serves the whole run)."""
+  # Inside shard_map both branches must agree on what varies over which mesh axis:
+  # both return values varying over every axis the anchors or the memory vary over.
+  target = set(varying_axes(query.emb)) | set(varying_axes(mem.emb))
+
+  def to_target(x):
+    missing = tuple(sorted(target - set(varying_axes(x))))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  def term():
+    return jax.tree.map(to_target, _call(loss_fn, query, mem, kwargs, extra))
+
+  def zeros():
+    shapes = jax.eval_shape(term)
+    return jax.tree.map(lambda s: to_target(jnp.zeros(s.shape, s.dtype)), shapes)
+
+  return jax.lax.cond(active, term, zeros)
+
+
 def xbm_total_loss(
   query,
   batch,
@@ -134,8 +156,8 @@ def xbm_total_loss(
   Where `memory.active(step, start_step)` (the one start rule; both may be
   traced) the detached batch is enqueued into `mem` before the losses, so the
   memory term also sees the current batch, as in the reference. Before it, the
-  memory is left untouched and its term is weighted by 0 — chosen with
-  `jnp.where`, so one compiled step serves the whole run.
+  memory is left untouched and its term is not computed (`lax.cond`; zero value and
+  statistics), so one compiled step serves the whole run.
 
   Args:
     query: anchors (the local batch under data parallelism), `[Bq, D]`.
@@ -209,8 +231,8 @@ def xbm_total_loss(
   loss_b, stats_b = _call(
     loss_fn, query, batch, loss_kwargs, {**extra_b, "denominator": denominators.get("batch")}
   )
-  loss_m, stats_m = _call(
-    loss_fn, query, mem, mem_kwargs, {**extra_m, "denominator": denominators.get("xbm")}
+  loss_m, stats_m = _memory_term(
+    active, loss_fn, query, mem, mem_kwargs, {**extra_m, "denominator": denominators.get("xbm")}
   )
   total, aux = combine_terms(loss_b, stats_b, loss_m, stats_m, active=active, weight=weight)
   return total, mem, aux
