@@ -2,6 +2,13 @@
 
 Definitions (cosine similarity of the given embeddings; higher is closer):
 
+* **Scores** are the dot products of the given float32 embeddings, ranked as a float64
+  brute force ranks them: the device computes float32 products (fast), and each query
+  whose order a float32 score cannot settle (a score within the proven float32 error
+  bound of its best positive's, or of a neighbour's in its top-R list) is ranked again
+  from float64 scores on the host (`rerank`: typically 1-3% of queries). Embeddings so
+  large that a float32 score could overflow (D max|q| max|g| >= 1e37) are ranked by
+  their float32 scores instead, a NaN score (inf - inf) ranking first and never a hit.
 * **Ranking and ties.** Each query ranks the gallery by descending score; equal scores are
   ordered by ascending gallery index (a stable sort of `-score`). This rule is the only
   tie rule used, by every metric, so results are deterministic and reproducible with
@@ -21,17 +28,19 @@ Definitions (cosine similarity of the given embeddings; higher is closer):
   Check", sec. 3.2): with R the number of positives of the query,
   `MAP@R = 1/R sum_{i<=R} P(i)` where `P(i)` is precision at i if the i-th item is a
   positive and 0 otherwise; `R-precision = (#positives in the top R) / R`. They need the
-  top R items only: a top-k with k = max R (+1 for self), taken over the maxima of runs
+  top R items only: a top-k with k = max R + 1 (+1 for self), taken over the maxima of runs
   of 32 columns first (exactly `lax.top_k`'s result, see `_top_k_by_runs`).
 * **precision@1**: fraction of queries whose first item is a positive (read from the
   top-R list; equal to Recall@1 by definition, kept as a cross-check).
 
-Scale: queries go through in blocks of `block_size` against the whole gallery, so the
-largest array is `[block_size, N_gallery / num_devices]` float32 (248 MiB for SOP at the
-default 1024; lower `block_size` for huge galleries); the N x N matrix is never built.
+Scale: queries go through in blocks of at most `block_size` rows against the whole
+gallery, fewer where needed to keep a block's `[rows, N_gallery / num_devices]` float32
+score matrix within `block_bytes` (64 MiB: 272 rows for SOP), with two blocks in flight;
+the N x N matrix is never built (SOP leave-one-out peaks at about +80-160 MiB).
 The best positive score is gathered from the block's own score matrix, so every comparison
 is between bit-identical numbers. Host memory: the positive lists are `[Nq, max class
-size]` int32 (fine for DML benchmarks; a class of 10^4 items would cost Nq x 40 KB). With a `mesh`, the gallery is sharded over all its devices (`jax.shard_map`) and the
+size]` int32 (fine for DML benchmarks; a class of 10^4 items would cost Nq x 40 KB). With
+a `mesh`, the gallery is sharded over all its devices (`jax.shard_map`) and the
 per-device partial results are combined with `pmax` / `pmin` / `psum` / `all_gather`.
 """
 
