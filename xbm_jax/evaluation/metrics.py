@@ -186,7 +186,7 @@ def _block_fn(
   inits = [jnp.int8(0), jnp.int8(0)]
   if top_k:  # the run maxima for the top-R pass come out of the same read of s
     operands.append(s.reshape(shape))
-    inits.append(jnp.float32(-jnp.inf))
+    inits.append(jnp.array(-jnp.inf, s.dtype))
   outs = jax.lax.reduce(
     tuple(operands),
     tuple(inits),
@@ -383,11 +383,19 @@ def retrieval_metrics(
   top_k = min(top_k, ng)
   finite = rerank.scores_finite(q, g)
   tol = rerank.score_tolerance(q, g) if finite else np.full(nq, -1.0, np.float32)
-  cols = _device_pass(q, tol, pos, npos, ql, g, gl, self_exclude, top_k, not finite, **kw)
-  # Queries where float32 rounding could decide an order: ranked again in float64.
+  q_self = np.arange(nq, dtype=np.int32) if self_exclude else np.full(nq, -1, np.int32)
+  cols = _device_pass(q, tol, q_self, pos, npos, ql, g, gl, top_k, not finite, **kw)
+  # Queries where float32 rounding could decide an order: ranked again by the same pass
+  # in float64 (on the device: GPUs and TPUs do float64 too), tolerance off.
   redo = np.flatnonzero(cols[1] & has_pos)
   if len(redo):
-    for col, new in zip(cols[:1] + cols[2:], rerank.float64_rows(q, ql, g, gl, redo, self_exclude)):
+    kw["block_bytes"] = max(1, block_bytes // 2)  # 8-byte scores
+    with jax.enable_x64(True):
+      again = _device_pass(
+        q[redo], np.full(len(redo), -1.0), q_self[redo], pos[redo], npos[redo], ql[redo],
+        g, gl, top_k, False, dtype=np.float64, **kw
+      )  # fmt: skip
+    for col, new in zip(cols, again):
       col[redo] = new
 
   rank = cols[0].astype(np.int64)
@@ -412,15 +420,30 @@ def retrieval_metrics(
 
 
 def _device_pass(
-  q, tol, pos, npos, ql, g, gl, self_exclude, top_k, may_overflow, *, block_size, block_bytes, mesh
+  q,
+  tol,
+  q_self,
+  pos,
+  npos,
+  ql,
+  g,
+  gl,
+  top_k,
+  may_overflow,
+  *,
+  block_size,
+  block_bytes,
+  mesh,
+  dtype=np.float32,
 ):
-  """All query blocks through `_block_fn`: its outputs `[Nq]` each, as host arrays."""
+  """All query blocks through `_block_fn`, scores in `dtype`: its outputs `[Nq]` each,
+  as host arrays. q_self: `[Nq]` gallery index of each query itself, or -1."""
   nq, ng = q.shape[0], g.shape[0]
   mesh = mesh if mesh is not None else _default_mesh()
   ndev = mesh.devices.size
   # Gallery: padded to whole runs on every device, sharded over the whole mesh.
   g_rows = -(-ng // (ndev * _RUN)) * ndev * _RUN
-  g_pad = np.zeros((g_rows, g.shape[1]), np.float32)
+  g_pad = np.zeros((g_rows, g.shape[1]), dtype)
   g_pad[:ng] = g
   gl_pad = np.zeros((g_rows,), np.int32)
   gl_pad[:ng] = gl.astype(np.int32)
@@ -439,8 +462,8 @@ def _device_pass(
     out[:nq] = x
     return out
 
-  q_self = np.arange(nq, dtype=np.int32) if self_exclude else np.full(nq, -1, np.int32)
-  blocks = (padded(q, 0.0), padded(tol, -1.0), padded(q_self, -1), padded(pos, -1))
+  blocks = (padded(q.astype(dtype), 0.0), padded(tol.astype(dtype), -1.0))
+  blocks += (padded(q_self, -1), padded(pos, -1))
   blocks += (padded(ql.astype(np.int32), 0), padded(npos, 0))
   cols = _run_blocks(fn, blocks, bs, gallery, NamedSharding(mesh, P()))
   return [c[:nq] for c in cols]
