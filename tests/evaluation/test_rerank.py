@@ -35,6 +35,19 @@ def test_near_tie_flips_map_at_r():
   assert got["map@r"] == 0.5 and got["r_precision"] == 0.5 and got["recall@1"] == 1.0
 
 
+def test_near_tie_between_two_negatives_needs_no_float64():
+  # Negatives A = 0.5 and B = 0.5 + 2^-30 tie in float32 and swap in float64: no metric
+  # changes (both rank before the positive C = 0.25), so the query is not re-ranked.
+  q = np.array([[1, 1, 0]], np.float32)
+  g = np.array([[0.5, 0, 0], [0.5, TINY, 0], [0.25, 0, 0]], np.float32)
+  gl = np.array([1, 2, 0])
+  got = metrics.retrieval_metrics(q, [0], g, gl, ks=(1, 3), self_exclude=False, per_query=True)
+  assert got["num_reranked_float64"] == 0 and list(got["rank"]) == [2]
+  want = oracle(q, np.array([0]), g, gl, ks=(1, 3), self_exclude=False)
+  assert_same({k: v for k, v in got.items() if k in want}, want)
+  assert want["recall@3"] == 1.0 and want["map@r"] == 0.0
+
+
 def near_ties(n, seed):
   """Entries in {-2..2}/4 (scores on a 1/16 grid) and a last coordinate that is 1/2 in
   half the rows and m 2^-27 (m in -2..2) in the others: between the two kinds a score is

@@ -231,8 +231,12 @@ def _block_fn(
   keep = (ixg != q_self[:, None]) & (v > -jnp.inf)
   pos_in_list = jnp.cumsum(keep, axis=1) - 1  # 0-based rank among non-self items
   r = q_npos[:, None]
-  # Neighbours closer than the tolerance among the first R (and the item after them).
-  close = (v[:, :-1] - v[:, 1:] <= q_tol[:, None]) & (pos_in_list[:, :-1] < r)
+  # Neighbours closer than the tolerance among the first R (and the item after them),
+  # where their order could matter: a positive next to a negative, or self between two
+  # items (swapping items of the same kind changes no metric).
+  kind = jnp.where(keep, (lab == q_labels[:, None]).astype(jnp.int32), 2)  # 2: self
+  differ = (kind[:, :-1] != kind[:, 1:]) | (kind[:, :-1] == 2) | (kind[:, 1:] == 2)
+  close = (v[:, :-1] - v[:, 1:] <= q_tol[:, None]) & (pos_in_list[:, :-1] < r) & differ
   flag = flag | jnp.any(close, axis=1)
   rel = keep & ~was_nan & (lab == q_labels[:, None]) & (pos_in_list < r)
   hits_so_far = jnp.cumsum(rel, axis=1)
