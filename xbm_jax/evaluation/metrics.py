@@ -36,7 +36,7 @@ Definitions (cosine similarity of the given embeddings; higher is closer):
 Scale: queries go through in blocks of at most `block_size` rows against the whole
 gallery, fewer where needed to keep a block's `[rows, N_gallery / num_devices]` float32
 score matrix within `block_bytes` (64 MiB: 272 rows for SOP), with two blocks in flight;
-the N x N matrix is never built (SOP leave-one-out peaks at about +80-160 MiB).
+the N x N matrix is never built (SOP leave-one-out peaks at about +80-230 MiB).
 The best positive score is gathered from the block's own score matrix, so every comparison
 is between bit-identical numbers. Host memory: the positive lists are `[Nq, max class
 size]` int32 (fine for DML benchmarks; a class of 10^4 items would cost Nq x 40 KB). With
