@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from xbm_jax.evaluation import metrics
+from xbm_jax.evaluation import metrics, rerank
 
 
 def oracle(q, ql, g=None, gl=None, ks=(1,), self_exclude=True):
@@ -257,11 +257,11 @@ def test_block_bytes_bounds_the_score_block_and_keeps_results():
 
 def test_nan_guard_is_skipped_only_when_scores_are_provably_finite():
   unit = np.eye(4, dtype=np.float32)
-  assert metrics._scores_finite(unit, unit)
+  assert rerank.scores_finite(unit, unit)
   big = np.full((2, 4), 1e18, np.float32)  # 4 * 1e18 * 1e18 = 4e36: still safe
-  assert metrics._scores_finite(big, big)
-  assert not metrics._scores_finite(big * 10, big)  # 4e37: may overflow, guarded
-  assert not metrics._scores_finite(-big * 10, big)  # magnitude, not sign
+  assert rerank.scores_finite(big, big)
+  assert not rerank.scores_finite(big * 10, big)  # 4e37: may overflow, guarded
+  assert not rerank.scores_finite(-big * 10, big)  # magnitude, not sign
   # Both compiled paths give the same outputs on finite data (ties and ragged padding).
   x, l = tie_heavy(70, 3, 12, seed=2)
   pos, npos = metrics._positive_lists(l, l, True)
@@ -269,7 +269,8 @@ def test_nan_guard_is_skipped_only_when_scores_are_provably_finite():
   gx[:70] = x
   gl = np.zeros(96, np.int32)
   gl[:70] = l
-  args = (x, np.arange(70, dtype=np.int32), pos, l.astype(np.int32), npos, gx, gl)
+  tol = rerank.score_tolerance(x, x)
+  args = (x, tol, np.arange(70, dtype=np.int32), pos, l.astype(np.int32), npos, gx, gl)
   mesh = metrics._default_mesh()
   top_k = int(npos.max()) + 1
   guarded = metrics._compiled_block(mesh, 70, top_k, True)(*args)

@@ -2,6 +2,13 @@
 
 Definitions (cosine similarity of the given embeddings; higher is closer):
 
+* **Scores** are the dot products of the given float32 embeddings, ranked as a float64
+  brute force ranks them: the device computes float32 products (fast), and each query
+  whose order a float32 score cannot settle (a score within the proven float32 error
+  bound of its best positive's, or of a neighbour's in its top-R list) is ranked again
+  from float64 scores on the host (`rerank`: typically 1-3% of queries). Embeddings so
+  large that a float32 score could overflow (D max|q| max|g| >= 1e37) are ranked by
+  their float32 scores instead, a NaN score (inf - inf) ranking first and never a hit.
 * **Ranking and ties.** Each query ranks the gallery by descending score; equal scores are
   ordered by ascending gallery index (a stable sort of `-score`). This rule is the only
   tie rule used, by every metric, so results are deterministic and reproducible with
@@ -21,17 +28,19 @@ Definitions (cosine similarity of the given embeddings; higher is closer):
   Check", sec. 3.2): with R the number of positives of the query,
   `MAP@R = 1/R sum_{i<=R} P(i)` where `P(i)` is precision at i if the i-th item is a
   positive and 0 otherwise; `R-precision = (#positives in the top R) / R`. They need the
-  top R items only: a top-k with k = max R (+1 for self), taken over the maxima of runs
+  top R items only: a top-k with k = max R + 1 (+1 for self), taken over the maxima of runs
   of 32 columns first (exactly `lax.top_k`'s result, see `_top_k_by_runs`).
 * **precision@1**: fraction of queries whose first item is a positive (read from the
   top-R list; equal to Recall@1 by definition, kept as a cross-check).
 
-Scale: queries go through in blocks of `block_size` against the whole gallery, so the
-largest array is `[block_size, N_gallery / num_devices]` float32 (248 MiB for SOP at the
-default 1024; lower `block_size` for huge galleries); the N x N matrix is never built.
+Scale: queries go through in blocks of at most `block_size` rows against the whole
+gallery, fewer where needed to keep a block's `[rows, N_gallery / num_devices]` float32
+score matrix within `block_bytes` (64 MiB: 272 rows for SOP), with two blocks in flight;
+the N x N matrix is never built (SOP leave-one-out peaks at about +80-230 MiB).
 The best positive score is gathered from the block's own score matrix, so every comparison
 is between bit-identical numbers. Host memory: the positive lists are `[Nq, max class
-size]` int32 (fine for DML benchmarks; a class of 10^4 items would cost Nq x 40 KB). With a `mesh`, the gallery is sharded over all its devices (`jax.shard_map`) and the
+size]` int32 (fine for DML benchmarks; a class of 10^4 items would cost Nq x 40 KB). With
+a `mesh`, the gallery is sharded over all its devices (`jax.shard_map`) and the
 per-device partial results are combined with `pmax` / `pmin` / `psum` / `all_gather`.
 """
 
@@ -44,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xbm_jax.evaluation import rerank
 
 _BIG_INDEX = np.iinfo(np.int32).max
 _RUN = 32  # gallery shards are padded to a multiple of this many rows
@@ -101,6 +112,7 @@ def _positive_lists(query_labels, gallery_labels, self_exclude):
 
 def _block_fn(
   q,
+  q_tol,
   q_self,
   q_pos,
   q_labels,
@@ -117,16 +129,20 @@ def _block_fn(
   """Per-device body: one query block against this device's gallery shard.
 
   Args:
-    q: `[B, D]` float32 queries (replicated). q_self: `[B]` int32 global gallery index of
+    q: `[B, D]` float32 queries (replicated). q_tol: `[B]` float32, twice the bound on a
+      float32 score's error (`rerank.score_tolerance`), or -1 to rank by the float32 scores.
+      q_self: `[B]` int32 global gallery index of
       the query itself, or -1. q_pos: `[B, P]` int32 global gallery indices of positives,
       -1 padded. q_labels: `[B]` int32. q_npos: `[B]` int32 number of positives (R).
     g: `[G, D]` float32 gallery shard; g_labels: `[G]` int32.
     n_gallery: true gallery size (rows at global index >= n_gallery are padding).
     top_k: 0 to skip MAP@R, else how many items to keep (max R, +1 with self).
-    may_overflow: False when the host proved every score finite (`_scores_finite`).
+    may_overflow: False when the host proved every score finite (`rerank.scores_finite`).
   Returns:
-    rank `[B]` int32 (negatives ranked before the best positive), and when top_k:
-    average precision at R `[B]`, R-precision `[B]`, precision@1 `[B]` (float32).
+    rank `[B]` int32 (negatives ranked before the best positive); `[B]` bool, True where a
+    score came within q_tol of the best positive's or of a neighbour's in the top list
+    (float32 rounding could decide the order there: `rerank.float64_rows` ranks those again);
+    and when top_k: average precision at R `[B]`, R-precision `[B]`, precision@1 `[B]`.
   """
   size = g.shape[0]
   offset = jax.lax.axis_index(axis) * size
@@ -163,25 +179,35 @@ def _block_fn(
   # Sum int8 over runs of _RUN columns first (a run's count fits int8): on XLA:CPU this
   # fuses compare and sum into one pass at ~5% of the matmul, where a direct int32/float
   # row sum materialises the mask and costs 50-60% of it.
-  runs = before.astype(jnp.int8).reshape(before.shape[0], size // _RUN, _RUN)
+  # Scores within the tolerance of p (p's own item among them): the same read of s.
+  near = (jnp.abs(s - pc) <= q_tol[:, None]) & (col[None, :] < n_gallery)
+  shape = (s.shape[0], size // _RUN, _RUN)
+  operands = [before.astype(jnp.int8).reshape(shape), near.astype(jnp.int8).reshape(shape)]
+  inits = [jnp.int8(0), jnp.int8(0)]
   if top_k:  # the run maxima for the top-R pass come out of the same read of s
-    run_counts, run_max = jax.lax.reduce(
-      (runs, s.reshape(runs.shape)),
-      (jnp.int8(0), jnp.float32(-jnp.inf)),
-      lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
-      (2,),
-    )
-  else:
-    run_counts = jnp.sum(runs, axis=2, dtype=jnp.int8)
-  count = jnp.sum(run_counts.astype(jnp.int32), axis=1)
+    operands.append(s.reshape(shape))
+    inits.append(jnp.array(-jnp.inf, s.dtype))
+  outs = jax.lax.reduce(
+    tuple(operands),
+    tuple(inits),
+    lambda a, b: (a[0] + b[0], a[1] + b[1]) + ((jnp.maximum(a[2], b[2]),) if top_k else ()),
+    (2,),
+  )
+  count, n_near = (jnp.sum(o.astype(jnp.int32), axis=1) for o in outs[:2])
+  run_max = outs[2] if top_k else None
   # Self was counted if it ranks before the best positive; take it back out.
   self_local = q_self - offset
   self_mine = (q_self >= 0) & (self_local >= 0) & (self_local < size)
   s_self = jnp.take_along_axis(s, jnp.clip(self_local, 0, size - 1)[:, None], axis=1)[:, 0]
   self_before = self_mine & ((s_self > p) | ((s_self == p) & (q_self < jpos)))
   rank = jax.lax.psum(count - self_before.astype(jnp.int32), axis)
+  # Near p besides p's own item and self: float32 rounding may order them wrongly.
+  self_near = self_mine & (jnp.abs(s_self - p) <= q_tol)
+  jpos_mine = (jpos - offset >= 0) & (jpos - offset < size)
+  others = n_near - self_near.astype(jnp.int32) - (jpos_mine & (q_tol >= 0)).astype(jnp.int32)
+  flag = jax.lax.psum(others, axis) > 0
   if not top_k:
-    return (rank,)
+    return rank, flag
 
   # Top-R pass for MAP@R: local top-k, merged across devices. top_k keeps the lower
   # index first among equal values, and shards are contiguous, so the merged order is
@@ -205,6 +231,13 @@ def _block_fn(
   keep = (ixg != q_self[:, None]) & (v > -jnp.inf)
   pos_in_list = jnp.cumsum(keep, axis=1) - 1  # 0-based rank among non-self items
   r = q_npos[:, None]
+  # Neighbours closer than the tolerance among the first R (and the item after them),
+  # where their order could matter: a positive next to a negative, or self between two
+  # items (swapping items of the same kind changes no metric).
+  kind = jnp.where(keep, (lab == q_labels[:, None]).astype(jnp.int32), 2)  # 2: self
+  differ = (kind[:, :-1] != kind[:, 1:]) | (kind[:, :-1] == 2) | (kind[:, 1:] == 2)
+  close = (v[:, :-1] - v[:, 1:] <= q_tol[:, None]) & (pos_in_list[:, :-1] < r) & differ
+  flag = flag | jnp.any(close, axis=1)
   rel = keep & ~was_nan & (lab == q_labels[:, None]) & (pos_in_list < r)
   hits_so_far = jnp.cumsum(rel, axis=1)
   prec = hits_so_far / (pos_in_list + 1).astype(jnp.float32)
@@ -212,7 +245,7 @@ def _block_fn(
   ap = jnp.sum(jnp.where(rel, prec, 0.0), axis=1) / denom
   rprec = jnp.sum(rel, axis=1) / denom
   p1 = jnp.any(rel & (pos_in_list == 0), axis=1).astype(jnp.float32)
-  return rank, ap, rprec, p1
+  return rank, flag, ap, rprec, p1
 
 
 def _top_k_by_runs(s, k, run_max=None):
@@ -251,11 +284,11 @@ def _compiled_block(mesh, n_gallery, top_k, may_overflow=True):
     num_shards=mesh.devices.size,
     may_overflow=may_overflow,
   )
-  n_out = 4 if top_k else 1
+  n_out = 5 if top_k else 2
   mapped = jax.shard_map(
     fn,
     mesh=mesh,
-    in_specs=(rep,) * 5 + (P(axis), P(axis)),
+    in_specs=(rep,) * 6 + (P(axis), P(axis)),
     out_specs=(rep,) * n_out,
     check_vma=False,
   )
@@ -282,14 +315,6 @@ def _run_blocks(fn, blocks, bs, gallery, rep):
       outs.append([np.asarray(o) for o in in_flight.pop(0)])
   outs.extend([np.asarray(o) for o in res] for res in in_flight)
   return [np.concatenate(c) for c in zip(*outs)]
-
-
-def _scores_finite(q, g):
-  """True when no score or partial sum can overflow float32: every |q_k g_k| and every
-  partial sum of a row's products is at most D max|q| max|g| (times 1 + D 2^-24 for
-  rounding), kept well below float32's 3.4e38. Then the NaN guard can be skipped."""
-  amax = lambda x: max(float(x.max()), -float(x.min())) if x.size else 0.0
-  return q.shape[1] * amax(q) * amax(g) < 1e37
 
 
 def _default_mesh():
@@ -326,7 +351,8 @@ def retrieval_metrics(
       matrix within this many bytes (64 MiB: host memory stays bounded for any gallery;
       raise it on an accelerator with memory to spare, for fewer, larger products).
     mesh: optional mesh; the gallery is sharded over all of its axes.
-    per_query: also return per-query arrays (`rank`, `valid`, and with map_at_r `ap`).
+    per_query: also return per-query arrays (`rank`, `valid`, and with map_at_r `ap`)
+      and `num_reranked_float64` (queries whose order a float32 score could not settle).
   Returns:
     dict with `recall@K` for each K, `map@r`, `r_precision`, `precision@1` (floats in
     [0, 1]), `num_queries` (queries scored) and `num_singleton_excluded` (queries with no
@@ -353,23 +379,81 @@ def retrieval_metrics(
   if ng == 0 or nq == 0:
     raise ValueError(f"empty query ({nq}) or gallery ({ng}) set")
 
-  mesh = mesh if mesh is not None else _default_mesh()
-  ndev = mesh.devices.size
   pos, npos = _positive_lists(ql, gl, self_exclude)
   has_pos = npos > 0
-  top_k = (int(npos.max()) + (1 if self_exclude else 0)) if map_at_r and has_pos.any() else 0
+  kw = dict(block_size=block_size, block_bytes=block_bytes, mesh=mesh)
+  # The top list: R items (+ self), + 1 to see the gap after the last one.
+  top_k = int(npos.max()) + (2 if self_exclude else 1) if map_at_r and has_pos.any() else 0
   top_k = min(top_k, ng)
+  finite = rerank.scores_finite(q, g)
+  tol = rerank.score_tolerance(q, g) if finite else np.full(nq, -1.0, np.float32)
+  q_self = np.arange(nq, dtype=np.int32) if self_exclude else np.full(nq, -1, np.int32)
+  cols = _device_pass(q, tol, q_self, pos, npos, ql, g, gl, top_k, not finite, **kw)
+  # Queries where float32 rounding could decide an order: ranked again by the same pass
+  # in float64 (on the device: GPUs and TPUs do float64 too), tolerance off.
+  redo = np.flatnonzero(cols[1] & has_pos)
+  if len(redo):
+    kw["block_bytes"] = max(1, block_bytes // 2)  # 8-byte scores
+    with jax.enable_x64(True):
+      again = _device_pass(
+        q[redo], np.full(len(redo), -1.0), q_self[redo], pos[redo], npos[redo], ql[redo],
+        g, gl, top_k, False, dtype=np.float64, **kw
+      )  # fmt: skip
+    for col, new in zip(cols, again):
+      col[redo] = new
 
+  rank = cols[0].astype(np.int64)
+  n = int(has_pos.sum())
+  res = {}
+  for k in ks:
+    res[f"recall@{k}"] = float(np.sum((rank < k) & has_pos) / n) if n else float("nan")
+  if top_k:
+    for name, col in zip(("map@r", "r_precision", "precision@1"), cols[2:]):
+      res[name] = float(np.sum(np.where(has_pos, col.astype(np.float64), 0.0)) / n)
+  elif map_at_r:
+    res.update({"map@r": float("nan"), "r_precision": float("nan"), "precision@1": float("nan")})
+  res["num_queries"] = n
+  res["num_singleton_excluded"] = int(nq - n)
+  if per_query:
+    res["num_reranked_float64"] = int(len(redo))
+    res["rank"] = np.where(has_pos, rank, -1)
+    res["valid"] = has_pos
+    if top_k:
+      res["ap"] = cols[2]
+  return res
+
+
+def _device_pass(
+  q,
+  tol,
+  q_self,
+  pos,
+  npos,
+  ql,
+  g,
+  gl,
+  top_k,
+  may_overflow,
+  *,
+  block_size,
+  block_bytes,
+  mesh,
+  dtype=np.float32,
+):
+  """All query blocks through `_block_fn`, scores in `dtype`: its outputs `[Nq]` each,
+  as host arrays. q_self: `[Nq]` gallery index of each query itself, or -1."""
+  nq, ng = q.shape[0], g.shape[0]
+  mesh = mesh if mesh is not None else _default_mesh()
+  ndev = mesh.devices.size
   # Gallery: padded to whole runs on every device, sharded over the whole mesh.
   g_rows = -(-ng // (ndev * _RUN)) * ndev * _RUN
-  g_pad = np.zeros((g_rows, g.shape[1]), np.float32)
+  g_pad = np.zeros((g_rows, g.shape[1]), dtype)
   g_pad[:ng] = g
   gl_pad = np.zeros((g_rows,), np.int32)
   gl_pad[:ng] = gl.astype(np.int32)
   shard = NamedSharding(mesh, P(mesh.axis_names))
-  g_dev = jax.device_put(g_pad, shard)
-  gl_dev = jax.device_put(gl_pad, shard)
-  fn = _compiled_block(mesh, ng, top_k, not _scores_finite(q, g))
+  gallery = (jax.device_put(g_pad, shard), jax.device_put(gl_pad, shard))
+  fn = _compiled_block(mesh, ng, top_k, may_overflow)
 
   # Queries: padded to whole blocks so every block has one shape (one compilation).
   bs = _block_rows(block_size, nq, g_rows // ndev, block_bytes)
@@ -382,32 +466,11 @@ def retrieval_metrics(
     out[:nq] = x
     return out
 
-  q_all = padded(q, 0.0)
-  self_all = padded(
-    np.arange(nq, dtype=np.int32) if self_exclude else np.full(nq, -1, np.int32), -1
-  )
-  blocks = (q_all, self_all, padded(pos, -1), padded(ql.astype(np.int32), 0), padded(npos, 0))
-  cols = _run_blocks(fn, blocks, bs, (g_dev, gl_dev), NamedSharding(mesh, P()))
-  cols = [c[:nq] for c in cols]
-
-  rank = cols[0].astype(np.int64)
-  n = int(has_pos.sum())
-  res = {}
-  for k in ks:
-    res[f"recall@{k}"] = float(np.sum((rank < k) & has_pos) / n) if n else float("nan")
-  if top_k:
-    for name, col in zip(("map@r", "r_precision", "precision@1"), cols[1:]):
-      res[name] = float(np.sum(np.where(has_pos, col.astype(np.float64), 0.0)) / n)
-  elif map_at_r:
-    res.update({"map@r": float("nan"), "r_precision": float("nan"), "precision@1": float("nan")})
-  res["num_queries"] = n
-  res["num_singleton_excluded"] = int(nq - n)
-  if per_query:
-    res["rank"] = np.where(has_pos, rank, -1)
-    res["valid"] = has_pos
-    if top_k:
-      res["ap"] = cols[1]
-  return res
+  blocks = (padded(q.astype(dtype), 0.0), padded(tol.astype(dtype), -1.0))
+  blocks += (padded(q_self, -1), padded(pos, -1))
+  blocks += (padded(ql.astype(np.int32), 0), padded(npos, 0))
+  cols = _run_blocks(fn, blocks, bs, gallery, NamedSharding(mesh, P()))
+  return [c[:nq] for c in cols]
 
 
 def recall_at_k(
