@@ -9,9 +9,11 @@ distribution shift and undo it per dimension, without any extra forward pass:
 
 where m_M, s_M are the per-dimension mean and standard deviation of the
 memory's valid rows and m_B, s_B those of the current batch (or a smoothed
-estimate of them, for small batches). The paper smooths the batch moments with a
-Kalman filter; this module offers the exponential moving average (`init` /
-`update`), the simple variant, and any other estimate can be passed in.
+estimate of them, for small batches). This is the formula as stated above, per
+dimension (diagonal moments), with population variances; the paper smooths the
+batch moments with a Kalman filter, which is not implemented here: this module
+offers the exponential moving average (`init` / `update`), the simple variant,
+and any other estimate of the batch moments can be passed in instead.
 
     mean_b, var_b, _ = drift_correction.moments(batch.emb, valid_mask(batch))
     ema = drift_correction.update(ema, mean_b, var_b, decay=0.9)   # optional
