@@ -9,9 +9,11 @@ total, mem, aux = xbm_jax.losses.xbm_total_loss(batch, batch, mem, step=t, start
 
 Your own pair loss, written once, with the memory (replicated or sharded):
 `xbm_jax.pairs.pair_loss` / `xbm_jax.pairs.reduction_loss`.
+Stale memory entries moved to the current batch's moments (cross batch normalization):
+`xbm_jax.drift_correction.match_moments`.
 """
 
-from xbm_jax import losses, memory, pairs, sharded_memory
+from xbm_jax import drift_correction, losses, memory, pairs, sharded_memory
 from xbm_jax.embeddings import Embeddings, l2_normalize
 from xbm_jax.memory import MemoryState
 
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
   "Embeddings",
   "MemoryState",
+  "drift_correction",
   "losses",
   "memory",
   "pairs",
