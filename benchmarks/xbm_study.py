@@ -74,6 +74,9 @@ class Arm:
   # The arm of the same stage this one's paired differences are taken against (same
   # seed, each at its own chosen grid point); "" for none.
   baseline: str = ""
+  # "stage/arm": train at that arm's chosen grid point (read from its tuning runs), for
+  # controls of a tuned arm; the point joins `fixed` when the arm is resolved.
+  at_chosen_of: str = ""
 
 
 def _batch_arms(stage, loss, lrs, sizes=(32, 64, 128, 256)):
@@ -252,6 +255,36 @@ def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2), steps=200):
   return out
 
 
+def _cjk_control_arms():
+  """Controls of the multi-similarity memory arm on the testbed, each at the lr that arm
+  chose on val, paired with the no-memory arm (also at its own choice):
+  - fresh: the memory re-embedded from the current model every 50 updates (the whole
+    train set, `xbm.refresh_every`): no entry is older than 50 updates, the bound of any
+    staleness fix;
+  - delayed: the memory switched on at update 100 of 200 (filled from the model then);
+  - weight 0.3: the memory term down-weighted."""
+  at = {"at_chosen_of": "cjk/ms_memory", "baseline": "cjk/ms_no_memory", **CJK}
+  mem = {"loss.name": "multi_similarity", "train.steps": 200, "xbm.enabled": True}
+  return [
+    Arm("cjk_controls", "ms_memory_fresh50", {**mem, "xbm.refresh_every": 50}, {}, **at),
+    Arm("cjk_controls", "ms_memory_start100", {**mem, "xbm.start_step": 100}, {}, **at),
+    Arm("cjk_controls", "ms_memory_weight0.3", {**mem, "xbm.weight": 0.3}, {}, **at),
+  ]
+
+
+def resolve(out: str, arm: Arm, all_arms: list[Arm]) -> Arm | None:
+  """`arm` with its `at_chosen_of` arm's chosen point in `fixed` (None while that arm's
+  tuning runs are unfinished); other arms unchanged."""
+  if not arm.at_chosen_of:
+    return arm
+  stage, name = arm.at_chosen_of.split("/")
+  parent = next(a for a in all_arms if (a.stage, a.name) == (stage, name))
+  row = summarize(out, parent)
+  if row is None:
+    return None
+  return dataclasses.replace(arm, fixed={**arm.fixed, **row["chosen"]})
+
+
 def _with_baselines(arms_: list[Arm]) -> list[Arm]:
   """Arms of a stage with a no-memory arm ("no_memory", or memsize's "size_0") and no
   baseline of their own take it as their paired baseline."""
@@ -303,6 +336,7 @@ def arms(smoke: bool) -> list[Arm]:
     )
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
     + _cjk_arms()
+    + _cjk_control_arms()
   )
 
 
@@ -617,7 +651,8 @@ def main(argv=None):
   )
   args = parser.parse_args(argv)
   stages = args.stage.split(",")
-  chosen = [a for st in stages for a in arms(args.smoke) if st in ("all", a.stage)]
+  every = arms(args.smoke)
+  chosen = [a for st in stages for a in every if st in ("all", a.stage)]
   if not chosen:
     parser.error(
       f"--stage {args.stage!r} names no arm; stages: {sorted({a.stage for a in arms(args.smoke)})}"
@@ -630,8 +665,11 @@ def main(argv=None):
     only = {int(x) for x in args.seeds.split(",")} if args.seeds else None
     names = set(filter(None, args.arms.split(",")))
     for arm in (a for a in chosen if not names or a.name in names):
-      run_arm(args.out, arm, args.smoke, only)
-  write_table(args.out, chosen)
+      resolved = resolve(args.out, arm, every)
+      if resolved is None:
+        sys.exit(f"{arm.stage}/{arm.name}: {arm.at_chosen_of} has not finished its tuning")
+      run_arm(args.out, resolved, args.smoke, only)
+  write_table(args.out, [r for r in (resolve(args.out, a, every) for a in chosen) if r])
 
 
 if __name__ == "__main__":
