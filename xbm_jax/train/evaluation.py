@@ -116,7 +116,13 @@ class EvalRunner:
     rng = np.random.default_rng(seed)
     n = min(size, len(source))
     idx = rng.choice(len(source), size=n, replace=False)
-    labels = np.asarray([int(source[int(i)]["label"]) for i in idx], np.int32)
+    # A source's label array when it has one: reading each record for its label would
+    # decode every image twice (tfds decodes on read).
+    labels = (
+      np.asarray(source.labels, np.int32)[idx]
+      if hasattr(source, "labels")
+      else np.asarray([int(source[int(i)]["label"]) for i in idx], np.int32)
+    )
     chunk = int(self.config.input.eval_batch_size)
     load = lambda lo: (
       lambda rows: np.stack(
