@@ -124,11 +124,16 @@ class EvalRunner:
       else np.asarray([int(source[int(i)]["label"]) for i in idx], np.int32)
     )
     chunk = int(self.config.input.eval_batch_size)
+
+    def read(indices):  # one batched read where the source has it (tfds does)
+      many = getattr(source, "__getitems__", None)
+      return many(indices) if many else [source[i] for i in indices]
+
     load = lambda lo: (
       lambda rows: np.stack(
         [
-          transforms.eval_transform(np.asarray(source[int(idx[lo + r])]["image"]), self.tcfg)
-          for r in rows
+          transforms.eval_transform(np.asarray(rec["image"]), self.tcfg)
+          for rec in read([int(idx[lo + r]) for r in rows])
         ]
       )
     )
