@@ -645,6 +645,9 @@ def main(argv=None):
   parser.add_argument("--stage", default="all", help="a stage, a comma list, or all")
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--arms", default="", help="run only these arms (comma list of names)")
+  parser.add_argument(
+    "--point", default="", help="run only this tuning point on seed 0, e.g. optim.lr=0.01"
+  )
   parser.add_argument("--seeds", default="", help="run only these seeds, e.g. 0 or 1,2")
   parser.add_argument(
     "--prune", action="store_true", help="compact: delete the run directories' record files"
@@ -668,6 +671,12 @@ def main(argv=None):
       resolved = resolve(args.out, arm, every)
       if resolved is None:
         sys.exit(f"{arm.stage}/{arm.name}: {arm.at_chosen_of} has not finished its tuning")
+      if args.point:  # one tuning run (two drivers can split an arm's grid)
+        key, _, value = args.point.partition("=")
+        for p in grid_points(resolved):
+          if _fmt(p.get(key)) == _fmt(float(value)):
+            launch(args.out, resolved, p, resolved.seeds[0], args.smoke)
+        continue
       run_arm(args.out, resolved, args.smoke, only)
   write_table(args.out, [r for r in (resolve(args.out, a, every) for a in chosen) if r])
 
