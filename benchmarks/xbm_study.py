@@ -48,6 +48,7 @@ import study_records  # benchmarks/, next to this script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
+MAP = "eval/test/map@r"
 SEEDS = (0, 1, 2)
 # What a run's code is: the tree's files under these (dirty = any of them edited).
 CODE = ("xbm_jax", "configs", "scripts", "benchmarks/*.py")
@@ -412,13 +413,19 @@ def val_score(rec: dict) -> float:
   return rec["last"].get(VAL, 0.0) if rec["status"] == "ok" else 0.0
 
 
-def run_arm(out: str, arm: Arm, smoke: bool, only_seeds=None) -> None:
+def run_arm(out: str, arm: Arm, smoke: bool, only_seeds=None, tune: bool = True) -> None:
   """Tunes on seed 0 (unless the grid is one point), then runs the chosen point's seeds;
-  `only_seeds` restricts the latter (two drivers can split one stage's seeds)."""
+  `only_seeds` restricts the latter (two drivers can split one stage's seeds). With
+  `tune=False` no tuning run is started: the seeds run at the best finished point."""
   seeds = arm.seeds[:1] if smoke else arm.seeds
   points = grid_points(arm)
   best = points[0]
-  if len(points) > 1:
+  if not tune:
+    row = summarize(out, arm)
+    if row is None:
+      raise RuntimeError(f"{arm.stage}/{arm.name}: no finished tuning run to choose from")
+    best = row["chosen"]
+  elif len(points) > 1:
     scores = [val_score(launch(out, arm, p, seeds[0], smoke)) for p in points]
     best = points[int(np.argmax(scores))]
   for seed in seeds:
@@ -432,13 +439,15 @@ def _mean_std(values) -> str:
 
 
 def summarize(out: str, arm: Arm) -> dict | None:
-  """The arm's tuning scores, chosen point and per-seed records (None if not run)."""
+  """The arm's tuning scores, chosen point and per-seed records (None if no tuning run
+  has finished). A grid point not run yet is listed as such and the choice is made among
+  the finished ones."""
   points = grid_points(arm)
   tuning = [read_run(out, run_name(arm, p, arm.seeds[0])) for p in points]
-  if any(r is None for r in tuning):
+  done = [(p, r) for p, r in zip(points, tuning) if r is not None]
+  if not done:
     return None
-  scores = [val_score(r) for r in tuning]
-  best = points[int(np.argmax(scores))]
+  best = done[int(np.argmax([val_score(r) for _, r in done]))][0]
   by_seed = {s: read_run(out, run_name(arm, best, s)) for s in arm.seeds}
   by_seed = {s: r for s, r in by_seed.items() if r is not None and r["status"] == "ok"}
   recs = list(by_seed.values())
@@ -451,10 +460,12 @@ def summarize(out: str, arm: Arm) -> dict | None:
     "chosen": best,
     "seeds": len(recs),
     "tuning": [
-      {"point": p, "val_r1": sc, "status": r["status"]} for p, sc, r in zip(points, scores, tuning)
+      {"point": p, "val_r1": val_score(r) if r else None, "status": r["status"] if r else "not run"}
+      for p, r in zip(points, tuning)
     ],
     "baseline": arm.baseline,
     "seed_test_r1": {s: r["last"][TEST] for s, r in by_seed.items() if TEST in r["last"]},
+    "seed_test_map": {s: r["last"][MAP] for s, r in by_seed.items() if MAP in r["last"]},
     "commits": sorted({_commit(r) for r in recs}),
     "test_r1": col(TEST),
     "test_r8": col("eval/test/recall@8"),
@@ -484,7 +495,12 @@ def add_paired(rows: list[dict]) -> None:
     stage, _, arm = r["baseline"].rpartition("/")  # "arm", or "stage/arm" elsewhere
     base = by_name.get((stage or r["stage"], arm)) if arm else None
     r["paired"] = base and study_records.paired(r["seed_test_r1"], base["seed_test_r1"])
+    r["paired_map"] = base and study_records.paired(r["seed_test_map"], base["seed_test_map"])
     r["gain"] = study_records.gain_counts(r["paired"])
+
+
+def _pm(p: dict | None) -> str:
+  return "–" if not p else f"{p['mean']:+.4f} ± {p['std']:.4f}"
 
 
 def _paired_md(rows: list[dict]) -> str:
@@ -494,8 +510,8 @@ def _paired_md(rows: list[dict]) -> str:
     "2x its std, over >= 3 seeds:",
     "",
     "| stage | arm | baseline | seeds | per seed | mean ± std | positive on every seed "
-    "| gain counts | commits |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| gain counts | MAP@R: mean ± std | commits |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     p = r.get("paired")
@@ -505,9 +521,24 @@ def _paired_md(rows: list[dict]) -> str:
     lines.append(
       f"| {r['stage']} | {r['arm']} | {r['baseline']} | {len(p['seeds'])} | {per} | "
       f"{p['mean']:+.4f} ± {p['std']:.4f} | {'yes' if p['all_positive'] else 'no'} | "
-      f"{'yes' if r['gain'] else 'no'} | {', '.join(r['commits'])} |"
+      f"{'yes' if r['gain'] else 'no'} | {_pm(r['paired_map'])} | {', '.join(r['commits'])} |"
     )
   return "\n".join(lines) + "\n" if len(lines) > 6 else ""
+
+
+def _grid_note(tuning: list[dict], chosen: dict) -> str:
+  """ " (k of n run)" when some grid points have not run; " (edge: lr)" naming each key
+  whose chosen value is the first or last of its (multi-valued) grid."""
+  if len(tuning) < 2:
+    return ""
+  ran = sum(t["val_r1"] is not None for t in tuning)
+  note = f" ({ran} of {len(tuning)} run)" if ran < len(tuning) else ""
+  edges = []
+  for key, value in chosen.items():
+    values = sorted({t["point"][key] for t in tuning})
+    if len(values) > 1 and value in (values[0], values[-1]):
+      edges.append(key.split(".")[-1])
+  return note + (f" (edge: {', '.join(edges)})" if edges else "")
 
 
 def _table_md(rows: list[dict]) -> str:
@@ -518,6 +549,7 @@ def _table_md(rows: list[dict]) -> str:
   lines = [head]
   for r in rows:
     chosen = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in r["chosen"].items())
+    chosen += _grid_note(r["tuning"], r["chosen"])
     lines.append(
       f"| {r['stage']} | {r['arm']} | {chosen} | {r['seeds']} | "
       f"{max(r['steps'], default=0)} | {_mean_std(r['test_r1'])} | "
@@ -536,7 +568,8 @@ def _table_md(rows: list[dict]) -> str:
   for r in rows:
     for t in r["tuning"]:
       pt = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in t["point"].items())
-      lines.append(f"| {r['stage']}/{r['arm']} | {pt} | {t['val_r1']:.4f} | {t['status']} |")
+      val = "–" if t["val_r1"] is None else f"{t['val_r1']:.4f}"
+      lines.append(f"| {r['stage']}/{r['arm']} | {pt} | {val} | {t['status']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -646,6 +679,11 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--arms", default="", help="run only these arms (comma list of names)")
   parser.add_argument(
+    "--no_more_tuning",
+    action="store_true",
+    help="run seeds at the best finished tuning point, starting no tuning run",
+  )
+  parser.add_argument(
     "--point", default="", help="run only this tuning point on seed 0, e.g. optim.lr=0.01"
   )
   parser.add_argument("--seeds", default="", help="run only these seeds, e.g. 0 or 1,2")
@@ -677,7 +715,7 @@ def main(argv=None):
           if _fmt(p.get(key)) == _fmt(float(value)):
             launch(args.out, resolved, p, resolved.seeds[0], args.smoke)
         continue
-      run_arm(args.out, resolved, args.smoke, only)
+      run_arm(args.out, resolved, args.smoke, only, tune=not args.no_more_tuning)
   write_table(args.out, [r for r in (resolve(args.out, a, every) for a in chosen) if r])
 
 
