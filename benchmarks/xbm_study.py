@@ -259,15 +259,15 @@ def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2), steps=200):
 def _cjk_control_arms():
   """Controls of the multi-similarity memory arm on the testbed, each at the lr that arm
   chose on val, paired with the no-memory arm (also at its own choice):
-  - fresh: the memory re-embedded from the current model every 50 updates (the whole
-    train set, `xbm.refresh_every`): no entry is older than 50 updates, the bound of any
-    staleness fix;
+  - fresh: the memory re-embedded from the current model every 100 updates (the whole
+    train set, `xbm.refresh_every`; at update 0 and 100 of 200): no entry is older than
+    100 updates against up to 200 (a bound on what a staleness fix can give here);
   - delayed: the memory switched on at update 100 of 200 (filled from the model then);
   - weight 0.3: the memory term down-weighted."""
   at = {"at_chosen_of": "cjk/ms_memory", "baseline": "cjk/ms_no_memory", **CJK}
   mem = {"loss.name": "multi_similarity", "train.steps": 200, "xbm.enabled": True}
   return [
-    Arm("cjk_controls", "ms_memory_fresh50", {**mem, "xbm.refresh_every": 50}, {}, **at),
+    Arm("cjk_controls", "ms_memory_fresh100", {**mem, "xbm.refresh_every": 100}, {}, **at),
     Arm("cjk_controls", "ms_memory_start100", {**mem, "xbm.start_step": 100}, {}, **at),
     Arm("cjk_controls", "ms_memory_weight0.3", {**mem, "xbm.weight": 0.3}, {}, **at),
   ]
