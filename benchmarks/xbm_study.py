@@ -249,7 +249,8 @@ def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2), steps=200):
         f"{tag}_memory",
         {**base, "xbm.enabled": True},
         {"optim.lr": lrs},
-        baseline=f"{tag}_no_memory",
+        # Also against the other loss's no-memory arm: the best baseline of any loss.
+        baseline=f"{tag}_no_memory|{'contrastive' if tag == 'ms' else 'ms'}_no_memory",
         **CJK,
       ),
     ]
@@ -264,7 +265,7 @@ def _cjk_control_arms():
     100 updates against up to 200 (a bound on what a staleness fix can give here);
   - delayed: the memory switched on at update 100 of 200 (filled from the model then);
   - weight 0.3: the memory term down-weighted."""
-  at = {"at_chosen_of": "cjk/ms_memory", "baseline": "cjk/ms_no_memory", **CJK}
+  at = {"at_chosen_of": "cjk/ms_memory", "baseline": "cjk/ms_no_memory|cjk/ms_memory", **CJK}
   mem = {"loss.name": "multi_similarity", "train.steps": 200, "xbm.enabled": True}
   return [
     Arm("cjk_controls", "ms_memory_fresh100", {**mem, "xbm.refresh_every": 100}, {}, **at),
@@ -488,15 +489,25 @@ def _commit(rec: dict) -> str:
 
 
 def add_paired(rows: list[dict]) -> None:
-  """Each row with a baseline gets `paired`: its per-seed test R@1 minus the baseline
-  row's (same stage, same seed; study_records.paired) and `gain` (the decision rule)."""
+  """Each row with a baseline gets `pairs`: for each baseline ("arm" of its stage or
+  "stage/arm"; several joined by "|") its per-seed test R@1 and MAP@R minus the baseline
+  row's (same seed; study_records.paired) and whether the gain counts (the decision
+  rule). `paired` / `gain`: those of the first baseline."""
   by_name = {(r["stage"], r["arm"]): r for r in rows}
   for r in rows:
-    stage, _, arm = r["baseline"].rpartition("/")  # "arm", or "stage/arm" elsewhere
-    base = by_name.get((stage or r["stage"], arm)) if arm else None
-    r["paired"] = base and study_records.paired(r["seed_test_r1"], base["seed_test_r1"])
-    r["paired_map"] = base and study_records.paired(r["seed_test_map"], base["seed_test_map"])
-    r["gain"] = study_records.gain_counts(r["paired"])
+    r["pairs"] = []
+    for name in filter(None, r["baseline"].split("|")):
+      stage, _, arm = name.rpartition("/")
+      base = by_name.get((stage or r["stage"], arm))
+      if base is None:
+        continue
+      p = study_records.paired(r["seed_test_r1"], base["seed_test_r1"])
+      pm = study_records.paired(r["seed_test_map"], base["seed_test_map"])
+      r["pairs"].append(
+        {"baseline": name, "r1": p, "map": pm, "gain": study_records.gain_counts(p)}
+      )
+    first = r["pairs"][0] if r["pairs"] else {"r1": None, "gain": False}
+    r["paired"], r["gain"] = first["r1"], first["gain"]
 
 
 def _pm(p: dict | None) -> str:
@@ -514,15 +525,16 @@ def _paired_md(rows: list[dict]) -> str:
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
-    p = r.get("paired")
-    if not p:
-      continue
-    per = " / ".join(f"{d:+.4f}" for d in p["diffs"])
-    lines.append(
-      f"| {r['stage']} | {r['arm']} | {r['baseline']} | {len(p['seeds'])} | {per} | "
-      f"{p['mean']:+.4f} ± {p['std']:.4f} | {'yes' if p['all_positive'] else 'no'} | "
-      f"{'yes' if r['gain'] else 'no'} | {_pm(r['paired_map'])} | {', '.join(r['commits'])} |"
-    )
+    for pair in r["pairs"]:
+      p = pair["r1"]
+      if not p:
+        continue
+      per = " / ".join(f"{d:+.4f}" for d in p["diffs"])
+      lines.append(
+        f"| {r['stage']} | {r['arm']} | {pair['baseline']} | {len(p['seeds'])} | {per} | "
+        f"{p['mean']:+.4f} ± {p['std']:.4f} | {'yes' if p['all_positive'] else 'no'} | "
+        f"{'yes' if pair['gain'] else 'no'} | {_pm(pair['map'])} | {', '.join(r['commits'])} |"
+      )
   return "\n".join(lines) + "\n" if len(lines) > 6 else ""
 
 
