@@ -55,7 +55,7 @@ def test_smoke_study_tunes_on_val_and_tabulates_test(tmp_path):
   base = os.path.join(out, "smoke", "no_memory", "lr0.001", "s0")
   assert _last(base, "train/loss_xbm") == 0.0
   table = open(os.path.join(out, "study.md")).read()
-  assert f"| smoke | memory | lr={float(best):g} | 1 |" in table
+  assert f"| smoke | memory | lr={float(best):g} (edge: lr) | 1 |" in table  # a 2-point grid
   # The extending arm resumed the 6-step baseline (its log begins with the source's
   # lines) and went on to 8 steps.
   longer = os.path.join(out, "smoke", "no_memory_longer", "s0")
