@@ -28,6 +28,12 @@ Stages (each a list of arms; `--stage all` runs them in order):
 - long: the pretrained regime for 4,000 steps (10x), val R@1 every 200 steps.
 - long8k: the long stage's no-memory and summed-memory runs resumed to 8,000 steps (20x).
 - batch_size_ms: the batch-size curve with multi-similarity (defined, not run yet).
+- cjk: the SOP-shaped testbed (`configs/cjk.py`, OUT = benchmarks/out/cjk): contrastive
+  and multi-similarity, without and with the whole-train-set memory, 200 steps.
+- cjk_controls: the multi-similarity memory arm's controls (fresh-memory oracle, delayed
+  start, weight 0.3) at its chosen lr.
+
+    python benchmarks/xbm_study.py compact --out OUT --stage S --prune   # OUT/S.runs.jsonl
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ whole train set (50,000 slots, filled from the model at step 0, as on SOP: 55,00
 Measured (benchmarks/xbm_study.py --stage cjk, lr chosen on val, test R@1 on seeds
 0 / 1 / 2, 2 shared CPU cores): `:ms_xbm` 0.9327 / 0.9373 / 0.9273; multi-similarity
 without the memory 0.8939 / 0.8741 / 0.8819: paired +4.9 ± 1.3 points, positive on every
-seed (MAP@R +9.9 ± 2.6). Against contrastive without the memory: README.
+seed (MAP@R +9.9 ± 2.6). Contrastive without the memory (lr 1e-3, its val choice):
+0.9297 / 0.9235 / 0.9287: `:ms_xbm` minus it +0.5 ± 0.8, not a gain over the best baseline.
 Variants: `:seed=N`, `:loss=...`, `:memory`, `:data_dir=...`, `:smoke` (a few steps;
 needs a built dataset, e.g. the tiny one of tests/data_builders/test_glyph_testbed.py).
 """
