@@ -28,6 +28,12 @@ Stages (each a list of arms; `--stage all` runs them in order):
 - long: the pretrained regime for 4,000 steps (10x), val R@1 every 200 steps.
 - long8k: the long stage's no-memory and summed-memory runs resumed to 8,000 steps (20x).
 - batch_size_ms: the batch-size curve with multi-similarity (defined, not run yet).
+- cjk: the SOP-shaped testbed (`configs/cjk.py`, OUT = benchmarks/out/cjk): contrastive
+  and multi-similarity, without and with the whole-train-set memory, 200 steps.
+- cjk_controls: the multi-similarity memory arm's controls (fresh-memory oracle, delayed
+  start, weight 0.3) at its chosen lr.
+
+    python benchmarks/xbm_study.py compact --out OUT --stage S --prune   # OUT/S.runs.jsonl
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ import study_records  # benchmarks/, next to this script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
+MAP = "eval/test/map@r"
 SEEDS = (0, 1, 2)
 # What a run's code is: the tree's files under these (dirty = any of them edited).
 CODE = ("xbm_jax", "configs", "scripts", "benchmarks/*.py")
@@ -74,6 +81,9 @@ class Arm:
   # The arm of the same stage this one's paired differences are taken against (same
   # seed, each at its own chosen grid point); "" for none.
   baseline: str = ""
+  # "stage/arm": train at that arm's chosen grid point (read from its tuning runs), for
+  # controls of a tuned arm; the point joins `fixed` when the arm is resolved.
+  at_chosen_of: str = ""
 
 
 def _batch_arms(stage, loss, lrs, sizes=(32, 64, 128, 256)):
@@ -229,30 +239,59 @@ CJK = {"config": "cjk.py", "variant": ""}  # configs/cjk.py, the SOP-shaped test
 LOSS_TAGS = {"contrastive": "contrastive", "multi_similarity": "ms"}
 
 
-def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2)):
+def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2), steps=200):
   """The SOP-shaped testbed (`configs/cjk.py`): contrastive and multi-similarity, each
   without and with the memory (the whole train set, 50,000 images, filled from the
-  pretrained model at step 0, weight 1), lr tuned per arm on val."""
+  pretrained model at step 0, weight 1), lr tuned per arm on val. 200 steps (~2 epochs
+  of the train set at B = 64): what the shared 2 cores allowed (a 400-step run took
+  ~30 min there); val R@1 had flattened by step 200 in the first 400-step runs."""
   out = []
   for loss, tag in LOSS_TAGS.items():
+    base = {"loss.name": loss, "train.steps": steps}
     out += [
-      Arm(
-        "cjk",
-        f"{tag}_no_memory",
-        {"loss.name": loss, "xbm.enabled": False},
-        {"optim.lr": lrs},
-        **CJK,
-      ),
+      Arm("cjk", f"{tag}_no_memory", {**base, "xbm.enabled": False}, {"optim.lr": lrs}, **CJK),
       Arm(
         "cjk",
         f"{tag}_memory",
-        {"loss.name": loss, "xbm.enabled": True},
+        {**base, "xbm.enabled": True, "xbm.prefill": True},
         {"optim.lr": lrs},
-        baseline=f"{tag}_no_memory",
+        # Also against the other loss's no-memory arm: the best baseline of any loss.
+        baseline=f"{tag}_no_memory|{'contrastive' if tag == 'ms' else 'ms'}_no_memory",
         **CJK,
       ),
     ]
   return out
+
+
+def _cjk_control_arms():
+  """Controls of the multi-similarity memory arm on the testbed, each at the lr that arm
+  chose on val, paired with the no-memory arm (also at its own choice):
+  - fresh: the memory re-embedded from the current model every 100 updates (the whole
+    train set, `xbm.refresh_every`; at update 0 and 100 of 200): no entry is older than
+    100 updates against up to 200 (a bound on what a staleness fix can give here);
+  - delayed: the memory switched on at update 100 of 200 (filled from the model then);
+  - weight 0.3: the memory term down-weighted."""
+  at = {"at_chosen_of": "cjk/ms_memory", "baseline": "cjk/ms_no_memory|cjk/ms_memory", **CJK}
+  mem = {"loss.name": "multi_similarity", "train.steps": 200, "xbm.enabled": True}
+  mem["xbm.prefill"] = True
+  return [
+    Arm("cjk_controls", "ms_memory_fresh100", {**mem, "xbm.refresh_every": 100}, {}, **at),
+    Arm("cjk_controls", "ms_memory_start100", {**mem, "xbm.start_step": 100}, {}, **at),
+    Arm("cjk_controls", "ms_memory_weight0.3", {**mem, "xbm.weight": 0.3}, {}, **at),
+  ]
+
+
+def resolve(out: str, arm: Arm, all_arms: list[Arm]) -> Arm | None:
+  """`arm` with its `at_chosen_of` arm's chosen point in `fixed` (None while that arm's
+  tuning runs are unfinished); other arms unchanged."""
+  if not arm.at_chosen_of:
+    return arm
+  stage, name = arm.at_chosen_of.split("/")
+  parent = next(a for a in all_arms if (a.stage, a.name) == (stage, name))
+  row = summarize(out, parent)
+  if row is None:
+    return None
+  return dataclasses.replace(arm, fixed={**arm.fixed, **row["chosen"]})
 
 
 def _with_baselines(arms_: list[Arm]) -> list[Arm]:
@@ -306,6 +345,7 @@ def arms(smoke: bool) -> list[Arm]:
     )
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
     + _cjk_arms()
+    + _cjk_control_arms()
   )
 
 
@@ -381,13 +421,19 @@ def val_score(rec: dict) -> float:
   return rec["last"].get(VAL, 0.0) if rec["status"] == "ok" else 0.0
 
 
-def run_arm(out: str, arm: Arm, smoke: bool, only_seeds=None) -> None:
+def run_arm(out: str, arm: Arm, smoke: bool, only_seeds=None, tune: bool = True) -> None:
   """Tunes on seed 0 (unless the grid is one point), then runs the chosen point's seeds;
-  `only_seeds` restricts the latter (two drivers can split one stage's seeds)."""
+  `only_seeds` restricts the latter (two drivers can split one stage's seeds). With
+  `tune=False` no tuning run is started: the seeds run at the best finished point."""
   seeds = arm.seeds[:1] if smoke else arm.seeds
   points = grid_points(arm)
   best = points[0]
-  if len(points) > 1:
+  if not tune:
+    row = summarize(out, arm)
+    if row is None:
+      raise RuntimeError(f"{arm.stage}/{arm.name}: no finished tuning run to choose from")
+    best = row["chosen"]
+  elif len(points) > 1:
     scores = [val_score(launch(out, arm, p, seeds[0], smoke)) for p in points]
     best = points[int(np.argmax(scores))]
   for seed in seeds:
@@ -401,13 +447,15 @@ def _mean_std(values) -> str:
 
 
 def summarize(out: str, arm: Arm) -> dict | None:
-  """The arm's tuning scores, chosen point and per-seed records (None if not run)."""
+  """The arm's tuning scores, chosen point and per-seed records (None if no tuning run
+  has finished). A grid point not run yet is listed as such and the choice is made among
+  the finished ones."""
   points = grid_points(arm)
   tuning = [read_run(out, run_name(arm, p, arm.seeds[0])) for p in points]
-  if any(r is None for r in tuning):
+  done = [(p, r) for p, r in zip(points, tuning) if r is not None]
+  if not done:
     return None
-  scores = [val_score(r) for r in tuning]
-  best = points[int(np.argmax(scores))]
+  best = done[int(np.argmax([val_score(r) for _, r in done]))][0]
   by_seed = {s: read_run(out, run_name(arm, best, s)) for s in arm.seeds}
   by_seed = {s: r for s, r in by_seed.items() if r is not None and r["status"] == "ok"}
   recs = list(by_seed.values())
@@ -420,10 +468,12 @@ def summarize(out: str, arm: Arm) -> dict | None:
     "chosen": best,
     "seeds": len(recs),
     "tuning": [
-      {"point": p, "val_r1": sc, "status": r["status"]} for p, sc, r in zip(points, scores, tuning)
+      {"point": p, "val_r1": val_score(r) if r else None, "status": r["status"] if r else "not run"}
+      for p, r in zip(points, tuning)
     ],
     "baseline": arm.baseline,
     "seed_test_r1": {s: r["last"][TEST] for s, r in by_seed.items() if TEST in r["last"]},
+    "seed_test_map": {s: r["last"][MAP] for s, r in by_seed.items() if MAP in r["last"]},
     "commits": sorted({_commit(r) for r in recs}),
     "test_r1": col(TEST),
     "test_r8": col("eval/test/recall@8"),
@@ -446,14 +496,29 @@ def _commit(rec: dict) -> str:
 
 
 def add_paired(rows: list[dict]) -> None:
-  """Each row with a baseline gets `paired`: its per-seed test R@1 minus the baseline
-  row's (same stage, same seed; study_records.paired) and `gain` (the decision rule)."""
+  """Each row with a baseline gets `pairs`: for each baseline ("arm" of its stage or
+  "stage/arm"; several joined by "|") its per-seed test R@1 and MAP@R minus the baseline
+  row's (same seed; study_records.paired) and whether the gain counts (the decision
+  rule). `paired` / `gain`: those of the first baseline."""
   by_name = {(r["stage"], r["arm"]): r for r in rows}
   for r in rows:
-    stage, _, arm = r["baseline"].rpartition("/")  # "arm", or "stage/arm" elsewhere
-    base = by_name.get((stage or r["stage"], arm)) if arm else None
-    r["paired"] = base and study_records.paired(r["seed_test_r1"], base["seed_test_r1"])
-    r["gain"] = study_records.gain_counts(r["paired"])
+    r["pairs"] = []
+    for name in filter(None, r["baseline"].split("|")):
+      stage, _, arm = name.rpartition("/")
+      base = by_name.get((stage or r["stage"], arm))
+      if base is None:
+        continue
+      p = study_records.paired(r["seed_test_r1"], base["seed_test_r1"])
+      pm = study_records.paired(r["seed_test_map"], base["seed_test_map"])
+      r["pairs"].append(
+        {"baseline": name, "r1": p, "map": pm, "gain": study_records.gain_counts(p)}
+      )
+    first = r["pairs"][0] if r["pairs"] else {"r1": None, "gain": False}
+    r["paired"], r["gain"] = first["r1"], first["gain"]
+
+
+def _pm(p: dict | None) -> str:
+  return "–" if not p else f"{p['mean']:+.4f} ± {p['std']:.4f}"
 
 
 def _paired_md(rows: list[dict]) -> str:
@@ -463,20 +528,36 @@ def _paired_md(rows: list[dict]) -> str:
     "2x its std, over >= 3 seeds:",
     "",
     "| stage | arm | baseline | seeds | per seed | mean ± std | positive on every seed "
-    "| gain counts | commits |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| gain counts | MAP@R: mean ± std | commits |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
-    p = r.get("paired")
-    if not p:
-      continue
-    per = " / ".join(f"{d:+.4f}" for d in p["diffs"])
-    lines.append(
-      f"| {r['stage']} | {r['arm']} | {r['baseline']} | {len(p['seeds'])} | {per} | "
-      f"{p['mean']:+.4f} ± {p['std']:.4f} | {'yes' if p['all_positive'] else 'no'} | "
-      f"{'yes' if r['gain'] else 'no'} | {', '.join(r['commits'])} |"
-    )
+    for pair in r["pairs"]:
+      p = pair["r1"]
+      if not p:
+        continue
+      per = " / ".join(f"{d:+.4f}" for d in p["diffs"])
+      lines.append(
+        f"| {r['stage']} | {r['arm']} | {pair['baseline']} | {len(p['seeds'])} | {per} | "
+        f"{p['mean']:+.4f} ± {p['std']:.4f} | {'yes' if p['all_positive'] else 'no'} | "
+        f"{'yes' if pair['gain'] else 'no'} | {_pm(pair['map'])} | {', '.join(r['commits'])} |"
+      )
   return "\n".join(lines) + "\n" if len(lines) > 6 else ""
+
+
+def _grid_note(tuning: list[dict], chosen: dict) -> str:
+  """ " (k of n run)" when some grid points have not run; " (edge: lr)" naming each key
+  whose chosen value is the first or last of its (multi-valued) grid."""
+  if len(tuning) < 2:
+    return ""
+  ran = sum(t["val_r1"] is not None for t in tuning)
+  note = f" ({ran} of {len(tuning)} run)" if ran < len(tuning) else ""
+  edges = []
+  for key, value in chosen.items():
+    values = sorted({t["point"][key] for t in tuning})
+    if len(values) > 1 and value in (values[0], values[-1]):
+      edges.append(key.split(".")[-1])
+  return note + (f" (edge: {', '.join(edges)})" if edges else "")
 
 
 def _table_md(rows: list[dict]) -> str:
@@ -487,6 +568,7 @@ def _table_md(rows: list[dict]) -> str:
   lines = [head]
   for r in rows:
     chosen = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in r["chosen"].items())
+    chosen += _grid_note(r["tuning"], r["chosen"])
     lines.append(
       f"| {r['stage']} | {r['arm']} | {chosen} | {r['seeds']} | "
       f"{max(r['steps'], default=0)} | {_mean_std(r['test_r1'])} | "
@@ -505,7 +587,8 @@ def _table_md(rows: list[dict]) -> str:
   for r in rows:
     for t in r["tuning"]:
       pt = ", ".join(f"{k.split('.')[-1]}={v:g}" for k, v in t["point"].items())
-      lines.append(f"| {r['stage']}/{r['arm']} | {pt} | {t['val_r1']:.4f} | {t['status']} |")
+      val = "–" if t["val_r1"] is None else f"{t['val_r1']:.4f}"
+      lines.append(f"| {r['stage']}/{r['arm']} | {pt} | {val} | {t['status']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -614,13 +697,22 @@ def main(argv=None):
   parser.add_argument("--stage", default="all", help="a stage, a comma list, or all")
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--arms", default="", help="run only these arms (comma list of names)")
+  parser.add_argument(
+    "--no_more_tuning",
+    action="store_true",
+    help="run seeds at the best finished tuning point, starting no tuning run",
+  )
+  parser.add_argument(
+    "--point", default="", help="run only this tuning point on seed 0, e.g. optim.lr=0.01"
+  )
   parser.add_argument("--seeds", default="", help="run only these seeds, e.g. 0 or 1,2")
   parser.add_argument(
     "--prune", action="store_true", help="compact: delete the run directories' record files"
   )
   args = parser.parse_args(argv)
   stages = args.stage.split(",")
-  chosen = [a for st in stages for a in arms(args.smoke) if st in ("all", a.stage)]
+  every = arms(args.smoke)
+  chosen = [a for st in stages for a in every if st in ("all", a.stage)]
   if not chosen:
     parser.error(
       f"--stage {args.stage!r} names no arm; stages: {sorted({a.stage for a in arms(args.smoke)})}"
@@ -633,8 +725,17 @@ def main(argv=None):
     only = {int(x) for x in args.seeds.split(",")} if args.seeds else None
     names = set(filter(None, args.arms.split(",")))
     for arm in (a for a in chosen if not names or a.name in names):
-      run_arm(args.out, arm, args.smoke, only)
-  write_table(args.out, chosen)
+      resolved = resolve(args.out, arm, every)
+      if resolved is None:
+        sys.exit(f"{arm.stage}/{arm.name}: {arm.at_chosen_of} has not finished its tuning")
+      if args.point:  # one tuning run (two drivers can split an arm's grid)
+        key, _, value = args.point.partition("=")
+        for p in grid_points(resolved):
+          if _fmt(p.get(key)) == _fmt(float(value)):
+            launch(args.out, resolved, p, resolved.seeds[0], args.smoke)
+        continue
+      run_arm(args.out, resolved, args.smoke, only, tune=not args.no_more_tuning)
+  write_table(args.out, [r for r in (resolve(args.out, a, every) for a in chosen) if r])
 
 
 if __name__ == "__main__":

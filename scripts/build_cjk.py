@@ -1,10 +1,17 @@
-r"""Builds the SOP-shaped glyph testbed "cjk" as a tfds dataset (see xbm_jax/data/glyph_testbed.py).
+r"""Builds the SOP-shaped glyph testbed "cjk" as a tfds dataset (xbm_jax/data/glyph_testbed.py).
 
   apt-get install -y --no-install-recommends fonts-noto-cjk fonts-noto-cjk-extra \
-      fonts-arphic-ukai fonts-arphic-uming fonts-hanazono fonts-ipamj-mincho \
-      fonts-babelstone-han fonts-lxgw-wenkai fonts-wqy-zenhei fonts-wqy-microhei \
-      fonts-cwtex-kai fonts-cwtex-ming fonts-arphic-bkai00mp fonts-arphic-gkai00mp
-  python scripts/build_cjk.py          # -> ~/.cache/xbm_jax/tfds/cjk/1.0.0
+      fonts-wqy-zenhei fonts-wqy-microhei fonts-arphic-ukai fonts-arphic-uming \
+      fonts-hanazono fonts-ipamj-mincho fonts-babelstone-han fonts-lxgw-wenkai \
+      fonts-cwtex-kai fonts-cwtex-ming fonts-arphic-bkai00mp fonts-arphic-gkai00mp \
+      fonts-ipafont-mincho fonts-ipafont-gothic          # ~350 MB download
+  python scripts/build_cjk.py          # -> ~/.cache/xbm_jax/tfds/cjk/1.0.0 (85 MiB, ~4 min)
+
+With exactly these packages (Debian 12) it keeps 10 design families (one face each: Noto
+Sans / Serif CJK Medium, AR PL KaitiM Big5, AR PL UMing, cwTeXMing, HanaMinA, IPAmj
+Mincho, LXGW WenKai, WenQuanYi Micro Hei / Zen Hei; the others are near-duplicates) and
+20,663 characters with 5 of them: 10,000 train / 1,000 val / 9,663 test classes.
+`testbed.json` lists what a build kept.
 
 Writes the splits train / val / test (class-disjoint; label = global class id), a
 `testbed.json` (the characters of each split, the typefaces, the counts, the command)

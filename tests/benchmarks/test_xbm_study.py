@@ -55,7 +55,7 @@ def test_smoke_study_tunes_on_val_and_tabulates_test(tmp_path):
   base = os.path.join(out, "smoke", "no_memory", "lr0.001", "s0")
   assert _last(base, "train/loss_xbm") == 0.0
   table = open(os.path.join(out, "study.md")).read()
-  assert f"| smoke | memory | lr={float(best):g} | 1 |" in table
+  assert f"| smoke | memory | lr={float(best):g} (edge: lr) | 1 |" in table  # a 2-point grid
   # The extending arm resumed the 6-step baseline (its log begins with the source's
   # lines) and went on to 8 steps.
   longer = os.path.join(out, "smoke", "no_memory_longer", "s0")
@@ -66,3 +66,27 @@ def test_smoke_study_tunes_on_val_and_tabulates_test(tmp_path):
   assert longer_lines[: len(source_lines)] == source_lines
   assert json.loads(longer_lines[-1])["step"] == 8
   assert "resuming step 6" in open(os.path.join(longer, "train.log")).read()
+  # Each run records the commit of the code it ran; the memory arm is paired with the
+  # no-memory arm (same seed): its difference is the two runs' test R@1 difference.
+  head = subprocess.run(
+    ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout.strip()
+  rec = json.load(open(os.path.join(runs[best], "run.json")))
+  assert rec["commit"] == head and isinstance(rec["dirty"], bool)
+  diff = _last(runs[best], "eval/test/recall@1") - _last(base, "eval/test/recall@1")
+  assert rows["memory"]["paired"]["diffs"] == pytest.approx([diff])
+  assert "| smoke | memory | no_memory | 1 |" in open(os.path.join(out, "study.md")).read()
+  # Compacted, the stage's runs live in one file and the table rebuilds identically.
+  table_before = open(os.path.join(out, "study.md")).read()
+  script = os.path.join(ROOT, "benchmarks", "xbm_study.py")
+  for cmd in (["compact", "--prune"], ["table"]):
+    subprocess.run(
+      [sys.executable, script, cmd[0], "--out", out, "--smoke", *cmd[1:]],
+      check=True,
+      cwd=ROOT,
+      capture_output=True,
+      env=env,
+    )
+  assert not os.path.exists(os.path.join(runs[best], "run.json"))
+  assert os.path.isfile(os.path.join(out, "smoke.runs.jsonl"))
+  assert open(os.path.join(out, "study.md")).read() == table_before

@@ -112,11 +112,16 @@ class EvalRunner:
     idx = rng.choice(len(source), size=n, replace=False)
     labels = np.asarray(source.labels)[idx].astype(np.int32)  # no image decoded
     chunk = int(self.config.input.eval_batch_size)
+
+    def read(indices):  # one batched read where the source has it (tfds does)
+      many = getattr(source, "__getitems__", None)
+      return many(indices) if many else [source[i] for i in indices]
+
     load = lambda lo: (
       lambda rows: np.stack(
         [
-          transforms.eval_transform(np.asarray(source[int(idx[lo + r])]["image"]), self.tcfg)
-          for r in rows
+          transforms.eval_transform(np.asarray(rec["image"]), self.tcfg)
+          for rec in read([int(idx[lo + r]) for r in rows])
         ]
       )
     )
