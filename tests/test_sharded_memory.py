@@ -282,8 +282,6 @@ def test_clear_errors(mesh):
     sharded_memory.init(size=30, dim=D, n_shards=N)
   with pytest.raises(ValueError, match="ptr must be"):
     sharded_memory.put(memory.init(size=SIZE, dim=D), mesh)
-  with pytest.raises(ValueError, match="memory_sharding"):
-    sharded_memory.check_sharding("sharded_rows")
   with pytest.raises(ValueError, match="divisible"):
     sharded_memory.reshard(jax.device_get(sharded_memory.init(size=SIZE, dim=D, n_shards=N)), 3)
 

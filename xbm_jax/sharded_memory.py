@@ -48,14 +48,8 @@ from xbm_jax import memory as memory_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.memory import MemoryState
 
+# The values of config.xbm.memory_sharding (train/validation.py reads them here).
 MEMORY_SHARDING = ("replicated", "sharded")
-
-
-def check_sharding(name: str) -> str:
-  """Validates the config value `memory_sharding` ('replicated' or 'sharded')."""
-  if name not in MEMORY_SHARDING:
-    raise ValueError(f"config key memory_sharding must be one of {MEMORY_SHARDING}; got {name!r}")
-  return name
 
 
 def _check_divisible(size: int, n_shards: int) -> int:
