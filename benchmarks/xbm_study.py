@@ -1,4 +1,4 @@
-r"""The XBM study (issue 11): does the memory help on reachable data, measured fairly?
+r"""The XBM study: does the memory help on reachable data, measured fairly?
 
     python benchmarks/xbm_study.py run --out OUT [--stage batch_size|fair|...] [--smoke]
     python benchmarks/xbm_study.py table --out OUT      # OUT/study.md, study.json, *.png
@@ -19,7 +19,7 @@ Stages (each a list of arms; `--stage all` runs them in order):
 - fair: B = 64 from scratch, memory 8,192 switched on at step 100: no memory; the paper's
   summed memory term; the memory term averaged over its active pairs; the drift-aware
   auto start. lr (and weight) tuned per arm.
-- guard: the warm-start regime, memory on at step 100, the drift guard (issue 16).
+- guard: the warm-start regime, memory on at step 100, the drift guard.
 - pretrained: the paper's regime in miniature (`glyphs.py:study,pretrained`), lr tuned.
 - memsize: the pretrained regime, averaged term, memory 0 / 1k / 3k / 6k (whole train set).
 - margin: the pretrained regime, the contrastive margin tuned for no memory and the summed
@@ -155,7 +155,7 @@ def _memsize_arms(lr=3e-4):
 
 
 def _margin_arms(lr=3e-4):
-  """The pretrained regime with the contrastive margin tuned per arm (issue 11, item 3):
+  """The pretrained regime with the contrastive margin tuned per arm:
   many glyph negatives sit above cos 0.5, so the summed memory term over 6,000 slots is
   large; a higher margin leaves only the hard negatives active, as on SOP. Both arms get
   the same margin grid at lr 3e-4 (see `_memsize_arms` on that choice)."""
@@ -184,7 +184,7 @@ def _pretrained_batch_arms(lrs=(3e-4, 1e-3, 3e-3)):
 
 
 def _long_arms(lr=3e-4, steps=4000):
-  """The training-length question (issue 11, item 3): the pretrained regime for 10x the
+  """The training-length question: the pretrained regime for 10x the
   study's 400 steps, memory on from step 0, at lr 3e-4 (see `_memsize_arms`; not re-tuned
   for the long schedule). Val R@1 every 200 steps answers "does the memory's
   early loss turn into a gain later, and when"; test every 1,000 steps, reported at the end."""
@@ -218,7 +218,7 @@ def _long8k_arms():
 
 
 def _guard_arms():
-  """Issue 16, not a tuned comparison: the warm-start regime (the committed no-memory
+  """The drift guard, not a tuned comparison: the warm-start regime (the committed no-memory
   weights, lr 1e-4, 600 steps), memory 8,192 on at step 100 so the guard can measure
   the memory-free drift first; two seeds, test R@1 only (the warm weights saw the val
   classes, so val is not clean here)."""

@@ -93,7 +93,7 @@ def write_fonts_md(data: dict[str, np.ndarray], path: str, args) -> None:
   lines += [
     "",
     "The encoder pretrained on a disjoint corpus of level-2 kanji "
-    "(`pretrained_small_cnn32.msgpack`, issue 11's paper regime): see PRETRAINED.md.",
+    "(`pretrained_small_cnn32.msgpack`, the memory study's paper regime): see PRETRAINED.md.",
   ]
   with open(path, "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")

@@ -1,6 +1,6 @@
 r"""Pretrains the glyph configs' small CNN on a corpus disjoint from the target kanji.
 
-The "ImageNet backbone" of issue 11's paper regime in miniature (see
+The "ImageNet backbone" of the memory study's paper regime in miniature (see
 xbm_jax/data/glyph_corpus.py and xbm_jax/train/pretrain.py). Needs the CJK font packages of
 xbm_jax/data/glyphs_data/FONTS.md installed the first time (the corpus is rendered into
 ~/.cache/xbm_jax/, never into the repository):

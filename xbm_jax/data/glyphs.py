@@ -352,7 +352,7 @@ SPLITS = {"train": 0, "test": 1}
 # a fixed, seeded 20% of the train classes is "val", the rest "train_fit".
 CARVED_SPLITS = {"train_fit": False, "val": True}
 VAL_FRACTION, VAL_SEED = 0.2, 2020
-# Few-shot views of the carved splits (issue 11's "paper regime": SOP has ~5 images per
+# Few-shot views of the carved splits (the memory study's "paper regime": SOP has ~5 images per
 # class): the same classes, each keeping a fixed seeded subset of <= FEW_SHOT typefaces.
 FEW_SHOT_SPLITS = {"train_fit5": "train_fit", "val5": "val"}
 FEW_SHOT, FEW_SHOT_SEED = 5, 5

@@ -25,7 +25,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 METRIC_PREFIX = "train/drift@"
-# Ranking-relevant drift (issue 16): how much the probe set's similarity structure
+# Ranking-relevant drift: how much the probe set's similarity structure
 # changed, which a rotation of the whole embedding space leaves at exactly 0.
 REL_PREFIX = "train/rel_drift@"
 RANK_PREFIX = "train/rank_drift@"

@@ -1,4 +1,4 @@
-"""Classification pretraining of an embedding model (the "ImageNet backbone" of issue 11).
+"""Classification pretraining of an embedding model (the "ImageNet backbone" of the memory study's paper regime).
 
 The XBM paper fine-tunes an ImageNet-pretrained network; the glyph analog pretrains the
 glyph configs' own ``EmbeddingModel`` on a disjoint character corpus
