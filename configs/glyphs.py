@@ -9,7 +9,7 @@ Each class is one character, each image one typeface (32 x 32 grayscale; see
 xbm_jax/data/glyphs_data/FONTS.md). Train and test classes are disjoint;
 evaluation is leave-one-out Recall@K on the 24,648 images of the 1,465 test classes.
 
-Measured at commit 196a0e4 (seed 0; logs in benchmarks/out/demo/): this default, the
+Measured at commit 9b9b782 (seed 0; logs in benchmarks/out/demo/): this default, the
 reference recipe (memory 8,192 from step 300, weight 1, lr 1e-3 from scratch, 1,200
 steps), ends at test R@1 0.7198 with the memory and R@1 0.8414 without it. Here the
 memory hurts: its summed term ends ~7x the batch term and speeds the drift up. The
