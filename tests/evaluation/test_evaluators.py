@@ -33,6 +33,7 @@ def test_leave_one_out_evaluator_names_and_values():
   assert_same({k.removeprefix("eval/sop/"): v for k, v in out.items()}, want)
   assert "eval/sop/recall@1" in out and "eval/sop/num_singleton_excluded" in out
   assert ev.split_names() == ["test"] and ev.picture_splits() == ("test", "test")
+  assert ev.retrieval_splits() == ("test", "test")
 
 
 def test_query_gallery_and_vehicleid_evaluators():
@@ -49,12 +50,15 @@ def test_query_gallery_and_vehicleid_evaluators():
   want = oracle(q, ql, g, gl, ks=(1, 20), self_exclude=False)
   assert out["eval/inshop/recall@20"] == pytest.approx(want["recall@20"])
   assert "eval/inshop/map@r" not in out
+  assert ev.retrieval_splits() == ev.picture_splits() == ("query", "gallery")
   ev = evaluators.create(
     "vid", dict(type="vehicleid", ks=(1, 5), splits=dict(small="a", large="b"))
   )
   out = ev.run(embed_split)
   assert out["eval/vid/small/recall@5"] == pytest.approx(oracle(q, ql, ks=(5,))["recall@5"])
   assert out["eval/vid/large/map@r"] == pytest.approx(oracle(g, gl, ks=(5,))["map@r"])
+  # Three test sets, no one gallery: no chance level for the collapse warning.
+  assert ev.retrieval_splits() is None and ev.picture_splits() == ("a", "a")
 
 
 def test_vehicleid_without_splits_uses_the_three_test_sets():

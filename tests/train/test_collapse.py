@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests.train.test_loop import tiny_config
+from xbm_jax.evaluation import evaluators
 from xbm_jax.train import collapse, loop
 
 
@@ -32,7 +33,7 @@ def embedded(emb, labels):
   return {"test": {"emb": np.asarray(emb, np.float32), "labels": np.asarray(labels)}}
 
 
-EVALS = {"e": {"type": "leave_one_out", "split": "test"}}
+EVALS = {"e": evaluators.create("e", {"type": "leave_one_out", "split": "test", "ks": (1,)})}
 
 
 def test_warnings_name_a_point_collapse_and_a_recall_below_chance():

@@ -60,10 +60,15 @@ class Evaluator:
     """Every split this evaluator embeds, in order."""
     raise NotImplementedError
 
+  def retrieval_splits(self) -> Optional[tuple[str, str]]:
+    """(query split, gallery split) when the evaluator ranks one gallery for one
+    query set (its R@1 then has a chance level), else None."""
+    return None
+
   def picture_splits(self) -> tuple[str, str]:
     """(query split, gallery split) of the retrieval pictures."""
     first = self.split_names()[0]
-    return first, first
+    return self.retrieval_splits() or (first, first)
 
   def _kw(self):
     return dict(ks=self.ks, map_at_r=self.map_at_r, block_size=self.block_size, mesh=self.mesh)
@@ -88,6 +93,9 @@ class LeaveOneOut(Evaluator):
   def split_names(self):
     return [self.split]
 
+  def retrieval_splits(self):
+    return self.split, self.split
+
   def run(self, embed_split):
     return self._named(protocols.leave_one_out(embed_split(self.split), **self._kw()))
 
@@ -106,7 +114,7 @@ class QueryGallery(Evaluator):
   def split_names(self):
     return [self.query_split, self.gallery_split]
 
-  def picture_splits(self):
+  def retrieval_splits(self):
     return self.query_split, self.gallery_split
 
   def run(self, embed_split):

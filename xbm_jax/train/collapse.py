@@ -38,21 +38,13 @@ def chance_recall_at_1(query_labels, gallery_labels, *, leave_one_out: bool) -> 
   return float(np.mean((same - self_count) / max(len(g) - self_count, 1)))
 
 
-def _query_gallery(cfg) -> tuple[str, str] | None:
-  if cfg.get("type") == "leave_one_out":
-    return cfg["split"], cfg["split"]
-  if cfg.get("type") == "query_gallery":
-    return cfg["query_split"], cfg["gallery_split"]
-  return None
-
-
 def collapse_warnings(
-  evals_config: Mapping, names: Sequence[str], metrics: Mapping, embedded: Mapping, step: int
+  evaluators: Mapping, names: Sequence[str], metrics: Mapping, embedded: Mapping, step: int
 ) -> list[str]:
   """The warnings an evaluation round calls for (see `warn_after_evaluation`)."""
   out = []
   for name in names:
-    splits = _query_gallery(evals_config[name])
+    splits = evaluators[name].retrieval_splits()
     r1 = metrics.get(f"eval/{name}/recall@1")
     if splits is None or r1 is None or not all(s in embedded for s in splits):
       continue
@@ -74,7 +66,7 @@ def collapse_warnings(
 
 
 def warn_after_evaluation(
-  evals_config: Mapping,
+  evaluators: Mapping,
   names: Sequence[str],
   metrics: Mapping,
   embedded: Mapping,
@@ -85,7 +77,7 @@ def warn_after_evaluation(
   """Logs each collapse warning and writes it to TensorBoard's text tab.
 
   Args:
-    evals_config: `config.evals`; names: the evaluators that ran.
+    evaluators: name -> `xbm_jax.evaluation.evaluators.Evaluator`; names: those that ran.
     metrics: their results (`eval/<name>/recall@1`, ...).
     embedded: split -> {"emb": [N, D] float, "labels": [N] int} of this round.
     step: the step evaluated. writer: a `MetricWriter` or None.
@@ -93,7 +85,7 @@ def warn_after_evaluation(
   Returns:
     The warnings (empty when the evaluation looks sane).
   """
-  warnings = collapse_warnings(evals_config, names, metrics, embedded, step)
+  warnings = collapse_warnings(evaluators, names, metrics, embedded, step)
   for line in warnings:
     log.warning(line)
     if writer is not None:

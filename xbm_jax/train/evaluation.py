@@ -165,9 +165,7 @@ class EvalRunner:
       self.say(results_line(name, step, res, time.time() - t0))
       metrics.update(res)
     self.writer.write_scalars(step, metrics)
-    collapse.warn_after_evaluation(
-      self.config.evals, names, metrics, cache, step, writer=self.writer
-    )
+    collapse.warn_after_evaluation(self.evaluators, names, metrics, cache, step, writer=self.writer)
     self._pictures(names, embed_split, sources, step)
     return metrics
 
