@@ -115,11 +115,20 @@ def logged_rows(workdir) -> dict:
   return out
 
 
-def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
+# The reference, and the memory's drift correction (its smoothed moments are state).
+DRIFT_CORRECTED = {
+  "xbm.drift_correction": "moments",
+  "xbm.moments_ema": 0.5,
+  "xbm.memory_sharding": "sharded",
+}
+
+
+@pytest.mark.parametrize("options", [{}, DRIFT_CORRECTED], ids=["reference", "drift_corrected"])
+def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch, options):
   """Killed during update 4, after the checkpoint of step 2 (a drift step: the
   reading of step 2 was logged before the kill), the resumed run ends with the
   uninterrupted run's state and log: every row once, none lost."""
-  cfg = tiny_config(data_dir, **{"pictures.enabled": False, "train.checkpoint_every": 2})
+  cfg = tiny_config(data_dir, **{"pictures.enabled": False, "train.checkpoint_every": 2, **options})
   wd_full, wd_kill = str(tmp_path / "full"), str(tmp_path / "killed")
   loop.train_and_evaluate(cfg, wd_full)
 
@@ -145,6 +154,7 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
   loop.train_and_evaluate(cfg, wd_kill)
 
   a, b = final_state(wd_full, cfg), final_state(wd_kill, cfg)
+  assert (a["moments"] is not None) == bool(options)  # the smoothed moments are saved
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
   full, kill = logged_rows(wd_full), logged_rows(wd_kill)
   assert kill.keys() == full.keys()

@@ -2,7 +2,7 @@
 
 Resume order (it matters): build everything from the config; if the workdir has
 a checkpoint, restore the train state (params, BN stats, optimiser, memory and
-pointer, rng, step) and the host state (pipeline position, memory controller,
+pointer, step) and the host state (pipeline position, memory controller,
 plateau scheduler, drift snapshots); the writer then drops log lines newer than
 the restored step. Everything that belongs to update t (its drift reading, the
 controller's decision on it, its log line, its evaluation) happens before the
@@ -79,7 +79,7 @@ def _warm_start(state, source: str):
   return state.replace(**out)
 
 
-def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
+def _restore(ckpt, state, mesh, *, sharded: bool, workdir: str):
   """`(state, host)` from the workdir's latest checkpoint, or None. The config was
   compared with the saved one first, so a failure here is a mismatch that check
   does not know: still one line, not an orbax traceback."""
@@ -87,9 +87,9 @@ def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
   if step is None:
     return None
   try:
-    if ckpt.saved_memory_ptr_shape() != state.memory.ptr.shape:
+    if sharded and ckpt.saved_memory_ptr_shape() != state.memory.ptr.shape:
       # A sharded memory saved on another device count: re-laid on restore.
-      return ckpt.restore_resharded(state, shardings, mesh, sharded_memory=sharded)
+      return ckpt.restore_resharded(state, mesh)
     return ckpt.restore(checkpoint.abstract_like(state))
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -166,7 +166,9 @@ class Run:
 def _build_state(config, mesh, train_src):
   """The model and a fresh train state placed on the mesh."""
   channels = int(np.asarray(train_src[0]["image"]).shape[-1])
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
+  # The first key of the seed's split, as when the state also kept a key: a seed
+  # initialises the model as it did then.
+  init_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))[0]
   model, variables = setup.init_model(config, channels, init_rng)
   direction = optim.make_direction(config.optim)
   state = state_lib.create(
@@ -174,7 +176,7 @@ def _build_state(config, mesh, train_src):
     batch_stats=variables.get("batch_stats", {}),
     tx=direction,
     memory=setup.init_memory(config, mesh.size),
-    rng=state_rng,
+    moments=setup.init_moments(config),
   )
   sharded = config.xbm.enabled and config.xbm.memory_sharding == "sharded"
   shardings = step_lib.state_shardings(state, mesh, sharded_memory=sharded)
@@ -249,7 +251,7 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   stack.callback(ckpt.close)
   model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
 
-  restored = _restore(ckpt, state, shardings, mesh, sharded=sharded, workdir=workdir)
+  restored = _restore(ckpt, state, mesh, sharded=sharded, workdir=workdir)
   if restored is not None:
     state, saved_host = restored
   else:
@@ -290,6 +292,8 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     mesh=mesh,
     sharded_memory=sharded,
     accumulate=int(config.train.accumulate),
+    drift_correction=config.xbm.drift_correction,
+    moments_ema=float(config.xbm.moments_ema),
   )
   return Run(
     config=config,
