@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from xbm_jax.train import checkpoint, loop, step as step_lib
+from xbm_jax.train.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -323,6 +324,11 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   wd2 = str(tmp_path / "warm2")
   loop.train_and_evaluate(cfg, wd2)
   jax.tree.map(np.testing.assert_array_equal, a["params"], final_state(wd2, None)["params"])
+  # A source that does not fit this model: one line, nothing written but the lock.
+  cfg.model.embed_dim = 16
+  with pytest.raises(ConfigError, match="init_from=.*do not match this model"):
+    loop.train_and_evaluate(cfg, str(tmp_path / "misfit"))
+  assert os.listdir(tmp_path / "misfit") == [".lock"]
 
 
 def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_dir, tmp_path):

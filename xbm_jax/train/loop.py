@@ -57,6 +57,17 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
   }, first_bad
 
 
+def _misfit(mine, theirs) -> str:
+  """How a source's variables differ from this model's ("" when they fit): another
+  tree, or the first leaf of another shape (e.g. another embed_dim)."""
+  if jax.tree.structure(mine) != jax.tree.structure(theirs):
+    return "another tree of variables"
+  for (path, m), t in zip(jax.tree_util.tree_leaves_with_path(mine), jax.tree.leaves(theirs)):
+    if np.shape(t) != m.shape:
+      return f"{jax.tree_util.keystr(path)} is {np.shape(t)}, this model's {m.shape}"
+  return ""
+
+
 def _warm_start(state, source: str):
   """Params and BN statistics from another run's latest checkpoint (whatever its
   memory size; only those two are read) or an exported `.msgpack`, placed like
@@ -68,10 +79,11 @@ def _warm_start(state, source: str):
   out = {}
   for key in checkpoint.PARAM_KEYS:
     mine, theirs = getattr(state, key), raw[key]
-    if jax.tree.structure(mine) != jax.tree.structure(theirs):
+    misfit = _misfit(mine, theirs)
+    if misfit:
       raise ConfigError(
-        f"config.train.init_from={source!r}: its {key} do not match this "
-        "model (different config.model?)"
+        f"config.train.init_from={source!r}: its {key} do not match this model "
+        f"({misfit}; different config.model?)"
       )
     out[key] = jax.tree.map(
       lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding), mine, theirs
@@ -245,19 +257,20 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   pidx = jax.process_index()
   changes = _check_resume_config(config, workdir)
   train_src = setup.load_source(config.input, config.input.train_split)
+  model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
+  if config.train.init_from and not checkpoint.saved_steps(workdir):
+    # Before the checkpoint manager: a source that does not fit this model is refused
+    # with nothing written but the lock.
+    state = _warm_start(state, config.train.init_from)
   ckpt = checkpoint.Checkpointer(
     workdir, keep=int(config.train.keep_checkpoints), best_metric=config.train.best_metric
   )
   stack.callback(ckpt.close)
-  model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
 
   restored = _restore(ckpt, state, mesh, sharded=sharded, workdir=workdir)
+  saved_host = {}
   if restored is not None:
     state, saved_host = restored
-  else:
-    saved_host = {}
-    if config.train.init_from:
-      state = _warm_start(state, config.train.init_from)
   start = int(jax.device_get(state.step))
 
   writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=pidx == 0)
