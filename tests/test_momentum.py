@@ -129,3 +129,24 @@ def test_key_forward_of_a_small_model_and_its_update():
   _assert_tree_close(out.batch_stats, upd["batch_stats"], rtol=0, atol=0)
   want = jax.tree.map(lambda x: np.asarray(x, np.float64) + 0.5, variables["params"])
   _assert_tree_close(out.params, want, rtol=1e-6, atol=1e-6)
+
+
+def test_update_inside_shard_map_on_8_devices_equals_one_device(rng):
+  assert jax.device_count() == 8, "conftest must provide 8 fake CPU devices"
+  mesh = jax.make_mesh((8,), ("data",))
+  params, stats = _tree(rng)
+  ema = mom.init(params, stats)
+  new_params, new_stats = _tree(rng)
+  replicated = jax.sharding.PartitionSpec()
+  on_mesh = jax.jit(
+    jax.shard_map(
+      lambda e, p, s: mom.update(e, p, s, momentum=0.9, bn="ema"),
+      mesh=mesh,
+      in_specs=replicated,
+      out_specs=replicated,
+    )
+  )
+  put = lambda t: jax.device_put(t, jax.sharding.NamedSharding(mesh, replicated))
+  got = on_mesh(put(ema), put(new_params), put(new_stats))
+  want = mom.update(ema, new_params, new_stats, momentum=0.9, bn="ema")
+  _assert_tree_close(got, want, rtol=1e-6, atol=1e-7)  # jit may fuse a multiply-add

@@ -11,10 +11,13 @@ share of the drift is therefore removed exactly; the backbone's share stays
     (pooled, emb), upd = model.apply(variables, images, train=True,
                                      mutable=["batch_stats"],
                                      method="features_and_embeddings")
+    mem = memory.enqueue(mem, Embeddings(pooled, labels))            # or enqueue_local
     head = reprojection.head_projection(model, params)
     reference = reprojection.embeddings(mem, head, chunk_rows=4096)  # [size, D]
     ... the memory loss of (emb, labels) against `reference` ...
-    mem = memory.enqueue(mem, Embeddings(pooled, labels))            # or enqueue_local
+
+(enqueue first, then the loss, as the reference XBM does: the batch's own rows
+come back as its embeddings, up to the storage's rounding.)
 
 The state is an ordinary `MemoryState` whose `emb` holds features, so enqueue,
 checkpointing, sharding (`sharded_memory.enqueue_local`, `reshard`, `restore`)
