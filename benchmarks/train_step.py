@@ -9,7 +9,8 @@ GPU variant (one short command on a GPU machine):
 Prints the step time without memory, with memory (memory term active: enqueue +
 L(B, M) forward/backward), and their ratio (the memory's overhead); then each
 drift correction of the memory wired into the trainer (`xbm.drift_correction`,
-`xbm.moments_ema`), as its step time over the plain memory step's.
+`xbm.moments_ema`, `xbm.momentum_encoder`), as its step time over the plain
+memory step's.
 """
 
 import argparse
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xbm_jax import drift_correction, memory, models, parallel
+from xbm_jax import drift_correction, memory, models, momentum, parallel
 from xbm_jax.train import optim, state as state_lib, step as step_lib
 
 
@@ -69,6 +70,11 @@ def main():
       0,
       {"moments": drift_correction.init(args.embed_dim)},
     ),
+    "+ momentum enc.": (
+      make_step(momentum_encoder=0.99),
+      0,
+      {"key_encoder": momentum.init(variables["params"], variables["batch_stats"])},
+    ),
   }
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(
@@ -111,7 +117,7 @@ def main():
   for label, best in times.items():
     print(f"{label:>14}: {best * 1e3:8.1f} ms/step  ({args.batch / best:7.1f} images/s)")
   print(f"memory overhead: {times['memory'] / times['no memory']:.3f}x")
-  for label in ("+ moments", "+ moments EMA"):
+  for label in ("+ moments", "+ moments EMA", "+ momentum enc."):
     print(f"memory {label} over the memory step: {times[label] / times['memory']:.3f}x")
 
 

@@ -116,11 +116,13 @@ def logged_rows(workdir) -> dict:
   return out
 
 
-# The reference, and the memory's drift correction (its smoothed moments are state).
+# The reference, and the memory's drift corrections (smoothed moments and a momentum
+# encoder in the state).
 DRIFT_CORRECTED = {
   "xbm.drift_correction": "moments",
   "xbm.moments_ema": 0.5,
   "xbm.memory_sharding": "sharded",
+  "xbm.momentum_encoder": 0.5,
 }
 
 
@@ -155,7 +157,8 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch, options):
   loop.train_and_evaluate(cfg, wd_kill)
 
   a, b = final_state(wd_full, cfg), final_state(wd_kill, cfg)
-  assert (a["moments"] is not None) == bool(options)  # the smoothed moments are saved
+  # The smoothed moments and the momentum encoder are saved.
+  assert (a["moments"] is not None) == (b["key_encoder"] is not None) == bool(options)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
   full, kill = logged_rows(wd_full), logged_rows(wd_kill)
   assert kill.keys() == full.keys()
@@ -305,6 +308,7 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
       "optim.lr": 0.0,
       "optim.weight_decay": 0.0,
       "xbm.size": 32,
+      "xbm.momentum_encoder": 0.5,
       "drift.enabled": False,
       "pictures.enabled": False,
     },
@@ -313,6 +317,8 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   loop.train_and_evaluate(cfg, wd)  # lr 0: params stay the source's
   a, b = final_state(src, None), final_state(wd, None)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+  # The momentum encoder starts as a copy of the warm-started params (and so stays).
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["key_encoder"]["params"])
   step, read = checkpoint.read_params(src)  # against the whole state restored
   assert step == 6 and sorted(read) == ["batch_stats", "params"]
   jax.tree.map(np.testing.assert_array_equal, read, {k: a[k] for k in read})

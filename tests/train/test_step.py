@@ -10,7 +10,7 @@ import pytest
 
 import xbm_jax
 from tests import loss_oracles
-from xbm_jax import drift_correction, losses, memory, parallel, sharded_memory
+from xbm_jax import drift_correction, losses, memory, momentum, parallel, sharded_memory
 from xbm_jax.train import optim, state as state_lib, step as step_lib
 
 
@@ -75,6 +75,11 @@ def build(
     tx=direction,
     memory=memory_state,
     moments=drift_correction.init(8) if step_kw.get("moments_ema", 0) > 0 else None,
+    key_encoder=(
+      momentum.init(variables["params"], variables["batch_stats"])
+      if step_kw.get("momentum_encoder", 0) > 0
+      else None
+    ),
   )
   st = jax.device_put(st, step_lib.state_shardings(st, mesh, sharded_memory=sharded))
   train_step = step_lib.make_train_step(
@@ -176,16 +181,21 @@ def test_one_device_equals_eight(loss_name, loss_kwargs):
   assert int(s8.memory.ptr) == (3 * 16) % 40  # enqueued from step 1 on (3 steps), wrapped
 
 
-def train_embeddings(model, variables, images):
-  """`[B, D]` train-mode embeddings of one device's batch (BN with axis_name needs a
-  named axis even on one device: vmap over a size-1 axis)."""
-  return jax.vmap(
-    lambda v: model.apply(v, jnp.asarray(images), train=True, mutable=["batch_stats"])[0],
+def train_forward(model, variables, images):
+  """`([B, D] train-mode embeddings of one device's batch, the updated BN statistics)`
+  (BN with axis_name needs a named axis even on one device: vmap over a size-1 axis)."""
+  emb, new_vars = jax.vmap(
+    lambda v: model.apply(v, jnp.asarray(images), train=True, mutable=["batch_stats"]),
     axis_name=parallel.DATA_AXIS,
     in_axes=None,
     out_axes=None,
     axis_size=1,
   )(variables)
+  return emb, new_vars["batch_stats"]
+
+
+def train_embeddings(model, variables, images):
+  return train_forward(model, variables, images)[0]
 
 
 def test_step_matches_single_device_by_hand():
@@ -395,16 +405,23 @@ def _sorted_rows(mem):
   return table[np.lexsort(table.T[::-1])]
 
 
-def test_moment_matching_one_device_equals_eight_replicated_and_sharded():
-  """3 steps with the smoothed correction (moments_ema=0.5), memory from step 0: 1
-  device, 8 devices and 8 devices with the memory sharded (moments combined across
-  shards) give the same losses, parameters, smoothed moments and memory entries."""
+def test_drift_corrections_one_device_equals_eight_replicated_and_sharded():
+  """3 steps with the smoothed moment matching (moments_ema=0.5) and the momentum
+  encoder (0.5), memory from step 0: 1 device, 8 devices and 8 devices with the
+  memory sharded (moments combined across shards) give the same losses, parameters,
+  smoothed moments, key encoder and memory entries."""
   batches = make_batches(3, seed=6)
   runs = []
   for n, sharded in ((1, False), (8, False), (8, True)):
     mesh = parallel.make_mesh(n)
     st, fn = build(
-      mesh, batches[0], mem_size=64, sharded=sharded, drift_correction="moments", moments_ema=0.5
+      mesh,
+      batches[0],
+      mem_size=64,
+      sharded=sharded,
+      drift_correction="moments",
+      moments_ema=0.5,
+      momentum_encoder=0.5,
     )
     history = []
     for batch in batches:
@@ -417,10 +434,52 @@ def test_moment_matching_one_device_equals_eight_replicated_and_sharded():
     for a, b in zip(h1, history):
       for k in ("loss", "loss_xbm", "xbm/mean_pos_sim"):
         np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-6, err_msg=k)
-    for name in ("params", "moments"):
+    for name in ("params", "moments", "key_encoder"):
       jax.tree.map(
         lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5, err_msg=name),
         getattr(s1, name),
         getattr(st, name),
       )
     np.testing.assert_allclose(_sorted_rows(st.memory), _sorted_rows(s1.memory), atol=1e-5)
+
+
+def test_momentum_encoder_is_the_ema_of_the_params_and_embeds_what_is_enqueued():
+  """momentum_encoder=0.5, 3 steps with the memory on from step 0: the key encoder's
+  params are the moving average by hand of the params each step started from
+  (theta_k <- 0.5 theta_k + 0.5 theta, from theta_0); the rows step 2 enqueued are
+  the key encoder's train-mode embeddings of its batch (its params after that
+  step's move, its BN statistics before it), not the trained encoder's, and its BN
+  statistics are those that forward leaves."""
+  batches = make_batches(3, seed=8)
+  mesh = parallel.make_mesh(1)
+  st, fn = build(mesh, batches[0], mem_size=48, momentum_encoder=0.5)
+  started = []
+  for batch in batches:
+    started.append(jax.device_get(st.params))
+    key_before = jax.device_get(st.key_encoder)
+    st, _ = fn(st, parallel.global_batch(batch, mesh), ctrl_of(0))
+  st = jax.device_get(st)
+
+  by_hand = jax.tree.map(lambda x: np.asarray(x, np.float64), started[0])
+  for params in started:
+    by_hand = jax.tree.map(lambda k, q: 0.5 * k + 0.5 * np.asarray(q, np.float64), by_hand, params)
+  jax.tree.map(
+    lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7),
+    st.key_encoder.params,
+    by_hand,
+  )
+  assert int(st.key_encoder.steps) == 3
+
+  model = TinyEmbedder()
+  key_vars = {"params": st.key_encoder.params, "batch_stats": key_before.batch_stats}
+  keys, key_stats = train_forward(model, key_vars, batches[2]["image"])
+  np.testing.assert_allclose(st.memory.emb[32:48], keys, atol=1e-5)
+  jax.tree.map(
+    lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6),
+    st.key_encoder.batch_stats,
+    key_stats,
+  )
+  trained = train_embeddings(
+    model, {"params": started[2], "batch_stats": key_before.batch_stats}, batches[2]["image"]
+  )
+  assert np.abs(np.asarray(trained) - np.asarray(keys)).max() > 1e-3

@@ -44,6 +44,12 @@ RULES = [
     {"xbm.enabled": False, "xbm.drift_correction": "moments"},
     "drift_correction='moments' needs the memory",
   ),
+  ({"xbm.momentum_encoder": 1.0}, "momentum_encoder=1.0: a decay in [0, 1)"),
+  ({"xbm.enabled": False, "xbm.momentum_encoder": 0.5}, "momentum_encoder=0.5 needs the memory"),
+  (
+    {"train.num_devices": 1, "train.accumulate": 2, "xbm.momentum_encoder": 0.5},
+    "needs config.train.accumulate=1 (got 2)",
+  ),
   # The smoke config's first drift reading (lag 2) comes after update 2: a start at 1
   # leaves the guard nothing to compare with.
   ({"xbm.guard": True, "xbm.start_step": 1}, "start_step=1 comes before the first"),

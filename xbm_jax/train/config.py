@@ -118,6 +118,11 @@ def base() -> ml_collections.ConfigDict:
     # batch's own.
     drift_correction="none",
     moments_ema=0.0,
+    # m in [0, 1): > 0 embeds the enqueued batch with a momentum encoder, an
+    # exponential moving average of the parameters with this momentum (MoCo; its
+    # own BatchNorm statistics; kept in the train state; one extra forward per
+    # step). 0: the trained encoder's embeddings, as the reference.
+    momentum_encoder=0.0,
   )
 
   c.optim = dict(

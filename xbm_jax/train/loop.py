@@ -88,6 +88,12 @@ def _warm_start(state, source: str):
     out[key] = jax.tree.map(
       lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding), mine, theirs
     )
+  if state.key_encoder is not None:  # the momentum encoder starts as a copy, as MoCo's
+    out["key_encoder"] = jax.tree.map(
+      lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding),
+      state.key_encoder,
+      state.key_encoder._replace(params=raw["params"], batch_stats=raw["batch_stats"]),
+    )
   return state.replace(**out)
 
 
@@ -189,6 +195,7 @@ def _build_state(config, mesh, train_src):
     tx=direction,
     memory=setup.init_memory(config, mesh.size),
     moments=setup.init_moments(config),
+    key_encoder=setup.init_key_encoder(config, variables),
   )
   sharded = config.xbm.enabled and config.xbm.memory_sharding == "sharded"
   shardings = step_lib.state_shardings(state, mesh, sharded_memory=sharded)
@@ -307,6 +314,7 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     accumulate=int(config.train.accumulate),
     drift_correction=config.xbm.drift_correction,
     moments_ema=float(config.xbm.moments_ema),
+    momentum_encoder=float(config.xbm.momentum_encoder),
   )
   return Run(
     config=config,

@@ -132,6 +132,16 @@ def init_moments(config):
   return drift_correction.init(int(config.model.embed_dim))
 
 
+def init_key_encoder(config, variables: dict):
+  """The momentum encoder (`TrainState.key_encoder`), a copy of the model's
+  `variables` as MoCo starts it, or None when `xbm.momentum_encoder` is 0."""
+  if not (config.xbm.enabled and float(config.xbm.momentum_encoder) > 0):
+    return None
+  from xbm_jax import momentum  # pylint: disable=g-import-not-at-top
+
+  return momentum.init(variables["params"], variables.get("batch_stats", {}))
+
+
 def init_model(config, channels: int, rng):
   from xbm_jax.parallel import DATA_AXIS  # pylint: disable=g-import-not-at-top
 

@@ -1,5 +1,5 @@
-"""The one train-state pytree: step, params, batch_stats, opt_state, memory and the
-state of the memory's drift correction (when on)."""
+"""The one train-state pytree: step, params, batch_stats, opt_state, memory, and the
+state of the memory's drift corrections (when on)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ class TrainState:
     moments: the smoothed batch moments of the moment-matching drift correction
       (`drift_correction.MomentsEMA`, replicated) with `xbm.moments_ema > 0`;
       None (no leaves) otherwise.
+    key_encoder: the momentum encoder that embeds the enqueued batch
+      (`momentum.MomentumEncoder`, replicated) with `xbm.momentum_encoder > 0`;
+      None otherwise.
   """
 
   step: jax.Array
@@ -32,9 +35,12 @@ class TrainState:
   opt_state: Any
   memory: MemoryState
   moments: Any = None
+  key_encoder: Any = None
 
 
-def create(*, params, batch_stats, tx, memory: MemoryState, moments=None) -> TrainState:
+def create(
+  *, params, batch_stats, tx, memory: MemoryState, moments=None, key_encoder=None
+) -> TrainState:
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
@@ -42,4 +48,5 @@ def create(*, params, batch_stats, tx, memory: MemoryState, moments=None) -> Tra
     opt_state=tx.init(params),
     memory=memory,
     moments=moments,
+    key_encoder=key_encoder,
   )

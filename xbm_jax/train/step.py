@@ -14,7 +14,9 @@ global batch on 1 and on 8 devices gives the same loss and update.
 
 With `drift_correction="moments"` the memory is first moment-matched to the
 batch (`xbm_jax.drift_correction`; its smoothed moments live in the state), then
-step 3 runs on the corrected memory.
+step 3 runs on the corrected memory. With `momentum_encoder=m` the batch that step
+3 enqueues is embedded by a momentum (key) encoder in the state
+(`xbm_jax.momentum`), one extra forward pass without gradient.
 
 Host-side controllers feed `ctrl = {"start_step", "xbm_weight", "lr_scale"}` as
 traced scalars, so memory switch-on, weight ramps and learning-rate drops never
@@ -31,6 +33,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xbm_jax import drift_correction as drift_lib, losses, memory as memory_lib
+from xbm_jax import momentum as momentum_lib, sharded_memory as sharded_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train.state import TrainState
@@ -115,6 +118,7 @@ def make_train_step(
   accumulate: int = 1,
   drift_correction: str = "none",
   moments_ema: float = 0.0,
+  momentum_encoder: float = 0.0,
 ) -> Callable:
   """Returns `train_step(state, batch, ctrl) -> (state, metrics)`, jitted.
 
@@ -152,11 +156,20 @@ def make_train_step(
     moments_ema: with "moments", > 0 matches an exponential moving average of the
       batch moments with this decay instead (`state.moments`, updated every
       (micro-)step); 0: each batch's own moments.
+    momentum_encoder: m > 0: the batch enqueued into the memory is embedded by a
+      momentum encoder (`state.key_encoder`) instead of the trained one, MoCo's
+      way: each step its params move to `m * theta_k + (1 - m) * theta` (theta:
+      this step's params, before its update), then it embeds the batch in train
+      mode (BatchNorm over the batch across devices; its own running statistics,
+      `momentum.update(bn="own")`). One extra forward pass per step, no gradient.
+      0 (default): the reference. Needs accumulate=1.
   The batch is `{"image": [B, H, W, C], "label": [B] int32}` sharded over
   `data`; B must divide by the mesh size.
   """
   if drift_correction not in DRIFT_CORRECTIONS:
     raise ValueError(f"drift_correction={drift_correction!r}: one of {DRIFT_CORRECTIONS}")
+  if momentum_encoder > 0 and accumulate > 1:
+    raise ValueError("momentum_encoder > 0 needs accumulate=1")
   loss_kwargs = dict(loss_kwargs)
   mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
   loss_fn = losses.check_loss_options(loss_name, set(mem_kwargs) | set(loss_kwargs))
@@ -182,13 +195,39 @@ def make_train_step(
     active = memory_lib.active(step, ctrl["start_step"])
     return jax.lax.cond(active, match, lambda m: m, memory), moments
 
-  def embed_and_loss(params, batch_stats, carry, images, labels, step, ctrl, denominators):
+  def key_embeddings(key_encoder, params, images):
+    """`([b, D] this device's batch embedded by the momentum encoder, the encoder)`:
+    its params moved toward `params` first, then its train-mode forward (which
+    updates its own BatchNorm statistics)."""
+    key_encoder = momentum_lib.update(key_encoder, params, momentum=momentum_encoder)
+    emb, new_vars = model.apply(
+      momentum_lib.variables(key_encoder), images, train=True, mutable=["batch_stats"]
+    )
+    stats = new_vars.get("batch_stats", key_encoder.batch_stats)
+    return jax.lax.stop_gradient(emb), key_encoder._replace(batch_stats=stats)
+
+  def enqueue_keys(memory, keys, labels, step, ctrl):
+    """The memory with this step's key embeddings enqueued where it is active (a
+    shard takes its device's rows; a replicated memory the batch gathered alike on
+    every device, so that it stays replicated)."""
+    active = memory_lib.active(step, ctrl["start_step"])
+    if sharded_memory:
+      return sharded_lib.enqueue_local(memory, Embeddings(keys, labels), when=active)
+    gather = lambda x: jax.lax.all_gather(x, DATA_AXIS, tiled=True, to="invarying")
+    return memory_lib.enqueue(memory, Embeddings(gather(keys), gather(labels)), when=active)
+
+  def embed_and_loss(
+    params, batch_stats, carry, images, labels, step, ctrl, denominators, keys=None
+  ):
     """(loss, ((memory, moments), BN statistics, aux)) of one (micro-)batch on this
-    device; `carry` is `(memory, moments)`."""
+    device; `carry` is `(memory, moments)`; `keys`: the momentum encoder's
+    embeddings of the batch, enqueued instead of the trained encoder's."""
     emb, new_vars = model.apply(
       {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
     )
     memory, moments = corrected(*carry, emb, step, ctrl)
+    if keys is not None:
+      memory = enqueue_keys(memory, keys, labels, step, ctrl)
     local = Embeddings(emb, labels)
     glob = Embeddings(
       jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
@@ -206,15 +245,16 @@ def make_train_step(
       data_axis=DATA_AXIS,
       memory_loss_kwargs=memory_loss_kwargs,
       denominators=denominators,
+      enqueue=keys is None,
       **loss_kwargs,
     )
     return total, ((mem, moments), new_vars.get("batch_stats", batch_stats), aux)
 
-  def micro_step(state, batch_stats, carry, images, labels, ctrl, denominators=None):
+  def micro_step(state, batch_stats, carry, images, labels, ctrl, denominators=None, keys=None):
     """Loss, gradients, BN statistics, (memory, moments) and statistics of one
     (micro-)batch."""
     objective = lambda p: embed_and_loss(
-      p, batch_stats, carry, images, labels, state.step, ctrl, denominators
+      p, batch_stats, carry, images, labels, state.step, ctrl, denominators, keys
     )
     # Differentiate at a "varying" copy of the replicated params: each device's
     # gradient of its own loss, reduced once by the pmean in per_device (at the
@@ -268,9 +308,12 @@ def make_train_step(
     return jnp.mean(loss), grads, batch_stats, mem_carry, aux
 
   def per_device(state: TrainState, images, labels, ctrl):
+    keys, key_encoder = None, state.key_encoder
+    if momentum_encoder > 0:
+      keys, key_encoder = key_embeddings(state.key_encoder, state.params, images)
     if accumulate == 1:
       loss, grads, batch_stats, (mem, moments), aux = micro_step(
-        state, state.batch_stats, (state.memory, state.moments), images, labels, ctrl
+        state, state.batch_stats, (state.memory, state.moments), images, labels, ctrl, keys=keys
       )
     else:
       loss, grads, batch_stats, (mem, moments), aux = accumulated(state, images, labels, ctrl)
@@ -288,6 +331,7 @@ def make_train_step(
       opt_state=opt_state,
       memory=mem,
       moments=moments,
+      key_encoder=key_encoder,
     )
     mean_loss = jax.lax.pmean(loss, DATA_AXIS)
     ok = all_finite((mean_loss, grads, updates, params, batch_stats))
@@ -310,6 +354,12 @@ def make_train_step(
         f"state.moments must be a drift_correction.MomentsEMA exactly when "
         f"drift_correction='moments' and moments_ema > 0 (here {drift_correction!r}, "
         f"{moments_ema}); got {type(state.moments).__name__}"
+      )
+    if (momentum_encoder > 0) != (state.key_encoder is not None):
+      raise ValueError(
+        f"state.key_encoder must be a momentum.MomentumEncoder exactly when "
+        f"momentum_encoder > 0 (here {momentum_encoder}); got "
+        f"{type(state.key_encoder).__name__}"
       )
     specs = state_specs(state, sharded_memory=sharded_memory)
     mapped = jax.shard_map(

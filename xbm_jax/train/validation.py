@@ -223,15 +223,27 @@ def check_loss(config) -> None:
 
 def _check_memory(config, mesh: int) -> None:
   x, b = config.xbm, setup.batch_shape(config)[0]
+  for key in ("moments_ema", "momentum_encoder"):
+    value = x[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      _fail(f"config.xbm.{key}={value!r}: a decay in [0, 1)")
   ema = x.moments_ema
-  if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0:
-    _fail(f"config.xbm.moments_ema={ema!r}: a decay in [0, 1)")
   if ema > 0 and x.drift_correction != "moments":
     _fail(
       f"config.xbm.moments_ema={ema} smooths the moments of config.xbm.drift_correction="
       f"'moments', but it is {x.drift_correction!r}"
     )
+  if x.momentum_encoder > 0 and int(config.train.accumulate) > 1:
+    _fail(
+      f"config.xbm.momentum_encoder={x.momentum_encoder} embeds each step's whole batch: "
+      f"it needs config.train.accumulate=1 (got {config.train.accumulate})"
+    )
   if not x.enabled:
+    if x.momentum_encoder > 0:
+      _fail(
+        f"config.xbm.momentum_encoder={x.momentum_encoder} needs the memory: "
+        "config.xbm.enabled is False"
+      )
     if x.drift_correction != "none":
       _fail(
         f"config.xbm.drift_correction={x.drift_correction!r} needs the memory: "
