@@ -151,9 +151,11 @@ class Checkpointer:
     (a sharded memory on `mesh`), shard by shard: orbax reads into each device only
     the block of saved rows its new shard's place covers (the new shardings cut the
     saved arrays into contiguous blocks), and `sharded_memory.reshard_on_mesh` re-lays
-    the blocks on the devices into `sharded_memory.reshard`'s order. No host or
-    device holds the whole memory (benchmarks/memory_scale.py measures the peaks).
-    The rest of the state is restored straight onto its shardings."""
+    the blocks on the devices into `sharded_memory.reshard`'s order. A process
+    reads and stages only its own devices' blocks, and a device peaks at about 3
+    shards (benchmarks/reshard_restore.py measures both); the whole memory is
+    never gathered. The rest of the state is restored straight onto its
+    shardings."""
     from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
 
     abstract = abstract_like(state)
