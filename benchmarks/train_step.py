@@ -70,7 +70,7 @@ def main():
       0,
       {"moments": drift_correction.init(args.embed_dim)},
     ),
-    "+ momentum enc.": (
+    "+ momentum": (
       make_step(momentum_encoder=0.99),
       0,
       {"key_encoder": momentum.init(variables["params"], variables["batch_stats"])},
@@ -117,7 +117,7 @@ def main():
   for label, best in times.items():
     print(f"{label:>14}: {best * 1e3:8.1f} ms/step  ({args.batch / best:7.1f} images/s)")
   print(f"memory overhead: {times['memory'] / times['no memory']:.3f}x")
-  for label in ("+ moments", "+ moments EMA", "+ momentum enc."):
+  for label in ("+ moments", "+ moments EMA", "+ momentum"):
     print(f"memory {label} over the memory step: {times[label] / times['memory']:.3f}x")
 
 
