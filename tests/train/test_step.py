@@ -498,3 +498,9 @@ def test_momentum_encoder_is_the_ema_of_the_params_and_embeds_what_is_enqueued()
     model, {"params": started[2], "batch_stats": key_before.batch_stats}, batches[2]["image"]
   )
   assert np.abs(np.asarray(trained) - np.asarray(keys)).max() > 1e-3
+
+  # With the memory off, the key encoder still tracks the params; nothing is enqueued.
+  stored = st.memory.emb
+  st, _ = jax.device_get(fn(st, parallel.global_batch(batches[0], mesh), ctrl_of(2**31 - 1)))
+  assert int(st.key_encoder.steps) == 4
+  np.testing.assert_array_equal(st.memory.emb, stored)

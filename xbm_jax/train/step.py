@@ -198,7 +198,9 @@ def make_train_step(
   def key_embeddings(key_encoder, params, images):
     """`([b, D] this device's batch embedded by the momentum encoder, the encoder)`:
     its params moved toward `params` first, then its train-mode forward (which
-    updates its own BatchNorm statistics)."""
+    updates its own BatchNorm statistics). Every step, the memory on or off (under
+    `lax.cond` the forward's collectives could deadlock against the step's on XLA:CPU,
+    whose devices run independent collectives in their own order)."""
     key_encoder = momentum_lib.update(key_encoder, params, momentum=momentum_encoder)
     emb, new_vars = model.apply(
       momentum_lib.variables(key_encoder), images, train=True, mutable=["batch_stats"]
