@@ -181,8 +181,9 @@ def make_train_step(
 
   def corrected(memory, moments, emb, step, ctrl):
     """`(memory, moments)`: with drift correction, the memory moment-matched to this
-    (micro-)batch where it is active (`lax.cond`: no cost before the start or while
-    a guard holds it off), and the smoothed moments updated."""
+    (micro-)batch where it is active, and the smoothed moments updated. Computed
+    every step and selected (not under `lax.cond`, whose collectives, with a sharded
+    memory, could deadlock against the step's on XLA:CPU): O(size * dim), no product."""
     if drift_correction == "none":
       return memory, moments
     valid = jnp.ones(emb.shape[:1], jnp.bool_)
@@ -191,9 +192,9 @@ def make_train_step(
       moments = drift_lib.update(moments, mean, var, decay=moments_ema)
       mean, var = moments.mean, moments.var
     axis = DATA_AXIS if sharded_memory else None
-    match = lambda m: drift_lib.match_moments(m, mean, var, axis_name=axis)
+    matched = drift_lib.match_moments(memory, mean, var, axis_name=axis)
     active = memory_lib.active(step, ctrl["start_step"])
-    return jax.lax.cond(active, match, lambda m: m, memory), moments
+    return memory._replace(emb=jnp.where(active, matched.emb, memory.emb)), moments
 
   def key_embeddings(key_encoder, params, images):
     """`([b, D] this device's batch embedded by the momentum encoder, the encoder)`:
