@@ -206,6 +206,8 @@ def _guard_arms():
       "guard", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"}, one, seeds=(0, 1)
     ),
     Arm("guard", "memory_paper_sum_guard", {**mem, "xbm.guard": True}, one, seeds=(0, 1)),
+    # The same arm re-run after "off" became a stop (no enqueue, no memory products).
+    Arm("guard", "memory_paper_sum_guard_rerun", {**mem, "xbm.guard": True}, one, seeds=(0, 1)),
   ]
 
 
