@@ -128,7 +128,6 @@ def train_step(sz, rows):
       batch_stats=variables["batch_stats"],
       tx=direction,
       memory=memory.init(size=sz["memory"], dim=128),
-      rng=jax.random.PRNGKey(1),
     )
     st = jax.device_put(st, step_lib.state_shardings(st, mesh))
     ctrl = {

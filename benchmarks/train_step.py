@@ -7,7 +7,10 @@ GPU variant (one short command on a GPU machine):
         --dtype bfloat16 --memory 55000 --steps 20
 
 Prints the step time without memory, with memory (memory term active: enqueue +
-L(B, M) forward/backward), and their ratio (the memory's overhead).
+L(B, M) forward/backward), and their ratio (the memory's overhead); then each
+drift correction of the memory wired into the trainer (`xbm.drift_correction`,
+`xbm.moments_ema`, `xbm.momentum_encoder`), as its step time over the plain
+memory step's.
 """
 
 import argparse
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xbm_jax import memory, models, parallel
+from xbm_jax import drift_correction, memory, models, momentum, parallel
 from xbm_jax.train import optim, state as state_lib, step as step_lib
 
 
@@ -46,14 +49,33 @@ def main():
     dict(name="adam", lr=1e-4, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8, schedule="constant")
   )
   direction = optim.make_direction(ocfg)
-  step_fn = step_lib.make_train_step(
+  make_step = lambda **options: step_lib.make_train_step(
     model=model,
     direction=direction,
     schedule=optim.make_schedule(ocfg, 1),
     loss_name="contrastive",
     loss_kwargs={},
     mesh=mesh,
+    **options,
   )
+  plain = make_step()
+  # label -> (step, start step, options); the memory is active from step 0 but in
+  # "no memory".
+  variants = {
+    "no memory": (plain, 2**31 - 1, {}),
+    "memory": (plain, 0, {}),
+    "+ moments": (make_step(drift_correction="moments"), 0, {}),
+    "+ moments EMA": (
+      make_step(drift_correction="moments", moments_ema=0.9),
+      0,
+      {"moments": drift_correction.init(args.embed_dim)},
+    ),
+    "+ momentum enc.": (
+      make_step(momentum_encoder=0.99),
+      0,
+      {"key_encoder": momentum.init(variables["params"], variables["batch_stats"])},
+    ),
+  }
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(
     {
@@ -67,13 +89,13 @@ def main():
     f"image={args.image} batch={args.batch} dtype={args.dtype} memory={args.memory}"
   )
   runs = {}
-  for label, start in (("no memory", 2**31 - 1), ("memory", 0)):
+  for label, (step_fn, start, extra) in variants.items():
     st = state_lib.create(
       params=variables["params"],
       batch_stats=variables["batch_stats"],
       tx=direction,
       memory=memory.init(size=args.memory, dim=args.embed_dim),
-      rng=jax.random.PRNGKey(1),
+      **extra,
     )
     st = jax.device_put(st, step_lib.state_shardings(st, mesh))
     ctrl = {
@@ -81,20 +103,22 @@ def main():
       "xbm_weight": jnp.float32(1.0),
       "lr_scale": jnp.float32(1.0),
     }
-    st, m = step_fn(st, batch, ctrl)  # compile (one program serves both)
+    st, m = step_fn(st, batch, ctrl)  # compile (one program per set of options)
     jax.block_until_ready(m)
-    runs[label] = [st, ctrl]
-  # Alternate the two so that machine noise hits both alike; keep the best of each.
+    runs[label] = [st, ctrl, step_fn]
+  # Alternate the variants so that machine noise hits all alike; keep the best of each.
   times = {label: float("inf") for label in runs}
   for _ in range(args.steps):
     for label, run in runs.items():
       t = time.perf_counter()
-      run[0], m = step_fn(run[0], batch, run[1])
+      run[0], m = run[2](run[0], batch, run[1])
       jax.block_until_ready(m)
       times[label] = min(times[label], time.perf_counter() - t)
   for label, best in times.items():
-    print(f"{label:>10}: {best * 1e3:8.1f} ms/step  ({args.batch / best:7.1f} images/s)")
+    print(f"{label:>14}: {best * 1e3:8.1f} ms/step  ({args.batch / best:7.1f} images/s)")
   print(f"memory overhead: {times['memory'] / times['no memory']:.3f}x")
+  for label in ("+ moments", "+ moments EMA", "+ momentum enc."):
+    print(f"memory {label} over the memory step: {times[label] / times['memory']:.3f}x")
 
 
 if __name__ == "__main__":

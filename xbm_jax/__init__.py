@@ -10,10 +10,13 @@ total, mem, aux = xbm_jax.losses.xbm_total_loss(batch, batch, mem, step=t, start
 Your own pair loss, written once, with the memory (replicated or sharded):
 `xbm_jax.pairs.pair_loss` / `xbm_jax.pairs.reduction_loss`.
 Stale memory entries moved to the current batch's moments (cross batch normalization):
-`xbm_jax.drift_correction.match_moments`.
+`xbm_jax.drift_correction.match_moments`. A memory of pooled features re-embedded by
+the current head: `xbm_jax.reprojection`. A MoCo momentum encoder: `xbm_jax.momentum`.
+A memory guard from a paired test on validation hits: `xbm_jax.paired_guard` (host-side,
+imported on its own).
 """
 
-from xbm_jax import drift_correction, losses, memory, pairs, sharded_memory
+from xbm_jax import drift_correction, losses, memory, momentum, pairs, reprojection, sharded_memory
 from xbm_jax.embeddings import Embeddings, l2_normalize
 from xbm_jax.memory import MemoryState
 
@@ -24,7 +27,9 @@ __all__ = [
   "drift_correction",
   "losses",
   "memory",
+  "momentum",
   "pairs",
+  "reprojection",
   "sharded_memory",
   "l2_normalize",
 ]

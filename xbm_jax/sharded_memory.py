@@ -20,9 +20,8 @@ the global array: that is the index `self_exclusion="index"` uses.
 Relation to a replicated memory fed the same global batches (the global batch
 is the device-major concatenation of the local batches, as `all_gather`
 builds it): while nothing wraps, or whenever the local batch `b` divides `k`,
-both memories hold the same entries, and `to_replicated(mem, local_batch=b)`
-rebuilds the replicated memory exactly (same slots, same pointer). Otherwise
-each shard evicts its own oldest rows, so the two hold the same entries only
+both memories hold the same entries in another slot order. Otherwise each
+shard evicts its own oldest rows, so the two hold the same entries only
 approximately (the newest `size - n*b` rows always agree). All losses are
 permutation-invariant over the reference, so slot order only matters for
 `self_exclusion="index"`.
@@ -33,10 +32,13 @@ permutation-invariant over the reference, so slot order only matters for
     mem = sharded_memory.enqueue_local(mem, local_batch)
     # checkpoints: save the global arrays; restore onto any device count with
     mem = sharded_memory.restore(numpy_arrays, mesh)   # reshards if n differs
+    # or shard by shard, from blocks read straight onto the new mesh:
+    mem = sharded_memory.reshard_on_mesh(blocks, saved_ptr, mesh)
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Union
 
 import jax
@@ -168,74 +170,6 @@ def _age_order(ptr: np.ndarray, k: int) -> np.ndarray:
   return (np.asarray(ptr).reshape(-1, 1) + np.arange(k)[None, :]) % k
 
 
-def to_replicated(mem: MemoryState, *, local_batch: int) -> MemoryState:
-  """The replicated memory (scalar ptr) that the same global batches would have built.
-
-  Exact when `local_batch` divides the shard size k and every shard enqueued
-  the same number of rows (the train step does). Raises ValueError otherwise.
-  A host-side helper (tests, checkpoints, inspection; not jittable): takes
-  global arrays (host or device) and returns numpy arrays, ptr a `[]` int32.
-  """
-  n = int(np.size(mem.ptr))
-  size = mem.emb.shape[0]
-  k = _check_divisible(size, n)
-  b = int(local_batch)
-  if b <= 0 or k % b:
-    raise ValueError(
-      f"to_replicated needs local_batch ({b}) to divide the shard size "
-      f"{k}; otherwise shards wrap at different global slots"
-    )
-  ptr = np.asarray(mem.ptr)
-  if not (ptr == ptr[0]).all():
-    raise ValueError(f"to_replicated needs equal shard pointers; got {ptr.tolist()}")
-  c = k // b
-
-  def relayout(x):  # shard-major [n, c, b, ...] -> chunk-major [c, n, b, ...]
-    x = np.asarray(jax.device_get(x))
-    x = x.reshape((n, c, b) + x.shape[1:])
-    return np.swapaxes(x, 0, 1).reshape((size,) + x.shape[3:])
-
-  return MemoryState(
-    relayout(mem.emb),
-    relayout(mem.labels),
-    relayout(mem.valid),
-    np.asarray(int(ptr[0]) * n % size, np.int32),
-    None if mem.ids is None else relayout(mem.ids),
-  )
-
-
-def from_replicated(mem: MemoryState, *, n_shards: int, local_batch: int) -> MemoryState:
-  """The inverse of `to_replicated` (host-side, numpy out): the sharded memory
-  (global shapes) whose `to_replicated(..., local_batch)` is `mem`. Needs
-  `n_shards * local_batch` to divide the replicated pointer and `local_batch`
-  to divide size / n_shards."""
-  size = mem.emb.shape[0]
-  n, b = int(n_shards), int(local_batch)
-  k = _check_divisible(size, n)
-  if b <= 0 or k % b:
-    raise ValueError(f"from_replicated needs local_batch ({b}) to divide the shard size {k}")
-  ptr = int(np.asarray(mem.ptr))
-  if ptr % (n * b):
-    raise ValueError(
-      f"replicated pointer {ptr} is not a multiple of the global batch "
-      f"{n * b}; such a memory has no per-shard equivalent"
-    )
-  c = k // b
-
-  def relayout(x):  # chunk-major [c, n, b, ...] -> shard-major [n, c, b, ...]
-    x = np.asarray(jax.device_get(x))
-    x = x.reshape((c, n, b) + x.shape[1:])
-    return np.swapaxes(x, 0, 1).reshape((size,) + x.shape[3:])
-
-  return MemoryState(
-    relayout(mem.emb),
-    relayout(mem.labels),
-    relayout(mem.valid),
-    np.full((n,), ptr // n, np.int32),
-    None if mem.ids is None else relayout(mem.ids),
-  )
-
-
 ArrayTree = Union[MemoryState, Mapping[str, np.ndarray]]
 
 
@@ -318,3 +252,75 @@ def restore(saved: ArrayTree, mesh, axis_name: str = "data") -> MemoryState:
   else:
     mem = reshard(saved, n)
   return put(mem, mesh, axis_name)
+
+
+def reshard_on_mesh(blocks: MemoryState, saved_ptr, mesh, axis_name: str = "data") -> MemoryState:
+  """`reshard(saved, n)` computed on the mesh, one shard's worth of rows at a time.
+
+  For a checkpoint restored straight onto the new layout: orbax reads each
+  device's contiguous block of the saved rows (the new shardings cut the saved
+  arrays into `n` blocks of k = size / n rows), and this re-lays them, on device,
+  into `reshard`'s order (the same result, bit for bit). The saved memory is never
+  whole on one device or host: in n rounds the blocks pass around the ring of
+  devices (`ppermute`), and each device keeps, of the block it holds, the rows its
+  new shard takes. Peak per device: a few blocks of k rows (its block, the one
+  received, its new shard: 3 in XLA's memory analysis, the blocks donated);
+  traffic per device: the whole memory once.
+
+  Args:
+    blocks: a `MemoryState` with global shapes (emb `[size, dim]`, labels, valid,
+      optional ids `[size]`) holding the saved rows as saved, each leaf split
+      `P(axis_name)` on `mesh`; its `ptr` is ignored. Its arrays are donated
+      (deleted: their buffers become the result's).
+    saved_ptr: the saved pointer, host `[n_old]` int (`[]` for a replicated memory).
+    mesh, axis_name: the new layout (n devices on `axis_name`).
+  Returns:
+    The re-laid memory, every leaf split `P(axis_name)`, ptr `[n]` zeros.
+  """
+  n = mesh.shape[axis_name]
+  ptr = np.asarray(saved_ptr, np.int32).reshape(-1)
+  _check_divisible(blocks.emb.shape[0], ptr.shape[0])
+  _check_divisible(blocks.emb.shape[0], n)
+  rows = [blocks.emb, blocks.labels, blocks.valid] + ([] if blocks.ids is None else [blocks.ids])
+  moved = relayout_program(mesh, axis_name, len(rows))(ptr, *rows)
+  new_ptr = jax.device_put(np.zeros((n,), np.int32), NamedSharding(mesh, P(axis_name)))
+  return MemoryState(*moved[:3], new_ptr, moved[3] if blocks.ids is not None else None)
+
+
+@functools.lru_cache(maxsize=None)
+def relayout_program(mesh, axis_name: str, n_leaves: int):
+  """The jitted re-lay of `reshard_on_mesh`: `(saved ptr [n_old], *leaves split
+  P(axis_name)) -> leaves re-laid` (exposed so that its per-device memory can be
+  read from the compiled program: benchmarks/memory_scale.py)."""
+  n = mesh.shape[axis_name]
+  shift = [(s, (s + 1) % n) for s in range(n)]
+
+  def per_device(ptr, *held):
+    k = held[0].shape[0]  # this device's rows
+    n_old = ptr.shape[0]
+    k_old = k * n // n_old
+    # reshard's order in closed form: new row l of shard j is stream position
+    # i = l * n + j, the (i // n_old)-th oldest row of old shard i % n_old.
+    i = jnp.arange(k) * n + jax.lax.axis_index(axis_name)
+    old_shard = i % n_old
+    src = old_shard * k_old + (ptr[old_shard] + i // n_old) % k_old
+    owner, local = src // k, src % k
+
+    def round_(t, carry):  # holds the block of device (j - t) mod n
+      held, out = carry
+      mine = owner == (jax.lax.axis_index(axis_name) - t) % n
+      out = tuple(
+        jnp.where(mine.reshape((k,) + (1,) * (h.ndim - 1)), h[local], o) for h, o in zip(held, out)
+      )
+      return tuple(jax.lax.ppermute(h, axis_name, shift) for h in held), out
+
+    _, out = jax.lax.fori_loop(0, n, round_, (held, tuple(jnp.zeros_like(h) for h in held)))
+    return out
+
+  spec = P(axis_name)
+  return jax.jit(
+    jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(),) + (spec,) * n_leaves, out_specs=(spec,) * n_leaves
+    ),
+    donate_argnums=tuple(range(1, n_leaves + 1)),  # the blocks become the new shards
+  )

@@ -152,6 +152,23 @@ def test_small_cnn_takes_1_channel_32x32(small_vars):
   np.testing.assert_allclose(small().apply(small_vars, images.astype(np.float32)), emb, atol=1e-6)
 
 
+def test_head_applied_to_pooled_features_is_the_forward_bit_for_bit(small_vars):
+  """The oracle is the default forward itself (and NumPy linear + L2 norm)."""
+  images = gray_images(4, seed=3)
+  model = small()
+  emb, upd = model.apply(small_vars, images, train=True, mutable=["batch_stats"])
+  (pooled, emb2), upd2 = model.apply(
+    small_vars, images, train=True, mutable=["batch_stats"], method="features_and_embeddings"
+  )
+  np.testing.assert_array_equal(emb2, emb)
+  jax.tree.map(np.testing.assert_array_equal, upd2, upd)
+  head_only = {"params": {"head": small_vars["params"]["head"]}}  # no backbone needed
+  np.testing.assert_array_equal(model.apply(head_only, pooled, method="project_features"), emb)
+  fc = small_vars["params"]["head"]["fc"]
+  z = np.asarray(pooled, np.float64) @ np.asarray(fc["kernel"], np.float64) + np.asarray(fc["bias"])
+  np.testing.assert_allclose(emb, z / np.linalg.norm(z, axis=1, keepdims=True), atol=1e-6)
+
+
 def test_frozen_bn_never_updates(small_vars):
   images = gray_images(8, seed=1)
   _, upd = small().apply(small_vars, images, train=True, mutable=["batch_stats"])

@@ -17,7 +17,7 @@ import pytest
 from tests.train.test_loop import read_log, tiny_config, tree_listing
 from tests.train.test_step import build, ctrl_of, make_batches
 from xbm_jax import parallel
-from xbm_jax.train import evaluation, guards, loop, validation
+from xbm_jax.train import config as config_lib, evaluation, guards, loop, validation
 from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError, WorkdirLockedError
 
 
@@ -135,6 +135,25 @@ def test_config_diff_against_a_hand_made_pair():
     "b.d": ("x", None),
     "b.e": (None, 0),
   }
+
+
+def test_turning_a_stateful_option_on_or_off_is_refused_on_resume():
+  """The momentum encoder and the smoothed moments live in the train state only
+  while on: turning one on (or off) cannot restore, even when changes are allowed;
+  another nonzero value can."""
+  saved = guards.config_json(config_lib.base())
+  for key in ("moments_ema", "momentum_encoder"):
+    on = guards.config_json(config_lib.base())
+    on["xbm"][key] = 0.5
+    if key == "moments_ema":
+      on["xbm"]["drift_correction"] = "moments"
+    for a, b in ((saved, on), (on, saved)):
+      with pytest.raises(ResumeError, match=f"xbm.{key} .* changes the saved state's shapes"):
+        guards.check_resume(a, b, allow_change=True)
+    more = guards.config_json(config_lib.base())
+    more["xbm"].update(on["xbm"])
+    more["xbm"][key] = 0.9
+    assert f"xbm.{key}" in guards.check_resume(on, more, allow_change=True)
 
 
 # --- 4. every enumerated value is checked before training --------------------------

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from xbm_jax.train import checkpoint, loop, step as step_lib
+from xbm_jax.train.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -115,11 +116,22 @@ def logged_rows(workdir) -> dict:
   return out
 
 
-def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
+# The reference, and the memory's drift corrections (smoothed moments and a momentum
+# encoder in the state).
+DRIFT_CORRECTED = {
+  "xbm.drift_correction": "moments",
+  "xbm.moments_ema": 0.5,
+  "xbm.memory_sharding": "sharded",
+  "xbm.momentum_encoder": 0.5,
+}
+
+
+@pytest.mark.parametrize("options", [{}, DRIFT_CORRECTED], ids=["reference", "drift_corrected"])
+def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch, options):
   """Killed during update 4, after the checkpoint of step 2 (a drift step: the
   reading of step 2 was logged before the kill), the resumed run ends with the
   uninterrupted run's state and log: every row once, none lost."""
-  cfg = tiny_config(data_dir, **{"pictures.enabled": False, "train.checkpoint_every": 2})
+  cfg = tiny_config(data_dir, **{"pictures.enabled": False, "train.checkpoint_every": 2, **options})
   wd_full, wd_kill = str(tmp_path / "full"), str(tmp_path / "killed")
   loop.train_and_evaluate(cfg, wd_full)
 
@@ -145,6 +157,8 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch):
   loop.train_and_evaluate(cfg, wd_kill)
 
   a, b = final_state(wd_full, cfg), final_state(wd_kill, cfg)
+  # The smoothed moments and the momentum encoder are saved.
+  assert (a["moments"] is not None) == (b["key_encoder"] is not None) == bool(options)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
   full, kill = logged_rows(wd_full), logged_rows(wd_kill)
   assert kill.keys() == full.keys()
@@ -294,6 +308,7 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
       "optim.lr": 0.0,
       "optim.weight_decay": 0.0,
       "xbm.size": 32,
+      "xbm.momentum_encoder": 0.5,
       "drift.enabled": False,
       "pictures.enabled": False,
     },
@@ -302,6 +317,8 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   loop.train_and_evaluate(cfg, wd)  # lr 0: params stay the source's
   a, b = final_state(src, None), final_state(wd, None)
   jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+  # The momentum encoder starts as a copy of the warm-started params (and so stays).
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["key_encoder"]["params"])
   step, read = checkpoint.read_params(src)  # against the whole state restored
   assert step == 6 and sorted(read) == ["batch_stats", "params"]
   jax.tree.map(np.testing.assert_array_equal, read, {k: a[k] for k in read})
@@ -313,6 +330,11 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   wd2 = str(tmp_path / "warm2")
   loop.train_and_evaluate(cfg, wd2)
   jax.tree.map(np.testing.assert_array_equal, a["params"], final_state(wd2, None)["params"])
+  # A source that does not fit this model: one line, nothing written but the lock.
+  cfg.model.embed_dim = 16
+  with pytest.raises(ConfigError, match="init_from=.*do not match this model"):
+    loop.train_and_evaluate(cfg, str(tmp_path / "misfit"))
+  assert os.listdir(tmp_path / "misfit") == [".lock"]
 
 
 def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_dir, tmp_path):

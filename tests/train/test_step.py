@@ -10,7 +10,7 @@ import pytest
 
 import xbm_jax
 from tests import loss_oracles
-from xbm_jax import losses, memory, parallel
+from xbm_jax import drift_correction, losses, memory, momentum, parallel, sharded_memory
 from xbm_jax.train import optim, state as state_lib, step as step_lib
 
 
@@ -54,19 +54,34 @@ def build(
   memory_loss_kwargs=None,
   mem_size=40,
   accumulate=1,
+  memory_state=None,
+  sharded=False,
+  **step_kw,
 ):
-  """(placed initial state, jitted step) for the tiny embedder on `mesh`."""
+  """(placed initial state, jitted step) for the tiny embedder on `mesh` (`step_kw`:
+  more options of make_train_step; a `MomentsEMA` in the state when they smooth)."""
   model = TinyEmbedder()
   variables = model.init(jax.random.PRNGKey(0), first_batch["image"][:2], train=False)
   direction = optim.make_direction(optim_cfg())
+  if memory_state is None:
+    memory_state = (
+      sharded_memory.init(size=mem_size, dim=8, n_shards=mesh.size)
+      if sharded
+      else memory.init(size=mem_size, dim=8)
+    )
   st = state_lib.create(
     params=variables["params"],
     batch_stats=variables["batch_stats"],
     tx=direction,
-    memory=memory.init(size=mem_size, dim=8),
-    rng=jax.random.PRNGKey(1),
+    memory=memory_state,
+    moments=drift_correction.init(8) if step_kw.get("moments_ema", 0) > 0 else None,
+    key_encoder=(
+      momentum.init(variables["params"], variables["batch_stats"])
+      if step_kw.get("momentum_encoder", 0) > 0
+      else None
+    ),
   )
-  st = jax.device_put(st, step_lib.state_shardings(st, mesh))
+  st = jax.device_put(st, step_lib.state_shardings(st, mesh, sharded_memory=sharded))
   train_step = step_lib.make_train_step(
     model=model,
     direction=direction,
@@ -76,6 +91,8 @@ def build(
     memory_loss_kwargs=memory_loss_kwargs,
     mesh=mesh,
     accumulate=accumulate,
+    sharded_memory=sharded,
+    **step_kw,
   )
   return st, train_step
 
@@ -164,6 +181,23 @@ def test_one_device_equals_eight(loss_name, loss_kwargs):
   assert int(s8.memory.ptr) == (3 * 16) % 40  # enqueued from step 1 on (3 steps), wrapped
 
 
+def train_forward(model, variables, images):
+  """`([B, D] train-mode embeddings of one device's batch, the updated BN statistics)`
+  (BN with axis_name needs a named axis even on one device: vmap over a size-1 axis)."""
+  emb, new_vars = jax.vmap(
+    lambda v: model.apply(v, jnp.asarray(images), train=True, mutable=["batch_stats"]),
+    axis_name=parallel.DATA_AXIS,
+    in_axes=None,
+    out_axes=None,
+    axis_size=1,
+  )(variables)
+  return emb, new_vars["batch_stats"]
+
+
+def train_embeddings(model, variables, images):
+  return train_forward(model, variables, images)[0]
+
+
 def test_step_matches_single_device_by_hand():
   """Oracle for the 1-device step: loss and first Adam update computed directly."""
   batches = make_batches(1, seed=3)
@@ -193,15 +227,7 @@ def test_step_matches_single_device_by_hand():
   np.testing.assert_allclose(h1[0]["loss"], float(value), rtol=1e-5)
   # The value itself against the NumPy loop over pairs: the memory holds exactly this
   # batch (enqueued first), so L(B, M) = L(B, B).
-  emb = jax.vmap(
-    lambda v: model.apply(v, jnp.asarray(batches[0]["image"]), train=True, mutable=["batch_stats"])[
-      0
-    ],
-    axis_name=parallel.DATA_AXIS,
-    in_axes=None,
-    out_axes=None,
-    axis_size=1,
-  )(variables)
+  emb = train_embeddings(model, variables, batches[0]["image"])
   lab = np.asarray(batches[0]["label"])
   want = 2 * loss_oracles.contrastive(
     np.asarray(emb, np.float64), lab, np.asarray(emb, np.float64), lab
@@ -326,3 +352,134 @@ def test_a_user_loss_from_the_config_is_checked_against_its_signature():
   c.loss.name = "tests.test_pairs:no_such_loss"
   with pytest.raises(ConfigError, match="config.loss.name=.*no function 'no_such_loss'"):
     validation.check_loss(c)
+
+
+def _stale_memory(rng, rows=24, size=40):
+  """A memory of `size` slots holding `rows` unit rows off the batch's distribution."""
+  stale = rng.normal(size=(rows, 8)) * rng.uniform(0.5, 2.0, size=8) + 0.7
+  stale /= np.linalg.norm(stale, axis=1, keepdims=True)
+  labels = rng.integers(20, 30, size=rows).astype(np.int32)
+  mem = memory.enqueue(
+    memory.init(size=size, dim=8), xbm_jax.Embeddings(jnp.asarray(stale, jnp.float32), labels)
+  )
+  return jax.device_get(mem), stale, labels  # host arrays: the step donates its state
+
+
+def test_moment_matching_step_equals_numpy_and_is_off_by_default():
+  """drift_correction="moments", one step on a memory of 24 stale rows: the stored
+  rows become the NumPy formula's (this batch's float64 mean and variance per
+  dimension, rows re-normalised), the batch is enqueued after them, and the memory
+  term is the NumPy loop over that memory. By default the stale rows stay as they
+  were (the reference step)."""
+  (batch,) = make_batches(1, seed=5)
+  mesh = parallel.make_mesh(1)
+  mem, stale, stale_labels = _stale_memory(np.random.default_rng(1))
+  model = TinyEmbedder()
+  variables = model.init(jax.random.PRNGKey(0), batch["image"][:2], train=False)
+  emb = np.asarray(train_embeddings(model, variables, batch["image"]), np.float64)
+
+  mean_b, var_b = emb.mean(0), emb.var(0)
+  mean_m, var_m = stale.mean(0), stale.var(0)
+  moved = np.sqrt(var_b) * (stale - mean_m) / np.sqrt(np.maximum(var_m, 1e-6)) + mean_b
+  moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+  want_emb = np.concatenate([moved, emb])
+  want_labels = np.concatenate([stale_labels, batch["label"]])
+
+  st, fn = build(mesh, batch, memory_state=mem, drift_correction="moments")
+  st, m = jax.device_get(fn(st, parallel.global_batch(batch, mesh), ctrl_of(0)))
+  np.testing.assert_allclose(st.memory.emb, want_emb, atol=2e-5)
+  np.testing.assert_array_equal(st.memory.labels, want_labels)
+  assert int(st.memory.ptr) == 0 and st.moments is None
+  want_xbm = loss_oracles.contrastive(emb, batch["label"], want_emb, want_labels)
+  np.testing.assert_allclose(m["loss_xbm"], want_xbm, rtol=1e-4)
+
+  st, fn = build(mesh, batch, memory_state=mem)  # the default: no correction
+  st, _ = jax.device_get(fn(st, parallel.global_batch(batch, mesh), ctrl_of(0)))
+  np.testing.assert_array_equal(st.memory.emb[:24], np.asarray(mem.emb[:24]))
+
+
+def _sorted_rows(mem):
+  """The memory's (label, valid, emb) rows in a canonical order (a sharded memory
+  holds the same entries as a replicated one in another slot order)."""
+  table = np.column_stack([mem.labels, mem.valid, np.asarray(mem.emb)])
+  return table[np.lexsort(table.T[::-1])]
+
+
+def test_drift_corrections_one_device_equals_eight_replicated_and_sharded():
+  """3 steps with the smoothed moment matching (moments_ema=0.5) and the momentum
+  encoder (0.5), memory from step 0: 1 device, 8 devices and 8 devices with the
+  memory sharded (moments combined across shards) give the same losses, parameters,
+  smoothed moments, key encoder and memory entries."""
+  batches = make_batches(3, seed=6)
+  runs = []
+  for n, sharded in ((1, False), (8, False), (8, True)):
+    mesh = parallel.make_mesh(n)
+    st, fn = build(
+      mesh,
+      batches[0],
+      mem_size=64,
+      sharded=sharded,
+      drift_correction="moments",
+      moments_ema=0.5,
+      momentum_encoder=0.5,
+    )
+    history = []
+    for batch in batches:
+      st, m = fn(st, parallel.global_batch(batch, mesh), ctrl_of(0))
+      history.append(jax.device_get(m))
+    runs.append((jax.device_get(st), history))
+  (s1, h1) = runs[0]
+  assert int(s1.moments.steps) == 3
+  for st, history in runs[1:]:
+    for a, b in zip(h1, history):
+      for k in ("loss", "loss_xbm", "xbm/mean_pos_sim"):
+        np.testing.assert_allclose(b[k], a[k], rtol=2e-5, atol=1e-6, err_msg=k)
+    for name in ("params", "moments", "key_encoder"):
+      jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5, err_msg=name),
+        getattr(s1, name),
+        getattr(st, name),
+      )
+    np.testing.assert_allclose(_sorted_rows(st.memory), _sorted_rows(s1.memory), atol=1e-5)
+
+
+def test_momentum_encoder_is_the_ema_of_the_params_and_embeds_what_is_enqueued():
+  """momentum_encoder=0.5, 3 steps with the memory on from step 0: the key encoder's
+  params are the moving average by hand of the params each step started from
+  (theta_k <- 0.5 theta_k + 0.5 theta, from theta_0); the rows step 2 enqueued are
+  the key encoder's train-mode embeddings of its batch (its params after that
+  step's move, its BN statistics before it), not the trained encoder's, and its BN
+  statistics are those that forward leaves."""
+  batches = make_batches(3, seed=8)
+  mesh = parallel.make_mesh(1)
+  st, fn = build(mesh, batches[0], mem_size=48, momentum_encoder=0.5)
+  started = []
+  for batch in batches:
+    started.append(jax.device_get(st.params))
+    key_before = jax.device_get(st.key_encoder)
+    st, _ = fn(st, parallel.global_batch(batch, mesh), ctrl_of(0))
+  st = jax.device_get(st)
+
+  by_hand = jax.tree.map(lambda x: np.asarray(x, np.float64), started[0])
+  for params in started:
+    by_hand = jax.tree.map(lambda k, q: 0.5 * k + 0.5 * np.asarray(q, np.float64), by_hand, params)
+  jax.tree.map(
+    lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7),
+    st.key_encoder.params,
+    by_hand,
+  )
+  assert int(st.key_encoder.steps) == 3
+
+  model = TinyEmbedder()
+  key_vars = {"params": st.key_encoder.params, "batch_stats": key_before.batch_stats}
+  keys, key_stats = train_forward(model, key_vars, batches[2]["image"])
+  np.testing.assert_allclose(st.memory.emb[32:48], keys, atol=1e-5)
+  jax.tree.map(
+    lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6),
+    st.key_encoder.batch_stats,
+    key_stats,
+  )
+  trained = train_embeddings(
+    model, {"params": started[2], "batch_stats": key_before.batch_stats}, batches[2]["image"]
+  )
+  assert np.abs(np.asarray(trained) - np.asarray(keys)).max() > 1e-3

@@ -37,6 +37,19 @@ RULES = [
   ({"xbm.backoff": True, "xbm.backoff_factor": 1.0}, "backoff_factor=1.0"),
   ({"xbm.guard": True, "xbm.guard_ratio": 1.0}, "guard_ratio=1.0"),
   ({"xbm.guard": True, "xbm.guard_readings": 0}, "guard_readings=0"),
+  ({"xbm.drift_correction": "kalman"}, "drift_correction='kalman' is not valid"),
+  ({"xbm.drift_correction": "moments", "xbm.moments_ema": 1.0}, "moments_ema=1.0: a decay"),
+  ({"xbm.moments_ema": 0.9}, "moments_ema=0.9 smooths the moments"),
+  (
+    {"xbm.enabled": False, "xbm.drift_correction": "moments"},
+    "drift_correction='moments' needs the memory",
+  ),
+  ({"xbm.momentum_encoder": 1.0}, "momentum_encoder=1.0: a decay in [0, 1)"),
+  ({"xbm.enabled": False, "xbm.momentum_encoder": 0.5}, "momentum_encoder=0.5 needs the memory"),
+  (
+    {"train.num_devices": 1, "train.accumulate": 2, "xbm.momentum_encoder": 0.5},
+    "needs config.train.accumulate=1 (got 2)",
+  ),
   # The smoke config's first drift reading (lag 2) comes after update 2: a start at 1
   # leaves the guard nothing to compare with.
   ({"xbm.guard": True, "xbm.start_step": 1}, "start_step=1 comes before the first"),
@@ -53,6 +66,11 @@ RULES = [
   ({"evals.sop.split": "val"}, "no split 'val' in dataset 'tiny'; splits: ['test', 'train']"),
   ({"input.train_split": "trian"}, "config.input.train_split: no split 'trian'"),
   ({"pictures.evaluator": "other"}, "pictures.evaluator='other'"),
+  # evals.sop is renamed after the dataset, which an evaluator already holds.
+  (
+    {"evals.tiny": {"type": "leave_one_out", "split": "test", "ks": (1,)}},
+    "would give two evaluators one name",
+  ),
 ]
 
 

@@ -65,7 +65,10 @@ class EmbeddingModel(nn.Module):
   float 0..255 (RGB or grayscale) -> `[B, embed_dim]` float32 unit rows.
   Variables: {"params": {"backbone", "head"}, "batch_stats": {"backbone"}}.
   Other entry points (via `method=`): `features` (pooled `[B, C]` float32, before the
-  head) and `feature_map` (`[B, h, w, C]` in the compute dtype).
+  head), `feature_map` (`[B, h, w, C]` in the compute dtype), `features_and_embeddings`
+  (both from one backbone pass) and `project_features` (`[N, C]` pooled features ->
+  `[N, embed_dim]` unit rows through the head alone; needs only `params["head"]`).
+  `project_features(features(x))` is the default forward, bit for bit.
   """
 
   backbone: nn.Module
@@ -83,6 +86,15 @@ class EmbeddingModel(nn.Module):
 
   def features(self, images: jax.Array, train: bool = False) -> jax.Array:
     return global_pool(self.backbone(images, train=train), self.pool)
+
+  def features_and_embeddings(self, images: jax.Array, train: bool = False):
+    """`([B, C] pooled float32, [B, embed_dim] unit rows)` from one backbone pass."""
+    pooled = self.features(images, train=train)
+    return pooled, self.head.project(pooled)
+
+  def project_features(self, pooled: jax.Array) -> jax.Array:
+    """`[N, C]` pooled features -> `[N, embed_dim]` float32 unit rows (the head alone)."""
+    return self.head.project(pooled)
 
 
 def make_backbone(

@@ -44,20 +44,26 @@ class EmbeddingHead(nn.Module):
     embed_dim: output dimension D.
     pool: "max" (paper), "avg" or "gem".
   Input `[B, H, W, C]` feature map (any float dtype); output `[B, D]` float32 unit rows.
+  `project` is the part after the pooling: `[N, C]` pooled features -> `[N, D]` unit rows,
+  so that stored pooled features can be re-embedded by the current head
+  (`xbm_jax.reprojection`).
   """
 
   embed_dim: int
   pool: str = "max"
 
-  @nn.compact
-  def __call__(self, feature_map: jax.Array) -> jax.Array:
-    x = global_pool(feature_map, self.pool)
-    x = nn.Dense(
+  def setup(self):
+    self.fc = nn.Dense(
       self.embed_dim,
       dtype=jnp.float32,
       param_dtype=jnp.float32,
       kernel_init=fan_out_normal(self.embed_dim),
       bias_init=nn.initializers.zeros,
-      name="fc",
-    )(x)
-    return l2_normalize(x)
+    )
+
+  def __call__(self, feature_map: jax.Array) -> jax.Array:
+    return self.project(global_pool(feature_map, self.pool))
+
+  def project(self, pooled: jax.Array) -> jax.Array:
+    """`[N, C]` pooled features (any float dtype) -> `[N, D]` float32 unit rows."""
+    return l2_normalize(self.fc(pooled))

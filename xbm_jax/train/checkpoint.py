@@ -9,6 +9,7 @@ previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -98,10 +99,13 @@ class Checkpointer:
 
   def restore(self, abstract_state, step: Optional[int] = None) -> Optional[tuple[Any, dict]]:
     """The state at `step` (default: latest), laid out like `abstract_state`
-    (a pytree of `jax.ShapeDtypeStruct` with shardings), or None if none saved."""
+    (a pytree of `jax.ShapeDtypeStruct` with shardings), or None if none saved.
+    A checkpoint whose train state has other fields (another version's, or another
+    set of options) is refused first (`check_fields`)."""
     step = self.last.latest_step() if step is None else step
     if step is None:
       return None
+    self.check_fields(abstract_state, step)
     out = self.last.restore(
       step,
       args=ocp.args.Composite(
@@ -110,6 +114,31 @@ class Checkpointer:
     )
     return out["state"], _from_json(out["host"])
 
+  def check_fields(self, state, step: int) -> None:
+    """Raises ValueError (one line) unless the checkpoint at `step` holds a train
+    state with `state`'s fields, each present (with arrays) or empty alike: a
+    checkpoint of an earlier version (e.g. with the `rng` it no longer keeps) or
+    saved with another option that adds state would otherwise fail deep in orbax."""
+    saved = self.last.item_metadata(step)["state"]
+    saved = dict(getattr(saved, "tree", saved))
+    mine = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    has = lambda x: bool(jax.tree.leaves(x))
+    extra, missing = sorted(set(saved) - set(mine)), sorted(set(mine) - set(saved))
+    differ = sorted(k for k in set(saved) & set(mine) if has(saved[k]) != has(mine[k]))
+    problems = []
+    if extra:
+      problems.append(f"field(s) {extra} that this version does not keep")
+    if missing:
+      problems.append(f"no field(s) {missing}")
+    if differ:
+      problems.append(f"field(s) {differ} set where this run's are empty, or the reverse")
+    if problems:
+      raise ValueError(
+        f"its train state has {'; '.join(problems)} (written by another version of "
+        "xbm_jax or with other options); its params can still warm-start a new run "
+        "(config.train.init_from)"
+      )
+
   def saved_memory_ptr_shape(self, step: Optional[int] = None) -> Optional[tuple]:
     """Shape of the saved memory pointer: `()` replicated, `(n,)` sharded over n."""
     step = self.last.latest_step() if step is None else step
@@ -117,38 +146,27 @@ class Checkpointer:
       return None
     return tuple(self.last.item_metadata(step)["state"]["memory"]["ptr"].shape)
 
-  def restore_resharded(self, state, shardings, mesh, *, sharded_memory: bool):
-    """Restores onto another memory layout (a sharded memory saved with another
-    device count, or a replicated one): the memory is read to host memory as
-    saved, then re-laid by `sharded_memory.restore` (see its docstring), which
-    places only each device's shard on it. Every process reads the whole saved
-    memory to its host (not shard by shard); no device holds more than its own
-    shard. The rest of the state is restored straight onto its shardings."""
+  def restore_resharded(self, state, mesh):
+    """Restores a sharded memory saved on another device count onto `state`'s layout
+    (a sharded memory on `mesh`), shard by shard: orbax reads into each device only
+    the block of saved rows its new shard's place covers (the new shardings cut the
+    saved arrays into contiguous blocks), and `sharded_memory.reshard_on_mesh` re-lays
+    the blocks on the devices into `sharded_memory.reshard`'s order. No host or
+    device holds the whole memory (benchmarks/memory_scale.py measures the peaks).
+    The rest of the state is restored straight onto its shardings."""
     from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
 
-    ptr_shape = self.saved_memory_ptr_shape()
     abstract = abstract_like(state)
-    # numpy templates: orbax restores these leaves as host arrays (np.empty
-    # touches no page until orbax writes it).
-    mem = abstract.memory._replace(ptr=jax.ShapeDtypeStruct(ptr_shape, jax.numpy.int32))
-    mem = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), mem)
-    restored = self.restore(abstract.replace(memory=mem))
+    if abstract.memory.ptr.ndim != 1:
+      raise ValueError("restore_resharded restores onto a sharded memory (ptr [n])")
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    ptr = jax.ShapeDtypeStruct(self.saved_memory_ptr_shape(), jax.numpy.int32, sharding=replicated)
+    restored = self.restore(abstract.replace(memory=abstract.memory._replace(ptr=ptr)))
     if restored is None:
       return None
     st, host = restored
-    saved_mem = jax.tree.map(np.asarray, st.memory)
-    if sharded_memory:
-      new_mem = sm.restore(saved_mem, mesh)
-    else:
-      if saved_mem.ptr.shape != ():
-        raise ValueError(
-          "the checkpoint holds a sharded memory but "
-          "config.xbm.memory_sharding='replicated'; restoring a sharded "
-          "memory into a replicated one is not supported"
-        )
-      new_mem = saved_mem
-    st = jax.device_put(st.replace(memory=new_mem), shardings)
-    return st, host
+    memory = sm.reshard_on_mesh(st.memory, jax.device_get(st.memory.ptr), mesh)
+    return st.replace(memory=memory), host
 
   def close(self) -> None:
     self.last.close()

@@ -110,6 +110,19 @@ def base() -> ml_collections.ConfigDict:
     guard=False,
     guard_ratio=2.0,
     guard_readings=1,
+    # Drift correction of the stored entries: "moments" shifts and scales the
+    # memory's rows each step so that their per-dimension mean and variance match
+    # the batch's (Adaptive Cross Batch Normalization; xbm_jax.drift_correction);
+    # "none" is the reference. moments_ema in [0, 1): > 0 matches a moving average
+    # of the batch moments with this decay (kept in the train state), 0 each
+    # batch's own.
+    drift_correction="none",
+    moments_ema=0.0,
+    # m in [0, 1): > 0 embeds the enqueued batch with a momentum encoder, an
+    # exponential moving average of the parameters with this momentum (MoCo; its
+    # own BatchNorm statistics; kept in the train state; one extra forward per
+    # step). 0: the trained encoder's embeddings, as the reference.
+    momentum_encoder=0.0,
   )
 
   c.optim = dict(

@@ -41,6 +41,9 @@ SHAPE_KEYS = (
   "xbm.memory_sharding",
   "optim.name",
 )
+# Options whose state is in the train state only while they are above 0: turning one
+# on or off adds or removes that state.
+STATE_OPTION_KEYS = ("xbm.moments_ema", "xbm.momentum_encoder")
 # Changes that do not touch the math of the run (where and how it runs, how often
 # it reports): allowed on resume without asking.
 FREE_KEYS = (
@@ -140,6 +143,11 @@ def _shape_changing(key: str, config_now: dict) -> bool:
   return key == "input.batch_size" and not config_now["xbm"]["enabled"]
 
 
+def _toggles_state(key: str, change: tuple) -> bool:
+  """Whether the change turns a STATE_OPTION_KEYS option on or off (unset: off)."""
+  return key in STATE_OPTION_KEYS and len({float(v or 0) > 0 for v in change}) > 1
+
+
 def check_resume(saved: Optional[dict], current: dict, *, allow_change: bool) -> dict:
   """Compares the config a checkpoint was written with to this run's.
 
@@ -153,7 +161,7 @@ def check_resume(saved: Optional[dict], current: dict, *, allow_change: bool) ->
   # A key the trainer gained since the checkpoint, at its default, changes nothing.
   old, defaults = _flatten(saved), _flatten(config_json(config_lib.base()))
   diff = {k: v for k, v in diff.items() if k in old or v[1] != defaults.get(k)}
-  shaped = [k for k in diff if _shape_changing(k, current)]
+  shaped = [k for k in diff if _shape_changing(k, current) or _toggles_state(k, diff[k])]
   if shaped:
     raise ResumeError(
       "cannot resume: the checkpoint was saved with a different "

@@ -2,7 +2,7 @@
 
 Resume order (it matters): build everything from the config; if the workdir has
 a checkpoint, restore the train state (params, BN stats, optimiser, memory and
-pointer, rng, step) and the host state (pipeline position, memory controller,
+pointer, step) and the host state (pipeline position, memory controller,
 plateau scheduler, drift snapshots); the writer then drops log lines newer than
 the restored step. Everything that belongs to update t (its drift reading, the
 controller's decision on it, its log line, its evaluation) happens before the
@@ -57,6 +57,17 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
   }, first_bad
 
 
+def _misfit(mine, theirs) -> str:
+  """How a source's variables differ from this model's ("" when they fit): another
+  tree, or the first leaf of another shape (e.g. another embed_dim)."""
+  if jax.tree.structure(mine) != jax.tree.structure(theirs):
+    return "another tree of variables"
+  for (path, m), t in zip(jax.tree_util.tree_leaves_with_path(mine), jax.tree.leaves(theirs)):
+    if np.shape(t) != m.shape:
+      return f"{jax.tree_util.keystr(path)} is {np.shape(t)}, this model's {m.shape}"
+  return ""
+
+
 def _warm_start(state, source: str):
   """Params and BN statistics from another run's latest checkpoint (whatever its
   memory size; only those two are read) or an exported `.msgpack`, placed like
@@ -68,18 +79,25 @@ def _warm_start(state, source: str):
   out = {}
   for key in checkpoint.PARAM_KEYS:
     mine, theirs = getattr(state, key), raw[key]
-    if jax.tree.structure(mine) != jax.tree.structure(theirs):
+    misfit = _misfit(mine, theirs)
+    if misfit:
       raise ConfigError(
-        f"config.train.init_from={source!r}: its {key} do not match this "
-        "model (different config.model?)"
+        f"config.train.init_from={source!r}: its {key} do not match this model "
+        f"({misfit}; different config.model?)"
       )
     out[key] = jax.tree.map(
       lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding), mine, theirs
     )
+  if state.key_encoder is not None:  # the momentum encoder starts as a copy, as MoCo's
+    out["key_encoder"] = jax.tree.map(
+      lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding),
+      state.key_encoder,
+      state.key_encoder._replace(params=raw["params"], batch_stats=raw["batch_stats"]),
+    )
   return state.replace(**out)
 
 
-def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
+def _restore(ckpt, state, mesh, *, sharded: bool, workdir: str):
   """`(state, host)` from the workdir's latest checkpoint, or None. The config was
   compared with the saved one first, so a failure here is a mismatch that check
   does not know: still one line, not an orbax traceback."""
@@ -87,9 +105,9 @@ def _restore(ckpt, state, shardings, mesh, *, sharded: bool, workdir: str):
   if step is None:
     return None
   try:
-    if ckpt.saved_memory_ptr_shape() != state.memory.ptr.shape:
+    if sharded and ckpt.saved_memory_ptr_shape() != state.memory.ptr.shape:
       # A sharded memory saved on another device count: re-laid on restore.
-      return ckpt.restore_resharded(state, shardings, mesh, sharded_memory=sharded)
+      return ckpt.restore_resharded(state, mesh)
     return ckpt.restore(checkpoint.abstract_like(state))
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -166,7 +184,9 @@ class Run:
 def _build_state(config, mesh, train_src):
   """The model and a fresh train state placed on the mesh."""
   channels = int(np.asarray(train_src[0]["image"]).shape[-1])
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
+  # The first key of the seed's split, as when the state also kept a key: a seed
+  # initialises the model as it did then.
+  init_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))[0]
   model, variables = setup.init_model(config, channels, init_rng)
   direction = optim.make_direction(config.optim)
   state = state_lib.create(
@@ -174,7 +194,8 @@ def _build_state(config, mesh, train_src):
     batch_stats=variables.get("batch_stats", {}),
     tx=direction,
     memory=setup.init_memory(config, mesh.size),
-    rng=state_rng,
+    moments=setup.init_moments(config),
+    key_encoder=setup.init_key_encoder(config, variables),
   )
   sharded = config.xbm.enabled and config.xbm.memory_sharding == "sharded"
   shardings = step_lib.state_shardings(state, mesh, sharded_memory=sharded)
@@ -243,19 +264,20 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   pidx = jax.process_index()
   changes = _check_resume_config(config, workdir)
   train_src = setup.load_source(config.input, config.input.train_split)
+  model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
+  if config.train.init_from and not checkpoint.saved_steps(workdir):
+    # Before the checkpoint manager: a source that does not fit this model is refused
+    # with nothing written but the lock.
+    state = _warm_start(state, config.train.init_from)
   ckpt = checkpoint.Checkpointer(
     workdir, keep=int(config.train.keep_checkpoints), best_metric=config.train.best_metric
   )
   stack.callback(ckpt.close)
-  model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
 
-  restored = _restore(ckpt, state, shardings, mesh, sharded=sharded, workdir=workdir)
+  restored = _restore(ckpt, state, mesh, sharded=sharded, workdir=workdir)
+  saved_host = {}
   if restored is not None:
     state, saved_host = restored
-  else:
-    saved_host = {}
-    if config.train.init_from:
-      state = _warm_start(state, config.train.init_from)
   start = int(jax.device_get(state.step))
 
   writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=pidx == 0)
@@ -290,6 +312,9 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     mesh=mesh,
     sharded_memory=sharded,
     accumulate=int(config.train.accumulate),
+    drift_correction=config.xbm.drift_correction,
+    moments_ema=float(config.xbm.moments_ema),
+    momentum_encoder=float(config.xbm.momentum_encoder),
   )
   return Run(
     config=config,

@@ -10,13 +10,30 @@ import numpy as np
 
 from xbm_jax import memory, models
 from xbm_jax.data import builders
-from xbm_jax.train.errors import ConfigError, DataError
+from xbm_jax.train.errors import DataError
 
 MEMORY_DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
 
 
 # Names of the datasets the library knows (and so the stock configs' evaluators).
 STOCK_DATASETS = frozenset(builders.BUILDERS) | frozenset(builders.ALIASES) | {"glyphs"}
+
+
+def evaluator_renames(config) -> dict:
+  """`{old: new}`: the evaluators named after another stock dataset than
+  `config.input.dataset`, each to be named after it (see `name_evaluators`)."""
+  dataset = str(config.input.dataset)
+  canonical = builders.ALIASES.get(dataset, dataset)
+  return {
+    n: dataset
+    for n in config.evals
+    if n in STOCK_DATASETS and builders.ALIASES.get(n, n) != canonical
+  }
+
+
+def renames_clash(config, renames: dict) -> bool:
+  """Whether `renames` would give two evaluators one name (validate refuses it)."""
+  return len(renames) > 1 or (bool(renames) and str(config.input.dataset) in config.evals)
 
 
 def name_evaluators(config) -> None:
@@ -28,23 +45,12 @@ def name_evaluators(config) -> None:
   `optim.plateau.metric` and `pictures.evaluator` follow. Other names (`val`, `test`,
   yours) are kept. Command-line overrides still use the config file's name
   (`--config.evals.glyphs.every_steps=100`): this runs after them, in place, and is
-  idempotent.
+  idempotent. Renames that would give two evaluators one name are left undone, for
+  `validation.validate` to refuse.
   """
-  dataset = str(config.input.dataset)
-  canonical = builders.ALIASES.get(dataset, dataset)
-  renames = {
-    n: dataset
-    for n in config.evals
-    if n in STOCK_DATASETS and builders.ALIASES.get(n, n) != canonical
-  }
-  if not renames:
+  renames = evaluator_renames(config)
+  if not renames or renames_clash(config, renames):
     return
-  if len(renames) > 1 or dataset in config.evals:
-    raise ConfigError(
-      f"config.evals {sorted(config.evals)}: evaluators named after a "
-      f"dataset are renamed to config.input.dataset={dataset!r}, which "
-      "would give two evaluators one name; rename them"
-    )
   ((old, new),) = renames.items()
   with config.unlocked():
     config.evals = ml_collections.ConfigDict(
@@ -113,6 +119,27 @@ def init_memory(config, num_devices: int):
 
     return sharded_memory.init(size=size, dim=dim, n_shards=num_devices, dtype=dtype)
   return memory.init(size=size, dim=dim, dtype=dtype)
+
+
+def init_moments(config):
+  """The smoothed batch moments of the drift correction (`TrainState.moments`), or
+  None when the correction is off or uses each batch's own moments."""
+  x = config.xbm
+  if not (x.enabled and x.drift_correction == "moments" and float(x.moments_ema) > 0):
+    return None
+  from xbm_jax import drift_correction  # pylint: disable=g-import-not-at-top
+
+  return drift_correction.init(int(config.model.embed_dim))
+
+
+def init_key_encoder(config, variables: dict):
+  """The momentum encoder (`TrainState.key_encoder`), a copy of the model's
+  `variables` as MoCo starts it, or None when `xbm.momentum_encoder` is 0."""
+  if not (config.xbm.enabled and float(config.xbm.momentum_encoder) > 0):
+    return None
+  from xbm_jax import momentum  # pylint: disable=g-import-not-at-top
+
+  return momentum.init(variables["params"], variables.get("batch_stats", {}))
 
 
 def init_model(config, channels: int, rng):

@@ -1,4 +1,5 @@
-"""The one train-state pytree: step, params, batch_stats, opt_state, memory, rng."""
+"""The one train-state pytree: step, params, batch_stats, opt_state, memory, and the
+state of the memory's drift corrections (when on)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ class TrainState:
     params, batch_stats: the model's Flax variables.
     opt_state: the optax state.
     memory: the cross-batch memory (`MemoryState`).
-    rng: a PRNG key (unused by the deterministic reference models; kept for
-      dropout-like layers and so that resume restores it).
+    moments: the smoothed batch moments of the moment-matching drift correction
+      (`drift_correction.MomentsEMA`, replicated) with `xbm.moments_ema > 0`;
+      None (no leaves) otherwise.
+    key_encoder: the momentum encoder that embeds the enqueued batch
+      (`momentum.MomentumEncoder`, replicated) with `xbm.momentum_encoder > 0`;
+      None otherwise.
   """
 
   step: jax.Array
@@ -29,15 +34,19 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   memory: MemoryState
-  rng: jax.Array
+  moments: Any = None
+  key_encoder: Any = None
 
 
-def create(*, params, batch_stats, tx, memory: MemoryState, rng) -> TrainState:
+def create(
+  *, params, batch_stats, tx, memory: MemoryState, moments=None, key_encoder=None
+) -> TrainState:
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     batch_stats=batch_stats,
     opt_state=tx.init(params),
     memory=memory,
-    rng=rng,
+    moments=moments,
+    key_encoder=key_encoder,
   )

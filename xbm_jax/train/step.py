@@ -12,6 +12,12 @@ Each device's loss is its share of the whole batch's (both reductions count over
 the whole batch), so the `pmean` over devices equals the 1-device loss: the same
 global batch on 1 and on 8 devices gives the same loss and update.
 
+With `drift_correction="moments"` the memory is first moment-matched to the
+batch (`xbm_jax.drift_correction`; its smoothed moments live in the state), then
+step 3 runs on the corrected memory. With `momentum_encoder=m` the batch that step
+3 enqueues is embedded by a momentum (key) encoder in the state
+(`xbm_jax.momentum`), one extra forward pass without gradient.
+
 Host-side controllers feed `ctrl = {"start_step", "xbm_weight", "lr_scale"}` as
 traced scalars, so memory switch-on, weight ramps and learning-rate drops never
 recompile the step.
@@ -26,12 +32,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xbm_jax import losses, memory as memory_lib
+from xbm_jax import drift_correction as drift_lib, losses, memory as memory_lib
+from xbm_jax import momentum as momentum_lib, sharded_memory as sharded_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train.state import TrainState
 
 COUNT_KEYS = ("pos_pairs", "neg_pairs")
+# The values of config.xbm.drift_correction (train/validation.py reads them here).
+DRIFT_CORRECTIONS = ("none", "moments")
 
 
 def combine_stats(aux: dict, total: Callable) -> dict:
@@ -107,6 +116,9 @@ def make_train_step(
   mesh,
   sharded_memory: bool = False,
   accumulate: int = 1,
+  drift_correction: str = "none",
+  moments_ema: float = 0.0,
+  momentum_encoder: float = 0.0,
 ) -> Callable:
   """Returns `train_step(state, batch, ctrl) -> (state, metrics)`, jitted.
 
@@ -135,9 +147,29 @@ def make_train_step(
       reduction="mean" a term is the micro-batches' summed numerators over their
       summed active-pair counts, which a forward pass over the micro-batches
       counts first (one extra forward per step; "paper" needs none).
+    drift_correction: "moments": while the memory is active, each (micro-)step
+      shifts and scales the memory's valid rows per dimension so that their mean
+      and variance match the batch's (`drift_correction.match_moments`, rows
+      re-normalised; moments combined exactly across devices and shards), before
+      the batch is enqueued and the memory term computed; the corrected rows are
+      kept. "none" (default): the reference step.
+    moments_ema: with "moments", > 0 matches an exponential moving average of the
+      batch moments with this decay instead (`state.moments`, updated every
+      (micro-)step); 0: each batch's own moments.
+    momentum_encoder: m > 0: the batch enqueued into the memory is embedded by a
+      momentum encoder (`state.key_encoder`) instead of the trained one, MoCo's
+      way: each step its params move to `m * theta_k + (1 - m) * theta` (theta:
+      this step's params, before its update), then it embeds the batch in train
+      mode (BatchNorm over the batch across devices; its own running statistics,
+      `momentum.update(bn="own")`). One extra forward pass per step, no gradient.
+      0 (default): the reference. Needs accumulate=1.
   The batch is `{"image": [B, H, W, C], "label": [B] int32}` sharded over
   `data`; B must divide by the mesh size.
   """
+  if drift_correction not in DRIFT_CORRECTIONS:
+    raise ValueError(f"drift_correction={drift_correction!r}: one of {DRIFT_CORRECTIONS}")
+  if momentum_encoder > 0 and accumulate > 1:
+    raise ValueError("momentum_encoder > 0 needs accumulate=1")
   loss_kwargs = dict(loss_kwargs)
   mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
   loss_fn = losses.check_loss_options(loss_name, set(mem_kwargs) | set(loss_kwargs))
@@ -147,11 +179,55 @@ def make_train_step(
     mem_kwargs.get("reduction"),
   )
 
-  def embed_and_loss(params, batch_stats, memory, images, labels, step, ctrl, denominators):
-    """(loss, (memory, BN statistics, aux)) of one (micro-)batch on this device."""
+  def corrected(memory, moments, emb, step, ctrl):
+    """`(memory, moments)`: with drift correction, the memory moment-matched to this
+    (micro-)batch where it is active (`lax.cond`: no cost before the start or while
+    a guard holds it off), and the smoothed moments updated."""
+    if drift_correction == "none":
+      return memory, moments
+    valid = jnp.ones(emb.shape[:1], jnp.bool_)
+    mean, var, _ = drift_lib.moments(jax.lax.stop_gradient(emb), valid, axis_name=DATA_AXIS)
+    if moments is not None:
+      moments = drift_lib.update(moments, mean, var, decay=moments_ema)
+      mean, var = moments.mean, moments.var
+    axis = DATA_AXIS if sharded_memory else None
+    match = lambda m: drift_lib.match_moments(m, mean, var, axis_name=axis)
+    active = memory_lib.active(step, ctrl["start_step"])
+    return jax.lax.cond(active, match, lambda m: m, memory), moments
+
+  def key_embeddings(key_encoder, params, images):
+    """`([b, D] this device's batch embedded by the momentum encoder, the encoder)`:
+    its params moved toward `params` first, then its train-mode forward (which
+    updates its own BatchNorm statistics)."""
+    key_encoder = momentum_lib.update(key_encoder, params, momentum=momentum_encoder)
+    emb, new_vars = model.apply(
+      momentum_lib.variables(key_encoder), images, train=True, mutable=["batch_stats"]
+    )
+    stats = new_vars.get("batch_stats", key_encoder.batch_stats)
+    return jax.lax.stop_gradient(emb), key_encoder._replace(batch_stats=stats)
+
+  def enqueue_keys(memory, keys, labels, step, ctrl):
+    """The memory with this step's key embeddings enqueued where it is active (a
+    shard takes its device's rows; a replicated memory the batch gathered alike on
+    every device, so that it stays replicated)."""
+    active = memory_lib.active(step, ctrl["start_step"])
+    if sharded_memory:
+      return sharded_lib.enqueue_local(memory, Embeddings(keys, labels), when=active)
+    gather = lambda x: jax.lax.all_gather(x, DATA_AXIS, tiled=True, to="invarying")
+    return memory_lib.enqueue(memory, Embeddings(gather(keys), gather(labels)), when=active)
+
+  def embed_and_loss(
+    params, batch_stats, carry, images, labels, step, ctrl, denominators, keys=None
+  ):
+    """(loss, ((memory, moments), BN statistics, aux)) of one (micro-)batch on this
+    device; `carry` is `(memory, moments)`; `keys`: the momentum encoder's
+    embeddings of the batch, enqueued instead of the trained encoder's."""
     emb, new_vars = model.apply(
       {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
     )
+    memory, moments = corrected(*carry, emb, step, ctrl)
+    if keys is not None:
+      memory = enqueue_keys(memory, keys, labels, step, ctrl)
     local = Embeddings(emb, labels)
     glob = Embeddings(
       jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
@@ -169,35 +245,38 @@ def make_train_step(
       data_axis=DATA_AXIS,
       memory_loss_kwargs=memory_loss_kwargs,
       denominators=denominators,
+      enqueue=keys is None,
       **loss_kwargs,
     )
-    return total, (mem, new_vars.get("batch_stats", batch_stats), aux)
+    return total, ((mem, moments), new_vars.get("batch_stats", batch_stats), aux)
 
-  def micro_step(state, batch_stats, memory, images, labels, ctrl, denominators=None):
-    """Loss, gradients, BN statistics, memory and statistics of one (micro-)batch."""
+  def micro_step(state, batch_stats, carry, images, labels, ctrl, denominators=None, keys=None):
+    """Loss, gradients, BN statistics, (memory, moments) and statistics of one
+    (micro-)batch."""
     objective = lambda p: embed_and_loss(
-      p, batch_stats, memory, images, labels, state.step, ctrl, denominators
+      p, batch_stats, carry, images, labels, state.step, ctrl, denominators, keys
     )
     # Differentiate at a "varying" copy of the replicated params: each device's
     # gradient of its own loss, reduced once by the pmean in per_device (at the
     # invariant params the transpose would psum every micro-batch's gradient).
     params = jax.lax.pcast(state.params, DATA_AXIS, to="varying")
-    (loss, (mem, new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    return loss, grads, new_stats, mem, aux
+    (loss, (carry, new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return loss, grads, new_stats, carry, aux
 
   def step_denominators(state, images, labels, ctrl):
     """`{"batch", "xbm"}`: each term's count over the whole step (all micro-batches and
     devices, from a forward pass over them in turn) / accumulate, so that the mean
     of the micro-batches' losses is the whole step's numerator over its count."""
 
-    def body(memory, xs):
-      _, (memory, _, aux) = embed_and_loss(
-        state.params, state.batch_stats, memory, *xs, state.step, ctrl, None
+    def body(carry, xs):
+      _, (carry, _, aux) = embed_and_loss(
+        state.params, state.batch_stats, carry, *xs, state.step, ctrl, None
       )
-      return memory, (aux["batch/denominator"], aux["xbm/denominator"])
+      return carry, (aux["batch/denominator"], aux["xbm/denominator"])
 
     split = lambda x: x.reshape((accumulate, -1) + x.shape[1:])
-    _, (d_batch, d_xbm) = jax.lax.scan(body, state.memory, (split(images), split(labels)))
+    carry = (state.memory, state.moments)
+    _, (d_batch, d_xbm) = jax.lax.scan(body, carry, (split(images), split(labels)))
     return {"batch": jnp.sum(d_batch) / accumulate, "xbm": jnp.sum(d_xbm) / accumulate}
 
   def accumulated(state, images, labels, ctrl):
@@ -211,29 +290,33 @@ def make_train_step(
     denominators = step_denominators(state, images, labels, ctrl) if count_first else None
 
     def body(carry, xs):
-      grad_sum, batch_stats, memory = carry
-      loss, grads, batch_stats, memory, aux = micro_step(
-        state, batch_stats, memory, *xs, ctrl, denominators
+      grad_sum, batch_stats, mem_carry = carry
+      loss, grads, batch_stats, mem_carry, aux = micro_step(
+        state, batch_stats, mem_carry, *xs, ctrl, denominators
       )
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
-      return (grad_sum, batch_stats, memory), (loss, aux)
+      return (grad_sum, batch_stats, mem_carry), (loss, aux)
 
     # Per-device gradients ("varying", see micro_step) until the pmean.
     zeros = jax.lax.pcast(jax.tree.map(jnp.zeros_like, state.params), DATA_AXIS, to="varying")
-    (grad_sum, batch_stats, mem), (loss, aux) = jax.lax.scan(
-      body, (zeros, state.batch_stats, state.memory), (split(images), split(labels))
+    start = (zeros, state.batch_stats, (state.memory, state.moments))
+    (grad_sum, batch_stats, mem_carry), (loss, aux) = jax.lax.scan(
+      body, start, (split(images), split(labels))
     )
     grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
     aux = combine_stats(aux, lambda x: jnp.sum(x, axis=0))
-    return jnp.mean(loss), grads, batch_stats, mem, aux
+    return jnp.mean(loss), grads, batch_stats, mem_carry, aux
 
   def per_device(state: TrainState, images, labels, ctrl):
+    keys, key_encoder = None, state.key_encoder
+    if momentum_encoder > 0:
+      keys, key_encoder = key_embeddings(state.key_encoder, state.params, images)
     if accumulate == 1:
-      loss, grads, batch_stats, mem, aux = micro_step(
-        state, state.batch_stats, state.memory, images, labels, ctrl
+      loss, grads, batch_stats, (mem, moments), aux = micro_step(
+        state, state.batch_stats, (state.memory, state.moments), images, labels, ctrl, keys=keys
       )
     else:
-      loss, grads, batch_stats, mem, aux = accumulated(state, images, labels, ctrl)
+      loss, grads, batch_stats, (mem, moments), aux = accumulated(state, images, labels, ctrl)
     grads = jax.lax.pmean(grads, DATA_AXIS)
     updates, opt_state = direction.update(grads, state.opt_state, state.params)
     lr = schedule(state.step) * ctrl["lr_scale"]
@@ -242,7 +325,13 @@ def make_train_step(
     # and the opt_state (and so old checkpoints) keeps its structure.
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: -lr * u, updates))
     new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, memory=mem
+      step=state.step + 1,
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+      memory=mem,
+      moments=moments,
+      key_encoder=key_encoder,
     )
     mean_loss = jax.lax.pmean(loss, DATA_AXIS)
     ok = all_finite((mean_loss, grads, updates, params, batch_stats))
@@ -259,6 +348,19 @@ def make_train_step(
     return new_state, metrics
 
   def train_step(state, batch, ctrl):
+    smoothed = drift_correction == "moments" and moments_ema > 0
+    if smoothed != (state.moments is not None):
+      raise ValueError(
+        f"state.moments must be a drift_correction.MomentsEMA exactly when "
+        f"drift_correction='moments' and moments_ema > 0 (here {drift_correction!r}, "
+        f"{moments_ema}); got {type(state.moments).__name__}"
+      )
+    if (momentum_encoder > 0) != (state.key_encoder is not None):
+      raise ValueError(
+        f"state.key_encoder must be a momentum.MomentumEncoder exactly when "
+        f"momentum_encoder > 0 (here {momentum_encoder}); got "
+        f"{type(state.key_encoder).__name__}"
+      )
     specs = state_specs(state, sharded_memory=sharded_memory)
     mapped = jax.shard_map(
       per_device,

@@ -21,7 +21,7 @@ from xbm_jax import losses, scoring, sharded_memory
 from xbm_jax.data import pipeline
 from xbm_jax.evaluation import evaluators
 from xbm_jax.models import factory as model_factory, head as model_head
-from xbm_jax.train import config as config_lib, optim, setup
+from xbm_jax.train import config as config_lib, optim, setup, step as step_lib
 from xbm_jax.train.errors import ConfigError, ConfigKeyError, DataError
 
 # Option values of the losses (the losses validate them inside the traced loss;
@@ -48,6 +48,7 @@ def validate(config, *, num_devices: int, check_data: bool = True) -> None:
       (reads the dataset's split list, nothing else).
   """
   check_keys(config)
+  _check_evaluator_names(config)
   check_enumerated(config)
   mesh = mesh_size(config, num_devices)
   _check_batch(config, mesh)
@@ -65,6 +66,17 @@ def validate(config, *, num_devices: int, check_data: bool = True) -> None:
 
 def _fail(msg: str):
   raise ConfigError(msg)
+
+
+def _check_evaluator_names(config) -> None:
+  """`setup.name_evaluators` left no two evaluators to be given one name."""
+  renames = setup.evaluator_renames(config)
+  if setup.renames_clash(config, renames):
+    _fail(
+      f"config.evals {sorted(config.evals)}: evaluators named after a dataset are "
+      f"renamed to config.input.dataset={config.input.dataset!r}, which would give two "
+      "evaluators one name; rename them"
+    )
 
 
 def check_keys(config) -> None:
@@ -92,6 +104,7 @@ def enumerated(config) -> dict:
   out = {
     "xbm.dtype": tuple(setup.MEMORY_DTYPES),
     "xbm.memory_sharding": sharded_memory.MEMORY_SHARDING,
+    "xbm.drift_correction": step_lib.DRIFT_CORRECTIONS,
     "optim.name": optim.OPTIMIZERS,
     "optim.schedule": optim.SCHEDULES,
     "model.name": model_factory.NAMES,
@@ -210,7 +223,32 @@ def check_loss(config) -> None:
 
 def _check_memory(config, mesh: int) -> None:
   x, b = config.xbm, setup.batch_shape(config)[0]
+  for key in ("moments_ema", "momentum_encoder"):
+    value = x[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      _fail(f"config.xbm.{key}={value!r}: a decay in [0, 1)")
+  ema = x.moments_ema
+  if ema > 0 and x.drift_correction != "moments":
+    _fail(
+      f"config.xbm.moments_ema={ema} smooths the moments of config.xbm.drift_correction="
+      f"'moments', but it is {x.drift_correction!r}"
+    )
+  if x.momentum_encoder > 0 and int(config.train.accumulate) > 1:
+    _fail(
+      f"config.xbm.momentum_encoder={x.momentum_encoder} embeds each step's whole batch: "
+      f"it needs config.train.accumulate=1 (got {config.train.accumulate})"
+    )
   if not x.enabled:
+    if x.momentum_encoder > 0:
+      _fail(
+        f"config.xbm.momentum_encoder={x.momentum_encoder} needs the memory: "
+        "config.xbm.enabled is False"
+      )
+    if x.drift_correction != "none":
+      _fail(
+        f"config.xbm.drift_correction={x.drift_correction!r} needs the memory: "
+        "config.xbm.enabled is False"
+      )
     for key in ("prefill", "guard", "backoff"):
       if x[key]:
         _fail(f"config.xbm.{key}=True needs the memory: config.xbm.enabled is False")
