@@ -6,6 +6,7 @@ Stages:
 - cjk_controls: controls of each loss's memory arm at the lr that arm chose on val: the
   fresh-memory oracle, a delayed start, the summed term's weight (0.3 / 0.1), a cosine
   schedule (with its no-memory twin).
+- cjk_drift: the drift corrections on the multi-similarity memory arm.
 - cjk_batch: equal images: B = 256 for 50 steps against B = 64 for 200 (12,800 images
   each), with and without the memory, lr tuned on val.
 """
@@ -104,6 +105,36 @@ def _controls(loss: str, tag: str) -> list[Arm]:
   ]
 
 
+def _drift_fix_arms(loss="multi_similarity", tag="ms") -> list[Arm]:
+  """The drift corrections (`xbm_jax.drift_correction`, `xbm_jax.momentum`) on a loss's
+  memory arm, at the lr that arm chose on val; each is read against the stale memory
+  (its gap to the fresh-memory oracle is what a fix can recover) and no memory:
+  - moments: each step the stored rows' per-dimension moments matched to the batch's;
+  - momentum0.99: the enqueued batch embedded by an EMA of the parameters (m = 0.99,
+    a ~100-update horizon in a 200-update run)."""
+  at = {"at_chosen_of": f"cjk/{tag}_memory", **CJK}
+  pair = f"cjk/{tag}_memory|cjk/{tag}_no_memory|cjk_controls/{tag}_memory_fresh100"
+  mem = {"loss.name": loss, "train.steps": STEPS, "xbm.enabled": True, "xbm.prefill": True}
+  return [
+    Arm(
+      "cjk_drift",
+      f"{tag}_memory_moments",
+      {**mem, "xbm.drift_correction": "moments"},
+      {},
+      baseline=pair,
+      **at,
+    ),
+    Arm(
+      "cjk_drift",
+      f"{tag}_memory_momentum0.99",
+      {**mem, "xbm.momentum_encoder": 0.99},
+      {},
+      baseline=pair,
+      **at,
+    ),
+  ]
+
+
 def _batch_arms(tag="ms", loss="multi_similarity", lrs=(3e-3, 1e-2)):
   """Equal images: B = 256 (64 classes x 4) for 50 steps, the 12,800 images B = 64 sees
   in 200, without and with the memory; lr tuned on val over 3e-3 / 1e-2 (a bigger batch
@@ -136,4 +167,5 @@ def arms() -> list[Arm]:
     + _controls("multi_similarity", "ms")
     + _controls("contrastive", "contrastive")
     + _batch_arms()
+    + _drift_fix_arms()
   )
