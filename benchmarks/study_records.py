@@ -12,6 +12,7 @@ and `read_run` reads either form, so the tables rebuild from the compact files a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,7 +21,33 @@ import subprocess
 import numpy as np
 
 COMPACT_SUFFIX = ".runs.jsonl"
+SEEDS = (0, 1, 2)
 RUN_FILES = ("run.json", "metrics.jsonl")  # and every config*.json (the resolved configs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One arm: fixed overrides, a tuning grid ({config key: values}), a plot position."""
+
+  stage: str
+  name: str
+  fixed: dict
+  grid: dict
+  x: float | None = None  # e.g. the batch size, for the curve plots
+  group: str = ""  # the curve an arm belongs to
+  seeds: tuple = SEEDS
+  variant: str = "study"  # the `configs/glyphs.py` variant the arm trains with
+  # The finished run this arm resumes with more steps: its directory under OUT without
+  # the seed ("stage/arm", plus "/grid_tag" for a tuned arm). Under a constant lr resuming
+  # is bit-identical to one longer run, so 8k steps cost 4k more.
+  extends: str = ""
+  config: str = "glyphs.py"  # the file under configs/ (`variant` is its argument)
+  # The arm of the same stage this one's paired differences are taken against (same
+  # seed, each at its own chosen grid point); "" for none.
+  baseline: str = ""
+  # "stage/arm": train at that arm's chosen grid point (read from its tuning runs), for
+  # controls of a tuned arm; the point joins `fixed` when the arm is resolved.
+  at_chosen_of: str = ""
 
 
 def git_commit(root: str, paths=()) -> dict:

@@ -28,10 +28,8 @@ Stages (each a list of arms; `--stage all` runs them in order):
 - long: the pretrained regime for 4,000 steps (10x), val R@1 every 200 steps.
 - long8k: the long stage's no-memory and summed-memory runs resumed to 8,000 steps (20x).
 - batch_size_ms: the batch-size curve with multi-similarity (defined, not run yet).
-- cjk: the SOP-shaped testbed (`configs/cjk.py`, OUT = benchmarks/out/cjk): contrastive
-  and multi-similarity, without and with the whole-train-set memory, 200 steps.
-- cjk_controls: the multi-similarity memory arm's controls (fresh-memory oracle, delayed
-  start, weight 0.3) at its chosen lr.
+- cjk, cjk_controls, cjk_batch: the SOP-shaped testbed (`configs/cjk.py`, OUT =
+  benchmarks/out/cjk; the arms in benchmarks/study_cjk.py).
 
     python benchmarks/xbm_study.py compact --out OUT --stage S --prune   # OUT/S.runs.jsonl
 """
@@ -49,41 +47,17 @@ import sys
 import time
 
 import numpy as np
-import study_records  # benchmarks/, next to this script
+import study_cjk  # benchmarks/, next to this script
+import study_records
+from study_records import Arm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 VAL, TEST = "eval/val/recall@1", "eval/test/recall@1"
 MAP = "eval/test/map@r"
-SEEDS = (0, 1, 2)
 # What a run's code is: the tree's files under these (dirty = any of them edited).
 CODE = ("xbm_jax", "configs", "scripts", "benchmarks/*.py")
 PRETRAINED = "study,pretrained"  # `configs/glyphs.py` variant of the paper's regime
-
-
-@dataclasses.dataclass(frozen=True)
-class Arm:
-  """One arm: fixed overrides, a tuning grid ({config key: values}), a plot position."""
-
-  stage: str
-  name: str
-  fixed: dict
-  grid: dict
-  x: float | None = None  # e.g. the batch size, for the curve plots
-  group: str = ""  # the curve an arm belongs to
-  seeds: tuple = SEEDS
-  variant: str = "study"  # the `configs/glyphs.py` variant the arm trains with
-  # The finished run this arm resumes with more steps: its directory under OUT without
-  # the seed ("stage/arm", plus "/grid_tag" for a tuned arm). Under a constant lr resuming
-  # is bit-identical to one longer run, so 8k steps cost 4k more.
-  extends: str = ""
-  config: str = "glyphs.py"  # the file under configs/ (`variant` is its argument)
-  # The arm of the same stage this one's paired differences are taken against (same
-  # seed, each at its own chosen grid point); "" for none.
-  baseline: str = ""
-  # "stage/arm": train at that arm's chosen grid point (read from its tuning runs), for
-  # controls of a tuned arm; the point joins `fixed` when the arm is resolved.
-  at_chosen_of: str = ""
 
 
 def _batch_arms(stage, loss, lrs, sizes=(32, 64, 128, 256)):
@@ -232,52 +206,8 @@ def _guard_arms():
       "guard", "memory_mean", {**mem, "xbm.memory_loss_kwargs.reduction": "mean"}, one, seeds=(0, 1)
     ),
     Arm("guard", "memory_paper_sum_guard", {**mem, "xbm.guard": True}, one, seeds=(0, 1)),
-  ]
-
-
-CJK = {"config": "cjk.py", "variant": ""}  # configs/cjk.py, the SOP-shaped testbed
-LOSS_TAGS = {"contrastive": "contrastive", "multi_similarity": "ms"}
-
-
-def _cjk_arms(lrs=(1e-3, 3e-3, 1e-2), steps=200):
-  """The SOP-shaped testbed (`configs/cjk.py`): contrastive and multi-similarity, each
-  without and with the memory (the whole train set, 50,000 images, filled from the
-  pretrained model at step 0, weight 1), lr tuned per arm on val. 200 steps (~2 epochs
-  of the train set at B = 64): what the shared 2 cores allowed (a 400-step run took
-  ~30 min there); val R@1 had flattened by step 200 in the first 400-step runs."""
-  out = []
-  for loss, tag in LOSS_TAGS.items():
-    base = {"loss.name": loss, "train.steps": steps}
-    out += [
-      Arm("cjk", f"{tag}_no_memory", {**base, "xbm.enabled": False}, {"optim.lr": lrs}, **CJK),
-      Arm(
-        "cjk",
-        f"{tag}_memory",
-        {**base, "xbm.enabled": True, "xbm.prefill": True},
-        {"optim.lr": lrs},
-        # Also against the other loss's no-memory arm: the best baseline of any loss.
-        baseline=f"{tag}_no_memory|{'contrastive' if tag == 'ms' else 'ms'}_no_memory",
-        **CJK,
-      ),
-    ]
-  return out
-
-
-def _cjk_control_arms():
-  """Controls of the multi-similarity memory arm on the testbed, each at the lr that arm
-  chose on val, paired with the no-memory arm (also at its own choice):
-  - fresh: the memory re-embedded from the current model every 100 updates (the whole
-    train set, `xbm.refresh_every`; at update 0 and 100 of 200): no entry is older than
-    100 updates against up to 200 (a bound on what a staleness fix can give here);
-  - delayed: the memory switched on at update 100 of 200 (filled from the model then);
-  - weight 0.3: the memory term down-weighted."""
-  at = {"at_chosen_of": "cjk/ms_memory", "baseline": "cjk/ms_no_memory|cjk/ms_memory", **CJK}
-  mem = {"loss.name": "multi_similarity", "train.steps": 200, "xbm.enabled": True}
-  mem["xbm.prefill"] = True
-  return [
-    Arm("cjk_controls", "ms_memory_fresh100", {**mem, "xbm.refresh_every": 100}, {}, **at),
-    Arm("cjk_controls", "ms_memory_start100", {**mem, "xbm.start_step": 100}, {}, **at),
-    Arm("cjk_controls", "ms_memory_weight0.3", {**mem, "xbm.weight": 0.3}, {}, **at),
+    # The same arm re-run after "off" became a stop (no enqueue, no memory products).
+    Arm("guard", "memory_paper_sum_guard_rerun", {**mem, "xbm.guard": True}, one, seeds=(0, 1)),
   ]
 
 
@@ -344,8 +274,7 @@ def arms(smoke: bool) -> list[Arm]:
       + _long8k_arms()
     )
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
-    + _cjk_arms()
-    + _cjk_control_arms()
+    + study_cjk.arms()
   )
 
 
