@@ -108,15 +108,17 @@ def _contrastive_plain(rows: Rows, *, margin: float = 0.5) -> AnchorLoss:
   return AnchorLoss(loss, rows.count(rows.pos) + rows.count(neg_active), rows.pos, neg_active)
 
 
-def _contrastive_fast(
-  query, reference, *, axis_name, self_exclusion, pos_threshold, self_index, margin=0.5
-):
-  """contrastive through `fused.contrastive_rows` (same values; see `_make_loss`)."""
-  static = (float, int)
-  if not isinstance(margin, static) or not isinstance(pos_threshold, (type(None),) + static):
-    return None  # traced settings: the plain form
-  if not isinstance(reference, memory_lib.MemoryState):
-    return None  # a batch (small, and it gets a gradient): the plain form is as fast
+def _fast_inputs(query, reference, *, axis_name, self_exclusion, pos_threshold, self_index, static):
+  """`(Prepared, fused.Rule, fused.Pairs)` for the one-pass forms of `xbm_jax.fused`,
+  or None where the plain form runs: a reference that is not a memory (a batch:
+  small, and it gets a gradient), an empty one, or traced settings (`static`)."""
+  numbers = (float, int)
+  if not all(isinstance(x, numbers) for x in static):
+    return None
+  if not isinstance(pos_threshold, (type(None),) + numbers):
+    return None
+  if not isinstance(reference, memory_lib.MemoryState) or reference.emb.shape[0] == 0:
+    return None
   p = pairs.prepare(
     query, reference, axis_name=axis_name, self_exclusion=self_exclusion, self_index=self_index
   )
@@ -134,11 +136,7 @@ def _contrastive_fast(
   elif self_exclusion == "id":
     pairs.check_ids(q, reference)
     q_key, r_key = q.ids, reference.ids
-  settings = fused.Rule(float(margin), rule, float(threshold))
-  sums = fused.contrastive_rows(
-    settings,
-    q.emb,
-    reference.emb,
+  sides = fused.Pairs(
     q.labels,
     reference.labels,
     embeddings.valid_mask(q),
@@ -146,20 +144,44 @@ def _contrastive_fast(
     jnp.broadcast_to(q_key, q.labels.shape),
     jnp.broadcast_to(r_key, reference.labels.shape),
   )
+  return p, fused.Rule(rule, float(threshold), fused.CHUNK), sides
+
+
+def _finish(p, axis_name, loss, active, pos, neg):
+  """The `fast` result (see `pairs._make_loss`) from `[G]` per-row values: the
+  loss, active counts and (count, similarity sum) of the pairs in each statistic."""
+  own = lambda x: x if axis_name is None else jax.lax.dynamic_slice_in_dim(x, p.start, p.b)
+  valid = p.local_valid
+  stats = {}
+  for kind, (count, total) in (("pos", pos), ("neg", neg)):
+    n = jnp.sum(jnp.where(valid, own(count), 0.0))
+    stats[f"{kind}_pairs"] = n.astype(jnp.int32)
+    stats[f"mean_{kind}_sim"] = jnp.sum(jnp.where(valid, sg(own(total)), 0.0)) / jnp.maximum(n, 1)
+  return own(loss), own(active), valid, stats
+
+
+def _contrastive_fast(
+  query, reference, *, axis_name, self_exclusion, pos_threshold, self_index, margin=0.5
+):
+  """contrastive through `fused.contrastive_rows` (same values; see `_make_loss`)."""
+  ready = _fast_inputs(
+    query,
+    reference,
+    axis_name=axis_name,
+    self_exclusion=self_exclusion,
+    pos_threshold=pos_threshold,
+    self_index=self_index,
+    static=(margin,),
+  )
+  if ready is None:
+    return None
+  p, rule, sides = ready
+  sums = fused.contrastive_rows(rule, float(margin), p.query.emb, reference.emb, sides)
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
-  own = lambda x: x if axis_name is None else jax.lax.dynamic_slice_in_dim(x, p.start, p.b)
-  loss, n_pos, n_neg, s_pos, s_neg = (own(x) for x in sums)
-  valid = p.local_valid
-  counts = [jnp.sum(jnp.where(valid, n, 0)) for n in (n_pos, n_neg)]
-  sims = [jnp.sum(jnp.where(valid, sg(x), 0.0)) for x in (s_pos, s_neg)]
-  stats = {
-    "pos_pairs": counts[0],
-    "neg_pairs": counts[1],
-    "mean_pos_sim": sims[0] / jnp.maximum(counts[0], 1),
-    "mean_neg_sim": sims[1] / jnp.maximum(counts[1], 1),
-  }
-  return loss, n_pos + n_neg, valid, stats
+  loss, n_pos, n_neg, s_pos, s_neg = sums
+  active = (n_pos + n_neg).astype(jnp.int32)
+  return _finish(p, axis_name, loss, active, (n_pos, s_pos), (n_neg, s_neg))
 
 
 contrastive = reduction_loss(_contrastive_plain, fast=_contrastive_fast)
@@ -168,8 +190,7 @@ contrastive_plain = reduction_loss(_contrastive_plain)
 contrastive_plain.__name__ = contrastive_plain.__qualname__ = "contrastive_plain"
 
 
-@reduction_loss
-def multi_similarity(
+def _multi_similarity_plain(
   rows: Rows,
   *,
   alpha: float = 2.0,
@@ -194,6 +215,72 @@ def multi_similarity(
   neg_term = rows.log1p_sum_exp(beta * (rows.sim - lam), neg_keep) / beta
   loss = jnp.where(has, pos_term + neg_term, 0.0)
   return AnchorLoss(loss, has.astype(jnp.int32), pos_keep & has[:, None], neg_keep & has[:, None])
+
+
+def _multi_similarity_fast(
+  query,
+  reference,
+  *,
+  axis_name,
+  self_exclusion,
+  pos_threshold,
+  self_index,
+  alpha=2.0,
+  beta=40.0,
+  lam=0.5,
+  mining_margin=0.1,
+):
+  """multi_similarity through `fused.scan_extremes` and `fused.ms_rows` (same values)."""
+  settings = fused.MS(alpha, beta, lam, mining_margin)
+  ready = _fast_inputs(
+    query,
+    reference,
+    axis_name=axis_name,
+    self_exclusion=self_exclusion,
+    pos_threshold=pos_threshold,
+    self_index=self_index,
+    static=settings,
+  )
+  if ready is None:
+    return None
+  p, rule, sides = ready
+  settings = fused.MS(*(float(x) for x in settings))
+  q, r = p.query.emb, reference.emb
+  kept, (min_pos, _, max_neg, _) = fused.scan_extremes(rule, q, r, sides)
+  if axis_name is not None:
+    min_pos, max_neg = jax.lax.pmin(min_pos, axis_name), jax.lax.pmax(max_neg, axis_name)
+  # The log-sum-exp stabilisers of the plain form: the largest exponent over the
+  # mined pairs (the least similar positive / most similar negative, when mined), or 0.
+  m_pos = jnp.where(
+    min_pos - mining_margin < max_neg, jnp.maximum(-alpha * (min_pos - lam), 0.0), 0.0
+  )
+  m_neg = jnp.where(
+    max_neg + mining_margin > min_pos, jnp.maximum(beta * (max_neg - lam), 0.0), 0.0
+  )
+  extremes = jnp.stack([min_pos, max_neg, m_pos, m_neg])
+  sums, counts = fused.ms_rows(rule, settings, q, r, sides, kept, extremes)
+  if axis_name is not None:
+    sums, counts = jax.lax.psum((sums, counts), axis_name)
+  (e_pos, e_neg, s_pos, s_neg), (n_pos, n_neg) = sums, counts
+  has = (n_neg > 0) & (n_pos > 0)
+  pos_term = (m_pos + jnp.log(jnp.exp(-m_pos) + e_pos)) / alpha
+  neg_term = (m_neg + jnp.log(jnp.exp(-m_neg) + e_neg)) / beta
+  loss = jnp.where(has, pos_term + neg_term, 0.0)
+  mined = lambda x: jnp.where(has, x, 0)
+  return _finish(
+    p,
+    axis_name,
+    loss,
+    has.astype(jnp.int32),
+    (mined(n_pos), mined(s_pos)),
+    (mined(n_neg), mined(s_neg)),
+  )
+
+
+multi_similarity = reduction_loss(_multi_similarity_plain, fast=_multi_similarity_fast)
+multi_similarity.__name__ = multi_similarity.__qualname__ = "multi_similarity"
+multi_similarity_plain = reduction_loss(_multi_similarity_plain)
+multi_similarity_plain.__name__ = multi_similarity_plain.__qualname__ = "multi_similarity_plain"
 
 
 def _sorted_negatives(sim, neg):
@@ -253,8 +340,7 @@ def _triplet_sorted(rows: Rows, margin, mining) -> AnchorLoss:
 TRIPLET_MINING = ("hard", "semihard", "all")
 
 
-@reduction_loss
-def triplet(rows: Rows, *, margin: float = 0.1, mining: str = "hard") -> AnchorLoss:
+def _triplet_plain(rows: Rows, *, margin: float = 0.1, mining: str = "hard") -> AnchorLoss:
   """Hinge triplet loss on cosine similarity: relu(S_an - S_ap + margin).
 
   mining:
@@ -270,6 +356,58 @@ def triplet(rows: Rows, *, margin: float = 0.1, mining: str = "hard") -> AnchorL
   if mining not in TRIPLET_MINING:
     raise ValueError(f"mining must be 'hard', 'semihard' or 'all'; got {mining!r}")
   return _triplet_hard(rows, margin) if mining == "hard" else _triplet_sorted(rows, margin, mining)
+
+
+def _triplet_fast(
+  query,
+  reference,
+  *,
+  axis_name,
+  self_exclusion,
+  pos_threshold,
+  self_index,
+  margin=0.1,
+  mining="hard",
+):
+  """triplet "hard" through `fused.scan_extremes` and `fused.extreme_grads` (same
+  values); "semihard" and "all" sort whole rows: the plain form."""
+  if mining != "hard":
+    return None
+  ready = _fast_inputs(
+    query,
+    reference,
+    axis_name=axis_name,
+    self_exclusion=self_exclusion,
+    pos_threshold=pos_threshold,
+    self_index=self_index,
+    static=(margin,),
+  )
+  if ready is None:
+    return None
+  p, rule, sides = ready
+  q, r = p.query.emb, reference.emb
+  kept, (lo, n_lo, hi, n_hi) = fused.scan_extremes(rule, q, r, sides)
+  if axis_name is not None:  # the extremes over all slices, ties counted on each
+    best_lo, best_hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
+    n_lo = jax.lax.psum(jnp.where(lo == best_lo, n_lo, 0.0), axis_name)
+    n_hi = jax.lax.psum(jnp.where(hi == best_hi, n_hi, 0.0), axis_name)
+    lo, hi = best_lo, best_hi
+  zero = fused.extreme_grads(rule, q, r, sides, kept, jnp.stack([lo, n_lo, hi, n_hi]))
+  if axis_name is not None:
+    zero = jax.lax.psum(zero, axis_name)  # routes each anchor's gradient to every slice
+  has_both = (n_lo > 0) & (n_hi > 0)
+  hp = jnp.where(n_lo > 0, lo, 2.0) + zero[0]  # the plain form's fills where none
+  hn = jnp.where(n_hi > 0, hi, -2.0) + zero[1]
+  loss = jnp.where(has_both, jax.nn.relu(hn - hp + margin), 0.0)
+  on = sg(loss) > 0
+  hardest = lambda n, x: (jnp.where(on, n, 0.0), jnp.where(on, n * x, 0.0))
+  return _finish(p, axis_name, loss, on.astype(jnp.int32), hardest(n_lo, lo), hardest(n_hi, hi))
+
+
+triplet = reduction_loss(_triplet_plain, fast=_triplet_fast)
+triplet.__name__ = triplet.__qualname__ = "triplet"
+triplet_plain = reduction_loss(_triplet_plain)
+triplet_plain.__name__ = triplet_plain.__qualname__ = "triplet_plain"
 
 
 LOSSES: dict[str, Callable] = {
