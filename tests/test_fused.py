@@ -98,7 +98,7 @@ def test_fast_forms_run_where_they_apply():
   mem = xbm_jax.MemoryState(batch.emb, batch.labels, jnp.ones(23, bool), jnp.int32(0))
   calls = []
   orig = fused.scan_extremes
-  spy = lambda *a: calls.append(1) or orig(*a)
+  spy = lambda *a, **k: calls.append(1) or orig(*a, **k)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(fused, "scan_extremes", spy)
     for mining in ("semihard", "all"):

@@ -196,10 +196,11 @@ def _merge_min(a, ca, b, cb):
   return m, jnp.where(a == m, ca, 0.0) + jnp.where(b == m, cb, 0.0)
 
 
-def scan_extremes(rule: Rule, q, r, pairs: Pairs):
+def scan_extremes(rule: Rule, q, r, pairs: Pairs, *, ties: bool = True):
   """Pass 1: `(S [n, G, C] f32, extremes [4, G])`, extremes = (least similar
   positive, its ties, most similar negative, its ties): +inf / -inf, 0 ties
-  where the row has none. No gradient (mining is piecewise constant)."""
+  where the row has none (`ties=False`: ties not counted, 0). No gradient
+  (mining is piecewise constant)."""
   q, r = _f32(*jax.lax.stop_gradient((q, r)))
   n, size = _blocks(rule, r.shape[0])
   big = jnp.float32(jnp.inf)
@@ -209,9 +210,12 @@ def scan_extremes(rule: Rule, q, r, pairs: Pairs):
     s, pos, neg, _ = _block(rule, i, q, r, pairs)
     sp, sn = jnp.where(pos, s, big), jnp.where(neg, -s, big)  # both as minima
     blo, bhi = jnp.min(sp, axis=1), jnp.min(sn, axis=1)
-    ties = _row_sums((sp == blo[:, None]) & pos, (sn == bhi[:, None]) & neg)
-    lo, c_lo = _merge_min(lo, c_lo, blo, ties[0])
-    hi, c_hi = _merge_min(hi, c_hi, bhi, ties[1])
+    if ties:
+      n_tied = _row_sums((sp == blo[:, None]) & pos, (sn == bhi[:, None]) & neg)
+    else:
+      n_tied = jnp.zeros((2,) + blo.shape, jnp.float32)
+    lo, c_lo = _merge_min(lo, c_lo, blo, n_tied[0])
+    hi, c_hi = _merge_min(hi, c_hi, bhi, n_tied[1])
     return jax.lax.dynamic_update_index_in_dim(kept, s, i, 0), (lo, c_lo, hi, c_hi)
 
   g = q.shape[0]
@@ -233,15 +237,33 @@ class MS(NamedTuple):
   mining_margin: float
 
 
-def _ms_block(rule, ms: MS, i, q, r, pairs, kept, extremes):
-  """Block i's mined pairs and their exponentials (shifted by the row stabilisers)."""
-  min_pos, max_neg, m_pos, m_neg = extremes
-  s, pos, neg, rows = _block(rule, i, q, r, pairs, s=kept[i])
-  neg_keep = neg & (s + ms.mining_margin > min_pos[:, None])
-  pos_keep = pos & (s - ms.mining_margin < max_neg[:, None])
-  e_pos = jnp.exp(jnp.where(pos_keep, -ms.alpha * (s - ms.lam) - m_pos[:, None], 0.0))
-  e_neg = jnp.exp(jnp.where(neg_keep, ms.beta * (s - ms.lam) - m_neg[:, None], 0.0))
-  return s, pos_keep, neg_keep, e_pos, e_neg, rows
+def _ms_pass(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes):
+  """Pass 2 over the kept S: the signed exponentials `E [n, G, C]`: -exp on mined positives,
+  +exp on mined negatives, 0 elsewhere (ONE exp per entry: the sets are
+  disjoint), and per-row `[4, G]` sums and `[2, G]` counts (see `ms_rows`)."""
+  min_pos, max_neg, m_pos, m_neg = (x[:, None] for x in extremes)
+
+  def body(carry, block):
+    sums, counts = carry
+    i, s = block
+    s, pos, neg, _ = _block(rule, i, q, r, pairs, s=s)
+    neg_keep = neg & (s + ms.mining_margin > min_pos)
+    pos_keep = pos & (s - ms.mining_margin < max_neg)
+    x = jnp.where(neg_keep, ms.beta * (s - ms.lam) - m_neg, -jnp.inf)
+    e = jnp.exp(jnp.where(pos_keep, -ms.alpha * (s - ms.lam) - m_pos, x))
+    sums = sums + _row_sums(
+      jnp.where(pos_keep, e, 0.0),
+      jnp.where(neg_keep, e, 0.0),
+      jnp.where(pos_keep, s, 0.0),
+      jnp.where(neg_keep, s, 0.0),
+    )
+    return (sums, counts + _counts(pos_keep, neg_keep)), jnp.where(pos_keep, -e, e)
+
+  g = q.shape[0]
+  init = (jnp.zeros((4, g), jnp.float32), jnp.zeros((2, g), jnp.int32))
+  init = _vary_like(init, (q, r, pairs, kept, extremes))
+  (sums, counts), signed = jax.lax.scan(body, init, (jnp.arange(kept.shape[0]), kept))
+  return signed, sums, counts
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -250,48 +272,37 @@ def ms_rows(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes):
   exponential sums of positives and negatives and their similarity sums, and
   `[2, G]` int32 pair counts. `kept`: pass 1's S; `extremes [4, G]`: the whole
   reference's least similar positive and most similar negative and the
-  stabilisers `max(0, -alpha (min_pos - lam))`, `max(0, beta (max_neg - lam))`.
-  Gradient: to `q` through the exponential and similarity sums (pass 3)."""
-  q, r = _f32(q, r)
-
-  def body(i, carry):
-    sums, counts = carry
-    s, pos_keep, neg_keep, e_pos, e_neg, _ = _ms_block(rule, ms, i, q, r, pairs, kept, extremes)
-    sums = sums + _row_sums(
-      jnp.where(pos_keep, e_pos, 0.0),
-      jnp.where(neg_keep, e_neg, 0.0),
-      jnp.where(pos_keep, s, 0.0),
-      jnp.where(neg_keep, s, 0.0),
-    )
-    return sums, counts + _counts(pos_keep, neg_keep)
-
-  g = q.shape[0]
-  init = (jnp.zeros((4, g), jnp.float32), jnp.zeros((2, g), jnp.int32))
-  return _loop(rule, (q, r, pairs), body, init)
+  stabilisers `max(0, -alpha (min_pos - lam))`, `max(0, beta (max_neg - lam))`
+  (0 where that set mines nothing). Gradient: to `q` through the exponential
+  sums (pass 3, from the exponentials pass 2 keeps); the similarity sums are
+  statistics and carry none."""
+  return _ms_pass(rule, ms, *_f32(q, r), pairs, kept, extremes)[1:]
 
 
 def _ms_fwd(rule, ms, q, r, pairs, kept, extremes):
-  out = ms_rows(rule, ms, q, r, pairs, kept, extremes)
-  return out, (q, r, pairs, kept, extremes)
+  signed, sums, counts = _ms_pass(rule, ms, *_f32(q, r), pairs, kept, extremes)
+  return (sums, counts), (q, r, signed, extremes)
 
 
 def _ms_bwd(rule, ms, res, ct):
-  q, r, pairs, kept, extremes = res
+  q, r, signed, extremes = res
   qf, rf = _f32(q, r)
   ct = ct[0]  # the counts' cotangents are symbolic zeros
-  c_pos, c_neg = -ms.alpha * ct[0][:, None], ms.beta * ct[1][:, None]
+  c_pos, c_neg = (ms.alpha * ct[0])[:, None], (ms.beta * ct[1])[:, None]
+  n_ref = r.shape[0]
+  size = _blocks(rule, n_ref)[1]
 
   def body(i, g):
-    _, pos_keep, neg_keep, e_pos, e_neg, rows = _ms_block(
-      rule, ms, i, qf, rf, pairs, kept, extremes
-    )
-    ds_neg = jnp.where(neg_keep, c_neg * e_neg + ct[3][:, None], 0.0)
-    ds = jnp.where(pos_keep, c_pos * e_pos + ct[2][:, None], ds_neg)
+    e = signed[i]  # d P / d S = -alpha exp on positives, d N / d S = beta exp on negatives
+    rows = jax.lax.dynamic_slice_in_dim(rf, jnp.minimum(i * size, n_ref - size), size)
+    ds = jnp.where(e < 0, c_pos * e, c_neg * e)
     return g + jnp.matmul(ds, rows, precision=HI)
 
-  g = _loop(rule, (qf, rf, pairs, kept, extremes, ct), body, _grad0(qf, rf))
-  zeros = jax.tree.map(jnp.zeros_like, (kept, extremes))
-  return (g.astype(q.dtype), jnp.zeros_like(r), None) + zeros
+  g = _loop(rule, (qf, rf, signed, ct), body, _grad0(qf, rf))
+  return (g.astype(q.dtype), jnp.zeros_like(r), None) + (
+    jnp.zeros_like(signed),
+    jnp.zeros_like(extremes),
+  )
 
 
 ms_rows.defvjp(_ms_fwd, _ms_bwd)

@@ -246,7 +246,7 @@ def _multi_similarity_fast(
   p, rule, sides = ready
   settings = fused.MS(*(float(x) for x in settings))
   q, r = p.query.emb, reference.emb
-  kept, (min_pos, _, max_neg, _) = fused.scan_extremes(rule, q, r, sides)
+  kept, (min_pos, _, max_neg, _) = fused.scan_extremes(rule, q, r, sides, ties=False)
   if axis_name is not None:
     min_pos, max_neg = jax.lax.pmin(min_pos, axis_name), jax.lax.pmax(max_neg, axis_name)
   # The log-sum-exp stabilisers of the plain form: the largest exponent over the
