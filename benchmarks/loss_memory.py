@@ -42,21 +42,24 @@ from xbm_jax import losses, memory, sharded_memory
 HI = jax.lax.Precision.HIGHEST
 
 
-def timeit_interleaved(fns, iters):
+def timeit_interleaved(fns, iters, *, cpu=False):
   """Best wall time of each `(fn, args, donate)`, timed in turn each round so
-  that a noisy neighbour slows them alike. A donating fn's args[1] (the
+  that a noisy neighbour slows them alike (with `cpu`, also the best CPU time of
+  this process, all threads: `(walls, cpus)`). A donating fn's args[1] (the
   memory) is replaced by its returned memory after each call."""
   args = [a for _, a, _ in fns]
   best = [float("inf")] * len(fns)
+  best_cpu = [float("inf")] * len(fns)
   for it in range(iters + 1):
     for i, (fn, _, donate) in enumerate(fns):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       out = jax.block_until_ready(fn(*args[i]))
       if it:  # the first round compiles
         best[i] = min(best[i], time.perf_counter() - t)
+        best_cpu[i] = min(best_cpu[i], time.process_time() - c)
       if donate:
         args[i] = (args[i][0], out[-1]) + tuple(args[i][2:])
-  return best
+  return (best, best_cpu) if cpu else best
 
 
 def make_memory(rng, m, d):
@@ -183,7 +186,8 @@ def main():
   rng = np.random.default_rng(0)
   mesh = jax.make_mesh((jax.device_count(),), ("data",)) if args.sharded else None
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
-  print(f"B={b} D={d}; step time / floor time (the two products), best of --iters, interleaved")
+  print(f"B={b} D={d}; step / floor (the two products), best of --iters, interleaved:")
+  print("wall time ratio (x) and CPU time ratio of this process (c)")
   names = list(LOSSES)
   names += [f"{n} plain" for n in LOSSES] if args.plain else []
   names += [f"{n} sh{mesh.shape['data']}" for n in LOSSES] if args.sharded else []
@@ -221,9 +225,11 @@ def main():
     for n in names:
       mem_n = make_memory(rng, m, d)
       runs.append((fns[n], (emb, sharded(mem_n, mesh) if " sh" in n else mem_n), True))
-    times = timeit_interleaved(runs, args.iters)
-    cells = " ".join(f"{t / times[0]:>11.2f}x" for t in times[1:])
-    print(f"{m:>8} {nbytes / 2**20:>7.1f} {times[0] * 1e3:>9.2f} {cells}", flush=True)
+    walls, cpus = timeit_interleaved(runs, args.iters, cpu=True)
+    cells = " ".join(
+      f"{w / walls[0]:>5.2f}x {c / cpus[0]:>4.2f}c" for w, c in zip(walls[1:], cpus[1:])
+    )
+    print(f"{m:>8} {nbytes / 2**20:>7.1f} {walls[0] * 1e3:>9.2f} {cells}", flush=True)
 
 
 if __name__ == "__main__":

@@ -237,33 +237,17 @@ class MS(NamedTuple):
   mining_margin: float
 
 
-def _ms_pass(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes):
-  """Pass 2 over the kept S: the signed exponentials `E [n, G, C]`: -exp on mined positives,
-  +exp on mined negatives, 0 elsewhere (ONE exp per entry: the sets are
-  disjoint), and per-row `[4, G]` sums and `[2, G]` counts (see `ms_rows`)."""
+def _ms_block(rule: Rule, ms: MS, i, q, r, pairs: Pairs, kept, extremes):
+  """Block i's mined pairs and their exponentials `e`: exp(-alpha (S - lam) - m_pos)
+  on mined positives, exp(beta (S - lam) - m_neg) on mined negatives, 0 elsewhere
+  (ONE exp per entry: the two sets are disjoint)."""
   min_pos, max_neg, m_pos, m_neg = (x[:, None] for x in extremes)
-
-  def body(carry, block):
-    sums, counts = carry
-    i, s = block
-    s, pos, neg, _ = _block(rule, i, q, r, pairs, s=s)
-    neg_keep = neg & (s + ms.mining_margin > min_pos)
-    pos_keep = pos & (s - ms.mining_margin < max_neg)
-    x = jnp.where(neg_keep, ms.beta * (s - ms.lam) - m_neg, -jnp.inf)
-    e = jnp.exp(jnp.where(pos_keep, -ms.alpha * (s - ms.lam) - m_pos, x))
-    sums = sums + _row_sums(
-      jnp.where(pos_keep, e, 0.0),
-      jnp.where(neg_keep, e, 0.0),
-      jnp.where(pos_keep, s, 0.0),
-      jnp.where(neg_keep, s, 0.0),
-    )
-    return (sums, counts + _counts(pos_keep, neg_keep)), jnp.where(pos_keep, -e, e)
-
-  g = q.shape[0]
-  init = (jnp.zeros((4, g), jnp.float32), jnp.zeros((2, g), jnp.int32))
-  init = _vary_like(init, (q, r, pairs, kept, extremes))
-  (sums, counts), signed = jax.lax.scan(body, init, (jnp.arange(kept.shape[0]), kept))
-  return signed, sums, counts
+  s, pos, neg, rows = _block(rule, i, q, r, pairs, s=kept[i])
+  neg_keep = neg & (s + ms.mining_margin > min_pos)
+  pos_keep = pos & (s - ms.mining_margin < max_neg)
+  x = jnp.where(neg_keep, ms.beta * (s - ms.lam) - m_neg, -jnp.inf)
+  e = jnp.exp(jnp.where(pos_keep, -ms.alpha * (s - ms.lam) - m_pos, x))
+  return s, pos_keep, neg_keep, e, rows
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -274,35 +258,41 @@ def ms_rows(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes):
   reference's least similar positive and most similar negative and the
   stabilisers `max(0, -alpha (min_pos - lam))`, `max(0, beta (max_neg - lam))`
   (0 where that set mines nothing). Gradient: to `q` through the exponential
-  sums (pass 3, from the exponentials pass 2 keeps); the similarity sums are
-  statistics and carry none."""
-  return _ms_pass(rule, ms, *_f32(q, r), pairs, kept, extremes)[1:]
+  sums (pass 3 reads S again); the similarity sums are statistics and carry none."""
+  q, r = _f32(q, r)
+
+  def body(i, carry):
+    sums, counts = carry
+    s, pos_keep, neg_keep, e, _ = _ms_block(rule, ms, i, q, r, pairs, kept, extremes)
+    e_pos, e_neg = jnp.where(pos_keep, e, 0.0), jnp.where(neg_keep, e, 0.0)
+    s_pos, s_neg = jnp.where(pos_keep, s, 0.0), jnp.where(neg_keep, s, 0.0)
+    sums = sums + _row_sums(e_pos, e_neg, s_pos, s_neg)
+    return sums, counts + _counts(pos_keep, neg_keep)
+
+  g = q.shape[0]
+  init = (jnp.zeros((4, g), jnp.float32), jnp.zeros((2, g), jnp.int32))
+  return _loop(rule, (q, r, pairs, kept, extremes), body, init)
 
 
 def _ms_fwd(rule, ms, q, r, pairs, kept, extremes):
-  signed, sums, counts = _ms_pass(rule, ms, *_f32(q, r), pairs, kept, extremes)
-  return (sums, counts), (q, r, signed, extremes)
+  return ms_rows(rule, ms, q, r, pairs, kept, extremes), (q, r, pairs, kept, extremes)
 
 
 def _ms_bwd(rule, ms, res, ct):
-  q, r, signed, extremes = res
+  q, r, pairs, kept, extremes = res
   qf, rf = _f32(q, r)
   ct = ct[0]  # the counts' cotangents are symbolic zeros
-  c_pos, c_neg = (ms.alpha * ct[0])[:, None], (ms.beta * ct[1])[:, None]
-  n_ref = r.shape[0]
-  size = _blocks(rule, n_ref)[1]
+  # d P / d S = -alpha e on mined positives, d N / d S = beta e on mined negatives.
+  c_pos, c_neg = (-ms.alpha * ct[0])[:, None], (ms.beta * ct[1])[:, None]
 
   def body(i, g):
-    e = signed[i]  # d P / d S = -alpha exp on positives, d N / d S = beta exp on negatives
-    rows = jax.lax.dynamic_slice_in_dim(rf, jnp.minimum(i * size, n_ref - size), size)
-    ds = jnp.where(e < 0, c_pos * e, c_neg * e)
+    _, pos_keep, _, e, rows = _ms_block(rule, ms, i, qf, rf, pairs, kept, extremes)
+    ds = jnp.where(pos_keep, c_pos * e, c_neg * e)
     return g + jnp.matmul(ds, rows, precision=HI)
 
-  g = _loop(rule, (qf, rf, signed, ct), body, _grad0(qf, rf))
-  return (g.astype(q.dtype), jnp.zeros_like(r), None) + (
-    jnp.zeros_like(signed),
-    jnp.zeros_like(extremes),
-  )
+  g = _loop(rule, (qf, rf, pairs, kept, extremes, ct), body, _grad0(qf, rf))
+  zeros = jax.tree.map(jnp.zeros_like, (kept, extremes))
+  return (g.astype(q.dtype), jnp.zeros_like(r), None) + zeros
 
 
 ms_rows.defvjp(_ms_fwd, _ms_bwd)
