@@ -80,7 +80,7 @@ def _block(rule: Rule, i, q, r, pairs: Pairs, s=None):
   The last block starts at R - C and so overlaps its predecessor: the rows
   already seen are masked out of both pair sets. `s`: the block's S if kept."""
   n_ref = r.shape[0]
-  n, size = _blocks(rule, n_ref)
+  size = _blocks(rule, n_ref)[1]
   start = jnp.minimum(i * size, n_ref - size)
   take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size)
   rows = take(r)
