@@ -77,11 +77,13 @@ def test_fast_form_equals_plain_autodiff(monkeypatch, fast, plain, options, self
     assert np.any(np.asarray(want[2][0]) != 0) and float(want[0]) > 0, msg
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 23, 64])
-def test_block_sizes_give_the_same_values(monkeypatch, chunk):
-  """One block, blocks that divide the memory, one row per block: same loss and
-  gradient as the plain form."""
+@pytest.mark.parametrize("chunk,pack", [(1, 4096), (4, 4096), (23, 4096), (64, 4096), (7, 4)])
+def test_block_sizes_give_the_same_values(monkeypatch, chunk, pack):
+  """One block, blocks that divide the memory, one row per block, and blocks too
+  wide to pack two counts in one sum (`pack`): same loss and gradient as the
+  plain form."""
   monkeypatch.setattr(fused, "CHUNK", chunk)
+  monkeypatch.setattr(fused, "PACK", pack)
   anchors, memory = _case(9)
   for fast, plain, options in PAIRS:
     got, want = _run(fast, anchors, memory, options), _run(plain, anchors, memory, options)

@@ -105,9 +105,16 @@ def _row_sums(*xs):
   return jnp.stack([jnp.sum(x.astype(jnp.float32), axis=1) for x in xs])
 
 
-def _counts(*masks):
-  """`[k, G]` int32 row counts of k `[G, C]` bool blocks."""
-  return _row_sums(*masks).astype(jnp.int32)
+PACK = 4096  # two counts of a block share one float32 sum: a + PACK * b < 2**24
+
+
+def _counts(a, b):
+  """`[2, G]` int32 row counts of two `[G, C]` bool blocks, in ONE float32 row sum
+  of `a + PACK * b` (exact for C < PACK: the sum stays below 2**24)."""
+  if a.shape[1] >= PACK:  # blocks that large: two sums
+    return _row_sums(a, b).astype(jnp.int32)
+  packed = _row_sums(jnp.where(b, float(PACK), 0.0) + a)[0].astype(jnp.int32)
+  return jnp.stack([packed % PACK, packed // PACK])
 
 
 def _grad0(q, r):
@@ -211,7 +218,7 @@ def scan_extremes(rule: Rule, q, r, pairs: Pairs, *, ties: bool = True):
     sp, sn = jnp.where(pos, s, big), jnp.where(neg, -s, big)  # both as minima
     blo, bhi = jnp.min(sp, axis=1), jnp.min(sn, axis=1)
     if ties:
-      n_tied = _row_sums((sp == blo[:, None]) & pos, (sn == bhi[:, None]) & neg)
+      n_tied = _counts((sp == blo[:, None]) & pos, (sn == bhi[:, None]) & neg).astype(jnp.float32)
     else:
       n_tied = jnp.zeros((2,) + blo.shape, jnp.float32)
     lo, c_lo = _merge_min(lo, c_lo, blo, n_tied[0])
