@@ -15,9 +15,9 @@ For every exported model it embeds the val split (eval mode, centre crop 28 of t
 the verdict of each comparison at alpha = 0.01: a memory arm against the last
 memory-free reading and against the memory-free arm at the same step, and the
 memory-free arm against its own previous reading (which must never fire).
-Training is skipped for exports already in --out. About 25 minutes on 2 CPU cores.
+Training is skipped for exports already in --out. About 25 minutes a seed on 2 CPU cores.
 
-    python benchmarks/guard_check.py --out /tmp/guard_check [--json benchmarks/out/guard_check.json]
+    python benchmarks/guard_check.py --out /tmp/guard_check [--seeds 0,1] [--json FILE]
 """
 
 import argparse
@@ -52,6 +52,14 @@ COMPARISONS = [
   ("pt_sum_400", "pt_none_400", 1),
   ("pt_mean_400", "pt_none_400", 1),
 ]
+
+
+def seeded(name: str, seed: int) -> str:
+  """The run / export name of an arm for a seed ("mem_400" -> "mem_s1_400"; seed 0 bare)."""
+  if not seed:
+    return name
+  arm, _, steps = name.rpartition("_")
+  return f"{arm}_s{seed}_{steps}" if steps.isdigit() else f"{name}_s{seed}"
 
 
 def train(out, name, steps, config, flags):
@@ -91,28 +99,28 @@ def main(argv=None):
   p.add_argument("--out", required=True)
   p.add_argument("--json", default="")
   p.add_argument("--alpha", type=float, default=0.01)
+  p.add_argument("--seeds", default="0")
   args = p.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
-  for name, flags in SCRATCH.items():
-    for steps in (300, 400, 500):
-      train(
-        args.out,
-        name,
-        steps,
-        "configs/glyphs.py:study",
-        ["--config.train.checkpoint_every=100"] + flags,
-      )
-  for name, flags in PRETRAINED.items():
-    pt_flags = ["--config.optim.lr=3e-4", "--config.train.checkpoint_every=400"] + flags
-    train(args.out, name, 400, "configs/glyphs.py:study,pretrained", pt_flags)
-  names = sorted({n for c in COMPARISONS for n in c[:2]})
+  seeds = [int(x) for x in args.seeds.split(",")]
+  for seed in seeds:
+    common = [f"--config.seed={seed}"] if seed else []
+    for name, flags in SCRATCH.items():
+      for steps in (300, 400, 500):
+        scratch_flags = ["--config.train.checkpoint_every=100"] + flags + common
+        train(args.out, seeded(name, seed), steps, "configs/glyphs.py:study", scratch_flags)
+    for name, flags in PRETRAINED.items():
+      pt_flags = ["--config.optim.lr=3e-4", "--config.train.checkpoint_every=400"] + flags + common
+      train(args.out, seeded(name, seed), 400, "configs/glyphs.py:study,pretrained", pt_flags)
+  pairs = [(seeded(a, s), seeded(r, s), looks) for s in seeds for a, r, looks in COMPARISONS]
+  names = sorted({n for c in pairs for n in c[:2]})
   hits, recall = val_hits({n: os.path.join(args.out, f"{n}.msgpack") for n in names})
   rows = []
-  for arm, ref, looks in COMPARISONS:
+  for arm, ref, looks in pairs:
     v = paired_guard.verdict(hits[arm], hits[ref], alpha=args.alpha, looks=looks)
     rows.append({"arm": arm, "reference": ref, "looks": looks, **v._asdict()})
     print(
-      f"{arm:>12} vs {ref:<12} R@1 {recall[arm]:.4f} vs {recall[ref]:.4f}  "
+      f"{arm:>15} vs {ref:<15} R@1 {recall[arm]:.4f} vs {recall[ref]:.4f}  "
       f"gains {v.gains:>4} losses {v.losses:>4}  p {v.p_value:.2g}  switch off: {v.switch_off}"
     )
   if args.json:
