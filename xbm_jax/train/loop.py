@@ -153,7 +153,7 @@ def _build_state(config, mesh, train_src):
     params=variables["params"],
     batch_stats=variables.get("batch_stats", {}),
     tx=direction,
-    memory=setup.init_memory(config, mesh.size),
+    memory=setup.init_memory(config, mesh.size, feature_dim=setup.feature_dim(variables)),
     moments=setup.init_moments(config),
     key_encoder=setup.init_key_encoder(config, variables),
   )
@@ -275,6 +275,7 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     drift_correction=config.xbm.drift_correction,
     moments_ema=float(config.xbm.moments_ema),
     momentum_encoder=float(config.xbm.momentum_encoder),
+    reprojection=bool(config.xbm.enabled and config.xbm.reprojection),
   )
   return Run(
     config=config,
