@@ -13,16 +13,18 @@ The memory gets no gradient, so there is no third product `s_grad.T @ e`
 Both run at `Precision.HIGHEST`, as the loss does (exact float32 for the
 self rule); on CPU every float32 dot is exact anyway.
 
-Timed for each loss of the library: contrastive (one pass over S with a custom
-VJP, `xbm_jax.fused`), the same loss through plain autodiff
-(`losses.contrastive_plain`, to show what the one pass buys), multi-similarity
-and triplet ("hard"), which still run through plain autodiff. "what-if" is the
-benchmark's own hand-fused contrastive (value from the gradient product, one
-select per pair), a lower bound for a fused formulation. `--hlo` prints the
-fusions XLA emits over [B, M] arrays for each step. Figures are ratios timed in
-one process, interleaved: these machines are noisy.
+Timed for each loss of the library at its defaults: contrastive,
+multi-similarity and triplet ("hard"), whose memory term runs in blocks of
+the memory through `xbm_jax.fused`. `--plain` adds each loss through plain
+autodiff (`losses.*_plain`, to show what the blocks buy); `--sharded` adds each
+loss against a memory sharded over all devices (a data-parallel step inside
+shard_map: each device its B/n anchors and M/n rows), e.g. with
+XLA_FLAGS=--xla_force_host_platform_device_count=2 on a 2-core CPU. Before
+timing, each loss's step is checked against its plain form (value and
+gradient). `--hlo` prints the ops XLA emits over [B, M] arrays for each step.
+Figures are ratios timed in one process, interleaved: these machines are noisy.
 
-    python benchmarks/loss_memory.py [--sizes 8000,55000,200000] [--iters 20] [--hlo]
+    python benchmarks/loss_memory.py [--sizes 8000,55000,200000] [--iters 20] [--plain]
 """
 
 import argparse
@@ -33,26 +35,31 @@ import jax.numpy as jnp
 import numpy as np
 
 import xbm_jax
-from xbm_jax import losses, memory
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from xbm_jax import losses, memory, sharded_memory
 
 HI = jax.lax.Precision.HIGHEST
 
 
-def timeit_interleaved(fns, iters):
+def timeit_interleaved(fns, iters, *, cpu=False):
   """Best wall time of each `(fn, args, donate)`, timed in turn each round so
-  that a noisy neighbour slows them alike. A donating fn's args[1] (the
+  that a noisy neighbour slows them alike (with `cpu`, also the best CPU time of
+  this process, all threads: `(walls, cpus)`). A donating fn's args[1] (the
   memory) is replaced by its returned memory after each call."""
   args = [a for _, a, _ in fns]
   best = [float("inf")] * len(fns)
+  best_cpu = [float("inf")] * len(fns)
   for it in range(iters + 1):
     for i, (fn, _, donate) in enumerate(fns):
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       out = jax.block_until_ready(fn(*args[i]))
       if it:  # the first round compiles
         best[i] = min(best[i], time.perf_counter() - t)
+        best_cpu[i] = min(best_cpu[i], time.process_time() - c)
       if donate:
         args[i] = (args[i][0], out[-1]) + tuple(args[i][2:])
-  return best
+  return (best, best_cpu) if cpu else best
 
 
 def make_memory(rng, m, d):
@@ -124,12 +131,45 @@ def big_fusions(fn, args, b, m):
   ]
 
 
-STEPS = {  # name -> loss of the library timed in the step
-  "contrastive": losses.contrastive,
-  "plain": losses.contrastive_plain,
-  "ms": losses.multi_similarity,
-  "triplet": losses.triplet,
+LOSSES = {  # column -> (loss, its plain-autodiff form)
+  "contrastive": (losses.contrastive, losses.contrastive_plain),
+  "ms": (losses.multi_similarity, losses.multi_similarity_plain),
+  "triplet": (losses.triplet, losses.triplet_plain),
 }
+
+
+def sharded_step_fn(labels, loss_fn, mesh):
+  """The same step as `xbm_step_fn`, data-parallel over `mesh`'s "data" axis: each
+  device enqueues its B/n anchors into its M/n-row shard and differentiates
+  L(b, B) + L(b, M) (the memory term across shards); returns (loss, g, memory)."""
+  spec = sharded_memory.specs("data")
+
+  def body(e, labels, mem):
+    def f(e):
+      local = xbm_jax.Embeddings(e, labels)
+      batch = xbm_jax.Embeddings(
+        jax.lax.all_gather(e, "data", tiled=True), jax.lax.all_gather(labels, "data", tiled=True)
+      )
+      new = sharded_memory.enqueue_local(mem, local)
+      value = loss_fn(local, batch, data_axis="data") + loss_fn(
+        local, new, axis_name="data", data_axis="data"
+      )
+      return value, new
+
+    (value, new), g = jax.value_and_grad(f, has_aux=True)(e)
+    n = jax.lax.axis_size("data")  # value: this device's share scaled by n (see data_axis)
+    return jax.lax.pmean(value, "data"), g / n, new
+
+  step = jax.shard_map(
+    body, mesh=mesh, in_specs=(P("data"), P("data"), spec), out_specs=(P(), P("data"), spec)
+  )
+  split = lambda x: jax.reshard(x, NamedSharding(mesh, P("data")))
+  return jax.jit(lambda e, mem: step(split(e), split(labels), mem), donate_argnums=1)
+
+
+def sharded(mem, mesh):
+  n = mesh.shape["data"]
+  return sharded_memory.put(mem._replace(ptr=jnp.zeros((n,), jnp.int32)), mesh)
 
 
 def main():
@@ -138,39 +178,58 @@ def main():
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--dim", type=int, default=128)
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--plain", action="store_true", help="also time the plain-autodiff forms")
+  p.add_argument("--sharded", action="store_true", help="also time a memory split over devices")
   p.add_argument("--hlo", action="store_true", help="list the [B, M] ops XLA emits")
   args = p.parse_args()
   b, d = args.batch, args.dim
   rng = np.random.default_rng(0)
-  print(f"device: {jax.devices()[0].device_kind}  jax {jax.__version__}  B={b} D={d}")
-  print("step time / floor time (the two products), best of --iters, interleaved")
-  names = list(STEPS) + ["what-if"]
-  print(f"{'M':>8} {'mem MB':>7} {'floor ms':>9} " + " ".join(f"{n:>11}" for n in names))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",)) if args.sharded else None
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  jax {jax.__version__}")
+  print(f"B={b} D={d}; step / floor (the two products), best of --iters, interleaved:")
+  print("wall time ratio (x) and CPU time ratio of this process (c)")
+  names = list(LOSSES)
+  names += [f"{n} plain" for n in LOSSES] if args.plain else []
+  names += [f"{n} sh{mesh.shape['data']}" for n in LOSSES] if args.sharded else []
+  print(f"{'M':>8} {'mem MB':>7} {'floor ms':>9} " + " ".join(f"{n:>12}" for n in names))
   for m in [int(s) for s in args.sizes.split(",")]:
     x = rng.normal(size=(b, d)).astype(np.float32)
     emb = jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
     labels = jnp.asarray(rng.integers(0, max(m // 5, 1), size=b), jnp.int32)
     mem = make_memory(rng, m, d)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(mem))
-    fns = {n: xbm_step_fn(labels, fn) for n, fn in STEPS.items()}
-    fns["what-if"] = fused_step_fn(labels)
-    check = {
-      n: jax.device_get(fns[n](emb, make_memory(np.random.default_rng(m), m, d))[:2])
-      for n in ("contrastive", "plain", "what-if")
-    }
-    for n in ("plain", "what-if"):  # the same loss and gradient three ways
-      np.testing.assert_allclose(check[n][0], check["contrastive"][0], rtol=1e-4)
-      np.testing.assert_allclose(check[n][1], check["contrastive"][1], rtol=1e-3, atol=1e-5)
+    fns = {}
+    for n, (fast, plain) in LOSSES.items():
+      fns[n] = xbm_step_fn(labels, fast)
+      want = jax.device_get(
+        xbm_step_fn(labels, plain)(emb, make_memory(np.random.default_rng(m), m, d))[:2]
+      )
+      got = jax.device_get(fns[n](emb, make_memory(np.random.default_rng(m), m, d))[:2])
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-4, err_msg=n)  # the same loss
+      np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-5, err_msg=n)
+      if args.plain:
+        fns[f"{n} plain"] = xbm_step_fn(labels, plain)
+      if args.sharded:  # each shard evicts its own rows: checked against the plain form, sharded
+        name = f"{n} sh{mesh.shape['data']}"
+        fns[name] = sharded_step_fn(labels, fast, mesh)
+        mem_of = lambda: sharded(make_memory(np.random.default_rng(m), m, d), mesh)
+        want = jax.device_get(sharded_step_fn(labels, plain, mesh)(emb, mem_of())[:2])
+        got = jax.device_get(fns[name](emb, mem_of())[:2])
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-3, atol=1e-5, err_msg=name)
     if args.hlo:
       for n, fn in fns.items():
-        print(f"  {n}: [B, M] ops: " + "; ".join(big_fusions(fn, (emb, mem), b, m)))
-    times = timeit_interleaved(
-      [(floor, (emb, jnp.array(mem.emb, copy=True)), False)]
-      + [(fns[n], (emb, make_memory(rng, m, d)), True) for n in names],
-      args.iters,
+        mem_n = sharded(mem, mesh) if " sh" in n else mem
+        print(f"  {n}: [B, M] ops: " + "; ".join(big_fusions(fn, (emb, mem_n), b, m)))
+    runs = [(floor, (emb, jnp.array(mem.emb, copy=True)), False)]
+    for n in names:
+      mem_n = make_memory(rng, m, d)
+      runs.append((fns[n], (emb, sharded(mem_n, mesh) if " sh" in n else mem_n), True))
+    walls, cpus = timeit_interleaved(runs, args.iters, cpu=True)
+    cells = " ".join(
+      f"{w / walls[0]:>5.2f}x {c / cpus[0]:>4.2f}c" for w, c in zip(walls[1:], cpus[1:])
     )
-    cells = " ".join(f"{t / times[0]:>10.2f}x" for t in times[1:])
-    print(f"{m:>8} {nbytes / 2**20:>7.1f} {times[0] * 1e3:>9.2f} {cells}")
+    print(f"{m:>8} {nbytes / 2**20:>7.1f} {walls[0] * 1e3:>9.2f} {cells}", flush=True)
 
 
 if __name__ == "__main__":

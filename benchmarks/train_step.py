@@ -9,8 +9,8 @@ GPU variant (one short command on a GPU machine):
 Prints the step time without memory, with memory (memory term active: enqueue +
 L(B, M) forward/backward), and their ratio (the memory's overhead); then each
 drift correction of the memory wired into the trainer (`xbm.drift_correction`,
-`xbm.moments_ema`, `xbm.momentum_encoder`), as its step time over the plain
-memory step's.
+`xbm.moments_ema`, `xbm.momentum_encoder`, `xbm.reprojection` with bfloat16
+features), as its step time over the plain memory step's.
 """
 
 import argparse
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xbm_jax import drift_correction, memory, models, momentum, parallel
-from xbm_jax.train import optim, state as state_lib, step as step_lib
+from xbm_jax import drift_correction, memory, models, momentum, parallel, reprojection
+from xbm_jax.train import optim, setup, state as state_lib, step as step_lib
 
 
 def main():
@@ -70,10 +70,19 @@ def main():
       0,
       {"moments": drift_correction.init(args.embed_dim)},
     ),
-    "+ momentum enc.": (
+    "+ momentum": (
       make_step(momentum_encoder=0.99),
       0,
       {"key_encoder": momentum.init(variables["params"], variables["batch_stats"])},
+    ),
+    "+ reprojection": (
+      make_step(reprojection=True),
+      0,
+      {
+        "memory": reprojection.init(
+          size=args.memory, feature_dim=setup.feature_dim(variables), dtype=jnp.bfloat16
+        )
+      },
     ),
   }
   rng = np.random.default_rng(0)
@@ -94,8 +103,7 @@ def main():
       params=variables["params"],
       batch_stats=variables["batch_stats"],
       tx=direction,
-      memory=memory.init(size=args.memory, dim=args.embed_dim),
-      **extra,
+      **{"memory": memory.init(size=args.memory, dim=args.embed_dim), **extra},
     )
     st = jax.device_put(st, step_lib.state_shardings(st, mesh))
     ctrl = {
@@ -115,9 +123,9 @@ def main():
       jax.block_until_ready(m)
       times[label] = min(times[label], time.perf_counter() - t)
   for label, best in times.items():
-    print(f"{label:>14}: {best * 1e3:8.1f} ms/step  ({args.batch / best:7.1f} images/s)")
+    print(f"{label:>15}: {best * 1e3:8.1f} ms/step  ({args.batch / best:7.1f} images/s)")
   print(f"memory overhead: {times['memory'] / times['no memory']:.3f}x")
-  for label in ("+ moments", "+ moments EMA", "+ momentum enc."):
+  for label in ("+ moments", "+ moments EMA", "+ momentum", "+ reprojection"):
     print(f"memory {label} over the memory step: {times[label] / times['memory']:.3f}x")
 
 

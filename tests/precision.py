@@ -11,7 +11,8 @@ not exact, so it is rounded here too).
 equation by equation; every float32 `dot_general` whose precision is not
 HIGHEST gets its operands rounded to `mantissa_bits` first. Nested jaxprs
 (jit, custom_jvp / custom_vjp bodies) are evaluated the same way, so a dot
-hidden inside a jitted helper is caught too. Call it inside `shard_map` to
+hidden inside a jitted helper is caught too. Loops (scan, while, cond) are bound
+whole: their dots are recorded and must be HIGHEST (anything else raises). Call it inside `shard_map` to
 emulate a per-device loss body (its collectives are bound as they are).
 """
 
@@ -44,6 +45,30 @@ def _exact(precision) -> bool:
   return all(p == jax.lax.Precision.HIGHEST for p in precision)
 
 
+def _sub_jaxprs(params):
+  """The jaxprs nested in an equation's params (a loop's body and condition, a
+  cond's branches, ...)."""
+  for v in params.values():
+    for x in v if isinstance(v, (tuple, list)) else (v,):
+      if isinstance(x, jcore.ClosedJaxpr):
+        yield x.jaxpr
+      elif isinstance(x, jcore.Jaxpr):
+        yield x
+
+
+def _loop_dots(jaxpr, seen):
+  """Records the dots of a loop (scan / while / cond) body, which `_eval` binds as a
+  whole: exact only if every dot in it is HIGHEST, so any other dot there is an error
+  (the emulation would silently skip it)."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      seen.append(eqn.params.get("precision"))
+      if not _exact(eqn.params.get("precision")):
+        raise NotImplementedError("a reduced-precision dot inside a loop is not emulated")
+    for sub in _sub_jaxprs(eqn.params):
+      _loop_dots(sub, seen)
+
+
 def _eval(jaxpr, consts, args, rnd, seen):
   env = {}
 
@@ -67,6 +92,8 @@ def _eval(jaxpr, consts, args, rnd, seen):
         seen.append(eqn.params.get("precision"))
         if not _exact(eqn.params.get("precision")):
           ins = [rnd(x) if x.dtype == jnp.float32 else x for x in ins]
+      for body in _sub_jaxprs(eqn.params):
+        _loop_dots(body, seen)
       outs = eqn.primitive.bind(*ins, **eqn.params)
       if not eqn.primitive.multiple_results:
         outs = [outs]

@@ -87,7 +87,8 @@ def test_losses_keep_self_pairs_excluded(emu, name, kw):
   seen = []
   got = prec.emulate(f, bits, truncate=truncate, seen=seen)(e)
   want = f(e)
-  assert len(seen) == 2 and all(s is not None for s in seen), seen
+  # At least one product per term (the memory term's fused form has two: S and dS @ M).
+  assert len(seen) >= 2 and all(s is not None for s in seen), seen
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, err_msg=f"{name} {emu}"), got, want)
   if name == "contrastive":  # every positive pair is active: count them
     n_pos = _same_label_pairs(labels, labels, G)

@@ -111,6 +111,13 @@ def test_gradient_reaches_the_head_only_when_not_detached(rng):
   grad = jax.grad(total)(head, False)
   assert np.abs(np.asarray(grad["kernel"])).max() > 0
   assert not np.any(np.asarray(jax.grad(total)(head, True)["kernel"]))
+  # in chunks (the last one overlapping), the same gradient
+  chunked = lambda h: jnp.sum(
+    reprojection.embeddings(mem, _project(h), chunk_rows=3, detach=False).emb[:, 0]
+  )
+  np.testing.assert_allclose(
+    jax.grad(chunked)(head)["kernel"], grad["kernel"], rtol=1e-5, atol=1e-7
+  )
 
 
 def test_sharded_memory_projects_each_shard_and_equals_one_device(rng):

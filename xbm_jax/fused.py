@@ -1,19 +1,33 @@
-"""The contrastive loss in one pass over the `[B, R]` similarities (its fast path).
+"""The memory term at its product floor: contrastive, multi-similarity, hard triplet.
 
-Autodiff of the plain form (`pairs.reduction_loss` over `Rows`) reads the
-similarity matrix in several passes: the masks, the masked sums, and in the
-backward pass the selects that make d loss / d S. Contrastive's per-anchor loss
-is linear in S on piecewise-constant masks, so its derivative is the sign
-matrix `dS = -1 on positives, +1 on active negatives, 0 elsewhere`, known in
-the same pass as the sums. `jax.custom_vjp` therefore computes, in the forward
-pass, S = q r^T (product 1), ONE fused pass over S that makes dS and every
-per-anchor sum, and the gradient g = dS r (product 2); the backward pass only
-scales g. That is the two products the step cannot avoid plus one pass.
+A step against the memory needs two products, S = q r^T (`[G, R]`) forward and
+dq = dS r backward. Autodiff of the plain form (`pairs.reduction_loss` over
+`Rows`) adds passes over the `[G, R]` similarities between them: the masks,
+each per-anchor reduction (XLA:CPU reduces integer rows through slow window
+trees and float rows only from a written-out array) and, backward, the
+selects that make dS. Here the reference is walked in blocks of `CHUNK` rows:
+a `[G, CHUNK]` block of S, its masks, row reductions and dS stay in cache,
+and each block's share of dq = dS r is added while its rows are still there.
 
-It serves the memory term: the reference is a memory (`MemoryState`, detached
-by `memory.enqueue`), which gets no gradient, so nothing of `[B, R]` is saved.
-(The in-batch term, whose reference is small and gets a gradient, keeps the
-plain form.) Tested against `jax.grad` of the plain form (tests/test_losses.py).
+Per loss (everything else is per-anchor `[G]` arithmetic in `xbm_jax.losses`):
+
+  contrastive: dS is the sign matrix (-1 on positives, +1 on active
+    negatives), known block by block: ONE pass makes the row sums and dq, and
+    the backward only scales dq (`contrastive_rows`).
+  multi-similarity: mining needs each anchor's hardest positive and negative
+    over the whole row first. Pass 1 (`scan_extremes`) makes S (kept, `[n, G,
+    C]`) and those extremes; pass 2 (`ms_rows`, forward) reads S back for the
+    mined exponential sums; the backward (pass 3) reads S again for dS and dq.
+  triplet "hard": pass 1 gives the extremes with their tie counts; the value is
+    per-anchor arithmetic on them, and `extreme_grads` is a zero whose
+    backward reads S once more for dS (ties split evenly, as `jnp.min` does)
+    and dq.
+
+The reference is a memory (`MemoryState`, detached by `memory.enqueue`): it
+gets no gradient. A sharded memory runs the same blocks on each device's
+slice; the per-anchor results combine across devices in `xbm_jax.losses`.
+Tested against `jax.grad` of the plain form (tests/test_fused.py,
+tests/test_losses.py) and on 8 devices (tests/test_sharded_memory.py).
 """
 
 from __future__ import annotations
@@ -25,15 +39,27 @@ import jax
 import jax.numpy as jnp
 
 HI = jax.lax.Precision.HIGHEST
+CHUNK = 2048  # reference rows per block: [64, 2048] f32 is 512 KiB, in cache
 
 
 class Rule(NamedTuple):
-  """Static settings: margin, the self rule ("similarity" | "key" | "none") and its
-  threshold."""
+  """Static settings: the self rule ("similarity" | "key" | "none"), its threshold
+  and the block size (reference rows)."""
 
-  margin: float
   self_rule: str
   threshold: float
+  chunk: int
+
+
+class Pairs(NamedTuple):
+  """Both sides' labels, validity and self keys (`[G]` anchors, `[R]` reference)."""
+
+  q_labels: jax.Array
+  r_labels: jax.Array
+  q_valid: jax.Array
+  r_valid: jax.Array
+  q_key: jax.Array
+  r_key: jax.Array
 
 
 def _f32(q, r):
@@ -42,55 +68,274 @@ def _f32(q, r):
   return q, r
 
 
-def _sign_and_sums(rule: Rule, q, r, ql, rl, qv, rv, qk, rk):
-  """(dS [G, R] f32, per-row sums [5, G]: loss, positives, active negatives, their
-  similarity sums) from one product and one pass over S."""
-  q, r = _f32(q, r)
-  s = jnp.matmul(q, r.T, precision=HI, preferred_element_type=jnp.float32).astype(jnp.float32)
-  same = ql[:, None] == rl[None, :]
-  both = qv[:, None] & rv[None, :]
+def _blocks(rule: Rule, n_ref: int) -> tuple[int, int]:
+  """(number of blocks n, rows per block C): n * C >= R, C <= R."""
+  n = max(1, -(-n_ref // rule.chunk))
+  return n, -(-n_ref // n) if n_ref else 0
+
+
+def _block(rule: Rule, i, q, r, pairs: Pairs, s=None):
+  """Block i: `(S [G, C] f32, pos, neg [G, C] bool, reference rows [C, D])`.
+
+  The last block starts at R - C and so overlaps its predecessor: the rows
+  already seen are masked out of both pair sets. `s`: the block's S if kept."""
+  n_ref = r.shape[0]
+  size = _blocks(rule, n_ref)[1]
+  start = jnp.minimum(i * size, n_ref - size)
+  take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size)
+  rows = take(r)
+  if s is None:
+    s = jnp.matmul(q, rows.T, precision=HI, preferred_element_type=jnp.float32)
+    s = s.astype(jnp.float32)
+  fresh = start + jnp.arange(size) >= i * size
+  both = pairs.q_valid[:, None] & (take(pairs.r_valid) & fresh)[None, :]
+  same = pairs.q_labels[:, None] == take(pairs.r_labels)[None, :]
   pos = same & both
   if rule.self_rule == "similarity":
     pos = pos & (s < rule.threshold)
   elif rule.self_rule == "key":
-    pos = pos & (qk[:, None] != rk[None, :])
-  neg = ~same & both & (s > rule.margin)
-  ds = jnp.where(pos, -1.0, jnp.where(neg, 1.0, 0.0))
-  # One variadic reduction: the four row sums in one read of S (XLA fuses the
-  # masks into it) instead of a pass per sum.
-  zero_i, zero_f = jnp.int32(0), jnp.float32(0)
-  n_pos, n_neg, s_pos, s_neg = jax.lax.reduce(
-    (
-      pos.astype(jnp.int32),
-      neg.astype(jnp.int32),
-      jnp.where(pos, s, zero_f),
-      jnp.where(neg, s, zero_f),
-    ),
-    (zero_i, zero_i, zero_f, zero_f),
-    lambda x, y: tuple(a + b for a, b in zip(x, y)),
-    (1,),
-  )
-  loss = n_pos.astype(jnp.float32) - s_pos + s_neg
-  return ds, (loss, n_pos, n_neg, s_pos, s_neg)
+    pos = pos & (pairs.q_key[:, None] != take(pairs.r_key)[None, :])
+  return s, pos, ~same & both, rows
+
+
+def _row_sums(*xs):
+  """`[k, G]` float32 row sums of k `[G, C]` arrays (masks count as 0/1). Float
+  because XLA:CPU sums integer rows through slow window trees; a block's count
+  (<= C) is exact in float32, and callers add blocks' counts as int32."""
+  return jnp.stack([jnp.sum(x.astype(jnp.float32), axis=1) for x in xs])
+
+
+PACK = 4096  # two counts of a block share one float32 sum: a + PACK * b < 2**24
+
+
+def _counts(a, b):
+  """`[2, G]` int32 row counts of two `[G, C]` bool blocks, in ONE float32 row sum
+  of `a + PACK * b` (exact for C < PACK: the sum stays below 2**24)."""
+  if a.shape[1] >= PACK:  # blocks that large: two sums
+    return _row_sums(a, b).astype(jnp.int32)
+  packed = _row_sums(jnp.where(b, float(PACK), 0.0) + a)[0].astype(jnp.int32)
+  return jnp.stack([packed % PACK, packed // PACK])
+
+
+def _grad0(q, r):
+  """Zeros for dq' = dS r `[G, D]` (float32, or wider with a wider reference)."""
+  return jnp.zeros(q.shape, jnp.promote_types(jnp.float32, r.dtype))
+
+
+def _varying(x) -> set:
+  """The mesh axes x varies over inside shard_map (none outside)."""
+  return set(getattr(getattr(jax.typeof(x), "mat", None), "varying", ()) or ())
+
+
+def _vary_like(tree, inputs):
+  """`tree` typed as varying over every mesh axis `inputs` vary over (inside
+  shard_map; a no-op outside), as values computed from them are."""
+  axes = set().union(*(_varying(x) for x in jax.tree.leaves(inputs)))
+
+  def vary(x):
+    missing = tuple(sorted(axes - _varying(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+  return jax.tree.map(vary, tree)
+
+
+def _loop(rule: Rule, inputs, body, init):
+  """fori_loop over the blocks of `inputs = (q, r, ...)`, the carry typed as the
+  body's (`_vary_like`)."""
+  n_ref = inputs[1].shape[0]
+  return jax.lax.fori_loop(0, _blocks(rule, n_ref)[0], body, _vary_like(init, inputs))
+
+
+# ------------------------------------------------------------------- contrastive
+
+
+def _contrastive_pass(rule: Rule, margin: float, q, r, pairs: Pairs):
+  """(per-row `[2, G]` pair counts, `[2, G]` similarity sums, dq' = dS r `[G, D]`)
+  of positives and active negatives, in one pass."""
+  q, r = _f32(q, r)
+
+  def body(i, carry):
+    counts, sums, g = carry
+    s, pos, neg, rows = _block(rule, i, q, r, pairs)
+    neg = neg & (s > margin)
+    ds = jnp.where(pos, -1.0, jnp.where(neg, 1.0, 0.0))
+    sums = sums + _row_sums(jnp.where(pos, s, 0.0), jnp.where(neg, s, 0.0))
+    return counts + _counts(pos, neg), sums, g + jnp.matmul(ds, rows, precision=HI)
+
+  g = q.shape[0]
+  init = (jnp.zeros((2, g), jnp.int32), jnp.zeros((2, g), jnp.float32), _grad0(q, r))
+  return _loop(rule, (q, r, pairs), body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def contrastive_rows(rule: Rule, margin: float, q, r, pairs: Pairs):
+  """Per-row `(loss, positives, active negatives, pos sim sum, neg sim sum)`, each
+  `[G]` (counts int32), of anchors `q [G, D]` against the memory rows `r [R, D]`."""
+  return _contrastive_out(*_contrastive_pass(rule, margin, q, r, pairs)[:2])
+
+
+def _contrastive_out(counts, sums):
+  (n_pos, n_neg), (s_pos, s_neg) = counts, sums
+  return n_pos.astype(jnp.float32) - s_pos + s_neg, n_pos, n_neg, s_pos, s_neg
+
+
+def _contrastive_fwd(rule, margin, q, r, pairs):
+  counts, sums, g = _contrastive_pass(rule, margin, q, r, pairs)
+  return _contrastive_out(counts, sums), (g, jnp.zeros((0,), q.dtype), r)  # [0]: q's dtype
+
+
+def _contrastive_bwd(rule, margin, res, ct):
+  g, q_like, r = res
+  dq = (ct[0][:, None] * g).astype(q_like.dtype)  # only the loss gets a gradient
+  return dq, jnp.zeros_like(r), None
+
+
+contrastive_rows.defvjp(_contrastive_fwd, _contrastive_bwd)
+
+
+# ------------------------------------------------ pass 1: S and the row extremes
+
+
+def _merge_min(a, ca, b, cb):
+  """(min, ties) of two (value, tie count) pairs; `ca`, `cb` count entries equal
+  to their value."""
+  m = jnp.minimum(a, b)
+  return m, jnp.where(a == m, ca, 0.0) + jnp.where(b == m, cb, 0.0)
+
+
+def scan_extremes(rule: Rule, q, r, pairs: Pairs, *, ties: bool = True):
+  """Pass 1: `(S [n, G, C] f32, extremes [4, G])`, extremes = (least similar
+  positive, its ties, most similar negative, its ties): +inf / -inf, 0 ties
+  where the row has none (`ties=False`: ties not counted, 0). No gradient
+  (mining is piecewise constant)."""
+  q, r = _f32(*jax.lax.stop_gradient((q, r)))
+  n, size = _blocks(rule, r.shape[0])
+  big = jnp.float32(jnp.inf)
+
+  def body(i, carry):
+    kept, (lo, c_lo, hi, c_hi) = carry
+    s, pos, neg, _ = _block(rule, i, q, r, pairs)
+    sp, sn = jnp.where(pos, s, big), jnp.where(neg, -s, big)  # both as minima
+    blo, bhi = jnp.min(sp, axis=1), jnp.min(sn, axis=1)
+    if ties:
+      n_tied = _counts((sp == blo[:, None]) & pos, (sn == bhi[:, None]) & neg).astype(jnp.float32)
+    else:
+      n_tied = jnp.zeros((2,) + blo.shape, jnp.float32)
+    lo, c_lo = _merge_min(lo, c_lo, blo, n_tied[0])
+    hi, c_hi = _merge_min(hi, c_hi, bhi, n_tied[1])
+    return jax.lax.dynamic_update_index_in_dim(kept, s, i, 0), (lo, c_lo, hi, c_hi)
+
+  g = q.shape[0]
+  inf, zero = jnp.full((g,), big), jnp.zeros((g,), jnp.float32)
+  kept = jnp.zeros((n, g, size), jnp.float32)
+  kept, (lo, c_lo, hi, c_hi) = _loop(rule, (q, r, pairs), body, (kept, (inf, zero, inf, zero)))
+  return kept, jnp.stack([lo, c_lo, -hi, c_hi])
+
+
+# --------------------------------------------------------------- multi-similarity
+
+
+class MS(NamedTuple):
+  """Static multi-similarity settings (`losses.multi_similarity`)."""
+
+  alpha: float
+  beta: float
+  lam: float
+  mining_margin: float
+
+
+def _ms_block(rule: Rule, ms: MS, i, q, r, pairs: Pairs, kept, extremes):
+  """Block i's mined pairs and their exponentials `e`: exp(-alpha (S - lam) - m_pos)
+  on mined positives, exp(beta (S - lam) - m_neg) on mined negatives, 0 elsewhere
+  (ONE exp per entry: the two sets are disjoint)."""
+  min_pos, max_neg, m_pos, m_neg = (x[:, None] for x in extremes)
+  s, pos, neg, rows = _block(rule, i, q, r, pairs, s=kept[i])
+  neg_keep = neg & (s + ms.mining_margin > min_pos)
+  pos_keep = pos & (s - ms.mining_margin < max_neg)
+  x = jnp.where(neg_keep, ms.beta * (s - ms.lam) - m_neg, -jnp.inf)
+  e = jnp.exp(jnp.where(pos_keep, -ms.alpha * (s - ms.lam) - m_pos, x))
+  return s, pos_keep, neg_keep, e, rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def ms_rows(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes):
+  """Per-row sums over the mined pairs (pass 2): `[4, G]` float32, the shifted
+  exponential sums of positives and negatives and their similarity sums, and
+  `[2, G]` int32 pair counts. `kept`: pass 1's S; `extremes [4, G]`: the whole
+  reference's least similar positive and most similar negative and the
+  stabilisers `max(0, -alpha (min_pos - lam))`, `max(0, beta (max_neg - lam))`
+  (0 where that set mines nothing). Gradient: to `q` through the exponential
+  sums (pass 3 reads S again); the similarity sums are statistics and carry none."""
+  q, r = _f32(q, r)
+
+  def body(i, carry):
+    sums, counts = carry
+    s, pos_keep, neg_keep, e, _ = _ms_block(rule, ms, i, q, r, pairs, kept, extremes)
+    e_pos, e_neg = jnp.where(pos_keep, e, 0.0), jnp.where(neg_keep, e, 0.0)
+    s_pos, s_neg = jnp.where(pos_keep, s, 0.0), jnp.where(neg_keep, s, 0.0)
+    sums = sums + _row_sums(e_pos, e_neg, s_pos, s_neg)
+    return sums, counts + _counts(pos_keep, neg_keep)
+
+  g = q.shape[0]
+  init = (jnp.zeros((4, g), jnp.float32), jnp.zeros((2, g), jnp.int32))
+  return _loop(rule, (q, r, pairs, kept, extremes), body, init)
+
+
+def _ms_fwd(rule, ms, q, r, pairs, kept, extremes):
+  return ms_rows(rule, ms, q, r, pairs, kept, extremes), (q, r, pairs, kept, extremes)
+
+
+def _ms_bwd(rule, ms, res, ct):
+  q, r, pairs, kept, extremes = res
+  qf, rf = _f32(q, r)
+  ct = ct[0]  # the counts' cotangents are symbolic zeros
+  # d P / d S = -alpha e on mined positives, d N / d S = beta e on mined negatives.
+  c_pos, c_neg = (-ms.alpha * ct[0])[:, None], (ms.beta * ct[1])[:, None]
+
+  def body(i, g):
+    _, pos_keep, _, e, rows = _ms_block(rule, ms, i, qf, rf, pairs, kept, extremes)
+    ds = jnp.where(pos_keep, c_pos * e, c_neg * e)
+    return g + jnp.matmul(ds, rows, precision=HI)
+
+  g = _loop(rule, (qf, rf, pairs, kept, extremes, ct), body, _grad0(qf, rf))
+  zeros = jax.tree.map(jnp.zeros_like, (kept, extremes))
+  return (g.astype(q.dtype), jnp.zeros_like(r), None) + zeros
+
+
+ms_rows.defvjp(_ms_fwd, _ms_bwd)
+
+
+# ------------------------------------------------------------------ hard triplet
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def contrastive_rows(rule: Rule, q, r, ql, rl, qv, rv, qk, rk):
-  """Per-row `(loss, positives, active negatives, pos sim sum, neg sim sum)`, each
-  `[G]`, of anchors `q [G, D]` against `r [R, D]` (see the module doc)."""
-  return _sign_and_sums(rule, q, r, ql, rl, qv, rv, qk, rk)[1]
+def extreme_grads(rule: Rule, q, r, pairs: Pairs, kept, extremes):
+  """`[2, G]` zeros whose gradient is that of (least similar positive, most
+  similar negative) wrt `q`, split evenly over tied entries (pass 2, backward
+  only); add them to pass 1's `extremes` (`scan_extremes`) to differentiate."""
+  return _vary_like(jnp.zeros((2, q.shape[0]), jnp.float32), (q, r, pairs, kept, extremes))
 
 
-def _fwd(rule, q, r, ql, rl, qv, rv, qk, rk):
-  ds, sums = _sign_and_sums(rule, q, r, ql, rl, qv, rv, qk, rk)
-  g = jnp.matmul(ds, _f32(q, r)[1], precision=HI)  # [G, D]: d loss_i / d q_i
-  return sums, (g, jnp.zeros((0,), q.dtype), r)  # an empty array carries q's dtype
+def _extreme_fwd(rule, q, r, pairs, kept, extremes):
+  return extreme_grads(rule, q, r, pairs, kept, extremes), (q, r, pairs, kept, extremes)
 
 
-def _bwd(rule, res, ct):
-  g, q_like, r = res
-  dq = (ct[0][:, None] * g).astype(q_like.dtype)
-  return (dq, jnp.zeros_like(r), None, None, None, None, None, None)  # the memory: none
+def _extreme_bwd(rule, res, ct):
+  q, r, pairs, kept, extremes = res
+  qf, rf = _f32(q, r)
+  lo, c_lo, hi, c_hi = extremes
+  w_lo = (ct[0] / jnp.maximum(c_lo, 1.0))[:, None]
+  w_hi = (ct[1] / jnp.maximum(c_hi, 1.0))[:, None]
+
+  def body(i, g):
+    s, pos, neg, rows = _block(rule, i, qf, rf, pairs, s=kept[i])
+    ds = jnp.where(pos & (s == lo[:, None]), w_lo, 0.0)
+    ds = ds + jnp.where(neg & (s == hi[:, None]), w_hi, 0.0)
+    return g + jnp.matmul(ds, rows, precision=HI)
+
+  g = _loop(rule, (qf, rf, pairs, kept, extremes, ct), body, _grad0(qf, rf))
+  zeros = jax.tree.map(jnp.zeros_like, (kept, extremes))
+  return (g.astype(q.dtype), jnp.zeros_like(r), None) + zeros
 
 
-contrastive_rows.defvjp(_fwd, _bwd)
+extreme_grads.defvjp(_extreme_fwd, _extreme_bwd)

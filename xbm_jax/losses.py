@@ -68,7 +68,7 @@ from typing import Callable, Union
 import jax
 import jax.numpy as jnp
 
-from xbm_jax import embeddings, fused, memory as memory_lib, pairs
+from xbm_jax import fused_losses, pairs
 from xbm_jax.pairs import (  # noqa: F401  (re-exported: the public names of this module)
   EPS_SELF,
   EPS_SELF_16BIT,
@@ -99,7 +99,7 @@ def _contrastive_plain(rows: Rows, *, margin: float = 0.5) -> AnchorLoss:
       (call inside shard_map; see the module doc).
   Returns:
     `[]` float32 loss (and a stats dict if `return_stats`). Against a memory it
-    is computed in one pass over the similarities with a custom VJP
+    is computed in one pass over blocks of the memory with a custom VJP
     (`xbm_jax.fused`; the memory gets no gradient); `contrastive_plain` is the
     same loss through plain autodiff.
   """
@@ -108,68 +108,13 @@ def _contrastive_plain(rows: Rows, *, margin: float = 0.5) -> AnchorLoss:
   return AnchorLoss(loss, rows.count(rows.pos) + rows.count(neg_active), rows.pos, neg_active)
 
 
-def _contrastive_fast(
-  query, reference, *, axis_name, self_exclusion, pos_threshold, self_index, margin=0.5
-):
-  """contrastive through `fused.contrastive_rows` (same values; see `_make_loss`)."""
-  static = (float, int)
-  if not isinstance(margin, static) or not isinstance(pos_threshold, (type(None),) + static):
-    return None  # traced settings: the plain form
-  if not isinstance(reference, memory_lib.MemoryState):
-    return None  # a batch (small, and it gets a gradient): the plain form is as fast
-  p = pairs.prepare(
-    query, reference, axis_name=axis_name, self_exclusion=self_exclusion, self_index=self_index
-  )
-  q, n_ref = p.query, reference.emb.shape[0]
-  if q.emb.shape[-1] != reference.emb.shape[-1]:
-    raise ValueError(
-      f"query dim {q.emb.shape[-1]} does not match reference dim {reference.emb.shape[-1]}"
-    )
-  q_key = r_key = jnp.zeros((), jnp.int32)
-  rule, threshold = {"similarity": "similarity", "none": "none"}.get(self_exclusion, "key"), 0.0
-  if self_exclusion == "similarity":
-    threshold = self_threshold(q, reference) if pos_threshold is None else pos_threshold
-  elif self_exclusion == "index":
-    q_key, r_key = p.self_index.astype(jnp.int32), jnp.arange(n_ref, dtype=jnp.int32)
-  elif self_exclusion == "id":
-    pairs.check_ids(q, reference)
-    q_key, r_key = q.ids, reference.ids
-  settings = fused.Rule(float(margin), rule, float(threshold))
-  sums = fused.contrastive_rows(
-    settings,
-    q.emb,
-    reference.emb,
-    q.labels,
-    reference.labels,
-    embeddings.valid_mask(q),
-    embeddings.valid_mask(reference),
-    jnp.broadcast_to(q_key, q.labels.shape),
-    jnp.broadcast_to(r_key, reference.labels.shape),
-  )
-  if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name)
-  own = lambda x: x if axis_name is None else jax.lax.dynamic_slice_in_dim(x, p.start, p.b)
-  loss, n_pos, n_neg, s_pos, s_neg = (own(x) for x in sums)
-  valid = p.local_valid
-  counts = [jnp.sum(jnp.where(valid, n, 0)) for n in (n_pos, n_neg)]
-  sims = [jnp.sum(jnp.where(valid, sg(x), 0.0)) for x in (s_pos, s_neg)]
-  stats = {
-    "pos_pairs": counts[0],
-    "neg_pairs": counts[1],
-    "mean_pos_sim": sims[0] / jnp.maximum(counts[0], 1),
-    "mean_neg_sim": sims[1] / jnp.maximum(counts[1], 1),
-  }
-  return loss, n_pos + n_neg, valid, stats
-
-
-contrastive = reduction_loss(_contrastive_plain, fast=_contrastive_fast)
+contrastive = reduction_loss(_contrastive_plain, fast=fused_losses.contrastive)
 contrastive.__name__ = contrastive.__qualname__ = "contrastive"
 contrastive_plain = reduction_loss(_contrastive_plain)
 contrastive_plain.__name__ = contrastive_plain.__qualname__ = "contrastive_plain"
 
 
-@reduction_loss
-def multi_similarity(
+def _multi_similarity_plain(
   rows: Rows,
   *,
   alpha: float = 2.0,
@@ -178,7 +123,9 @@ def multi_similarity(
   mining_margin: float = 0.1,
 ) -> AnchorLoss:
   """Multi-similarity loss (Wang et al., CVPR 2019) with its pair mining, as coded
-  in the XBM reference.
+  in the XBM reference. Against a memory it runs in three passes over blocks of
+  the memory (`xbm_jax.fused`); `multi_similarity_plain` is the same loss
+  through plain autodiff.
 
   Per anchor: keep negatives with S + margin > min positive S, positives with
   S - margin < max negative S; anchors lacking either contribute 0; else
@@ -194,6 +141,12 @@ def multi_similarity(
   neg_term = rows.log1p_sum_exp(beta * (rows.sim - lam), neg_keep) / beta
   loss = jnp.where(has, pos_term + neg_term, 0.0)
   return AnchorLoss(loss, has.astype(jnp.int32), pos_keep & has[:, None], neg_keep & has[:, None])
+
+
+multi_similarity = reduction_loss(_multi_similarity_plain, fast=fused_losses.multi_similarity)
+multi_similarity.__name__ = multi_similarity.__qualname__ = "multi_similarity"
+multi_similarity_plain = reduction_loss(_multi_similarity_plain)
+multi_similarity_plain.__name__ = multi_similarity_plain.__qualname__ = "multi_similarity_plain"
 
 
 def _sorted_negatives(sim, neg):
@@ -253,8 +206,7 @@ def _triplet_sorted(rows: Rows, margin, mining) -> AnchorLoss:
 TRIPLET_MINING = ("hard", "semihard", "all")
 
 
-@reduction_loss
-def triplet(rows: Rows, *, margin: float = 0.1, mining: str = "hard") -> AnchorLoss:
+def _triplet_plain(rows: Rows, *, margin: float = 0.1, mining: str = "hard") -> AnchorLoss:
   """Hinge triplet loss on cosine similarity: relu(S_an - S_ap + margin).
 
   mining:
@@ -266,10 +218,18 @@ def triplet(rows: Rows, *, margin: float = 0.1, mining: str = "hard") -> AnchorL
   once per anchor and each (a, p) pair is resolved by binary search, so the
   cost is O(B R log R) and a full memory is affordable. With a split reference
   they first bring each device its anchors' whole rows (all_to_all, `[b, R]`).
+  "hard" against a memory runs in two passes over blocks of the memory
+  (`xbm_jax.fused`); `triplet_plain` is the same loss through plain autodiff.
   """
   if mining not in TRIPLET_MINING:
     raise ValueError(f"mining must be 'hard', 'semihard' or 'all'; got {mining!r}")
   return _triplet_hard(rows, margin) if mining == "hard" else _triplet_sorted(rows, margin, mining)
+
+
+triplet = reduction_loss(_triplet_plain, fast=fused_losses.triplet)
+triplet.__name__ = triplet.__qualname__ = "triplet"
+triplet_plain = reduction_loss(_triplet_plain)
+triplet_plain.__name__ = triplet_plain.__qualname__ = "triplet_plain"
 
 
 LOSSES: dict[str, Callable] = {

@@ -37,12 +37,21 @@ first positive; queries without a positive left out):
     hits = (res["rank"] < 1)[res["valid"]]
 
 Designed on: nothing was fitted. The rule was written from the two regimes the
-README reports, the warm-start glyph runs (a summed memory term cost about 3
-points of R@1) and SOP-shaped data trained from scratch (the memory cost 8-15
-points and the ratio guard never fired), without per-query readings of either;
-no run has been read by it yet, so it is untested on real training so far.
-Independence of the queries is assumed (queries of one class are correlated,
-which makes the test somewhat liberal); `detectable_drop` sizes the split.
+README reports (the warm-start glyph runs, where a summed memory term cost about 3
+points of R@1, and SOP-shaped data from scratch, where the memory cost 8-15 points
+and the ratio guard never fired), before any per-query reading was taken, and
+`alpha` = 0.01 was set before the first one. It was then read on glyph runs of
+the study protocol it never saw (`benchmarks/guard_check.py`, seeds 0 and 1,
+5,069 val queries; `benchmarks/out/guard_check.json`): from scratch with the
+memory from step 300 it fires at the first reading after the switch-on against
+both references on both seeds (R@1 0.689 / 0.694 against 0.749 / 0.760 before
+the switch-on and 0.805 / 0.803 for the memory-free arm); the memory-free arms
+against their own earlier readings never fire; in the pretrained regime (lr 3e-4,
+memory from step 0) it fires for the summed memory term (0.850 / 0.852 against
+0.887 / 0.883) and not for the averaged one (0.886 / 0.884; p = 0.42 / 0.73).
+Not yet read on SOP-sized data. Queries are assumed independent (queries of one
+class are correlated, which makes the test somewhat liberal); `detectable_drop`
+sizes the split.
 """
 
 from __future__ import annotations

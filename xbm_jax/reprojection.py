@@ -149,21 +149,30 @@ def embeddings(
       f"project must map [{chunk}, {feature_dim}] features to [{chunk}, D] float rows; "
       f"got {out.dtype} {tuple(out.shape)}"
     )
-  emb = _project_in_chunks(jax.lax.stop_gradient(mem.emb), project, chunk).astype(jnp.float32)
+  emb = _project_in_chunks(jax.lax.stop_gradient(mem.emb), project, chunk)
   if detach:
     emb = jax.lax.stop_gradient(emb)
   return mem._replace(emb=jnp.where(mem.valid[:, None], emb, 0.0))
 
 
 def _project_in_chunks(features: jax.Array, project, chunk: int) -> jax.Array:
-  """`project` over `[n, F]` rows, `chunk` rows at a time (the last chunk zero-padded)."""
-  n, feature_dim = features.shape
+  """`project` over `[n, F]` rows, `chunk` rows at a time (`lax.map`), as `[n, D]` float32.
+
+  Each chunk is a dynamic slice of the stored rows (no padded copy of the memory);
+  the last one starts at `n - chunk`, overlapping the one before it, and only its
+  rows past that overlap are kept.
+  """
+  n = features.shape[0]
   if chunk >= n:
-    return project(features)
+    return project(features).astype(jnp.float32)
   n_chunks = -(-n // chunk)
-  padded = jnp.pad(features, ((0, n_chunks * chunk - n), (0, 0)))
-  out = jax.lax.map(project, padded.reshape(n_chunks, chunk, feature_dim))
-  return out.reshape(n_chunks * chunk, out.shape[-1])[:n]
+  starts = jnp.minimum(jnp.arange(n_chunks) * chunk, n - chunk)
+  take = lambda start: project(jax.lax.dynamic_slice_in_dim(features, start, chunk))
+  out = jax.lax.map(take, starts).astype(jnp.float32)  # [n_chunks, chunk, D]
+  overlap = n_chunks * chunk - n
+  if not overlap:
+    return out.reshape(n, out.shape[-1])
+  return jnp.concatenate([out[:-1].reshape(-1, out.shape[-1]), out[-1, overlap:]])
 
 
 class MemoryBytes(NamedTuple):
@@ -173,7 +182,9 @@ class MemoryBytes(NamedTuple):
     rows: rows on the device (`size / n_shards`).
     stored: `rows x feature_dim x itemsize`, the features (held for the whole run).
     projected: `rows x embed_dim x 4`, the float32 embeddings `embeddings` returns
-      (transient, live while the memory term runs).
+      (transient, live while the memory term runs; when `chunk_rows` does not
+      divide the rows, the stacked chunks and their concatenation may be live at
+      once, up to twice this).
     upcast: `chunk x feature_dim x 4`, the float32 copy of one chunk of bf16
       features the head's matmul may read (0 for float32 storage; an upper bound:
       the compiler may fuse the conversion into the matmul).

@@ -282,6 +282,7 @@ def reshard_on_mesh(blocks: MemoryState, saved_ptr, mesh, axis_name: str = "data
   _check_divisible(blocks.emb.shape[0], ptr.shape[0])
   _check_divisible(blocks.emb.shape[0], n)
   rows = [blocks.emb, blocks.labels, blocks.valid] + ([] if blocks.ids is None else [blocks.ids])
+  ptr = jax.device_put(ptr, NamedSharding(mesh, P()))  # the same on every process
   moved = relayout_program(mesh, axis_name, len(rows))(ptr, *rows)
   new_ptr = jax.device_put(np.zeros((n,), np.int32), NamedSharding(mesh, P(axis_name)))
   return MemoryState(*moved[:3], new_ptr, moved[3] if blocks.ids is not None else None)
@@ -291,7 +292,7 @@ def reshard_on_mesh(blocks: MemoryState, saved_ptr, mesh, axis_name: str = "data
 def relayout_program(mesh, axis_name: str, n_leaves: int):
   """The jitted re-lay of `reshard_on_mesh`: `(saved ptr [n_old], *leaves split
   P(axis_name)) -> leaves re-laid` (exposed so that its per-device memory can be
-  read from the compiled program: benchmarks/memory_scale.py)."""
+  read from the compiled program: benchmarks/reshard_restore.py)."""
   n = mesh.shape[axis_name]
   shift = [(s, (s + 1) % n) for s in range(n)]
 

@@ -1,7 +1,7 @@
 """The committed pretrained glyph encoder loads into the fine-tuning model and embeds.
 
 Uses the warm-start path the trainer uses (`config.train.init_from` ->
-`loop._warm_start`) on the real model shape, forward only (no training).
+`checkpoint.warm_start`) on the real model shape, forward only (no training).
 """
 
 import os
@@ -13,7 +13,7 @@ import numpy as np
 from xbm_jax import models
 from xbm_jax.configs import glyphs as glyph_config
 from xbm_jax.data import glyphs, transforms
-from xbm_jax.train import loop
+from xbm_jax.train import checkpoint
 
 
 @flax.struct.dataclass
@@ -34,10 +34,7 @@ def test_pretrained_weights_load_and_embed_glyphs():
   fresh = models.init_variables(
     model, jax.random.key(0), image_size=c.input.transform.crop, channels=1
   )
-  state = loop._warm_start(
-    _State(fresh["params"], fresh["batch_stats"]),  # pylint: disable=protected-access
-    c.train.init_from,
-  )
+  state = checkpoint.warm_start(_State(fresh["params"], fresh["batch_stats"]), c.train.init_from)
   loaded = {"params": state.params, "batch_stats": state.batch_stats}
 
   a = glyphs.load_arrays("test")

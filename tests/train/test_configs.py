@@ -131,3 +131,19 @@ def test_alias_is_the_same_dataset_and_two_renames_are_an_error():
   c.evals.sop = dict(c.evals.glyphs)
   with pytest.raises(ConfigError, match="two evaluators one name"):
     prepare(c)
+
+
+DOC_VARIANTS = sorted(
+  {
+    (os.path.basename(path), m.group(1))
+    for path in CONFIGS
+    for m in re.finditer(r"--config=configs/\w+\.py:([\w=.,]+)", open(path).read())
+  }
+)
+
+
+@pytest.mark.parametrize("name,arg", DOC_VARIANTS, ids=lambda x: str(x))
+def test_variants_named_in_docstrings_are_valid(name, arg):
+  """A command a config's docstring prints (e.g. `configs/cjk.py:ms_xbm_momentum`) loads
+  and passes every check."""
+  prepare(_load(name, arg))

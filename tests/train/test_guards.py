@@ -138,18 +138,20 @@ def test_config_diff_against_a_hand_made_pair():
 
 
 def test_turning_a_stateful_option_on_or_off_is_refused_on_resume():
-  """The momentum encoder and the smoothed moments live in the train state only
-  while on: turning one on (or off) cannot restore, even when changes are allowed;
+  """The momentum encoder, the smoothed moments and the feature memory of head
+  re-projection (another shape) live in the train state only while on: turning one on (or off) cannot restore, even when changes are allowed;
   another nonzero value can."""
   saved = guards.config_json(config_lib.base())
-  for key in ("moments_ema", "momentum_encoder"):
+  for key in ("moments_ema", "momentum_encoder", "reprojection"):
     on = guards.config_json(config_lib.base())
-    on["xbm"][key] = 0.5
+    on["xbm"][key] = True if key == "reprojection" else 0.5
     if key == "moments_ema":
       on["xbm"]["drift_correction"] = "moments"
     for a, b in ((saved, on), (on, saved)):
       with pytest.raises(ResumeError, match=f"xbm.{key} .* changes the saved state's shapes"):
         guards.check_resume(a, b, allow_change=True)
+    if key == "reprojection":  # a bool: no other "on" value
+      continue
     more = guards.config_json(config_lib.base())
     more["xbm"].update(on["xbm"])
     more["xbm"][key] = 0.9

@@ -126,7 +126,16 @@ DRIFT_CORRECTED = {
 }
 
 
-@pytest.mark.parametrize("options", [{}, DRIFT_CORRECTED], ids=["reference", "drift_corrected"])
+# Head re-projection: the memory holds pooled features (another shape), pre-filled
+# with them.
+REPROJECTED = {"xbm.reprojection": True, "xbm.memory_sharding": "sharded", "xbm.prefill": True}
+
+
+@pytest.mark.parametrize(
+  "options",
+  [{}, DRIFT_CORRECTED, REPROJECTED],
+  ids=["reference", "drift_corrected", "reprojected"],
+)
 def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch, options):
   """Killed during update 4, after the checkpoint of step 2 (a drift step: the
   reading of step 2 was logged before the kill), the resumed run ends with the
@@ -158,7 +167,10 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch, options):
 
   a, b = final_state(wd_full, cfg), final_state(wd_kill, cfg)
   # The smoothed moments and the momentum encoder are saved.
-  assert (a["moments"] is not None) == (b["key_encoder"] is not None) == bool(options)
+  corrected = options is DRIFT_CORRECTED
+  assert (a["moments"] is not None) == (b["key_encoder"] is not None) == corrected
+  if options is REPROJECTED:  # the pooled features of the width-4 ResNet (8 x 4 = 32)
+    assert np.shape(b["memory"]["emb"])[1] != cfg.model.embed_dim
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
   full, kill = logged_rows(wd_full), logged_rows(wd_kill)
   assert kill.keys() == full.keys()

@@ -22,8 +22,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
 STEPS = 6
-# Short: 6 steps, the memory switched on and pre-filled at step 3, a drift probe every
-# 2 steps, checkpoints every 2, evaluation at the end on a 1,500-image split (its
+# Short: 6 steps, the memory switched on and pre-filled at step 3 (and moment-matched
+# from then on), a drift probe every 2 steps, checkpoints every 2, evaluation at the end on a 1,500-image split (its
 # size divides neither the process count nor the batch: uneven host chunks, padding).
 FLAGS = [
   "--config=configs/glyphs.py:smoke",
@@ -31,6 +31,10 @@ FLAGS = [
   "--config.train.log_every=1",
   "--config.train.checkpoint_every=2",
   "--config.xbm.prefill=True",
+  # The memory's smoothed moment matching: moments combined across processes, and
+  # the moving average in the train state.
+  "--config.xbm.drift_correction=moments",
+  "--config.xbm.moments_ema=0.5",
   "--config.evals.glyphs.split=val5",
   "--config.train.progress=False",
 ]

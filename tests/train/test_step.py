@@ -321,6 +321,21 @@ def test_accumulated_step_is_micro_steps_at_frozen_params():
   assert int(sa.memory.ptr) == 16 and int(sa.step) == 1
 
 
+def test_accumulated_moment_matching_is_micro_steps_at_frozen_params():
+  """With drift_correction="moments" (smoothed, 0.5), each micro-batch corrects the
+  memory and updates the moments in turn, as two plain steps do: the same memory,
+  smoothed moments and loss."""
+  (m1, m2, ma), (s2, sa), _ = _plain_and_accumulated(drift_correction="moments", moments_ema=0.5)
+  assert int(sa.moments.steps) == int(s2.moments.steps) == 2
+  for name in ("memory", "moments"):
+    jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name),
+      getattr(s2, name),
+      getattr(sa, name),
+    )
+  np.testing.assert_allclose(ma["loss"], (m1["loss"] + m2["loss"]) / 2, rtol=1e-5)
+
+
 def test_accumulated_mean_is_the_whole_steps_sum_over_its_count():
   """reduction="mean" on the memory term, accumulate=2: each term of the accumulated
   step is the micro-batches' summed numerators over their summed active-pair counts
@@ -483,3 +498,9 @@ def test_momentum_encoder_is_the_ema_of_the_params_and_embeds_what_is_enqueued()
     model, {"params": started[2], "batch_stats": key_before.batch_stats}, batches[2]["image"]
   )
   assert np.abs(np.asarray(trained) - np.asarray(keys)).max() > 1e-3
+
+  # With the memory off, the key encoder still tracks the params; nothing is enqueued.
+  stored = st.memory.emb
+  st, _ = jax.device_get(fn(st, parallel.global_batch(batches[0], mesh), ctrl_of(2**31 - 1)))
+  assert int(st.key_encoder.steps) == 4
+  np.testing.assert_array_equal(st.memory.emb, stored)

@@ -50,6 +50,19 @@ RULES = [
     {"train.num_devices": 1, "train.accumulate": 2, "xbm.momentum_encoder": 0.5},
     "needs config.train.accumulate=1 (got 2)",
   ),
+  ({"xbm.enabled": False, "xbm.reprojection": True}, "reprojection=True needs the memory"),
+  (
+    {"xbm.reprojection": True, "xbm.momentum_encoder": 0.5},
+    "cannot be combined with config.xbm.momentum_encoder=0.5",
+  ),
+  (
+    {"xbm.reprojection": True, "xbm.drift_correction": "moments"},
+    "cannot be combined with config.xbm.drift_correction='moments'",
+  ),
+  (
+    {"train.num_devices": 1, "train.accumulate": 2, "xbm.reprojection": True},
+    "cannot be combined with config.train.accumulate=2",
+  ),
   # The smoke config's first drift reading (lag 2) comes after update 2: a start at 1
   # leaves the guard nothing to compare with.
   ({"xbm.guard": True, "xbm.start_step": 1}, "start_step=1 comes before the first"),

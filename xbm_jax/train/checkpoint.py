@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from xbm_jax.train.errors import ConfigError
+
 
 def _to_json(x):
   if isinstance(x, dict):
@@ -151,9 +153,11 @@ class Checkpointer:
     (a sharded memory on `mesh`), shard by shard: orbax reads into each device only
     the block of saved rows its new shard's place covers (the new shardings cut the
     saved arrays into contiguous blocks), and `sharded_memory.reshard_on_mesh` re-lays
-    the blocks on the devices into `sharded_memory.reshard`'s order. No host or
-    device holds the whole memory (benchmarks/memory_scale.py measures the peaks).
-    The rest of the state is restored straight onto its shardings."""
+    the blocks on the devices into `sharded_memory.reshard`'s order. A process
+    reads and stages only its own devices' blocks, and a device peaks at about 3
+    shards (benchmarks/reshard_restore.py measures both); the whole memory is
+    never gathered. The rest of the state is restored straight onto its
+    shardings."""
     from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
 
     abstract = abstract_like(state)
@@ -250,3 +254,45 @@ def load_params(path: str) -> dict:
     raise FileNotFoundError(f"no parameter file {path}")
   with open(path, "rb") as f:
     return serialization.msgpack_restore(f.read())
+
+
+def _misfit(mine, theirs) -> str:
+  """How a source's variables differ from this model's ("" when they fit): another
+  tree, or the first leaf of another shape (e.g. another embed_dim)."""
+  if jax.tree.structure(mine) != jax.tree.structure(theirs):
+    return "another tree of variables"
+  for (path, m), t in zip(jax.tree_util.tree_leaves_with_path(mine), jax.tree.leaves(theirs)):
+    if np.shape(t) != m.shape:
+      return f"{jax.tree_util.keystr(path)} is {np.shape(t)}, this model's {m.shape}"
+  return ""
+
+
+def warm_start(state, source: str):
+  """`state` with the params and BN statistics of another run's latest checkpoint
+  (whatever its memory size; only those two are read) or of an exported
+  `.msgpack`, placed like this run's (and the momentum encoder, if any, a copy of
+  them). A source that does not fit the model: ConfigError naming the leaf."""
+  if source.endswith(".msgpack"):  # exported with scripts/export_params.py
+    raw = load_params(source)
+  else:
+    raw = read_params(source)[1]
+  out = {}
+  for key in PARAM_KEYS:
+    mine, theirs = getattr(state, key), raw[key]
+    misfit = _misfit(mine, theirs)
+    if misfit:
+      raise ConfigError(
+        f"config.train.init_from={source!r}: its {key} do not match this model "
+        f"({misfit}; different config.model?)"
+      )
+    out[key] = jax.tree.map(
+      lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding), mine, theirs
+    )
+  key_encoder = getattr(state, "key_encoder", None)
+  if key_encoder is not None:  # the momentum encoder starts as a copy, as MoCo's
+    out["key_encoder"] = jax.tree.map(
+      lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding),
+      key_encoder,
+      key_encoder._replace(params=raw["params"], batch_stats=raw["batch_stats"]),
+    )
+  return state.replace(**out)

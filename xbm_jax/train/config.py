@@ -123,6 +123,12 @@ def base() -> ml_collections.ConfigDict:
     # own BatchNorm statistics; kept in the train state; one extra forward per
     # step). 0: the trained encoder's embeddings, as the reference.
     momentum_encoder=0.0,
+    # Head re-projection: the memory stores the batch's pooled backbone features
+    # (in xbm.dtype) instead of its embeddings, and each step embeds them with the
+    # current head (xbm_jax.reprojection): exact for the head's share of the
+    # drift. Costs size x feature_dim x itemsize bytes (ResNet-50: 2048 features)
+    # and one [size, F] x [F, D] product per step.
+    reprojection=False,
   )
 
   c.optim = dict(

@@ -56,6 +56,8 @@ class EvalRunner:
     self.config, self.mesh, self.writer, self.workdir = config, mesh, writer, workdir
     self.say = say or log.info
     self.embed = step_lib.make_embed_fn(model, mesh)
+    # Pooled features, for a memory that stores them (xbm.reprojection).
+    self.embed_features = step_lib.make_embed_fn(model, mesh, method="features")
     self.evaluators = {
       name: evaluators_lib.create(name, cfg, mesh=mesh) for name, cfg in config.evals.items()
     }
@@ -70,8 +72,11 @@ class EvalRunner:
   def _variables(self, state):
     return {"params": state.params, "batch_stats": state.batch_stats}
 
-  def embed_rows(self, state, n: int, load: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Eval-mode embeddings `[n, D]` float32 of rows `0..n-1`, whole on every process.
+  def embed_rows(
+    self, state, n: int, load: Callable[[np.ndarray], np.ndarray], *, features: bool = False
+  ) -> np.ndarray:
+    """Eval-mode embeddings `[n, D]` float32 of rows `0..n-1`, whole on every process
+    (`features`: the pooled features `[n, F]` instead).
 
     `load(rows) -> uint8 [len(rows), H, W, C]` gives images by row. Each process loads
     and embeds only the rows of its own devices (the batch is padded to the mesh
@@ -89,7 +94,7 @@ class EvalRunner:
     mine = np.concatenate([np.arange(a, b) for a, b in blocks])
     images = load(np.minimum(mine, n - 1))  # padding repeats the last row
     x = parallel.global_batch({"image": images}, self.mesh)["image"]
-    emb = self.embed(self._variables(state), x)
+    emb = (self.embed_features if features else self.embed)(self._variables(state), x)
     return np.asarray(multihost_utils.process_allgather(emb, tiled=True))[:n]
 
   def embed_images(self, state, images: np.ndarray) -> np.ndarray:
@@ -99,9 +104,10 @@ class EvalRunner:
   def embed_probe(self, state) -> np.ndarray:
     return self.embed_images(state, self.probe)
 
-  def prefill(self, state, source, *, size: int, seed: int):
+  def prefill(self, state, source, *, size: int, seed: int, features: bool = False):
     """A full memory of eval-mode embeddings of `size` random training images
-    from the current model (the paper's initialisation after warm-up).
+    from the current model (the paper's initialisation after warm-up); with
+    `features`, their pooled features (a re-projection memory).
 
     Every process draws the same images; each loads and embeds its devices' share
     (`embed_rows`). Returns a replicated-layout host `MemoryState` (numpy), oldest
@@ -125,7 +131,10 @@ class EvalRunner:
         ]
       )
     )
-    emb = [self.embed_rows(state, min(chunk, n - lo), load(lo)) for lo in range(0, n, chunk)]
+    emb = [
+      self.embed_rows(state, min(chunk, n - lo), load(lo), features=features)
+      for lo in range(0, n, chunk)
+    ]
     mem = state.memory  # shapes and dtypes only: no fetch of a global array
     out_emb = np.zeros((size,) + mem.emb.shape[1:], mem.emb.dtype)
     out_emb[:n] = np.concatenate(emb).astype(mem.emb.dtype)

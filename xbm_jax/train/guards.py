@@ -43,7 +43,7 @@ SHAPE_KEYS = (
 )
 # Options whose state is in the train state only while they are above 0: turning one
 # on or off adds or removes that state.
-STATE_OPTION_KEYS = ("xbm.moments_ema", "xbm.momentum_encoder")
+STATE_OPTION_KEYS = ("xbm.moments_ema", "xbm.momentum_encoder", "xbm.reprojection")
 # Changes that do not touch the math of the run (where and how it runs, how often
 # it reports): allowed on resume without asking.
 FREE_KEYS = (

@@ -116,12 +116,13 @@ class PlateauHook:
 def make_prefill(config, evals, train_src, shardings, mesh, *, sharded: bool):
   """`prefill(state, step) -> state`: the memory filled with eval-mode embeddings of
   training images (seeded by the run's seed and the step, so a resume redoes it
-  identically), laid out like the state's memory."""
+  identically), laid out like the state's memory; with `xbm.reprojection` their
+  pooled features, which the memory then stores."""
+  features = bool(config.xbm.reprojection)
 
   def prefill(state, step):
-    full = evals.prefill(
-      state, train_src, size=int(config.xbm.size), seed=int(config.seed) * 7919 + step
-    )
+    seed = int(config.seed) * 7919 + step
+    full = evals.prefill(state, train_src, size=int(config.xbm.size), seed=seed, features=features)
     if sharded:
       full = sharded_memory.reshard(full, mesh.size)
     return state.replace(memory=jax.device_put(full, shardings.memory))

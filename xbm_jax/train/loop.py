@@ -31,7 +31,7 @@ from xbm_jax.insight import controller as controller_lib, drift as drift_lib
 from xbm_jax.train import checkpoint, evaluation, guards, hooks as hooks_lib, optim, setup
 from xbm_jax.train import config as config_lib, validation
 from xbm_jax.train import state as state_lib, step as step_lib
-from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError
+from xbm_jax.train.errors import NonFiniteError, ResumeError
 from xbm_jax.train.progress import Progress
 from xbm_jax.train.writer import MetricWriter, config_json
 
@@ -55,46 +55,6 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
     for k in last
     if k != "nonfinite"
   }, first_bad
-
-
-def _misfit(mine, theirs) -> str:
-  """How a source's variables differ from this model's ("" when they fit): another
-  tree, or the first leaf of another shape (e.g. another embed_dim)."""
-  if jax.tree.structure(mine) != jax.tree.structure(theirs):
-    return "another tree of variables"
-  for (path, m), t in zip(jax.tree_util.tree_leaves_with_path(mine), jax.tree.leaves(theirs)):
-    if np.shape(t) != m.shape:
-      return f"{jax.tree_util.keystr(path)} is {np.shape(t)}, this model's {m.shape}"
-  return ""
-
-
-def _warm_start(state, source: str):
-  """Params and BN statistics from another run's latest checkpoint (whatever its
-  memory size; only those two are read) or an exported `.msgpack`, placed like
-  this run's."""
-  if source.endswith(".msgpack"):  # exported with scripts/export_params.py
-    raw = checkpoint.load_params(source)
-  else:
-    raw = checkpoint.read_params(source)[1]
-  out = {}
-  for key in checkpoint.PARAM_KEYS:
-    mine, theirs = getattr(state, key), raw[key]
-    misfit = _misfit(mine, theirs)
-    if misfit:
-      raise ConfigError(
-        f"config.train.init_from={source!r}: its {key} do not match this model "
-        f"({misfit}; different config.model?)"
-      )
-    out[key] = jax.tree.map(
-      lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding), mine, theirs
-    )
-  if state.key_encoder is not None:  # the momentum encoder starts as a copy, as MoCo's
-    out["key_encoder"] = jax.tree.map(
-      lambda m, t: jax.device_put(np.asarray(t, m.dtype), m.sharding),
-      state.key_encoder,
-      state.key_encoder._replace(params=raw["params"], batch_stats=raw["batch_stats"]),
-    )
-  return state.replace(**out)
 
 
 def _restore(ckpt, state, mesh, *, sharded: bool, workdir: str):
@@ -193,7 +153,7 @@ def _build_state(config, mesh, train_src):
     params=variables["params"],
     batch_stats=variables.get("batch_stats", {}),
     tx=direction,
-    memory=setup.init_memory(config, mesh.size),
+    memory=setup.init_memory(config, mesh.size, feature_dim=setup.feature_dim(variables)),
     moments=setup.init_moments(config),
     key_encoder=setup.init_key_encoder(config, variables),
   )
@@ -268,7 +228,7 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   if config.train.init_from and not checkpoint.saved_steps(workdir):
     # Before the checkpoint manager: a source that does not fit this model is refused
     # with nothing written but the lock.
-    state = _warm_start(state, config.train.init_from)
+    state = checkpoint.warm_start(state, config.train.init_from)
   ckpt = checkpoint.Checkpointer(
     workdir, keep=int(config.train.keep_checkpoints), best_metric=config.train.best_metric
   )
@@ -315,6 +275,7 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     drift_correction=config.xbm.drift_correction,
     moments_ema=float(config.xbm.moments_ema),
     momentum_encoder=float(config.xbm.momentum_encoder),
+    reprojection=bool(config.xbm.enabled and config.xbm.reprojection),
   )
   return Run(
     config=config,

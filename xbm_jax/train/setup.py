@@ -4,6 +4,8 @@ checked by `validation.validate` first)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import ml_collections
 import numpy as np
@@ -110,8 +112,13 @@ def load_source(input_cfg, split: str):
     raise DataError(str(e).splitlines()[0] if str(e) else repr(e)) from e
 
 
-def init_memory(config, num_devices: int):
-  dim = int(config.model.embed_dim)
+def init_memory(config, num_devices: int, *, feature_dim: Optional[int] = None):
+  """The train state's memory: `[size, embed_dim]` rows, or with
+  `xbm.reprojection` `[size, feature_dim]` pooled features (the model's)."""
+  reproject = config.xbm.enabled and bool(config.xbm.reprojection)
+  if reproject and feature_dim is None:
+    raise ValueError("config.xbm.reprojection needs the model's feature_dim for the memory")
+  dim = int(feature_dim) if reproject else int(config.model.embed_dim)
   dtype = MEMORY_DTYPES[config.xbm.dtype]
   size = int(config.xbm.size) if config.xbm.enabled else batch_shape(config)[0]
   if config.xbm.enabled and config.xbm.memory_sharding == "sharded":
@@ -119,6 +126,11 @@ def init_memory(config, num_devices: int):
 
     return sharded_memory.init(size=size, dim=dim, n_shards=num_devices, dtype=dtype)
   return memory.init(size=size, dim=dim, dtype=dtype)
+
+
+def feature_dim(variables: dict) -> int:
+  """F, the pooled features' width: the rows of the head's projection `[F, D]`."""
+  return int(variables["params"]["head"]["fc"]["kernel"].shape[0])
 
 
 def init_moments(config):

@@ -16,7 +16,10 @@ With `drift_correction="moments"` the memory is first moment-matched to the
 batch (`xbm_jax.drift_correction`; its smoothed moments live in the state), then
 step 3 runs on the corrected memory. With `momentum_encoder=m` the batch that step
 3 enqueues is embedded by a momentum (key) encoder in the state
-(`xbm_jax.momentum`), one extra forward pass without gradient.
+(`xbm_jax.momentum`), one extra forward pass without gradient. With
+`reprojection=True` the memory holds the batch's pooled backbone features
+(`xbm_jax.reprojection`), enqueued first; step 3's memory term then runs on them
+projected through the current head (no gradient through the memory's rows).
 
 Host-side controllers feed `ctrl = {"start_step", "xbm_weight", "lr_scale"}` as
 traced scalars, so memory switch-on, weight ramps and learning-rate drops never
@@ -33,7 +36,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xbm_jax import drift_correction as drift_lib, losses, memory as memory_lib
-from xbm_jax import momentum as momentum_lib, sharded_memory as sharded_lib
+from xbm_jax import momentum as momentum_lib, reprojection as reprojection_lib
+from xbm_jax import sharded_memory as sharded_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train.state import TrainState
@@ -119,6 +123,7 @@ def make_train_step(
   drift_correction: str = "none",
   moments_ema: float = 0.0,
   momentum_encoder: float = 0.0,
+  reprojection: bool = False,
 ) -> Callable:
   """Returns `train_step(state, batch, ctrl) -> (state, metrics)`, jitted.
 
@@ -163,6 +168,14 @@ def make_train_step(
       mode (BatchNorm over the batch across devices; its own running statistics,
       `momentum.update(bn="own")`). One extra forward pass per step, no gradient.
       0 (default): the reference. Needs accumulate=1.
+    reprojection: the memory (`state.memory`, emb `[size, F]`) stores the batch's
+      pooled backbone features, detached (`features_and_embeddings`: one backbone
+      pass), enqueued before the loss as the reference enqueues embeddings; the
+      memory term runs on `reprojection.embeddings(memory, current head)`, the
+      stored features through this step's head and L2 normalisation (rows
+      detached: the head gets gradient from the anchors only, as with a stored
+      memory). One `[size, F] x [F, D]` product per step. Needs accumulate=1, no
+      drift correction and no momentum encoder.
   The batch is `{"image": [B, H, W, C], "label": [B] int32}` sharded over
   `data`; B must divide by the mesh size.
   """
@@ -170,6 +183,10 @@ def make_train_step(
     raise ValueError(f"drift_correction={drift_correction!r}: one of {DRIFT_CORRECTIONS}")
   if momentum_encoder > 0 and accumulate > 1:
     raise ValueError("momentum_encoder > 0 needs accumulate=1")
+  if reprojection and (accumulate > 1 or momentum_encoder > 0 or drift_correction != "none"):
+    raise ValueError(
+      "reprojection needs accumulate=1, momentum_encoder=0 and drift_correction='none'"
+    )
   loss_kwargs = dict(loss_kwargs)
   mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
   loss_fn = losses.check_loss_options(loss_name, set(mem_kwargs) | set(loss_kwargs))
@@ -181,8 +198,9 @@ def make_train_step(
 
   def corrected(memory, moments, emb, step, ctrl):
     """`(memory, moments)`: with drift correction, the memory moment-matched to this
-    (micro-)batch where it is active (`lax.cond`: no cost before the start or while
-    a guard holds it off), and the smoothed moments updated."""
+    (micro-)batch where it is active, and the smoothed moments updated. Computed
+    every step and selected (not under `lax.cond`, whose collectives, with a sharded
+    memory, could deadlock against the step's on XLA:CPU): O(size * dim), no product."""
     if drift_correction == "none":
       return memory, moments
     valid = jnp.ones(emb.shape[:1], jnp.bool_)
@@ -191,14 +209,16 @@ def make_train_step(
       moments = drift_lib.update(moments, mean, var, decay=moments_ema)
       mean, var = moments.mean, moments.var
     axis = DATA_AXIS if sharded_memory else None
-    match = lambda m: drift_lib.match_moments(m, mean, var, axis_name=axis)
+    matched = drift_lib.match_moments(memory, mean, var, axis_name=axis)
     active = memory_lib.active(step, ctrl["start_step"])
-    return jax.lax.cond(active, match, lambda m: m, memory), moments
+    return memory._replace(emb=jnp.where(active, matched.emb, memory.emb)), moments
 
   def key_embeddings(key_encoder, params, images):
     """`([b, D] this device's batch embedded by the momentum encoder, the encoder)`:
     its params moved toward `params` first, then its train-mode forward (which
-    updates its own BatchNorm statistics)."""
+    updates its own BatchNorm statistics). Every step, the memory on or off (under
+    `lax.cond` the forward's collectives could deadlock against the step's on XLA:CPU,
+    whose devices run independent collectives in their own order)."""
     key_encoder = momentum_lib.update(key_encoder, params, momentum=momentum_encoder)
     emb, new_vars = model.apply(
       momentum_lib.variables(key_encoder), images, train=True, mutable=["batch_stats"]
@@ -221,13 +241,24 @@ def make_train_step(
   ):
     """(loss, ((memory, moments), BN statistics, aux)) of one (micro-)batch on this
     device; `carry` is `(memory, moments)`; `keys`: the momentum encoder's
-    embeddings of the batch, enqueued instead of the trained encoder's."""
-    emb, new_vars = model.apply(
-      {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
-    )
+    embeddings of the batch, enqueued instead of the trained encoder's. With
+    reprojection the memory (features) takes the batch's pooled features and the
+    loss sees it through the current head."""
+    variables = {"params": params, "batch_stats": batch_stats}
+    if reprojection:
+      (pooled, emb), new_vars = model.apply(
+        variables, images, train=True, mutable=["batch_stats"], method="features_and_embeddings"
+      )
+      keys = pooled  # enqueued (detached) below, as the momentum encoder's keys are
+    else:
+      emb, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"])
     memory, moments = corrected(*carry, emb, step, ctrl)
     if keys is not None:
       memory = enqueue_keys(memory, keys, labels, step, ctrl)
+    reference = memory
+    if reprojection:
+      head = reprojection_lib.head_projection(model, params)
+      reference = reprojection_lib.embeddings(memory, head, detach=True)
     local = Embeddings(emb, labels)
     glob = Embeddings(
       jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
@@ -236,7 +267,7 @@ def make_train_step(
     total, mem, aux = losses.xbm_total_loss(
       local,
       glob,
-      memory,
+      reference,
       step=step,
       start_step=ctrl["start_step"],
       weight=ctrl["xbm_weight"],
@@ -248,6 +279,8 @@ def make_train_step(
       enqueue=keys is None,
       **loss_kwargs,
     )
+    if reprojection:  # the state keeps the features; `mem` is their projection
+      mem = memory
     return total, ((mem, moments), new_vars.get("batch_stats", batch_stats), aux)
 
   def micro_step(state, batch_stats, carry, images, labels, ctrl, denominators=None, keys=None):
@@ -373,11 +406,12 @@ def make_train_step(
   return jax.jit(train_step, donate_argnums=(0,))
 
 
-def make_embed_fn(model, mesh) -> Callable:
-  """`embed(variables, images [B, ...]) -> [B, D]` eval-mode, sharded over `data`."""
+def make_embed_fn(model, mesh, *, method: Optional[str] = None) -> Callable:
+  """`embed(variables, images [B, ...]) -> [B, D]` eval-mode, sharded over `data`
+  (`method="features"`: the pooled features `[B, F]`)."""
 
   def per_device(variables, images):
-    return model.apply(variables, images, train=False)
+    return model.apply(variables, images, train=False, method=method)
 
   return jax.jit(
     jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))

@@ -221,6 +221,29 @@ def check_loss(config) -> None:
         _fail(f"config.{section}.{key} is not an option of the {config.loss.name!r} loss: {e}")
 
 
+def _check_reprojection(config) -> None:
+  """`xbm.reprojection` (a bool) stores pooled features, which only the memory
+  term reads through the head: nothing else may read or rewrite the rows."""
+  x = config.xbm
+  if not isinstance(x.reprojection, bool):
+    _fail(f"config.xbm.reprojection={x.reprojection!r}: True or False")
+  if not x.reprojection:
+    return
+  if not x.enabled:
+    _fail("config.xbm.reprojection=True needs the memory: config.xbm.enabled is False")
+  clashes = {
+    "xbm.momentum_encoder": x.momentum_encoder > 0,  # it enqueues embeddings, not features
+    "xbm.drift_correction": x.drift_correction != "none",  # it rescales embeddings
+    "train.accumulate": int(config.train.accumulate) > 1,
+  }
+  for key, clash in clashes.items():
+    if clash:
+      _fail(
+        f"config.xbm.reprojection=True stores pooled features: it cannot be combined "
+        f"with config.{key}={_get(config, key)!r}"
+      )
+
+
 def _check_memory(config, mesh: int) -> None:
   x, b = config.xbm, setup.batch_shape(config)[0]
   for key in ("moments_ema", "momentum_encoder"):
@@ -238,6 +261,7 @@ def _check_memory(config, mesh: int) -> None:
       f"config.xbm.momentum_encoder={x.momentum_encoder} embeds each step's whole batch: "
       f"it needs config.train.accumulate=1 (got {config.train.accumulate})"
     )
+  _check_reprojection(config)
   if not x.enabled:
     if x.momentum_encoder > 0:
       _fail(

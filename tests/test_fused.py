@@ -1,0 +1,114 @@
+"""The memory term's fast forms (`xbm_jax.fused`) against jax.grad of the plain form.
+
+Oracle: the same loss through plain autodiff over `Rows` (`losses.*_plain`,
+itself checked against NumPy loops in test_losses.py): value, statistics and
+the anchors' gradient, with invalid rows on both sides, duplicates of anchors
+(ties for the hardest pairs), every self rule and both reductions. The blocks
+are made small (`fused.CHUNK`) so that the reference spans several of them,
+the last overlapping its predecessor. The sharded memory's fast forms are
+checked against the replicated plain form in test_sharded_memory.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xbm_jax
+from xbm_jax import fused, losses
+
+PAIRS = [  # (fast, plain, options)
+  (losses.contrastive, losses.contrastive_plain, dict(margin=0.3)),
+  (losses.multi_similarity, losses.multi_similarity_plain, dict()),
+  (losses.multi_similarity, losses.multi_similarity_plain, dict(beta=10.0, mining_margin=0.3)),
+  (losses.triplet, losses.triplet_plain, dict(margin=0.3)),
+]
+
+
+def _unit(rng, n, d):
+  x = rng.normal(size=(n, d))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _case(seed):
+  """Anchors and a memory: low dim, few labels (many active pairs), invalid rows,
+  exact copies of anchors (the self rules' work) and a duplicated entry (ties)."""
+  rng = np.random.default_rng(seed)
+  q, ql, qv = _unit(rng, 10, 3), rng.integers(0, 3, 10).astype(np.int32), rng.random(10) < 0.8
+  r, rl, rv = _unit(rng, 23, 3), rng.integers(0, 3, 23).astype(np.int32), rng.random(23) < 0.8
+  r[:4], rl[:4], rv[:4] = q[:4], ql[:4], True
+  r[12], rl[12] = r[13], rl[13]
+  ids = (np.arange(10), np.concatenate([np.arange(4), 100 + np.arange(19)]))
+  return (q, ql, qv, ids[0]), (r, rl, rv, ids[1])
+
+
+def _run(fn, anchors, memory, kw):
+  (q, ql, qv, q_ids), (r, rl, rv, r_ids) = anchors, memory
+
+  def f(e, m):
+    mem = xbm_jax.MemoryState(m, jnp.asarray(rl), jnp.asarray(rv), jnp.int32(0), jnp.asarray(r_ids))
+    query = xbm_jax.Embeddings(e, jnp.asarray(ql), jnp.asarray(qv), jnp.asarray(q_ids))
+    return fn(query, mem, return_stats=True, **kw)
+
+  (value, stats), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
+    jnp.asarray(q), jnp.asarray(r)
+  )
+  return value, stats, grads
+
+
+@pytest.mark.parametrize(
+  "fast,plain,options", PAIRS[:2] + PAIRS[3:], ids=lambda x: getattr(x, "__name__", "")
+)
+@pytest.mark.parametrize("self_exclusion", ["similarity", "index", "id", "none"])
+def test_fast_form_equals_plain_autodiff(monkeypatch, fast, plain, options, self_exclusion):
+  monkeypatch.setattr(fused, "CHUNK", 5)  # 23 rows: 5 blocks, the last overlapping
+  anchors, memory = _case(4)
+  kw = dict(options, self_exclusion=self_exclusion)
+  if self_exclusion == "index":
+    kw["self_index"] = jnp.asarray([0, 1, 2, 3] + [-1] * 6)
+  for reduction in ("paper", "mean"):
+    got = _run(fast, anchors, memory, dict(kw, reduction=reduction))
+    want = _run(plain, anchors, memory, dict(kw, reduction=reduction))
+    msg = f"{fast.__name__} {kw} {reduction}"
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7, err_msg=msg)
+    assert got[1].keys() == want[1].keys()
+    for k in want[1]:
+      np.testing.assert_allclose(got[1][k], want[1][k], rtol=1e-6, atol=1e-7, err_msg=msg + k)
+    np.testing.assert_allclose(got[2][0], want[2][0], rtol=1e-5, atol=1e-7, err_msg=msg)
+    assert not np.any(np.asarray(got[2][1]))  # the memory, detached, gets none
+    assert np.any(np.asarray(want[2][0]) != 0) and float(want[0]) > 0, msg
+
+
+@pytest.mark.parametrize("chunk,pack", [(1, 4096), (4, 4096), (23, 4096), (64, 4096), (7, 4)])
+def test_block_sizes_give_the_same_values(monkeypatch, chunk, pack):
+  """One block, blocks that divide the memory, one row per block, and blocks too
+  wide to pack two counts in one sum (`pack`): same loss and gradient as the
+  plain form."""
+  monkeypatch.setattr(fused, "CHUNK", chunk)
+  monkeypatch.setattr(fused, "PACK", pack)
+  anchors, memory = _case(9)
+  for fast, plain, options in PAIRS:
+    got, want = _run(fast, anchors, memory, options), _run(plain, anchors, memory, options)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7, err_msg=fast.__name__)
+    np.testing.assert_allclose(got[2][0], want[2][0], rtol=1e-5, atol=1e-7, err_msg=fast.__name__)
+
+
+def test_fast_forms_run_where_they_apply():
+  """A memory gets the fast form; a batch, or semihard/all triplets, the plain one
+  (no `fused` call: a block size of 0 would fail)."""
+  anchors, memory = _case(1)
+  q = xbm_jax.Embeddings(jnp.asarray(anchors[0]), jnp.asarray(anchors[1]))
+  batch = xbm_jax.Embeddings(jnp.asarray(memory[0]), jnp.asarray(memory[1]))
+  mem = xbm_jax.MemoryState(batch.emb, batch.labels, jnp.ones(23, bool), jnp.int32(0))
+  calls = []
+  orig = fused.scan_extremes
+  spy = lambda *a, **k: calls.append(1) or orig(*a, **k)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(fused, "scan_extremes", spy)
+    for mining in ("semihard", "all"):
+      losses.triplet(q, mem, mining=mining)
+    losses.multi_similarity(q, batch)
+    assert not calls
+    losses.multi_similarity(q, mem)
+    losses.triplet(q, mem)
+    assert len(calls) == 2
