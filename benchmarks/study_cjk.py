@@ -60,6 +60,7 @@ def _controls(loss: str, tag: str) -> list[Arm]:
     decay gives), against its no-memory twin at that arm's lr."""
   at = {"at_chosen_of": f"cjk/{tag}_memory", **CJK}
   pair = f"cjk/{tag}_no_memory|cjk/{tag}_memory"
+  pair += "|cjk/contrastive_no_memory" if tag != "contrastive" else ""  # the best baseline
   mem = {"loss.name": loss, "train.steps": STEPS, "xbm.enabled": True, "xbm.prefill": True}
   cos = {"optim.schedule": "cosine"}
   no_mem = {"loss.name": loss, "train.steps": STEPS, "xbm.enabled": False, **cos}
@@ -111,9 +112,13 @@ def _drift_fix_arms(loss="multi_similarity", tag="ms") -> list[Arm]:
   (its gap to the fresh-memory oracle is what a fix can recover) and no memory:
   - moments: each step the stored rows' per-dimension moments matched to the batch's;
   - momentum0.99: the enqueued batch embedded by an EMA of the parameters (m = 0.99,
-    a ~100-update horizon in a 200-update run)."""
+    a ~100-update horizon in a 200-update run);
+  - reprojection: the memory stores pooled backbone features, projected through the
+    current head every step (exact for the head's share of the drift)."""
   at = {"at_chosen_of": f"cjk/{tag}_memory", **CJK}
+  # ... and the best no-memory baseline of any loss (contrastive's, on this testbed).
   pair = f"cjk/{tag}_memory|cjk/{tag}_no_memory|cjk_controls/{tag}_memory_fresh100"
+  pair += "|cjk/contrastive_no_memory" if tag != "contrastive" else ""
   mem = {"loss.name": loss, "train.steps": STEPS, "xbm.enabled": True, "xbm.prefill": True}
   return [
     Arm(
@@ -128,6 +133,14 @@ def _drift_fix_arms(loss="multi_similarity", tag="ms") -> list[Arm]:
       "cjk_drift",
       f"{tag}_memory_momentum0.99",
       {**mem, "xbm.momentum_encoder": 0.99},
+      {},
+      baseline=pair,
+      **at,
+    ),
+    Arm(
+      "cjk_drift",
+      f"{tag}_memory_reprojection",
+      {**mem, "xbm.reprojection": True},
       {},
       baseline=pair,
       **at,
