@@ -86,34 +86,6 @@ def xbm_step_fn(labels, loss_fn=losses.contrastive):
   return jax.jit(step, donate_argnums=1)
 
 
-def fused_step_fn(labels, margin=0.5, eps=losses.EPS_SELF):
-  """What-if: contrastive's value and gradient from ONE pass over [B, M].
-
-  With ds = d value / d s (-1 on active positives, +1 on active negatives,
-  else 0), value = #pos + sum_ij ds_ij s_ij = #pos + sum(e * (ds @ r)): the
-  value falls out of the gradient product, so the only [B, M] work besides
-  the two products is the select that makes ds (and its positive count).
-  """
-
-  def one(e, ref_emb, ref_labels, ref_valid):
-    s = jnp.matmul(e, ref_emb.T, precision=HI)
-    same = labels[:, None] == ref_labels[None, :]
-    pos = same & ref_valid[None, :] & (s < 1 - eps)
-    neg = ~same & ref_valid[None, :] & (s > margin)
-    ds = jnp.where(pos, -1.0, jnp.where(neg, 1.0, 0.0))
-    g = jnp.matmul(ds, ref_emb, precision=HI)
-    return jnp.sum(pos) + jnp.sum(e * g), g
-
-  def step(e, mem):
-    new = memory.enqueue(mem, xbm_jax.Embeddings(e, labels))
-    vb, gb = one(e, e, labels, jnp.ones(labels.shape, bool))
-    vm, gm = one(e, new.emb, new.labels, new.valid)
-    b = e.shape[0]
-    return (vb + vm) / b, (2 * gb + gm) / b, new  # L(B,B): both sides are e
-
-  return jax.jit(step, donate_argnums=1)
-
-
 @jax.jit
 def floor(e, r):
   s = jnp.matmul(e, r.T, precision=HI)  # forward
