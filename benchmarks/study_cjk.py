@@ -8,7 +8,8 @@ Stages:
   schedule (with its no-memory twin).
 - cjk_drift: the drift corrections on the multi-similarity memory arm.
 - cjk_batch: equal images: B = 256 for 50 steps against B = 64 for 200 (12,800 images
-  each), with and without the memory, lr tuned on val.
+  each), with and without the memory, lr tuned on val; smaller batches (B = 16, 32) for
+  200 steps with and without the memory.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _controls(loss: str, tag: str) -> list[Arm]:
     train set, `xbm.refresh_every`; at update 0 and 100 of 200): no entry older than 100
     updates against up to 200 (a bound on what a staleness fix can give here);
   - start100: the memory switched on at update 100 of 200 (filled from the model then);
-  - weight0.3 / weight0.1: the summed memory term down-weighted;
+  - weight0.3 / weight0.1 / weight0.03: the summed memory term down-weighted;
   - cosine: the lr decayed to 0 by a cosine (a low-drift end, as the reference's plateau
     decay gives), against its no-memory twin at that arm's lr."""
   at = {"at_chosen_of": f"cjk/{tag}_memory", **CJK}
@@ -86,6 +87,14 @@ def _controls(loss: str, tag: str) -> list[Arm]:
     ),
     Arm(
       "cjk_controls", f"{tag}_memory_weight0.1", {**mem, "xbm.weight": 0.1}, {}, baseline=pair, **at
+    ),
+    Arm(
+      "cjk_controls",
+      f"{tag}_memory_weight0.03",
+      {**mem, "xbm.weight": 0.03},
+      {},
+      baseline=pair,
+      **at,
     ),
     Arm(
       "cjk_controls",
@@ -174,11 +183,60 @@ def _batch_arms(tag="ms", loss="multi_similarity", lrs=(3e-3, 1e-2)):
   ]
 
 
+def _small_batch_arms(loss="multi_similarity", tag="ms", sizes=(16, 32)) -> list[Arm]:
+  """Smaller batches against the memory (the paper's Figure 1 reads R@1 against the batch
+  size): B = 16 (4 classes x 4) and 32 (8 x 4) for the same 200 steps, without and with
+  the whole-train-set memory, each at the lr its B = 64 twin chose on val (not tuned
+  apart: the grid would cost 3x)."""
+  out = []
+  for size in sizes:
+    base = {"loss.name": loss, "train.steps": STEPS, "input.batch_size": size}
+    out += [
+      Arm(
+        "cjk_batch",
+        f"{tag}_no_memory_b{size}",
+        {**base, "xbm.enabled": False},
+        {},
+        baseline=f"cjk/{tag}_no_memory",
+        **{"at_chosen_of": f"cjk/{tag}_no_memory", **CJK},
+      ),
+      Arm(
+        "cjk_batch",
+        f"{tag}_memory_b{size}",
+        {**base, "xbm.enabled": True, "xbm.prefill": True},
+        {},
+        baseline=f"{tag}_no_memory_b{size}|cjk/{tag}_memory",
+        **{"at_chosen_of": f"cjk/{tag}_memory", **CJK},
+      ),
+    ]
+  return out
+
+
+def _contrastive_momentum_arm() -> list[Arm]:
+  """The momentum encoder (m = 0.99) on the contrastive memory arm: does a slower-moving
+  memory rescue the summed contrastive term, or is its harm the term itself (its
+  fresh-memory oracle says the latter)?"""
+  at = {"at_chosen_of": "cjk/contrastive_memory", **CJK}
+  mem = {"loss.name": "contrastive", "train.steps": STEPS, "xbm.enabled": True}
+  return [
+    Arm(
+      "cjk_drift",
+      "contrastive_memory_momentum0.99",
+      {**mem, "xbm.prefill": True, "xbm.momentum_encoder": 0.99},
+      {},
+      baseline="cjk/contrastive_memory|cjk/contrastive_no_memory",
+      **at,
+    )
+  ]
+
+
 def arms() -> list[Arm]:
   return (
     _cjk_arms()
     + _controls("multi_similarity", "ms")
     + _controls("contrastive", "contrastive")
     + _batch_arms()
+    + _small_batch_arms()
     + _drift_fix_arms()
+    + _contrastive_momentum_arm()
   )
