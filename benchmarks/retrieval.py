@@ -30,7 +30,7 @@ import numpy as np
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from xbm_jax.evaluation import metrics  # noqa: E402
+from xbm_jax.evaluation import blockwise, metrics  # noqa: E402
 
 KS = (1, 10, 100, 1000)
 
@@ -178,7 +178,7 @@ def main():
   run = lambda: metrics.retrieval_metrics(
     x, labels, ks=KS, self_exclude=True, map_at_r=True, block_size=args.block, per_query=True
   )
-  rows = metrics._block_rows(args.block, args.n, -(-args.n // 32) * 32, 64 * 2**20)
+  rows = blockwise.block_rows(args.block, args.n, -(-args.n // 32) * 32, 64 * 2**20)
   try:
     import faiss
   except ImportError:

@@ -7,7 +7,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from tests.evaluation.test_metrics import assert_same, clustered, oracle
-from xbm_jax.evaluation import evaluators, extract, metrics
+from xbm_jax.evaluation import blockwise, evaluators, extract, metrics
 
 
 def split_fn(splits):
@@ -117,7 +117,7 @@ def test_top_k_by_runs_equals_lax_top_k_with_ties():
   rng = np.random.default_rng(8)
   s = jnp.asarray(rng.integers(0, 6, (5, 32 * 40)).astype(np.float32))  # many ties
   for k in (1, 3, 9):
-    v, i = metrics._top_k_by_runs(s, k)
+    v, i = blockwise.top_k_by_runs(s, k)
     wv, wi = jax.lax.top_k(s, k)
     np.testing.assert_array_equal(np.asarray(v), np.asarray(wv))
     np.testing.assert_array_equal(np.asarray(i), np.asarray(wi))

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from xbm_jax.evaluation import metrics, rerank
+from xbm_jax.evaluation import blockwise, metrics, rerank
 
 
 def oracle(q, ql, g=None, gl=None, ks=(1,), self_exclude=True):
@@ -241,11 +241,11 @@ def test_tie_heavy_random_matches_oracle_on_one_and_eight_devices(seed):
 
 def test_block_bytes_bounds_the_score_block_and_keeps_results():
   # 203 gallery rows pad to 224 (whole runs of 32): 8 rows x 224 x 4 B = 7,168 B.
-  assert metrics._block_rows(1024, 203, 224, 7_168) == 8
-  assert metrics._block_rows(1024, 203, 224, 7_167) == 8  # never below 8 rows
-  assert metrics._block_rows(1024, 203, 224, 64 * 2**20) == 208  # all queries, padded to 8
-  assert metrics._block_rows(3, 203, 224, 64 * 2**20) == 3
-  rows = metrics._block_rows(1024, 60_502, 60_512, 64 * 2**20)
+  assert blockwise.block_rows(1024, 203, 224, 7_168) == 8
+  assert blockwise.block_rows(1024, 203, 224, 7_167) == 8  # never below 8 rows
+  assert blockwise.block_rows(1024, 203, 224, 64 * 2**20) == 208  # all queries, padded to 8
+  assert blockwise.block_rows(3, 203, 224, 64 * 2**20) == 3
+  rows = blockwise.block_rows(1024, 60_502, 60_512, 64 * 2**20)
   assert rows * 60_512 * 4 <= 64 * 2**20 < (rows + 8) * 60_512 * 4
   x, l = clustered(203, 16, 40, 1.0, seed=5)
   small = metrics.retrieval_metrics(x, l, ks=KS, self_exclude=True, block_bytes=7_168)
@@ -271,9 +271,9 @@ def test_nan_guard_is_skipped_only_when_scores_are_provably_finite():
   gl[:70] = l
   tol = rerank.score_tolerance(x, x)
   args = (x, tol, np.arange(70, dtype=np.int32), pos, l.astype(np.int32), npos, gx, gl)
-  mesh = metrics._default_mesh()
+  mesh = blockwise.default_mesh()
   top_k = int(npos.max()) + 1
-  guarded = metrics._compiled_block(mesh, 70, top_k, True)(*args)
-  plain = metrics._compiled_block(mesh, 70, top_k, False)(*args)
+  guarded = blockwise.compiled_block(mesh, 70, top_k, True)(*args)
+  plain = blockwise.compiled_block(mesh, 70, top_k, False)(*args)
   for a, b in zip(guarded, plain):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

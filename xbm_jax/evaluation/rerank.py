@@ -1,6 +1,6 @@
 """Exact ranking on top of fast float32 products: when a float32 score settles an order.
 
-The blockwise pass (`metrics._block_fn`) ranks by float32 scores from the device's matrix
+The blockwise pass (`blockwise.block_fn`) ranks by float32 scores from the device's matrix
 product, whose summation order is the library's business. Every float32 score `s32` of a
 dot product of float32 vectors `q`, `g` of dimension D satisfies, whatever that order
 (Higham, "Accuracy and Stability of Numerical Algorithms", 2nd ed., eq. 3.5):
