@@ -27,8 +27,10 @@ Stages (each a list of arms; `--stage all` runs them in order):
 - pretrained_batch: the pretrained regime, no memory, B = 64 and 256, lr tuned per B.
 - long: the pretrained regime for 4,000 steps (10x), val R@1 every 200 steps.
 - long8k: the long stage's no-memory and summed-memory runs resumed to 8,000 steps (20x).
+- pretrained_drift: the pretrained regime's summed memory arm with the fresh-memory oracle
+  and the momentum encoder.
 - batch_size_ms: the batch-size curve with multi-similarity (defined, not run yet).
-- cjk, cjk_controls, cjk_batch: the SOP-shaped testbed (`configs/cjk.py`, OUT =
+- cjk, cjk_controls, cjk_drift, cjk_batch: the SOP-shaped testbed (`configs/cjk.py`, OUT =
   benchmarks/out/cjk; the arms in benchmarks/study_cjk.py).
 
     python benchmarks/xbm_study.py compact --out OUT --stage S --prune   # OUT/S.runs.jsonl
@@ -211,6 +213,34 @@ def _guard_arms():
   ]
 
 
+def _pretrained_drift_arms():
+  """The drift corrections in the paper's regime in miniature, on the summed memory arm
+  at its chosen point (lr 3e-4, weight 1): the fresh-memory oracle (the whole 6,000-slot
+  memory re-embedded every 100 of 400 updates: the bound on any staleness fix) and the
+  momentum encoder (m = 0.99, the correction that recovered the oracle's gain on the
+  testbed)."""
+  mem = {"xbm.enabled": True}
+  at, pair = "pretrained/memory_paper_sum", "pretrained/memory_paper_sum|pretrained/no_memory"
+  return [
+    Arm(
+      "pretrained_drift",
+      "memory_paper_sum_fresh100",
+      {**mem, "xbm.refresh_every": 100},
+      {},
+      baseline=pair,
+      at_chosen_of=at,
+    ),
+    Arm(
+      "pretrained_drift",
+      "memory_paper_sum_momentum0.99",
+      {**mem, "xbm.momentum_encoder": 0.99},
+      {},
+      baseline=pair,
+      at_chosen_of=at,
+    ),
+  ]
+
+
 def resolve(out: str, arm: Arm, all_arms: list[Arm]) -> Arm | None:
   """`arm` with its `at_chosen_of` arm's chosen point in `fixed` (None while that arm's
   tuning runs are unfinished); other arms unchanged."""
@@ -272,6 +302,7 @@ def arms(smoke: bool) -> list[Arm]:
       + _pretrained_batch_arms()
       + _long_arms()
       + _long8k_arms()
+      + _pretrained_drift_arms()
     )
     + _batch_arms("batch_size_ms", "multi_similarity", lrs)
     + study_cjk.arms()
