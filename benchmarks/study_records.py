@@ -22,6 +22,8 @@ import numpy as np
 
 COMPACT_SUFFIX = ".runs.jsonl"
 SEEDS = (0, 1, 2)
+# The logged metrics the study reads.
+VAL, TEST, MAP = "eval/val/recall@1", "eval/test/recall@1", "eval/test/map@r"
 RUN_FILES = ("run.json", "metrics.jsonl")  # and every config*.json (the resolved configs)
 
 
