@@ -38,6 +38,11 @@ RULES = [
   ({"xbm.guard": True, "xbm.guard_ratio": 1.0}, "guard_ratio=1.0"),
   ({"xbm.guard": True, "xbm.guard_readings": 0}, "guard_readings=0"),
   ({"xbm.drift_correction": "kalman"}, "drift_correction='kalman' is not valid"),
+  (
+    {"xbm.memory_loss_kwargs.self_exclusion": "image"},
+    "xbm.memory_loss_kwargs.self_exclusion='image' is not valid; choose one of similarity, "
+    "index, id, none",
+  ),
   ({"xbm.drift_correction": "moments", "xbm.moments_ema": 1.0}, "moments_ema=1.0: a decay"),
   ({"xbm.moments_ema": 0.9}, "moments_ema=0.9 smooths the moments"),
   (

@@ -111,7 +111,8 @@ class EvalRunner:
 
     Every process draws the same images; each loads and embeds its devices' share
     (`embed_rows`). Returns a replicated-layout host `MemoryState` (numpy), oldest
-    first, the same on every process.
+    first, the same on every process; where the state's memory stores ids, each
+    row's id is its record index in `source` (the train batches' "index").
     """
     rng = np.random.default_rng(seed)
     n = min(size, len(source))
@@ -141,7 +142,11 @@ class EvalRunner:
     out_labels = np.zeros((size,), np.int32)
     out_labels[:n] = labels
     valid = np.arange(size) < n
-    return type(mem)(out_emb, out_labels, valid, np.asarray(n % size, np.int32))
+    ids = None
+    if mem.ids is not None:  # the images' record indices: the train batches' ids
+      ids = np.full((size,), -1, np.int32)
+      ids[:n] = idx
+    return type(mem)(out_emb, out_labels, valid, np.asarray(n % size, np.int32), ids)
 
   def run(self, names: list[str], state, step: int) -> dict:
     variables = self._variables(state)

@@ -121,11 +121,20 @@ def init_memory(config, num_devices: int, *, feature_dim: Optional[int] = None):
   dim = int(feature_dim) if reproject else int(config.model.embed_dim)
   dtype = MEMORY_DTYPES[config.xbm.dtype]
   size = int(config.xbm.size) if config.xbm.enabled else batch_shape(config)[0]
+  ids = memory_stores_ids(config)
   if config.xbm.enabled and config.xbm.memory_sharding == "sharded":
     from xbm_jax import sharded_memory  # pylint: disable=g-import-not-at-top
 
-    return sharded_memory.init(size=size, dim=dim, n_shards=num_devices, dtype=dtype)
-  return memory.init(size=size, dim=dim, dtype=dtype)
+    return sharded_memory.init(size=size, dim=dim, n_shards=num_devices, dtype=dtype, ids=ids)
+  return memory.init(size=size, dim=dim, dtype=dtype, ids=ids)
+
+
+def memory_stores_ids(config) -> bool:
+  """Whether the memory keeps each entry's image id (its record index in the train
+  split): when the memory term's self_exclusion (`xbm.memory_loss_kwargs`, else
+  `loss.kwargs`) is "id"."""
+  own = config.xbm.memory_loss_kwargs.get("self_exclusion")
+  return (own or config.loss.kwargs.get("self_exclusion")) == "id"
 
 
 def feature_dim(variables: dict) -> int:

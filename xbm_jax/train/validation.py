@@ -25,11 +25,11 @@ from xbm_jax.train import config as config_lib, optim, setup, step as step_lib
 from xbm_jax.train.errors import ConfigError, ConfigKeyError, DataError
 
 # Option values of the losses (the losses validate them inside the traced loss;
-# read here so that a bad one fails before the run). "id" needs each image's id in
-# the batch, which the trainer's pipeline does not carry: library use only.
+# read here so that a bad one fails before the run). self_exclusion "id": the train
+# batches carry each row's record index as its image id, the memory stores them.
 _LOSS_OPTIONS = {
   "reduction": scoring.REDUCTIONS,
-  "self_exclusion": tuple(s for s in scoring.SELF_EXCLUSIONS if s != "id"),
+  "self_exclusion": scoring.SELF_EXCLUSIONS,
   "mining": losses.TRIPLET_MINING,
 }
 # Sections whose keys are free-form: evaluator names chosen by the experiment, and a
