@@ -44,10 +44,10 @@ def name_evaluators(config) -> None:
   Every evaluator scores the configured dataset, and the stock configs name theirs
   after it (`evals.glyphs` -> `eval/glyphs/recall@1`), so `--config.input.dataset=mine`
   on such a config reports `eval/mine/...`; `train.best_metric`,
-  `optim.plateau.metric` and `pictures.evaluator` follow. Other names (`val`, `test`,
-  yours) are kept. Command-line overrides still use the config file's name
-  (`--config.evals.glyphs.every_steps=100`): this runs after them, in place, and is
-  idempotent. Renames that would give two evaluators one name are left undone, for
+  `optim.plateau.metric`, `xbm.guard_metric` and `pictures.evaluator` follow. Other
+  names (`val`, `test`, yours) are kept. Command-line overrides still use the config
+  file's name (`--config.evals.glyphs.every_steps=100`): this runs after them, in
+  place, and is idempotent. Renames that would give two evaluators one name are left undone, for
   `validation.validate` to refuse.
   """
   renames = evaluator_renames(config)
@@ -58,7 +58,8 @@ def name_evaluators(config) -> None:
     config.evals = ml_collections.ConfigDict(
       {(new if n == old else n): ev for n, ev in config.evals.items()}
     )
-    for node, key in ((config.train, "best_metric"), (config.optim.plateau, "metric")):
+    metric_keys = (config.train, "best_metric"), (config.optim.plateau, "metric")
+    for node, key in metric_keys + ((config.xbm, "guard_metric"),):
       if str(node[key] or "").startswith(f"eval/{old}/"):
         node[key] = f"eval/{new}/" + node[key][len(f"eval/{old}/") :]
     if config.pictures.evaluator == old:
