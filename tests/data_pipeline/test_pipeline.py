@@ -41,6 +41,8 @@ def test_train_batches_follow_sampler(source):
     assert b["label"].dtype == np.int32
     idx = ref.global_batch(step)
     np.testing.assert_array_equal(b["label"], source.labels[idx])
+    np.testing.assert_array_equal(b["index"], idx)  # image ids: the records' indices
+    assert b["index"].dtype == np.int32
     # Row j is record idx[j] augmented with the stream keyed by (seed, step, j).
     cfg = transforms.TransformConfig.from_config(TCFG)
     for j in (0, 5):
@@ -57,7 +59,7 @@ def test_two_hosts_concatenate_to_the_one_host_batch(source):
   for _ in range(3):
     full = next(one)
     parts = [next(h) for h in hosts]
-    for key in ("image", "label"):
+    for key in ("image", "label", "index"):  # ids are global record indices
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
     assert not set(parts[0]["label"]) & set(parts[1]["label"])
 

@@ -4,6 +4,7 @@ unexpanded paths, and a silent collapse."""
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from tests.train.test_loop import read_log, tiny_config, tree_listing
 from tests.train.test_step import build, ctrl_of, make_batches
 from xbm_jax import parallel
 from xbm_jax.train import config as config_lib, evaluation, guards, loop, validation
+from xbm_jax.train import step as step_lib
 from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError, WorkdirLockedError
 
 
@@ -276,3 +278,85 @@ def test_the_guard_stops_enqueue_and_the_memory_term(data_dir, tmp_path, monkeyp
   for s in (5, 6):
     assert rows[s]["train/loss"] == pytest.approx(rows[s]["train/loss_batch"], rel=1e-6)
   assert rows[6]["train/xbm_guard_off_step"] == 4.0
+
+
+def _mcnemar_p(gains: int, losses: int) -> float:
+  """P(X >= losses), X ~ Binomial(gains + losses, 1/2), by counting."""
+  n = gains + losses
+  return sum(math.comb(n, i) for i in range(losses, n + 1)) / 2**n if n else 1.0
+
+
+@pytest.mark.parametrize("fires", [True, False], ids=["fires", "holds"])
+def test_the_paired_guard_reads_val_hits_and_switches_the_memory_off(
+  data_dir, tmp_path, monkeypatch, fires
+):
+  """xbm.guard="paired", memory from update 2, an evaluation every 2 updates (after 2:
+  the memory-free reference; after 4 and 6: two looks at alpha / 2). The per-query
+  hits are scripted on the real ones' length: the reference hits every other query,
+  after the start all are missed (gains 0, losses 15: fires after update 4, memory off
+  from update 4 on, and still off after a kill and resume) or hit exactly the others
+  (gains = losses = 15: holds, the memory stays). The logged verdict equals a hand
+  McNemar; the real hits (what the script replaces) average to the logged R@1."""
+  real_hits, seen = evaluation.query_hits, []
+
+  def scripted(evaluator, embed_split, *, k, mesh=None):
+    real = real_hits(evaluator, embed_split, k=k, mesh=mesh)
+    seen.append(real)
+    reference = np.arange(len(real)) % 2 == 0
+    if len(seen) == 1:
+      return reference
+    return np.zeros_like(reference) if fires else ~reference
+
+  monkeypatch.setattr(evaluation, "query_hits", scripted)
+  over = {
+    **QUICK,
+    "train.log_every": 1,
+    "train.checkpoint_every": 2,
+    "evals.sop.every_steps": 2,
+    "xbm.guard": "paired",
+    "xbm.guard_metric": "eval/sop/recall@1",  # renamed after the dataset with the evaluator
+  }
+  cfg, wd = tiny_config(data_dir, **over), str(tmp_path / "paired")
+  calls, real_step = {"n": 0}, step_lib.make_train_step
+
+  def dying(**kw):
+    fn = real_step(**kw)
+
+    def wrapped(*a):
+      calls["n"] += 1
+      if fires and calls["n"] == 6:  # during update 5, after the checkpoint of step 4
+        raise KeyboardInterrupt
+      return fn(*a)
+
+    return wrapped
+
+  monkeypatch.setattr(step_lib, "make_train_step", dying)
+  if fires:
+    with pytest.raises(KeyboardInterrupt):
+      loop.train_and_evaluate(cfg, wd)
+    assert len(seen) == 2
+  loop.train_and_evaluate(cfg, wd)
+  assert len(seen) == (2 if fires else 3)  # off: the resumed run reads no more hits
+  rows = read_log(wd)
+  r1 = {l["step"]: l["eval/tiny/recall@1"] for l in rows if "eval/tiny/recall@1" in l}
+  for step, real in zip((2, 4, 6), seen):
+    assert np.mean(real) == pytest.approx(r1[step], abs=1e-6)
+  verdicts = {l["step"]: l for l in rows if "train/xbm_guard_p" in l}
+  assert sorted(verdicts) == ([4] if fires else [4, 6])
+  gains, losses = (0, 15) if fires else (15, 15)
+  for v in verdicts.values():
+    assert (v["train/xbm_guard_gains"], v["train/xbm_guard_losses"]) == (gains, losses)
+    assert v["train/xbm_guard_p"] == pytest.approx(_mcnemar_p(gains, losses), rel=1e-9)
+    assert v["train/xbm_guard_reference_step"] == 2
+    assert (_mcnemar_p(gains, losses) < 0.01 / 2) == fires
+  train = {l["step"]: l for l in rows if "train/loss" in l}
+  fills = [train[s]["train/memory_fill"] for s in range(1, 7)]
+  weights = [train[s]["train/xbm_weight"] for s in range(1, 7)]
+  if fires:
+    assert fills == pytest.approx([0, 0, 16 / 64, 32 / 64, 32 / 64, 32 / 64])
+    assert weights == [0, 0, 1, 1, 0, 0]
+    assert train[6]["train/xbm_guard_off_step"] == 4.0
+  else:
+    assert fills == pytest.approx([0, 0, 16 / 64, 32 / 64, 48 / 64, 1])
+    assert weights == [0, 0, 1, 1, 1, 1]
+    assert "train/xbm_guard_off_step" not in train[6]

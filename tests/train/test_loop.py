@@ -127,8 +127,13 @@ DRIFT_CORRECTED = {
 
 
 # Head re-projection: the memory holds pooled features (another shape), pre-filled
-# with them.
-REPROJECTED = {"xbm.reprojection": True, "xbm.memory_sharding": "sharded", "xbm.prefill": True}
+# with them; it stores the image ids of its entries (self-exclusion by id).
+REPROJECTED = {
+  "xbm.reprojection": True,
+  "xbm.memory_sharding": "sharded",
+  "xbm.prefill": True,
+  "loss.kwargs.self_exclusion": "id",
+}
 
 
 @pytest.mark.parametrize(
@@ -171,12 +176,27 @@ def test_killed_run_resumes_exactly(data_dir, tmp_path, monkeypatch, options):
   assert (a["moments"] is not None) == (b["key_encoder"] is not None) == corrected
   if options is REPROJECTED:  # the pooled features of the width-4 ResNet (8 x 4 = 32)
     assert np.shape(b["memory"]["emb"])[1] != cfg.model.embed_dim
+    assert_ids_name_the_entries_images(b["memory"], cfg)  # saved and restored
+  else:
+    assert b["memory"].get("ids") is None
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
   full, kill = logged_rows(wd_full), logged_rows(wd_kill)
   assert kill.keys() == full.keys()
   assert {s for s, k in full if k == "train/drift@2"} == {2, 4, 6}
   for key in full:
     assert kill[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+
+
+def assert_ids_name_the_entries_images(mem, cfg):
+  """Every valid entry's image id is a record index of the train split holding its
+  label (prefilled and enqueued entries alike: one index space)."""
+  from xbm_jax.train import setup  # pylint: disable=g-import-not-at-top
+
+  labels = np.asarray(setup.load_source(cfg.input, cfg.input.train_split).labels)
+  valid = np.asarray(mem["valid"])
+  ids = np.asarray(mem["ids"])[valid]
+  assert valid.any() and ids.min() >= 0 and ids.max() < len(labels)
+  np.testing.assert_array_equal(labels[ids], np.asarray(mem["labels"])[valid])
 
 
 def open_paths_under(root):
@@ -350,7 +370,13 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
 
 
 def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_dir, tmp_path):
-  base = {"drift.enabled": False, "pictures.enabled": False, "train.log_every": 1}
+  """Also with self-exclusion by image id: the ids are stored, re-laid and kept."""
+  base = {
+    "drift.enabled": False,
+    "pictures.enabled": False,
+    "train.log_every": 1,
+    "xbm.memory_loss_kwargs.self_exclusion": "id",
+  }
   rep = str(tmp_path / "rep")
   loop.train_and_evaluate(tiny_config(data_dir, **base), rep)
   shd = str(tmp_path / "shd")
@@ -370,6 +396,7 @@ def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_
   st = final_state(shd, None)
   assert st["memory"]["ptr"].shape == (4,)
   assert int(np.sum(st["memory"]["valid"])) == 64  # 48 before + 16 from step 7
+  assert_ids_name_the_entries_images(st["memory"], more)
 
 
 def test_prefill_fills_the_memory_from_the_model_at_the_start(data_dir, tmp_path):

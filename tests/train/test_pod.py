@@ -38,6 +38,9 @@ FLAGS = [
   # The momentum encoder (its parameters and BatchNorm statistics in the train state)
   # embeds the enqueued rows on every process.
   "--config.xbm.momentum_encoder=0.9",
+  # Self-exclusion by image id: each row's id is its global record index, stored in
+  # the memory (pre-filled ones too) alike on every process.
+  "--config.xbm.memory_loss_kwargs.self_exclusion=id",
   "--config.evals.glyphs.split=val5",
   "--config.train.progress=False",
 ]

@@ -63,11 +63,12 @@ def build(
   model = TinyEmbedder()
   variables = model.init(jax.random.PRNGKey(0), first_batch["image"][:2], train=False)
   direction = optim.make_direction(optim_cfg())
-  if memory_state is None:
+  if memory_state is None:  # storing image ids where the memory term excludes by id
+    ids = {**(loss_kwargs or {}), **(memory_loss_kwargs or {})}.get("self_exclusion") == "id"
     memory_state = (
-      sharded_memory.init(size=mem_size, dim=8, n_shards=mesh.size)
+      sharded_memory.init(size=mem_size, dim=8, n_shards=mesh.size, ids=ids)
       if sharded
-      else memory.init(size=mem_size, dim=8)
+      else memory.init(size=mem_size, dim=8, ids=ids)
     )
   st = state_lib.create(
     params=variables["params"],
@@ -131,14 +132,19 @@ def run_steps_local(local_batches):
 
 
 def make_batches(n, seed=0, b=16):
+  """`n` batches of 4 rows per class, each row's "index" (image id) one of its
+  class's 3 images: every class repeats an image in a batch and across batches."""
   rng = np.random.default_rng(seed)
-  return [
+  out = [
     {
       "image": rng.integers(0, 256, size=(b, 4, 4, 1), dtype=np.uint8),
       "label": np.repeat(rng.permutation(10)[: b // 4], 4).astype(np.int32),
     }
     for _ in range(n)
   ]
+  for batch in out:
+    batch["index"] = (3 * batch["label"] + np.arange(b) % 3).astype(np.int32)
+  return out
 
 
 @pytest.mark.parametrize(
@@ -148,6 +154,7 @@ def make_batches(n, seed=0, b=16):
     ("contrastive", {"reduction": "mean"}),
     ("multi_similarity", {}),
     ("contrastive", {"self_exclusion": "index"}),  # "paper"
+    ("multi_similarity", {"self_exclusion": "id"}),  # image ids, stored in the memory
     # a user's loss by import path, written once per anchor row (tests/test_pairs.py)
     ("tests.test_pairs:margin_rank_row", {"margin": 0.3, "reduction": "mean"}),
   ],
@@ -340,8 +347,12 @@ def test_accumulated_mean_is_the_whole_steps_sum_over_its_count():
   """reduction="mean" on the memory term, accumulate=2: each term of the accumulated
   step is the micro-batches' summed numerators over their summed active-pair counts
   (contrastive: positives + active negatives, as the plain steps' statistics count
-  them), not the mean of the micro-batches' ratios; the batch term stays "paper"."""
-  (m1, m2, ma), _, _ = _plain_and_accumulated(memory_loss_kwargs={"reduction": "mean"})
+  them), not the mean of the micro-batches' ratios; the batch term stays "paper". The
+  memory term excludes by image id (the ids split into micro-batches with the rows)."""
+  (m1, m2, ma), (s2, sa), _ = _plain_and_accumulated(
+    memory_loss_kwargs={"reduction": "mean", "self_exclusion": "id"}
+  )
+  np.testing.assert_array_equal(sa.memory.ids, s2.memory.ids)
   n1, n2 = (m["xbm/pos_pairs"] + m["xbm/neg_pairs"] for m in (m1, m2))
   assert n1 != n2  # else the mean of ratios would be exact too
   want_xbm = (m1["loss_xbm"] * n1 + m2["loss_xbm"] * n2) / (n1 + n2)
@@ -413,18 +424,58 @@ def test_moment_matching_step_equals_numpy_and_is_off_by_default():
   np.testing.assert_array_equal(st.memory.emb[:24], np.asarray(mem.emb[:24]))
 
 
+def test_self_exclusion_by_id_drops_the_anchors_older_copies_numpy():
+  """One step on a memory of 24 stale rows, 8 of them older copies of this batch's
+  images (their ids and labels, another embedding): with self_exclusion="id" the batch
+  term and the memory term equal the NumPy loop that drops every positive of the
+  anchor's own image (its older copies, its current copy, and a repeat of its image in
+  the batch), and the memory stores the batch's ids after the stale ones. Under the
+  similarity rule the older copies would count: the losses differ."""
+  (batch,) = make_batches(1, seed=5)
+  mesh = parallel.make_mesh(1)
+  rng = np.random.default_rng(2)
+  stale = rng.normal(size=(24, 8))
+  stale /= np.linalg.norm(stale, axis=1, keepdims=True)
+  labels = rng.integers(20, 30, size=24).astype(np.int32)
+  ids = (1000 + np.arange(24)).astype(np.int32)
+  labels[:8], ids[:8] = batch["label"][::2], batch["index"][::2]  # older copies
+  mem = memory.enqueue(
+    memory.init(size=40, dim=8, ids=True),
+    xbm_jax.Embeddings(jnp.asarray(stale, jnp.float32), labels, ids=ids),
+  )
+  model = TinyEmbedder()
+  variables = model.init(jax.random.PRNGKey(0), batch["image"][:2], train=False)
+  emb = np.asarray(train_embeddings(model, variables, batch["image"]), np.float64)
+  lab, idx = batch["label"], batch["index"]
+  st, fn = build(
+    mesh, batch, memory_state=jax.device_get(mem), loss_kwargs={"self_exclusion": "id"}
+  )
+  st, m = jax.device_get(fn(st, parallel.global_batch(batch, mesh), ctrl_of(0)))
+  want_emb, want_lab = np.concatenate([stale, emb]), np.concatenate([labels, lab])
+  want_ids = np.concatenate([ids, idx])
+  np.testing.assert_array_equal(st.memory.ids, want_ids)
+  want_xbm = loss_oracles.contrastive(emb, lab, want_emb, want_lab, ids=(idx, want_ids))
+  np.testing.assert_allclose(m["loss_xbm"], want_xbm, rtol=1e-4)
+  np.testing.assert_allclose(
+    m["loss_batch"], loss_oracles.contrastive(emb, lab, emb, lab, ids=(idx, idx)), rtol=1e-4
+  )
+  kept = loss_oracles.contrastive(emb, lab, want_emb, want_lab)  # the similarity rule
+  assert abs(kept - want_xbm) > 1e-2
+
+
 def _sorted_rows(mem):
-  """The memory's (label, valid, emb) rows in a canonical order (a sharded memory
-  holds the same entries as a replicated one in another slot order)."""
-  table = np.column_stack([mem.labels, mem.valid, np.asarray(mem.emb)])
+  """The memory's (label, valid, image id, emb) rows in a canonical order (a sharded
+  memory holds the same entries as a replicated one in another slot order)."""
+  table = np.column_stack([mem.labels, mem.valid, mem.ids, np.asarray(mem.emb)])
   return table[np.lexsort(table.T[::-1])]
 
 
 def test_drift_corrections_one_device_equals_eight_replicated_and_sharded():
   """3 steps with the smoothed moment matching (moments_ema=0.5) and the momentum
-  encoder (0.5), memory from step 0: 1 device, 8 devices and 8 devices with the
-  memory sharded (moments combined across shards) give the same losses, parameters,
-  smoothed moments, key encoder and memory entries."""
+  encoder (0.5), memory from step 0, the memory term excluding by image id: 1 device,
+  8 devices and 8 devices with the memory sharded (moments combined across shards)
+  give the same losses, parameters, smoothed moments, key encoder and memory entries
+  (image ids included)."""
   batches = make_batches(3, seed=6)
   runs = []
   for n, sharded in ((1, False), (8, False), (8, True)):
@@ -437,6 +488,7 @@ def test_drift_corrections_one_device_equals_eight_replicated_and_sharded():
       drift_correction="moments",
       moments_ema=0.5,
       momentum_encoder=0.5,
+      memory_loss_kwargs={"self_exclusion": "id"},
     )
     history = []
     for batch in batches:

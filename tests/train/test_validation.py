@@ -37,7 +37,31 @@ RULES = [
   ({"xbm.backoff": True, "xbm.backoff_factor": 1.0}, "backoff_factor=1.0"),
   ({"xbm.guard": True, "xbm.guard_ratio": 1.0}, "guard_ratio=1.0"),
   ({"xbm.guard": True, "xbm.guard_readings": 0}, "guard_readings=0"),
+  ({"xbm.guard": "sometimes"}, "xbm.guard='sometimes': False, True (= 'ratio') or 'paired'"),
+  ({"xbm.guard": "paired"}, "config.xbm.guard_metric='': the paired guard reads"),
+  (
+    {"xbm.guard": "paired", "xbm.guard_metric": "eval/val/recall@1"},
+    "guard_metric='eval/val/recall@1' names no evaluator",
+  ),
+  (
+    {"xbm.guard": "paired", "xbm.guard_metric": "eval/sop/recall@1", "xbm.guard_alpha": 0.5},
+    "guard_alpha=0.5 must be in (0, 0.5)",
+  ),
+  (
+    {"xbm.guard": "paired", "xbm.guard_metric": "eval/sop/recall@1", "xbm.start_step": 0},
+    "config.xbm.start_step=0 comes before the first one (step 6, config.evals.tiny.every_steps)",
+  ),
+  (
+    {"xbm.guard": "paired", "xbm.guard_metric": "eval/sop/recall@1", "xbm.start_step": "auto"},
+    "guard='paired' needs a fixed config.xbm.start_step",
+  ),
+  ({"xbm.enabled": False, "xbm.guard": "paired"}, "xbm.guard='paired' needs the memory"),
   ({"xbm.drift_correction": "kalman"}, "drift_correction='kalman' is not valid"),
+  (
+    {"xbm.memory_loss_kwargs.self_exclusion": "image"},
+    "xbm.memory_loss_kwargs.self_exclusion='image' is not valid; choose one of similarity, "
+    "index, id, none",
+  ),
   ({"xbm.drift_correction": "moments", "xbm.moments_ema": 1.0}, "moments_ema=1.0: a decay"),
   ({"xbm.moments_ema": 0.9}, "moments_ema=0.9 smooths the moments"),
   (

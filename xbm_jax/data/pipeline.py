@@ -2,7 +2,8 @@
 
 ``train_batches`` yields this host's share of every global batch, ready for
 ``jax.make_array_from_process_local_data``:
-``{"image": uint8 [b, crop, crop, C], "label": int32 [b]}`` with b = global / process_count.
+``{"image": uint8 [b, crop, crop, C], "label": int32 [b], "index": int32 [b]}`` (each row's
+record index in the source, its image id) with b = global / process_count.
 Each grain element is one whole step (the sampler's indices for ``(seed, step)`` ->
 decode -> augment -> stack), so workers (``worker_count`` > 0, grain ``mp_prefetch``)
 produce whole batches in step order and the output does not depend on the worker count.
@@ -94,7 +95,12 @@ class _TrainStep:
       rng = transforms.record_rng(self.seed, step, off + j)
       images.append(transforms.train_transform(rec["image"], self.cfg, rng))
       labels.append(rec["label"])
-    return {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+    # "index": each row's record index in `source` (its image id; global across hosts).
+    return {
+      "image": np.stack(images),
+      "label": np.asarray(labels, np.int32),
+      "index": np.asarray(idx, np.int32),
+    }
 
 
 class TrainBatches(Iterator[dict]):
@@ -181,8 +187,9 @@ def train_batches(
       releases the GIL, so 1-2 overlap decoding with the training step) and batches read
       ahead per process.
   Returns:
-    ``TrainBatches`` yielding ``{"image": uint8 [b, crop, crop, C], "label": int32 [b]}``,
-    b = global_batch_size // process_count.
+    ``TrainBatches`` yielding ``{"image": uint8 [b, crop, crop, C], "label": int32 [b],
+    "index": int32 [b]}`` (each row's record index in ``source``), b = global_batch_size
+    // process_count.
   """
   if not isinstance(sampler, sampler_lib.PKSampler):
     sampler = sampler_lib.from_config(

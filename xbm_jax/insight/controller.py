@@ -44,6 +44,17 @@ from xbm_jax import memory as memory_lib
 from xbm_jax.insight.drift import RANK_PREFIX, parse_drift_metrics
 
 NEVER = 2**31 - 1  # the start fed while the memory is off: an int32 step never reaches it
+# The rules `config.xbm.guard` names (True is "ratio"; False: no guard). "ratio" is
+# this class's; "paired" lives in the trainer (`train/hooks.PairedGuard`) and
+# switches the memory off through `switch_off`.
+GUARD_RULES = ("ratio", "paired")
+
+
+def guard_rule(guard) -> Optional[str]:
+  """The rule a `config.xbm.guard` value names: "ratio", "paired" or None (off)."""
+  if isinstance(guard, bool) or guard is None:
+    return "ratio" if guard else None
+  return str(guard)
 
 
 def rank_readings(metrics: Optional[Mapping[str, float]]) -> Dict[int, float]:
@@ -171,7 +182,7 @@ class MemoryController:
       backoff_factor=get("backoff_factor", 0.5),
       min_weight=get("min_weight", 0.0),
       recover_steps=get("recover_steps", 1000),
-      guard=get("guard", False),
+      guard=guard_rule(get("guard", False)) == "ratio",
       guard_ratio=get("guard_ratio", 2.0),
       guard_readings=get("guard_readings", 1),
     )
@@ -231,6 +242,13 @@ class MemoryController:
     self._fed_weight = self._ramp(step) * self.cur_weight
     return self.start, self._fed_weight
 
+  def switch_off(self, step: int) -> None:
+    """Switches the memory off for good from the update `step` on (a guard outside
+    this class decided it: the trainer's paired guard); checkpointed like the ratio
+    guard's decision."""
+    if self.guard_off < 0:
+      self.guard_off = int(step)
+
   def _update_guard(self, step: int, drift_metrics) -> None:
     readings = rank_readings(drift_metrics)
     if not readings:
@@ -256,7 +274,7 @@ class MemoryController:
       out["train/xbm_auto_start_step"] = float(self.start)
     if np.isfinite(self.last_span_drift):
       out["train/xbm_span_drift"] = float(self.last_span_drift)
-    if self.guard and self.guard_off >= 0:
+    if self.guard_off >= 0:
       out["train/xbm_guard_off_step"] = float(self.guard_off)
     return out
 

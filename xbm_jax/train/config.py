@@ -103,13 +103,20 @@ def base() -> ml_collections.ConfigDict:
     backoff_factor=0.5,
     min_weight=0.0,
     recover_steps=1000,
-    # Switch the memory off for good (no enqueue, no memory term) when the probe's
-    # rank drift (share of nearest neighbours changed over the smallest drift lag)
-    # exceeds guard_ratio x its last reading before the start in guard_readings
-    # consecutive readings (insight/controller.py). Needs the drift monitor.
-    guard=False,
+    # Switch the memory off for good (no enqueue, no memory term) when a rule says it
+    # hurts. True or "ratio": the probe's rank drift (share of nearest neighbours
+    # changed over the smallest drift lag) exceeds guard_ratio x its last reading
+    # before the start in guard_readings consecutive readings (insight/controller.py;
+    # needs the drift monitor). "paired": at each evaluation of guard_metric's
+    # evaluator after the start, the exact one-sided McNemar test of its per-query
+    # hits@k against those of the last evaluation before the start
+    # (xbm_jax.paired_guard) fires at guard_alpha / (the run's readings after the
+    # start). False: no guard.
+    guard=config_dict.FieldReference(False, field_type=object),
     guard_ratio=2.0,
     guard_readings=1,
+    guard_metric="",  # "paired": e.g. "eval/val/recall@1" (evaluator and k)
+    guard_alpha=0.01,  # "paired": the run's false-alarm rate
     # Drift correction of the stored entries: "moments" shifts and scales the
     # memory's rows each step so that their per-dimension mean and variance match
     # the batch's (Adaptive Cross Batch Normalization; xbm_jax.drift_correction);

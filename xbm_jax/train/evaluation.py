@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 
 from xbm_jax import parallel
 from xbm_jax.data import pipeline, transforms
-from xbm_jax.evaluation import evaluators as evaluators_lib
+from xbm_jax.evaluation import evaluators as evaluators_lib, metrics as metrics_lib
 from xbm_jax.evaluation.extract import extract
 from xbm_jax.insight import pictures
 from xbm_jax.train import collapse, setup, step as step_lib
@@ -62,6 +62,10 @@ class EvalRunner:
       name: evaluators_lib.create(name, cfg, mesh=mesh) for name, cfg in config.evals.items()
     }
     self.tcfg = transforms.TransformConfig.from_config(config.input.transform)
+    # {evaluator name: k}: the per-query hits@k each round of it leaves in `hits`
+    # ({name: [Q] bool}), for the paired guard.
+    self.want_hits: dict[str, int] = {}
+    self.hits: dict[str, np.ndarray] = {}
     self.probe = None
     if config.drift.enabled:
       idx = setup.probe_indices(len(train_src), int(config.drift.probe_size), int(config.seed))
@@ -111,7 +115,8 @@ class EvalRunner:
 
     Every process draws the same images; each loads and embeds its devices' share
     (`embed_rows`). Returns a replicated-layout host `MemoryState` (numpy), oldest
-    first, the same on every process.
+    first, the same on every process; where the state's memory stores ids, each
+    row's id is its record index in `source` (the train batches' "index").
     """
     rng = np.random.default_rng(seed)
     n = min(size, len(source))
@@ -141,7 +146,11 @@ class EvalRunner:
     out_labels = np.zeros((size,), np.int32)
     out_labels[:n] = labels
     valid = np.arange(size) < n
-    return type(mem)(out_emb, out_labels, valid, np.asarray(n % size, np.int32))
+    ids = None
+    if mem.ids is not None:  # the images' record indices: the train batches' ids
+      ids = np.full((size,), -1, np.int32)
+      ids[:n] = idx
+    return type(mem)(out_emb, out_labels, valid, np.asarray(n % size, np.int32), ids)
 
   def run(self, names: list[str], state, step: int) -> dict:
     variables = self._variables(state)
@@ -173,6 +182,11 @@ class EvalRunner:
       res = self.evaluators[name].run(embed_split)
       self.say(results_line(name, step, res, time.time() - t0))
       metrics.update(res)
+    self.hits = {
+      n: query_hits(self.evaluators[n], embed_split, k=k, mesh=self.mesh)
+      for n, k in self.want_hits.items()
+      if n in names
+    }
     self.writer.write_scalars(step, metrics)
     collapse.warn_after_evaluation(self.evaluators, names, metrics, cache, step, writer=self.writer)
     self._pictures(names, embed_split, sources, step)
@@ -214,6 +228,27 @@ class EvalRunner:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     pictures.save_png(out, grid)
     self.writer.write_image(step, f"eval/{name}/retrieval", grid)
+
+
+def query_hits(evaluator, embed_split: Callable, *, k: int, mesh=None) -> np.ndarray:
+  """`[Q]` bool: whether each query of `evaluator` (one query split against one
+  gallery) has a positive in its top k, in query order; queries without a positive
+  in the gallery left out (as its Recall@k leaves them out)."""
+  q_split, g_split = evaluator.retrieval_splits()
+  q = embed_split(q_split)
+  g = q if g_split == q_split else embed_split(g_split)
+  res = metrics_lib.retrieval_metrics(
+    q["emb"],
+    q["labels"],
+    None if g is q else g["emb"],
+    None if g is q else g["labels"],
+    ks=(k,),
+    self_exclude=g is q,
+    map_at_r=False,
+    mesh=mesh,
+    per_query=True,
+  )
+  return (res["rank"] < k)[res["valid"]]
 
 
 def check_finite(out: dict, split: str, step: int) -> dict:

@@ -16,9 +16,10 @@ import os
 import socket
 from typing import Optional
 
+import jax
 import numpy as np
 
-from xbm_jax.train import config as config_lib
+from xbm_jax.train import checkpoint, config as config_lib
 from xbm_jax.train.errors import ResumeError, WorkdirLockedError
 from xbm_jax.train.writer import config_json
 
@@ -234,3 +235,25 @@ class CollapseWatch:
         f"step {step}: the embeddings have collapsed (mean pairwise "
         f"cosine {cos:.4f} on the drift probe); check the learning rate",
       )
+
+
+def check_resume_config(config, workdir: str) -> str:
+  """Refuses a resume with a config other than the saved one, unless allowed; then
+  returns the changes as text to log ("" when none). Reads only: runs before the
+  checkpoint manager, the writer or the data are opened."""
+  steps = checkpoint.saved_steps(workdir)
+  if not steps:
+    return ""
+  step = steps[-1]
+  saved = read_saved_config(workdir)
+  diff = check_resume(
+    saved, config_json(config), allow_change=bool(config.train.allow_config_change)
+  )
+  if not diff:
+    return ""
+  text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+  log.warning("resuming step %d with config changes: %s", step, text)
+  if jax.process_index() == 0:  # keep the config the checkpoint was written with
+    with open(os.path.join(workdir, f"config.step{step}.json"), "w") as f:
+      json.dump(saved, f, indent=2, sort_keys=True)
+  return text

@@ -6,6 +6,8 @@
   controls for the update `step`, from the reading taken just before it; and
   `prefill(step, state, start) -> state` before the memory's first active update.
 * `PlateauHook.after_eval(metrics)`: the learning-rate scale from an evaluation.
+* `PairedGuard.after_eval(done, start, hits) -> verdict scalars`: the paired guard's
+  reading of an evaluation's per-query hits (`xbm.guard="paired"`).
 
 The loop calls each by name and passes what it needs; nothing is shared between
 them. `HostState` gathers their checkpointed state with the pipeline position.
@@ -16,8 +18,9 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 
-from xbm_jax import memory as memory_lib, sharded_memory
+from xbm_jax import memory as memory_lib, paired_guard, sharded_memory
 from xbm_jax.train import optim
 
 
@@ -113,6 +116,83 @@ class PlateauHook:
     self.plateau.load_state_dict(d)
 
 
+class PairedGuard:
+  """`xbm.guard="paired"`: the memory goes off for good when, at an evaluation of
+  `evaluator` after its start, the exact one-sided McNemar test of the per-query
+  hits@k (`paired_guard.verdict`) against those of the last evaluation before the
+  start (the free reference, kept here and checkpointed) fires at `alpha / looks`.
+
+  Args (keyword-only): evaluator, k: the evaluator read and the k of its hits@k;
+    alpha: the run's false-alarm rate; looks: its readings after the start.
+  """
+
+  key = "paired_guard"
+
+  def __init__(self, *, evaluator: str, k: int, alpha: float, looks: int):
+    self.evaluator, self.k = evaluator, int(k)
+    self.alpha, self.looks = float(alpha), max(int(looks), 1)
+    self.reference: Optional[np.ndarray] = None  # [Q] bool hits, the last memory-free reading
+    self.reference_step = -1
+    self.off_step = -1  # the evaluation step at which the guard fired
+
+  @property
+  def live(self) -> bool:
+    return self.off_step < 0
+
+  def after_eval(self, done: int, start: int, hits: Optional[np.ndarray]) -> dict:
+    """Reads the hits of an evaluation after `done` updates, the memory's first active
+    update being `start`: before it, they become the reference; after it, the verdict
+    (logged, `{}` when none: no hits, no reference, or the guard fired already)."""
+    if hits is None or not self.live:
+      return {}
+    if not memory_lib.active(done - 1, start):  # updates 0..done-1 ran memory-free
+      self.reference, self.reference_step = np.asarray(hits, bool), int(done)
+      return {}
+    if self.reference is None:
+      return {}
+    v = paired_guard.verdict(hits, self.reference, alpha=self.alpha, looks=self.looks)
+    if v.switch_off:
+      self.off_step = int(done)
+    return {
+      "train/xbm_guard_gains": float(v.gains),
+      "train/xbm_guard_losses": float(v.losses),
+      "train/xbm_guard_p": float(v.p_value),
+      "train/xbm_guard_difference": float(v.difference),
+      "train/xbm_guard_reference_step": float(self.reference_step),
+    }
+
+  def state_dict(self) -> dict:
+    ref = np.zeros((0,), bool) if self.reference is None else self.reference
+    return {
+      "reference_bits": np.packbits(ref),  # 1 bit a query in the JSON side-car
+      "reference_len": np.asarray(len(ref), np.int64),
+      "reference_step": np.asarray(self.reference_step, np.int64),
+      "off_step": np.asarray(self.off_step, np.int64),
+    }
+
+  def load_state_dict(self, d) -> None:
+    n = int(d["reference_len"])
+    bits = np.asarray(d["reference_bits"], np.uint8)
+    self.reference = np.unpackbits(bits, count=n).astype(bool) if n else None
+    self.reference_step, self.off_step = int(d["reference_step"]), int(d["off_step"])
+
+
+def make_paired_guard(config) -> Optional[PairedGuard]:
+  """The paired guard of `config.xbm` (checked by `validation`), or None when
+  `xbm.guard` is not "paired"; `looks` counts the evaluations of its evaluator after
+  the memory's start up to `train.steps`."""
+  from xbm_jax.insight import controller  # pylint: disable=g-import-not-at-top
+  from xbm_jax.train import evaluation, validation_xbm  # pylint: disable=g-import-not-at-top
+
+  x = config.xbm
+  if not (x.enabled and controller.guard_rule(x.guard) == "paired"):
+    return None
+  name, k = validation_xbm.paired_guard_metric(config)
+  total, start = int(config.train.steps), int(x.start_step)
+  looks = sum(name in evaluation.due(config, s, total) for s in range(start + 1, total + 1))
+  return PairedGuard(evaluator=name, k=k, alpha=float(x.guard_alpha), looks=looks)
+
+
 def make_prefill(config, evals, train_src, shardings, mesh, *, sharded: bool):
   """`prefill(state, step) -> state`: the memory filled with eval-mode embeddings of
   training images (seeded by the run's seed and the step, so a resume redoes it
@@ -132,12 +212,12 @@ def make_prefill(config, evals, train_src, shardings, mesh, *, sharded: bool):
 
 class HostState:
   """What a resume must restore besides the train state: the pipeline position,
-  the plateau scheduler, the drift monitor and the memory controller (either may
-  be absent) and whether the memory was pre-filled.
+  the plateau scheduler, the drift monitor, the memory controller and the paired
+  guard (each but the first two may be absent) and whether the memory was pre-filled.
 
   The keys of `state_dict()` ("pipeline", "plateau", "prefilled", "drift",
-  "controller") are those of the checkpoints written before this class, so they
-  resume.
+  "controller"; "paired_guard") are those of the checkpoints written before this
+  class, so they resume.
   """
 
   def __init__(
@@ -146,13 +226,14 @@ class HostState:
     plateau: PlateauHook,
     drift: Optional[DriftProbe] = None,
     memory: Optional[MemoryControl] = None,
+    paired: Optional[PairedGuard] = None,
   ):
-    self.plateau, self.drift, self.memory = plateau, drift, memory
+    self.plateau, self.drift, self.memory, self.paired = plateau, drift, memory, paired
     self.batches = None  # the pipeline, once built; its position is read on save
     self.pipeline = None  # a restored position, for building the pipeline
 
   def _parts(self):
-    return [p for p in (self.plateau, self.drift, self.memory) if p is not None]
+    return [p for p in (self.plateau, self.drift, self.memory, self.paired) if p is not None]
 
   def state_dict(self) -> dict:
     out = {

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
 import time
 from typing import Any, Callable
 
@@ -33,7 +31,7 @@ from xbm_jax.train import config as config_lib, validation
 from xbm_jax.train import state as state_lib, step as step_lib
 from xbm_jax.train.errors import NonFiniteError, ResumeError
 from xbm_jax.train.progress import Progress
-from xbm_jax.train.writer import MetricWriter, config_json
+from xbm_jax.train.writer import MetricWriter
 
 NEVER = controller_lib.NEVER
 LAST_VALUE_KEYS = ("memory_fill", "lr", "xbm_weight")  # states, not per-step rates
@@ -75,28 +73,6 @@ def _restore(ckpt, state, mesh, *, sharded: bool, workdir: str):
       f"cannot restore the checkpoint at step {step} in {workdir} with "
       f"this config ({first}); use a new --workdir"
     ) from e
-
-
-def _check_resume_config(config, workdir: str) -> str:
-  """Refuses a resume with a config other than the saved one, unless allowed; then
-  returns the changes as text to log ("" when none). Reads only: runs before the
-  checkpoint manager, the writer or the data are opened."""
-  steps = checkpoint.saved_steps(workdir)
-  if not steps:
-    return ""
-  step = steps[-1]
-  saved = guards.read_saved_config(workdir)
-  diff = guards.check_resume(
-    saved, config_json(config), allow_change=bool(config.train.allow_config_change)
-  )
-  if not diff:
-    return ""
-  text = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-  guards.log.warning("resuming step %d with config changes: %s", step, text)
-  if jax.process_index() == 0:  # keep the config the checkpoint was written with
-    with open(os.path.join(workdir, f"config.step{step}.json"), "w") as f:
-      json.dump(saved, f, indent=2, sort_keys=True)
-  return text
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -186,7 +162,10 @@ def _host_state(config, evals, train_src, shardings, mesh, *, sharded, watch, b)
   plateau = optim.Plateau(**{k: v for k, v in config.optim.plateau.items() if k != "metric"})
   metric = config.optim.plateau.metric if config.optim.schedule == "plateau" else ""
   return hooks_lib.HostState(
-    plateau=hooks_lib.PlateauHook(plateau, metric=metric), drift=drift, memory=memory
+    plateau=hooks_lib.PlateauHook(plateau, metric=metric),
+    drift=drift,
+    memory=memory,
+    paired=hooks_lib.make_paired_guard(config),
   )
 
 
@@ -222,7 +201,7 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   b = setup.batch_shape(config)[0]
   total = int(config.train.steps)
   pidx = jax.process_index()
-  changes = _check_resume_config(config, workdir)
+  changes = guards.check_resume_config(config, workdir)
   train_src = setup.load_source(config.input, config.input.train_split)
   model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
   if config.train.init_from and not checkpoint.saved_steps(workdir):
@@ -260,6 +239,8 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   watch = guards.CollapseWatch()
   host = _host_state(config, evals, train_src, shardings, mesh, sharded=sharded, watch=watch, b=b)
   host.load_state_dict(saved_host)
+  if host.paired is not None and host.paired.live:  # per-query hits for the guard
+    evals.want_hits = {host.paired.evaluator: host.paired.k}
 
   host.batches = batches = _pipeline(config, train_src, mesh, host.pipeline, stack)
   train_step = step_lib.make_train_step(
@@ -343,11 +324,21 @@ def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict
 
 
 def _evaluate(run: Run, state, names: list, done: int) -> dict:
-  """Runs the due evaluators, steps the plateau scheduler, keeps the best checkpoint."""
+  """Runs the due evaluators, steps the plateau scheduler and the paired guard (which
+  may switch the memory off), keeps the best checkpoint."""
   t_eval = time.time()
   ev = run.evals.run(names, state, done)
   run.progress.evaluated(time.time() - t_eval)
   run.host.plateau.after_eval(ev)
+  guard = run.host.paired
+  if guard is not None and guard.live:
+    control = run.host.memory.controller
+    verdict = guard.after_eval(done, control.start, run.evals.hits.get(guard.evaluator))
+    if verdict:
+      run.writer.write_scalars(done, verdict)
+    if not guard.live:  # fired: off from the next update on, for good (checkpointed)
+      control.switch_off(done)
+      run.evals.want_hits = {}
   run.ckpt.save_best(done, state, run.host.state_dict(), ev)
   return ev
 
@@ -383,6 +374,8 @@ def _train(run: Run) -> dict:
     if eval_names:
       last.update(_evaluate(run, state, eval_names, done))
       t_log = time.time()  # steps_per_s counts steps, not the evaluation
+      if run.host.paired is not None and run.host.paired.off_step == done:
+        start, weight = _memory_controls(run, done, {})  # the paired guard fired
     if ckpt_now:
       run.ckpt.save(done, state, run.host.state_dict())
   last["train/final_step"] = float(run.total)

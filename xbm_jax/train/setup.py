@@ -44,10 +44,10 @@ def name_evaluators(config) -> None:
   Every evaluator scores the configured dataset, and the stock configs name theirs
   after it (`evals.glyphs` -> `eval/glyphs/recall@1`), so `--config.input.dataset=mine`
   on such a config reports `eval/mine/...`; `train.best_metric`,
-  `optim.plateau.metric` and `pictures.evaluator` follow. Other names (`val`, `test`,
-  yours) are kept. Command-line overrides still use the config file's name
-  (`--config.evals.glyphs.every_steps=100`): this runs after them, in place, and is
-  idempotent. Renames that would give two evaluators one name are left undone, for
+  `optim.plateau.metric`, `xbm.guard_metric` and `pictures.evaluator` follow. Other
+  names (`val`, `test`, yours) are kept. Command-line overrides still use the config
+  file's name (`--config.evals.glyphs.every_steps=100`): this runs after them, in
+  place, and is idempotent. Renames that would give two evaluators one name are left undone, for
   `validation.validate` to refuse.
   """
   renames = evaluator_renames(config)
@@ -58,7 +58,8 @@ def name_evaluators(config) -> None:
     config.evals = ml_collections.ConfigDict(
       {(new if n == old else n): ev for n, ev in config.evals.items()}
     )
-    for node, key in ((config.train, "best_metric"), (config.optim.plateau, "metric")):
+    metric_keys = (config.train, "best_metric"), (config.optim.plateau, "metric")
+    for node, key in metric_keys + ((config.xbm, "guard_metric"),):
       if str(node[key] or "").startswith(f"eval/{old}/"):
         node[key] = f"eval/{new}/" + node[key][len(f"eval/{old}/") :]
     if config.pictures.evaluator == old:
@@ -121,11 +122,20 @@ def init_memory(config, num_devices: int, *, feature_dim: Optional[int] = None):
   dim = int(feature_dim) if reproject else int(config.model.embed_dim)
   dtype = MEMORY_DTYPES[config.xbm.dtype]
   size = int(config.xbm.size) if config.xbm.enabled else batch_shape(config)[0]
+  ids = memory_stores_ids(config)
   if config.xbm.enabled and config.xbm.memory_sharding == "sharded":
     from xbm_jax import sharded_memory  # pylint: disable=g-import-not-at-top
 
-    return sharded_memory.init(size=size, dim=dim, n_shards=num_devices, dtype=dtype)
-  return memory.init(size=size, dim=dim, dtype=dtype)
+    return sharded_memory.init(size=size, dim=dim, n_shards=num_devices, dtype=dtype, ids=ids)
+  return memory.init(size=size, dim=dim, dtype=dtype, ids=ids)
+
+
+def memory_stores_ids(config) -> bool:
+  """Whether the memory keeps each entry's image id (its record index in the train
+  split): when the memory term's self_exclusion (`xbm.memory_loss_kwargs`, else
+  `loss.kwargs`) is "id"."""
+  own = config.xbm.memory_loss_kwargs.get("self_exclusion")
+  return (own or config.loss.kwargs.get("self_exclusion")) == "id"
 
 
 def feature_dim(variables: dict) -> int:

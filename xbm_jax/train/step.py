@@ -21,6 +21,10 @@ step 3 runs on the corrected memory. With `momentum_encoder=m` the batch that st
 (`xbm_jax.reprojection`), enqueued first; step 3's memory term then runs on them
 projected through the current head (no gradient through the memory's rows).
 
+With `self_exclusion="id"` (either term) or a memory that stores ids, each row's
+image id (`batch["index"]`, its record index in the train split) goes with it into
+the losses and the memory, so an anchor's own older copies are never its positives.
+
 Host-side controllers feed `ctrl = {"start_step", "xbm_weight", "lr_scale"}` as
 traced scalars, so memory switch-on, weight ramps and learning-rate drops never
 recompile the step.
@@ -41,50 +45,10 @@ from xbm_jax import sharded_memory as sharded_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train.state import TrainState
+from xbm_jax.train.step_stats import all_finite, combine_stats, device_stats
 
-COUNT_KEYS = ("pos_pairs", "neg_pairs")
 # The values of config.xbm.drift_correction (train/validation.py reads them here).
 DRIFT_CORRECTIONS = ("none", "moments")
-
-
-def combine_stats(aux: dict, total: Callable) -> dict:
-  """Loss statistics of a whole batch from those of its parts (devices, micro-batches).
-
-  `total(x)` sums `x` over the parts. Pair counts (`*pos_pairs`, `*neg_pairs`) are
-  summed; a mean similarity `<p>mean_<kind>_sim` is weighted by its part's
-  `<p><kind>_pairs` (a part with no such pair adds nothing), so it is the mean over
-  all pairs of the batch, as one device holding the whole batch would log it;
-  anything else is a plain mean over the parts.
-  """
-  out = {}
-  for name, x in aux.items():
-    head, _, tail = name.rpartition("mean_")
-    count = f"{head}{tail[: -len('_sim')]}_pairs" if tail.endswith("_sim") else None
-    if name.endswith(COUNT_KEYS):
-      out[name] = total(x)
-    elif count in aux:
-      n = aux[count].astype(jnp.float32)
-      out[name] = total(x * n) / jnp.maximum(total(n), 1)
-    else:
-      out[name] = total(x) / total(jnp.ones_like(x, jnp.float32))
-  return out
-
-
-def device_stats(aux: dict) -> dict:
-  """`combine_stats` over the devices of the mesh (inside the mapped step)."""
-  return combine_stats(aux, lambda x: jax.lax.psum(x, DATA_AXIS))
-
-
-def all_finite(tree) -> jax.Array:
-  """`[]` bool: no NaN/inf anywhere in `tree`. One reduction per leaf, fused into
-  the step: a fraction of the backward pass, and it catches weights gone NaN while
-  the loss still reads 0 (a NaN similarity fails every pair mask)."""
-  flags = [
-    jnp.all(jnp.isfinite(x))
-    for x in jax.tree.leaves(tree)
-    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
-  ]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.bool_(True)
 
 
 def state_specs(state: TrainState, *, sharded_memory: bool = False):
@@ -177,7 +141,9 @@ def make_train_step(
       memory). One `[size, F] x [F, D]` product per step. Needs accumulate=1, no
       drift correction and no momentum encoder.
   The batch is `{"image": [B, H, W, C], "label": [B] int32}` sharded over
-  `data`; B must divide by the mesh size.
+  `data`, plus `"index": [B] int` image ids where a term's self_exclusion is "id"
+  (the memory, `memory.init(ids=True)`, then stores them); B must divide by the
+  mesh size.
   """
   if drift_correction not in DRIFT_CORRECTIONS:
     raise ValueError(f"drift_correction={drift_correction!r}: one of {DRIFT_CORRECTIONS}")
@@ -190,6 +156,8 @@ def make_train_step(
   loss_kwargs = dict(loss_kwargs)
   mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
   loss_fn = losses.check_loss_options(loss_name, set(mem_kwargs) | set(loss_kwargs))
+  memory_ids = mem_kwargs.get("self_exclusion") == "id"
+  image_ids = memory_ids or loss_kwargs.get("self_exclusion") == "id"
   # "mean" over micro-batches: the whole step's active pairs are counted first.
   count_first = accumulate > 1 and "mean" in (
     loss_kwargs.get("reduction"),
@@ -226,24 +194,25 @@ def make_train_step(
     stats = new_vars.get("batch_stats", key_encoder.batch_stats)
     return jax.lax.stop_gradient(emb), key_encoder._replace(batch_stats=stats)
 
-  def enqueue_keys(memory, keys, labels, step, ctrl):
+  def enqueue_keys(memory, keys, labels, ids, step, ctrl):
     """The memory with this step's key embeddings enqueued where it is active (a
     shard takes its device's rows; a replicated memory the batch gathered alike on
     every device, so that it stays replicated)."""
     active = memory_lib.active(step, ctrl["start_step"])
+    rows = Embeddings(keys, labels, ids=ids)
     if sharded_memory:
-      return sharded_lib.enqueue_local(memory, Embeddings(keys, labels), when=active)
+      return sharded_lib.enqueue_local(memory, rows, when=active)
     gather = lambda x: jax.lax.all_gather(x, DATA_AXIS, tiled=True, to="invarying")
-    return memory_lib.enqueue(memory, Embeddings(gather(keys), gather(labels)), when=active)
+    return memory_lib.enqueue(memory, jax.tree.map(gather, rows), when=active)
 
-  def embed_and_loss(
-    params, batch_stats, carry, images, labels, step, ctrl, denominators, keys=None
-  ):
+  def embed_and_loss(params, batch_stats, carry, rows, step, ctrl, denominators, keys=None):
     """(loss, ((memory, moments), BN statistics, aux)) of one (micro-)batch on this
-    device; `carry` is `(memory, moments)`; `keys`: the momentum encoder's
+    device; `carry` is `(memory, moments)`; `rows` its `(images, labels, ids or
+    None)`; `keys`: the momentum encoder's
     embeddings of the batch, enqueued instead of the trained encoder's. With
     reprojection the memory (features) takes the batch's pooled features and the
     loss sees it through the current head."""
+    images, labels, ids = rows
     variables = {"params": params, "batch_stats": batch_stats}
     if reprojection:
       (pooled, emb), new_vars = model.apply(
@@ -254,16 +223,13 @@ def make_train_step(
       emb, new_vars = model.apply(variables, images, train=True, mutable=["batch_stats"])
     memory, moments = corrected(*carry, emb, step, ctrl)
     if keys is not None:
-      memory = enqueue_keys(memory, keys, labels, step, ctrl)
+      memory = enqueue_keys(memory, keys, labels, ids, step, ctrl)
     reference = memory
     if reprojection:
       head = reprojection_lib.head_projection(model, params)
       reference = reprojection_lib.embeddings(memory, head, detach=True)
-    local = Embeddings(emb, labels)
-    glob = Embeddings(
-      jax.lax.all_gather(emb, DATA_AXIS, tiled=True),
-      jax.lax.all_gather(labels, DATA_AXIS, tiled=True),
-    )
+    local = Embeddings(emb, labels, ids=ids)
+    glob = jax.tree.map(lambda x: jax.lax.all_gather(x, DATA_AXIS, tiled=True), local)
     total, mem, aux = losses.xbm_total_loss(
       local,
       glob,
@@ -283,11 +249,11 @@ def make_train_step(
       mem = memory
     return total, ((mem, moments), new_vars.get("batch_stats", batch_stats), aux)
 
-  def micro_step(state, batch_stats, carry, images, labels, ctrl, denominators=None, keys=None):
+  def micro_step(state, batch_stats, carry, rows, ctrl, denominators=None, keys=None):
     """Loss, gradients, BN statistics, (memory, moments) and statistics of one
-    (micro-)batch."""
+    (micro-)batch `rows`."""
     objective = lambda p: embed_and_loss(
-      p, batch_stats, carry, images, labels, state.step, ctrl, denominators, keys
+      p, batch_stats, carry, rows, state.step, ctrl, denominators, keys
     )
     # Differentiate at a "varying" copy of the replicated params: each device's
     # gradient of its own loss, reduced once by the pmean in per_device (at the
@@ -296,36 +262,38 @@ def make_train_step(
     (loss, (carry, new_stats, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return loss, grads, new_stats, carry, aux
 
-  def step_denominators(state, images, labels, ctrl):
+  def step_denominators(state, rows, ctrl):
     """`{"batch", "xbm"}`: each term's count over the whole step (all micro-batches and
     devices, from a forward pass over them in turn) / accumulate, so that the mean
     of the micro-batches' losses is the whole step's numerator over its count."""
 
     def body(carry, xs):
       _, (carry, _, aux) = embed_and_loss(
-        state.params, state.batch_stats, carry, *xs, state.step, ctrl, None
+        state.params, state.batch_stats, carry, xs, state.step, ctrl, None
       )
       return carry, (aux["batch/denominator"], aux["xbm/denominator"])
 
-    split = lambda x: x.reshape((accumulate, -1) + x.shape[1:])
     carry = (state.memory, state.moments)
-    _, (d_batch, d_xbm) = jax.lax.scan(body, carry, (split(images), split(labels)))
+    _, (d_batch, d_xbm) = jax.lax.scan(body, carry, split_micro(rows))
     return {"batch": jnp.sum(d_batch) / accumulate, "xbm": jnp.sum(d_xbm) / accumulate}
 
-  def accumulated(state, images, labels, ctrl):
-    """`accumulate` micro-batches in turn (see make_train_step), gradients averaged."""
-    if labels.shape[0] % accumulate:
+  def split_micro(rows):
+    """`rows` (each `[b, ...]` or None) as `accumulate` micro-batches `[N, b / N, ...]`."""
+    if rows[1].shape[0] % accumulate:
       raise ValueError(
-        f"the per-device batch {labels.shape[0]} does not divide into "
+        f"the per-device batch {rows[1].shape[0]} does not divide into "
         f"accumulate={accumulate} micro-batches"
       )
-    split = lambda x: x.reshape((accumulate, -1) + x.shape[1:])
-    denominators = step_denominators(state, images, labels, ctrl) if count_first else None
+    return jax.tree.map(lambda x: x.reshape((accumulate, -1) + x.shape[1:]), rows)
+
+  def accumulated(state, rows, ctrl):
+    """`accumulate` micro-batches in turn (see make_train_step), gradients averaged."""
+    denominators = step_denominators(state, rows, ctrl) if count_first else None
 
     def body(carry, xs):
       grad_sum, batch_stats, mem_carry = carry
       loss, grads, batch_stats, mem_carry, aux = micro_step(
-        state, batch_stats, mem_carry, *xs, ctrl, denominators
+        state, batch_stats, mem_carry, xs, ctrl, denominators
       )
       grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
       return (grad_sum, batch_stats, mem_carry), (loss, aux)
@@ -333,23 +301,21 @@ def make_train_step(
     # Per-device gradients ("varying", see micro_step) until the pmean.
     zeros = jax.lax.pcast(jax.tree.map(jnp.zeros_like, state.params), DATA_AXIS, to="varying")
     start = (zeros, state.batch_stats, (state.memory, state.moments))
-    (grad_sum, batch_stats, mem_carry), (loss, aux) = jax.lax.scan(
-      body, start, (split(images), split(labels))
-    )
+    (grad_sum, batch_stats, mem_carry), (loss, aux) = jax.lax.scan(body, start, split_micro(rows))
     grads = jax.tree.map(lambda g: g / accumulate, grad_sum)
     aux = combine_stats(aux, lambda x: jnp.sum(x, axis=0))
     return jnp.mean(loss), grads, batch_stats, mem_carry, aux
 
-  def per_device(state: TrainState, images, labels, ctrl):
+  def per_device(state: TrainState, rows, ctrl):
     keys, key_encoder = None, state.key_encoder
     if momentum_encoder > 0:
-      keys, key_encoder = key_embeddings(state.key_encoder, state.params, images)
+      keys, key_encoder = key_embeddings(state.key_encoder, state.params, rows[0])
     if accumulate == 1:
       loss, grads, batch_stats, (mem, moments), aux = micro_step(
-        state, state.batch_stats, (state.memory, state.moments), images, labels, ctrl, keys=keys
+        state, state.batch_stats, (state.memory, state.moments), rows, ctrl, keys=keys
       )
     else:
-      loss, grads, batch_stats, (mem, moments), aux = accumulated(state, images, labels, ctrl)
+      loss, grads, batch_stats, (mem, moments), aux = accumulated(state, rows, ctrl)
     grads = jax.lax.pmean(grads, DATA_AXIS)
     updates, opt_state = direction.update(grads, state.opt_state, state.params)
     lr = schedule(state.step) * ctrl["lr_scale"]
@@ -380,6 +346,22 @@ def make_train_step(
     metrics.update(device_stats({k: v for k, v in aux.items() if not k.endswith("denominator")}))
     return new_state, metrics
 
+  def batch_ids(state, batch):
+    """`[B]` int32 image ids of the batch's rows where a loss or the memory uses them."""
+    if not (image_ids or state.memory.ids is not None):
+      return None
+    if "index" not in batch:
+      raise ValueError(
+        'self_exclusion="id" and a memory storing ids need batch["index"]: [B] int '
+        "image ids (the train pipeline's record indices)"
+      )
+    if memory_ids and state.memory.ids is None:
+      raise ValueError(
+        'the memory term\'s self_exclusion="id" needs a memory storing ids: '
+        "memory.init(..., ids=True)"
+      )
+    return batch["index"].astype(jnp.int32)
+
   def train_step(state, batch, ctrl):
     smoothed = drift_correction == "moments" and moments_ema > 0
     if smoothed != (state.moments is not None):
@@ -396,12 +378,9 @@ def make_train_step(
       )
     specs = state_specs(state, sharded_memory=sharded_memory)
     mapped = jax.shard_map(
-      per_device,
-      mesh=mesh,
-      in_specs=(specs, P(DATA_AXIS), P(DATA_AXIS), P()),
-      out_specs=(specs, P()),
+      per_device, mesh=mesh, in_specs=(specs, P(DATA_AXIS), P()), out_specs=(specs, P())
     )
-    return mapped(state, batch["image"], batch["label"], ctrl)
+    return mapped(state, (batch["image"], batch["label"], batch_ids(state, batch)), ctrl)
 
   return jax.jit(train_step, donate_argnums=(0,))
 

@@ -22,14 +22,16 @@ from xbm_jax.data import pipeline
 from xbm_jax.evaluation import evaluators
 from xbm_jax.models import factory as model_factory, head as model_head
 from xbm_jax.train import config as config_lib, optim, setup, step as step_lib
-from xbm_jax.train.errors import ConfigError, ConfigKeyError, DataError
+from xbm_jax.train import validation_xbm
+from xbm_jax.train.errors import ConfigKeyError, DataError
+from xbm_jax.train.validation_base import fail as _fail, get as _get, positive as _positive
 
 # Option values of the losses (the losses validate them inside the traced loss;
-# read here so that a bad one fails before the run). "id" needs each image's id in
-# the batch, which the trainer's pipeline does not carry: library use only.
+# read here so that a bad one fails before the run). self_exclusion "id": the train
+# batches carry each row's record index as its image id, the memory stores them.
 _LOSS_OPTIONS = {
   "reduction": scoring.REDUCTIONS,
-  "self_exclusion": tuple(s for s in scoring.SELF_EXCLUSIONS if s != "id"),
+  "self_exclusion": scoring.SELF_EXCLUSIONS,
   "mining": losses.TRIPLET_MINING,
 }
 # Sections whose keys are free-form: evaluator names chosen by the experiment, and a
@@ -54,18 +56,14 @@ def validate(config, *, num_devices: int, check_data: bool = True) -> None:
   _check_batch(config, mesh)
   _check_train(config)
   check_loss(config)
-  _check_memory(config, mesh)
+  validation_xbm.check_memory(config, mesh)
   _check_drift(config)
-  _check_control(config)
+  validation_xbm.check_control(config)
   _check_optim(config)
   _check_evals(config)
   if check_data:
     _check_splits(config)
     _check_paths(config)
-
-
-def _fail(msg: str):
-  raise ConfigError(msg)
 
 
 def _check_evaluator_names(config) -> None:
@@ -119,13 +117,6 @@ def enumerated(config) -> dict:
   return out
 
 
-def _get(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
 def check_enumerated(config) -> None:
   """Every enumerated setting holds one of its valid values (unset kwargs keep the
   loss's default), and every setting naming an evaluator names one."""
@@ -156,14 +147,6 @@ def mesh_size(config, num_devices: int) -> int:
   if not 1 <= int(n) <= num_devices:
     _fail(f"config.train.num_devices={n}, but {num_devices} devices are visible")
   return int(n)
-
-
-def _positive(config, *keys, allow_zero: bool = False) -> None:
-  for key in keys:
-    value = _get(config, key)
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-      _fail(f"config.{key}={value!r}: an int >= {low}")
 
 
 def _check_batch(config, mesh: int) -> None:
@@ -219,126 +202,6 @@ def check_loss(config) -> None:
         losses.check_loss_options(loss_fn, [key])
       except TypeError as e:
         _fail(f"config.{section}.{key} is not an option of the {config.loss.name!r} loss: {e}")
-
-
-def _check_reprojection(config) -> None:
-  """`xbm.reprojection` (a bool) stores pooled features, which only the memory
-  term reads through the head: nothing else may read or rewrite the rows."""
-  x = config.xbm
-  if not isinstance(x.reprojection, bool):
-    _fail(f"config.xbm.reprojection={x.reprojection!r}: True or False")
-  if not x.reprojection:
-    return
-  if not x.enabled:
-    _fail("config.xbm.reprojection=True needs the memory: config.xbm.enabled is False")
-  clashes = {
-    "xbm.momentum_encoder": x.momentum_encoder > 0,  # it enqueues embeddings, not features
-    "xbm.drift_correction": x.drift_correction != "none",  # it rescales embeddings
-    "train.accumulate": int(config.train.accumulate) > 1,
-  }
-  for key, clash in clashes.items():
-    if clash:
-      _fail(
-        f"config.xbm.reprojection=True stores pooled features: it cannot be combined "
-        f"with config.{key}={_get(config, key)!r}"
-      )
-
-
-def _check_memory(config, mesh: int) -> None:
-  x, b = config.xbm, setup.batch_shape(config)[0]
-  for key in ("moments_ema", "momentum_encoder"):
-    value = x[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-      _fail(f"config.xbm.{key}={value!r}: a decay in [0, 1)")
-  ema = x.moments_ema
-  if ema > 0 and x.drift_correction != "moments":
-    _fail(
-      f"config.xbm.moments_ema={ema} smooths the moments of config.xbm.drift_correction="
-      f"'moments', but it is {x.drift_correction!r}"
-    )
-  if x.momentum_encoder > 0 and int(config.train.accumulate) > 1:
-    _fail(
-      f"config.xbm.momentum_encoder={x.momentum_encoder} embeds each step's whole batch: "
-      f"it needs config.train.accumulate=1 (got {config.train.accumulate})"
-    )
-  _check_reprojection(config)
-  if not x.enabled:
-    if x.momentum_encoder > 0:
-      _fail(
-        f"config.xbm.momentum_encoder={x.momentum_encoder} needs the memory: "
-        "config.xbm.enabled is False"
-      )
-    if x.drift_correction != "none":
-      _fail(
-        f"config.xbm.drift_correction={x.drift_correction!r} needs the memory: "
-        "config.xbm.enabled is False"
-      )
-    for key in ("prefill", "guard", "backoff"):
-      if x[key]:
-        _fail(f"config.xbm.{key}=True needs the memory: config.xbm.enabled is False")
-    if x.start_step == "auto":
-      _fail("config.xbm.start_step='auto' needs the memory: config.xbm.enabled is False")
-    if int(x.refresh_every):
-      _fail("config.xbm.refresh_every needs the memory: config.xbm.enabled is False")
-    return
-  if int(x.size) < b:
-    _fail(f"config.xbm.size={x.size} is smaller than the global batch {b}")
-  if x.memory_sharding == "sharded" and int(x.size) % mesh:
-    _fail(f"config.xbm.size={x.size} must divide by the {mesh} devices for a sharded memory")
-  s = x.start_step
-  if not (s == "auto" or (isinstance(s, int) and not isinstance(s, bool) and s >= 0)):
-    _fail(f"config.xbm.start_step={s!r}: an int >= 0 or 'auto'")
-  if float(x.weight) < 0:
-    _fail(f"config.xbm.weight={x.weight} must be >= 0")
-  _positive(config, "xbm.ramp_steps", "xbm.min_auto_step", "xbm.refresh_every", allow_zero=True)
-
-
-def _check_control(config) -> None:
-  """The memory's controls (auto start, back-off, guard) act on drift readings: each
-  needs the drift monitor and a threshold, and the guard a reading before the start."""
-  x, d = config.xbm, config.drift
-  if not x.enabled:
-    return
-  used = [
-    name
-    for name, on in (
-      ("start_step='auto'", x.start_step == "auto"),
-      ("backoff", x.backoff),
-      ("guard", x.guard),
-    )
-    if on
-  ]
-  for name in used:
-    if not d.enabled:
-      _fail(
-        f"config.xbm.{name} acts on drift readings, but config.drift.enabled is False; "
-        "enable the drift monitor"
-      )
-  if x.start_step == "auto" and x.threshold is None:
-    _fail("config.xbm.start_step='auto' needs config.xbm.threshold")
-  if x.backoff:
-    if x.threshold is None and x.backoff_threshold is None:
-      _fail("config.xbm.backoff needs config.xbm.threshold or config.xbm.backoff_threshold")
-    if not 0.0 < float(x.backoff_factor) < 1.0:
-      _fail(f"config.xbm.backoff_factor={x.backoff_factor} must be in (0, 1)")
-    if not 0.0 <= float(x.min_weight) <= float(x.weight):
-      _fail(f"config.xbm.min_weight={x.min_weight} must be in [0, config.xbm.weight={x.weight}]")
-    _positive(config, "xbm.recover_steps")
-  if x.guard:
-    if float(x.guard_ratio) <= 1.0:
-      _fail(f"config.xbm.guard_ratio={x.guard_ratio} must be > 1")
-    _positive(config, "xbm.guard_readings")
-    # The guard compares with the last reading before the start: the first comes at
-    # the smallest lag (a multiple of the interval).
-    first = min(d.deltas)
-    latest = x.start_step if x.start_step != "auto" else x.auto_max_step
-    if latest is not None and int(latest) < first:
-      key = "start_step" if x.start_step != "auto" else "auto_max_step"
-      _fail(
-        f"config.xbm.guard needs a drift reading before the memory starts, but "
-        f"config.xbm.{key}={latest} comes before the first one (step {first}, the "
-        "smallest of config.drift.deltas)"
-      )
 
 
 def _check_drift(config) -> None:
