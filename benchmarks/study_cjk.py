@@ -57,6 +57,9 @@ def _controls(loss: str, tag: str) -> list[Arm]:
     updates against up to 200 (a bound on what a staleness fix can give here);
   - start100: the memory switched on at update 100 of 200 (filled from the model then);
   - weight0.3 / weight0.1 / weight0.03: the summed memory term down-weighted;
+  - idexcl: the memory term drops an anchor's own older copies (same image id) from its
+    positives (`self_exclusion="id"`; by default only pairs of similarity >= 1 - 1e-5
+    are dropped, so the anchor's stale copy from the prefill counts as a positive);
   - cosine: the lr decayed to 0 by a cosine (a low-drift end, as the reference's plateau
     decay gives), against its no-memory twin at that arm's lr."""
   at = {"at_chosen_of": f"cjk/{tag}_memory", **CJK}
@@ -87,6 +90,14 @@ def _controls(loss: str, tag: str) -> list[Arm]:
     ),
     Arm(
       "cjk_controls", f"{tag}_memory_weight0.1", {**mem, "xbm.weight": 0.1}, {}, baseline=pair, **at
+    ),
+    Arm(
+      "cjk_controls",
+      f"{tag}_memory_idexcl",
+      {**mem, "xbm.memory_loss_kwargs.self_exclusion": "id"},
+      {},
+      baseline=pair,
+      **at,
     ),
     Arm(
       "cjk_controls",
