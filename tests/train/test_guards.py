@@ -142,7 +142,7 @@ def test_config_diff_against_a_hand_made_pair():
 def test_turning_a_stateful_option_on_or_off_is_refused_on_resume():
   """The momentum encoder, the smoothed moments and the feature memory of head
   re-projection (another shape) live in the train state only while on: turning one on (or off) cannot restore, even when changes are allowed;
-  another nonzero value can."""
+  another nonzero value can. So do the memory's image ids (self_exclusion="id")."""
   saved = guards.config_json(config_lib.base())
   for key in ("moments_ema", "momentum_encoder", "reprojection"):
     on = guards.config_json(config_lib.base())
@@ -158,6 +158,15 @@ def test_turning_a_stateful_option_on_or_off_is_refused_on_resume():
     more["xbm"].update(on["xbm"])
     more["xbm"][key] = 0.9
     assert f"xbm.{key}" in guards.check_resume(on, more, allow_change=True)
+  # The image ids the memory stores for self_exclusion="id" (memory term) are a leaf too.
+  ids = guards.config_json(config_lib.base())
+  ids["xbm"]["memory_loss_kwargs"]["self_exclusion"] = "id"
+  for a, b in ((saved, ids), (ids, saved)):
+    with pytest.raises(ResumeError, match="self_exclusion .* changes the saved state's shapes"):
+      guards.check_resume(a, b, allow_change=True)
+  other = guards.config_json(config_lib.base())
+  other["loss"]["kwargs"]["self_exclusion"] = "index"
+  assert "loss.kwargs.self_exclusion" in guards.check_resume(saved, other, allow_change=True)
 
 
 # --- 4. every enumerated value is checked before training --------------------------

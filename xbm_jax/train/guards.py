@@ -149,6 +149,13 @@ def _toggles_state(key: str, change: tuple) -> bool:
   return key in STATE_OPTION_KEYS and len({float(v or 0) > 0 for v in change}) > 1
 
 
+def _stores_ids(cfg: dict) -> bool:
+  """Whether a saved (JSON) config's memory stores image ids (`setup.memory_stores_ids`:
+  the memory term's self_exclusion is "id"), which adds a leaf to the saved state."""
+  own = (cfg.get("xbm", {}).get("memory_loss_kwargs") or {}).get("self_exclusion")
+  return (own or (cfg.get("loss", {}).get("kwargs") or {}).get("self_exclusion")) == "id"
+
+
 def check_resume(saved: Optional[dict], current: dict, *, allow_change: bool) -> dict:
   """Compares the config a checkpoint was written with to this run's.
 
@@ -163,6 +170,8 @@ def check_resume(saved: Optional[dict], current: dict, *, allow_change: bool) ->
   old, defaults = _flatten(saved), _flatten(config_json(config_lib.base()))
   diff = {k: v for k, v in diff.items() if k in old or v[1] != defaults.get(k)}
   shaped = [k for k in diff if _shape_changing(k, current) or _toggles_state(k, diff[k])]
+  if _stores_ids(saved) != _stores_ids(current):
+    shaped += [k for k in diff if k.endswith(".self_exclusion")]
   if shaped:
     raise ResumeError(
       "cannot resume: the checkpoint was saved with a different "

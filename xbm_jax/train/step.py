@@ -208,10 +208,9 @@ def make_train_step(
   def embed_and_loss(params, batch_stats, carry, rows, step, ctrl, denominators, keys=None):
     """(loss, ((memory, moments), BN statistics, aux)) of one (micro-)batch on this
     device; `carry` is `(memory, moments)`; `rows` its `(images, labels, ids or
-    None)`; `keys`: the momentum encoder's
-    embeddings of the batch, enqueued instead of the trained encoder's. With
-    reprojection the memory (features) takes the batch's pooled features and the
-    loss sees it through the current head."""
+    None)`; `keys`: the momentum encoder's embeddings of the batch, enqueued instead
+    of the trained encoder's. With reprojection the memory (features) takes the
+    batch's pooled features and the loss sees it through the current head."""
     images, labels, ids = rows
     variables = {"params": params, "batch_stats": batch_stats}
     if reprojection:
