@@ -170,8 +170,9 @@ def _drift_fix_arms(loss="multi_similarity", tag="ms") -> list[Arm]:
 
 def _batch_arms(tag="ms", loss="multi_similarity", lrs=(3e-3, 1e-2)):
   """Equal images: B = 256 (64 classes x 4) for 50 steps, the 12,800 images B = 64 sees
-  in 200, without and with the memory; lr tuned on val over 3e-3 / 1e-2 (a bigger batch
-  takes a bigger lr; 3e-3 was the B = 64 arms' choice)."""
+  in 200, without and with the memory; lr tuned on val over 3e-3 / 1e-2 for
+  multi-similarity (a bigger batch takes a bigger lr; 3e-3 was the B = 64 arms' choice;
+  1e-2 not run), contrastive at its B = 64 arms' 1e-3 only."""
   base = {"loss.name": loss, "train.steps": STEPS // 4, "input.batch_size": 256}
   grid = {"optim.lr": lrs}
   return [
@@ -247,6 +248,7 @@ def arms() -> list[Arm]:
     + _controls("multi_similarity", "ms")
     + _controls("contrastive", "contrastive")
     + _batch_arms()
+    + _batch_arms("contrastive", "contrastive", lrs=(1e-3,))
     + _small_batch_arms()
     + _drift_fix_arms()
     + _contrastive_momentum_arm()

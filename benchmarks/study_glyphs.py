@@ -8,6 +8,7 @@ testbed's are in study_cjk.py. `arms(smoke)` lists both, each with its paired ba
   summed memory term; the memory term averaged over its active pairs; the drift-aware
   auto start. lr (and weight) tuned per arm.
 - guard: the warm-start regime, memory on at step 100, the drift guard.
+- guard_paired: from scratch, memory from step 300: the paired guard (`xbm.guard=paired`).
 - pretrained: the paper's regime in miniature (`glyphs.py:study,pretrained`), lr tuned.
 - memsize: the pretrained regime, averaged term, memory 0 / 1k / 3k / 6k (whole train set).
 - margin: the pretrained regime, the contrastive margin tuned for no memory and the summed
@@ -213,6 +214,30 @@ def _pretrained_drift_arms():
   ]
 
 
+def _paired_guard_arms():
+  """The trainer's paired guard (`xbm.guard=paired`) where the ratio guard never fired:
+  from scratch, the reference recipe (memory 8,192 from step 300, the summed term), lr
+  1e-3, 500 steps, val R@1 every 100; the guard compares each val reading after the
+  start with the one at step 300 (alpha 0.01 over 2 readings). Two seeds; its runs
+  were not used to design the rule (`xbm_jax/paired_guard.py`)."""
+  base = {"optim.lr": 1e-3, "train.steps": 500}
+  mem = {**base, "xbm.enabled": True}
+  guard = {"xbm.guard": "paired", "xbm.guard_metric": "eval/val/recall@1"}
+  two = {"seeds": (0, 1)}
+  return [
+    Arm("guard_paired", "no_memory", {**base, "xbm.enabled": False}, {}, **two),
+    Arm("guard_paired", "memory_paper_sum", mem, {}, **two),
+    Arm(
+      "guard_paired",
+      "memory_paper_sum_paired_guard",
+      {**mem, **guard},
+      {},
+      baseline="no_memory|memory_paper_sum",
+      **two,
+    ),
+  ]
+
+
 def _with_baselines(arms_: list[Arm]) -> list[Arm]:
   """Arms of a stage with a no-memory arm ("no_memory", or memsize's "size_0") and no
   baseline of their own take it as their paired baseline."""
@@ -253,6 +278,7 @@ def arms(smoke: bool) -> list[Arm]:
     _batch_arms("batch_size", "contrastive", lrs)
     + _fair_arms((1e-3, 3e-3))
     + _guard_arms()
+    + _paired_guard_arms()
     + _in_paper_regime(
       # 1e-3 added after 3e-4 won at the grid's top edge for every pretrained arm.
       _pretrained_arms((3e-5, 1e-4, 3e-4, 1e-3))
