@@ -120,7 +120,9 @@ def _controls(loss: str, tag: str) -> list[Arm]:
       f"{tag}_memory_cosine",
       {**mem, **cos},
       {},
-      baseline=f"{tag}_no_memory_cosine|cjk/{tag}_memory",
+      # ... and under cosine too, the best no-memory baseline of any loss.
+      baseline=f"{tag}_no_memory_cosine|cjk/{tag}_memory"
+      + ("|contrastive_no_memory_cosine" if tag != "contrastive" else ""),
       **at,
     ),
   ]
@@ -132,7 +134,8 @@ def _drift_fix_arms(loss="multi_similarity", tag="ms") -> list[Arm]:
   (its gap to the fresh-memory oracle is what a fix can recover) and no memory:
   - moments: each step the stored rows' per-dimension moments matched to the batch's;
   - momentum0.99: the enqueued batch embedded by an EMA of the parameters (m = 0.99,
-    a ~100-update horizon in a 200-update run);
+    a ~100-update horizon in a 200-update run); momentum0.99_cosine: the same under the
+    cosine schedule, against the cosine arms;
   - reprojection: the memory stores pooled backbone features, projected through the
     current head every step (exact for the head's share of the drift)."""
   at = {"at_chosen_of": f"cjk/{tag}_memory", **CJK}
@@ -155,6 +158,15 @@ def _drift_fix_arms(loss="multi_similarity", tag="ms") -> list[Arm]:
       {**mem, "xbm.momentum_encoder": 0.99},
       {},
       baseline=pair,
+      **at,
+    ),
+    Arm(
+      "cjk_drift",
+      f"{tag}_memory_momentum0.99_cosine",
+      {**mem, "xbm.momentum_encoder": 0.99, "optim.schedule": "cosine"},
+      {},
+      baseline=f"cjk_controls/{tag}_memory_cosine|cjk_controls/{tag}_no_memory_cosine"
+      + "|cjk_controls/contrastive_no_memory_cosine|cjk/contrastive_no_memory",
       **at,
     ),
     Arm(
