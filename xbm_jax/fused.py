@@ -150,20 +150,24 @@ def _loop(rule: Rule, inputs, body, init):
 
 
 def _contrastive_pass(rule: Rule, margin: float, q, r, pairs: Pairs):
-  """(per-row `[2, G]` pair counts, `[2, G]` similarity sums, dq' = dS r `[G, D]`)
-  of positives and active negatives, in one pass."""
+  """(per-row loss `[G]`, `[2, G]` pair counts, `[2, G]` similarity sums, dq' = dS r
+  `[G, D]`) of positives and active negatives, in one pass. Each is its own loop
+  carry: XLA drops the statistics' reductions where nothing reads them, and the
+  loss is one row sum of its terms (1 - S on positives, S on active negatives)."""
   q, r = _f32(q, r)
 
   def body(i, carry):
-    counts, sums, g = carry
+    loss, counts, sums, g = carry
     s, pos, neg, rows = _block(rule, i, q, r, pairs)
     neg = neg & (s > margin)
     ds = jnp.where(pos, -1.0, jnp.where(neg, 1.0, 0.0))
+    loss = loss + _row_sums(jnp.where(pos, 1.0 - s, jnp.where(neg, s, 0.0)))[0]
     sums = sums + _row_sums(jnp.where(pos, s, 0.0), jnp.where(neg, s, 0.0))
-    return counts + _counts(pos, neg), sums, g + jnp.matmul(ds, rows, precision=HI)
+    return loss, counts + _counts(pos, neg), sums, g + jnp.matmul(ds, rows, precision=HI)
 
   g = q.shape[0]
-  init = (jnp.zeros((2, g), jnp.int32), jnp.zeros((2, g), jnp.float32), _grad0(q, r))
+  zeros = jnp.zeros((2, g), jnp.float32)
+  init = (zeros[0], jnp.zeros((2, g), jnp.int32), zeros, _grad0(q, r))
   return _loop(rule, (q, r, pairs), body, init)
 
 
@@ -171,17 +175,16 @@ def _contrastive_pass(rule: Rule, margin: float, q, r, pairs: Pairs):
 def contrastive_rows(rule: Rule, margin: float, q, r, pairs: Pairs):
   """Per-row `(loss, positives, active negatives, pos sim sum, neg sim sum)`, each
   `[G]` (counts int32), of anchors `q [G, D]` against the memory rows `r [R, D]`."""
-  return _contrastive_out(*_contrastive_pass(rule, margin, q, r, pairs)[:2])
+  return _contrastive_out(*_contrastive_pass(rule, margin, q, r, pairs)[:3])
 
 
-def _contrastive_out(counts, sums):
-  (n_pos, n_neg), (s_pos, s_neg) = counts, sums
-  return n_pos.astype(jnp.float32) - s_pos + s_neg, n_pos, n_neg, s_pos, s_neg
+def _contrastive_out(loss, counts, sums):
+  return (loss, *counts, *sums)
 
 
 def _contrastive_fwd(rule, margin, q, r, pairs):
-  counts, sums, g = _contrastive_pass(rule, margin, q, r, pairs)
-  return _contrastive_out(counts, sums), (g, jnp.zeros((0,), q.dtype), r)  # [0]: q's dtype
+  *out, g = _contrastive_pass(rule, margin, q, r, pairs)
+  return _contrastive_out(*out), (g, jnp.zeros((0,), q.dtype), r)  # [0]: q's dtype
 
 
 def _contrastive_bwd(rule, margin, res, ct):
@@ -257,49 +260,65 @@ def _ms_block(rule: Rule, ms: MS, i, q, r, pairs: Pairs, kept, extremes):
   return s, pos_keep, neg_keep, e, rows
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def ms_rows(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes):
-  """Per-row sums over the mined pairs (pass 2): `[4, G]` float32, the shifted
-  exponential sums of positives and negatives and their similarity sums, and
-  `[2, G]` int32 pair counts. `kept`: pass 1's S; `extremes [4, G]`: the whole
-  reference's least similar positive and most similar negative and the
-  stabilisers `max(0, -alpha (min_pos - lam))`, `max(0, beta (max_neg - lam))`
-  (0 where that set mines nothing). Gradient: to `q` through the exponential
-  sums (pass 3 reads S again); the similarity sums are statistics and carry none."""
+def _ms_pass(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes, *, keep_e: bool):
+  """Pass 2: `(exponential sums [2, G], similarity sums [2, G], counts [2, G]
+  int32, kept)` over the mined pairs. Each sum is its own loop carry, so that
+  XLA drops the statistics' reductions where nothing reads them. `keep_e`:
+  each block of `kept` (S, read once) is overwritten in place by its signed
+  exponentials `E` (-e on mined positives, +e on mined negatives, 0 elsewhere),
+  all the backward needs: one less pass of masks and exponentials there."""
   q, r = _f32(q, r)
 
   def body(i, carry):
-    sums, counts = carry
+    e_sums, s_sums, counts, kept = carry
     s, pos_keep, neg_keep, e, _ = _ms_block(rule, ms, i, q, r, pairs, kept, extremes)
-    e_pos, e_neg = jnp.where(pos_keep, e, 0.0), jnp.where(neg_keep, e, 0.0)
-    s_pos, s_neg = jnp.where(pos_keep, s, 0.0), jnp.where(neg_keep, s, 0.0)
-    sums = sums + _row_sums(e_pos, e_neg, s_pos, s_neg)
-    return sums, counts + _counts(pos_keep, neg_keep)
+    e_sums = e_sums + _row_sums(jnp.where(pos_keep, e, 0.0), jnp.where(neg_keep, e, 0.0))
+    s_sums = s_sums + _row_sums(jnp.where(pos_keep, s, 0.0), jnp.where(neg_keep, s, 0.0))
+    if keep_e:
+      kept = jax.lax.dynamic_update_index_in_dim(kept, jnp.where(pos_keep, -e, e), i, 0)
+    return e_sums, s_sums, counts + _counts(pos_keep, neg_keep), kept
 
   g = q.shape[0]
-  init = (jnp.zeros((4, g), jnp.float32), jnp.zeros((2, g), jnp.int32))
+  zeros = jnp.zeros((2, g), jnp.float32)
+  init = (zeros, zeros, jnp.zeros((2, g), jnp.int32), kept)
   return _loop(rule, (q, r, pairs, kept, extremes), body, init)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def ms_rows(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes):
+  """Per-row sums over the mined pairs (pass 2): `(e_sums, s_sums, counts)`, each
+  `[2, G]` (positives, negatives): the shifted exponential sums, the similarity
+  sums (float32) and the pair counts (int32). `kept`: pass 1's S; `extremes
+  [4, G]`: the whole reference's least similar positive and most similar
+  negative and the stabilisers `max(0, -alpha (min_pos - lam))`, `max(0, beta
+  (max_neg - lam))` (0 where that set mines nothing). Gradient: to `q` through
+  the exponential sums (pass 3 reads pass 2's exponentials); the similarity
+  sums and counts are statistics and carry none."""
+  return _ms_pass(rule, ms, q, r, pairs, kept, extremes, keep_e=False)[:3]
+
+
 def _ms_fwd(rule, ms, q, r, pairs, kept, extremes):
-  return ms_rows(rule, ms, q, r, pairs, kept, extremes), (q, r, pairs, kept, extremes)
+  *out, signed_e = _ms_pass(rule, ms, q, r, pairs, kept, extremes, keep_e=True)
+  return tuple(out), (jnp.zeros((0,), q.dtype), r, extremes, signed_e)  # [0]: q's dtype
 
 
 def _ms_bwd(rule, ms, res, ct):
-  q, r, pairs, kept, extremes = res
-  qf, rf = _f32(q, r)
-  ct = ct[0]  # the counts' cotangents are symbolic zeros
-  # d P / d S = -alpha e on mined positives, d N / d S = beta e on mined negatives.
-  c_pos, c_neg = (-ms.alpha * ct[0])[:, None], (ms.beta * ct[1])[:, None]
+  q_like, r, extremes, signed_e = res
+  # d(sum e_pos)/dS = -alpha e = alpha E on mined positives (E < 0), d(sum e_neg)/dS
+  # = beta e = beta E on mined negatives; E is 0 (or -0.0, e underflowed) elsewhere.
+  w_pos, w_neg = (ms.alpha * ct[0][0])[:, None], (ms.beta * ct[0][1])[:, None]
+  size = _blocks(rule, r.shape[0])[1]
 
   def body(i, g):
-    _, pos_keep, _, e, rows = _ms_block(rule, ms, i, qf, rf, pairs, kept, extremes)
-    ds = jnp.where(pos_keep, c_pos * e, c_neg * e)
-    return g + jnp.matmul(ds, rows, precision=HI)
+    e = signed_e[i]
+    ds = e * jnp.where(e < 0, w_pos, w_neg)
+    rows = jax.lax.dynamic_slice_in_dim(r, jnp.minimum(i * size, r.shape[0] - size), size)
+    return g + jnp.matmul(ds, rows.astype(g.dtype), precision=HI)
 
-  g = _loop(rule, (qf, rf, pairs, kept, extremes, ct), body, _grad0(qf, rf))
-  zeros = jax.tree.map(jnp.zeros_like, (kept, extremes))
-  return (g.astype(q.dtype), jnp.zeros_like(r), None) + zeros
+  init = jnp.zeros((signed_e.shape[1], r.shape[1]), jnp.promote_types(jnp.float32, r.dtype))
+  g = _loop(rule, (q_like, r, signed_e, ct[0]), body, init)
+  zeros = jax.tree.map(jnp.zeros_like, (signed_e, extremes))
+  return (g.astype(q_like.dtype), jnp.zeros_like(r), None) + zeros
 
 
 ms_rows.defvjp(_ms_fwd, _ms_bwd)

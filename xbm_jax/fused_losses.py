@@ -90,8 +90,8 @@ def contrastive(
     return None
   p, rule, sides = ready
   sums = fused.contrastive_rows(rule, float(margin), p.query.emb, reference.emb, sides)
-  if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name)
+  if axis_name is not None:  # one psum each: XLA drops those of unread statistics
+    sums = tuple(jax.lax.psum(x, axis_name) for x in sums)
   loss, n_pos, n_neg, s_pos, s_neg = sums
   active = (n_pos + n_neg).astype(jnp.int32)
   return _finish(p, axis_name, loss, active, (n_pos, s_pos), (n_neg, s_neg))
@@ -138,11 +138,15 @@ def multi_similarity(
     max_neg + mining_margin > min_pos, jnp.maximum(beta * (max_neg - lam), 0.0), 0.0
   )
   extremes = jnp.stack([min_pos, max_neg, m_pos, m_neg])
-  sums, counts = fused.ms_rows(rule, settings, q, r, sides, kept, extremes)
+  e_sums, s_sums, counts = fused.ms_rows(rule, settings, q, r, sides, kept, extremes)
   if axis_name is not None:
-    sums, counts = jax.lax.psum((sums, counts), axis_name)
-  (e_pos, e_neg, s_pos, s_neg), (n_pos, n_neg) = sums, counts
-  has = (n_neg > 0) & (n_pos > 0)
+    # One psum each: XLA drops those of unread statistics (and their loop carries).
+    e_sums, s_sums, counts = (jax.lax.psum(x, axis_name) for x in (e_sums, s_sums, counts))
+  (e_pos, e_neg), (s_pos, s_neg), (n_pos, n_neg) = e_sums, s_sums, counts
+  # Both sets mine a pair iff their extremes do (the same tests as the stabilisers'),
+  # so the loss needs no counts: XLA drops them (and the similarity sums) unless
+  # the statistics are asked for.
+  has = (min_pos - mining_margin < max_neg) & (max_neg + mining_margin > min_pos)
   pos_term = (m_pos + jnp.log(jnp.exp(-m_pos) + e_pos)) / alpha
   neg_term = (m_neg + jnp.log(jnp.exp(-m_neg) + e_neg)) / beta
   loss = jnp.where(has, pos_term + neg_term, 0.0)
