@@ -9,6 +9,9 @@ selects that make dS. Here the reference is walked in blocks of `CHUNK` rows:
 a `[G, CHUNK]` block of S, its masks, row reductions and dS stay in cache,
 and each block's share of dq = dS r is added while its rows are still there.
 
+Statistics (pair counts, similarity sums) are loop carries of their own: XLA
+drops their reductions where nothing reads them (`return_stats=False`).
+
 Per loss (everything else is per-anchor `[G]` arithmetic in `xbm_jax.losses`):
 
   contrastive: dS is the sign matrix (-1 on positives, +1 on active
@@ -17,7 +20,9 @@ Per loss (everything else is per-anchor `[G]` arithmetic in `xbm_jax.losses`):
   multi-similarity: mining needs each anchor's hardest positive and negative
     over the whole row first. Pass 1 (`scan_extremes`) makes S (kept, `[n, G,
     C]`) and those extremes; pass 2 (`ms_rows`, forward) reads S back for the
-    mined exponential sums; the backward (pass 3) reads S again for dS and dq.
+    mined exponential sums and, under autodiff, overwrites it in place with
+    the signed exponentials; the backward (pass 3) reads those: dS is each
+    one times its row's weight for its sign, then dq. No pass recomputes S.
   triplet "hard": pass 1 gives the extremes with their tie counts; the value is
     per-anchor arithmetic on them, and `extreme_grads` is a zero whose
     backward reads S once more for dS (ties split evenly, as `jnp.min` does)
@@ -272,10 +277,13 @@ def _ms_pass(rule: Rule, ms: MS, q, r, pairs: Pairs, kept, extremes, *, keep_e: 
   def body(i, carry):
     e_sums, s_sums, counts, kept = carry
     s, pos_keep, neg_keep, e, _ = _ms_block(rule, ms, i, q, r, pairs, kept, extremes)
-    e_sums = e_sums + _row_sums(jnp.where(pos_keep, e, 0.0), jnp.where(neg_keep, e, 0.0))
+    # Written out once (the barrier stops XLA from recomputing the masks and
+    # exponentials inside each consumer): both sums read it by its sign.
+    signed = jax.lax.optimization_barrier(jnp.where(pos_keep, -e, e))
+    e_sums = e_sums + _row_sums(jnp.where(signed < 0, -signed, 0.0), jnp.maximum(signed, 0.0))
     s_sums = s_sums + _row_sums(jnp.where(pos_keep, s, 0.0), jnp.where(neg_keep, s, 0.0))
     if keep_e:
-      kept = jax.lax.dynamic_update_index_in_dim(kept, jnp.where(pos_keep, -e, e), i, 0)
+      kept = jax.lax.dynamic_update_index_in_dim(kept, signed, i, 0)
     return e_sums, s_sums, counts + _counts(pos_keep, neg_keep), kept
 
   g = q.shape[0]
