@@ -23,10 +23,11 @@ Per loss (everything else is per-anchor `[G]` arithmetic in `xbm_jax.losses`):
     mined exponential sums and, under autodiff, overwrites it in place with
     the signed exponentials; the backward (pass 3) reads those: dS is each
     one times its row's weight for its sign, then dq. No pass recomputes S.
-  triplet "hard": pass 1 gives the extremes with their tie counts; the value is
-    per-anchor arithmetic on them, and `extreme_grads` is a zero whose
-    backward reads S once more for dS (ties split evenly, as `jnp.min` does)
-    and dq.
+  triplet "hard": pass 1 gives the extremes with their tie counts and where
+    they are (S is not kept); the value is per-anchor arithmetic on them, and
+    `fused_triplet.hardest_grads` is a zero whose backward gathers the two
+    hardest rows of each anchor: no second product (a second walk over the
+    memory only where an extreme is tied).
 
 The reference is a memory (`MemoryState`, detached by `memory.enqueue`): it
 gets no gradient. A sharded memory runs the same blocks on each device's
@@ -204,40 +205,52 @@ contrastive_rows.defvjp(_contrastive_fwd, _contrastive_bwd)
 # ------------------------------------------------ pass 1: S and the row extremes
 
 
-def _merge_min(a, ca, b, cb):
-  """(min, ties) of two (value, tie count) pairs; `ca`, `cb` count entries equal
-  to their value."""
+def _merge_min(a, ca, ia, b, cb, ib):
+  """(min, ties, index sum) of two (value, tie count, sum of the tied entries'
+  row indices) triples."""
   m = jnp.minimum(a, b)
-  return m, jnp.where(a == m, ca, 0.0) + jnp.where(b == m, cb, 0.0)
+  pick = lambda x, y: jnp.where(a == m, x, 0.0) + jnp.where(b == m, y, 0.0)
+  return m, pick(ca, cb), pick(ia, ib)
 
 
-def scan_extremes(rule: Rule, q, r, pairs: Pairs, *, ties: bool = True):
-  """Pass 1: `(S [n, G, C] f32, extremes [4, G])`, extremes = (least similar
-  positive, its ties, most similar negative, its ties): +inf / -inf, 0 ties
-  where the row has none (`ties=False`: ties not counted, 0). No gradient
-  (mining is piecewise constant)."""
+LOCATE_MAX = 2**24  # row indices summed in float32 are exact below this
+
+
+def scan_extremes(rule: Rule, q, r, pairs: Pairs, *, ties: bool = True, keep: bool = True):
+  """Pass 1: `(S [n, G, C] f32 or None, extremes [6, G])`, extremes = (least
+  similar positive, its ties, most similar negative, its ties, the sums of the
+  row indices of the tied positives and of the tied negatives): +inf / -inf, 0
+  ties where the row has none. A row's index sum is its hardest pair's row in
+  `r` where it has one tie (`hardest_grads` gathers it); exact for R <
+  `LOCATE_MAX`. `ties=False`: none of the four counted (0). `keep=False`: S
+  is not kept (None). No gradient (mining is piecewise constant)."""
   q, r = _f32(*jax.lax.stop_gradient((q, r)))
   n, size = _blocks(rule, r.shape[0])
   big = jnp.float32(jnp.inf)
 
   def body(i, carry):
-    kept, (lo, c_lo, hi, c_hi) = carry
+    kept, (lo, c_lo, at_lo, hi, c_hi, at_hi) = carry
     s, pos, neg, _ = _block(rule, i, q, r, pairs)
     sp, sn = jnp.where(pos, s, big), jnp.where(neg, -s, big)  # both as minima
     blo, bhi = jnp.min(sp, axis=1), jnp.min(sn, axis=1)
+    tied = jnp.zeros((4,) + blo.shape, jnp.float32)
     if ties:
-      n_tied = _counts((sp == blo[:, None]) & pos, (sn == bhi[:, None]) & neg).astype(jnp.float32)
-    else:
-      n_tied = jnp.zeros((2,) + blo.shape, jnp.float32)
-    lo, c_lo = _merge_min(lo, c_lo, blo, n_tied[0])
-    hi, c_hi = _merge_min(hi, c_hi, bhi, n_tied[1])
-    return jax.lax.dynamic_update_index_in_dim(kept, s, i, 0), (lo, c_lo, hi, c_hi)
+      tie_lo, tie_hi = (sp == blo[:, None]) & pos, (sn == bhi[:, None]) & neg
+      row = (jnp.minimum(i * size, r.shape[0] - size) + jnp.arange(size)).astype(jnp.float32)
+      at = _row_sums(jnp.where(tie_lo, row, 0.0), jnp.where(tie_hi, row, 0.0))
+      tied = jnp.concatenate([_counts(tie_lo, tie_hi).astype(jnp.float32), at])
+    lo, c_lo, at_lo = _merge_min(lo, c_lo, at_lo, blo, tied[0], tied[2])
+    hi, c_hi, at_hi = _merge_min(hi, c_hi, at_hi, bhi, tied[1], tied[3])
+    if keep:
+      kept = jax.lax.dynamic_update_index_in_dim(kept, s, i, 0)
+    return kept, (lo, c_lo, at_lo, hi, c_hi, at_hi)
 
   g = q.shape[0]
   inf, zero = jnp.full((g,), big), jnp.zeros((g,), jnp.float32)
-  kept = jnp.zeros((n, g, size), jnp.float32)
-  kept, (lo, c_lo, hi, c_hi) = _loop(rule, (q, r, pairs), body, (kept, (inf, zero, inf, zero)))
-  return kept, jnp.stack([lo, c_lo, -hi, c_hi])
+  kept = jnp.zeros((n, g, size), jnp.float32) if keep else None
+  init = (kept, (inf, zero, zero, inf, zero, zero))
+  kept, (lo, c_lo, at_lo, hi, c_hi, at_hi) = _loop(rule, (q, r, pairs), body, init)
+  return kept, jnp.stack([lo, c_lo, -hi, c_hi, at_lo, at_hi])
 
 
 # --------------------------------------------------------------- multi-similarity
@@ -330,39 +343,3 @@ def _ms_bwd(rule, ms, res, ct):
 
 
 ms_rows.defvjp(_ms_fwd, _ms_bwd)
-
-
-# ------------------------------------------------------------------ hard triplet
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def extreme_grads(rule: Rule, q, r, pairs: Pairs, kept, extremes):
-  """`[2, G]` zeros whose gradient is that of (least similar positive, most
-  similar negative) wrt `q`, split evenly over tied entries (pass 2, backward
-  only); add them to pass 1's `extremes` (`scan_extremes`) to differentiate."""
-  return _vary_like(jnp.zeros((2, q.shape[0]), jnp.float32), (q, r, pairs, kept, extremes))
-
-
-def _extreme_fwd(rule, q, r, pairs, kept, extremes):
-  return extreme_grads(rule, q, r, pairs, kept, extremes), (q, r, pairs, kept, extremes)
-
-
-def _extreme_bwd(rule, res, ct):
-  q, r, pairs, kept, extremes = res
-  qf, rf = _f32(q, r)
-  lo, c_lo, hi, c_hi = extremes
-  w_lo = (ct[0] / jnp.maximum(c_lo, 1.0))[:, None]
-  w_hi = (ct[1] / jnp.maximum(c_hi, 1.0))[:, None]
-
-  def body(i, g):
-    s, pos, neg, rows = _block(rule, i, qf, rf, pairs, s=kept[i])
-    ds = jnp.where(pos & (s == lo[:, None]), w_lo, 0.0)
-    ds = ds + jnp.where(neg & (s == hi[:, None]), w_hi, 0.0)
-    return g + jnp.matmul(ds, rows, precision=HI)
-
-  g = _loop(rule, (qf, rf, pairs, kept, extremes, ct), body, _grad0(qf, rf))
-  zeros = jax.tree.map(jnp.zeros_like, (kept, extremes))
-  return (g.astype(q.dtype), jnp.zeros_like(r), None) + zeros
-
-
-extreme_grads.defvjp(_extreme_fwd, _extreme_bwd)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xbm_jax import embeddings, fused, memory as memory_lib, pairs
+from xbm_jax import embeddings, fused, fused_triplet, memory as memory_lib, pairs
 from xbm_jax.scoring import self_threshold
 
 sg = jax.lax.stop_gradient
@@ -126,7 +126,7 @@ def multi_similarity(
   p, rule, sides = ready
   settings = fused.MS(*(float(x) for x in settings))
   q, r = p.query.emb, reference.emb
-  kept, (min_pos, _, max_neg, _) = fused.scan_extremes(rule, q, r, sides, ties=False)
+  kept, (min_pos, _, max_neg, *_) = fused.scan_extremes(rule, q, r, sides, ties=False)
   if axis_name is not None:
     min_pos, max_neg = jax.lax.pmin(min_pos, axis_name), jax.lax.pmax(max_neg, axis_name)
   # The log-sum-exp stabilisers of the plain form: the largest exponent over the
@@ -172,7 +172,7 @@ def triplet(
   margin=0.1,
   mining="hard",
 ):
-  """triplet "hard" through `fused.scan_extremes` and `fused.extreme_grads` (same
+  """triplet "hard" through `fused.scan_extremes` and `fused_triplet.hardest_grads` (same
   values); "semihard" and "all" sort whole rows: the plain form."""
   if mining != "hard":
     return None
@@ -189,13 +189,14 @@ def triplet(
     return None
   p, rule, sides = ready
   q, r = p.query.emb, reference.emb
-  kept, (lo, n_lo, hi, n_hi) = fused.scan_extremes(rule, q, r, sides)
+  _, (lo, n_lo, hi, n_hi, at_lo, at_hi) = fused.scan_extremes(rule, q, r, sides, keep=False)
+  located = jnp.stack([lo, at_lo, hi, at_hi])  # this slice's extremes and their rows
   if axis_name is not None:  # the extremes over all slices, ties counted on each
     best_lo, best_hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
     n_lo = jax.lax.psum(jnp.where(lo == best_lo, n_lo, 0.0), axis_name)
     n_hi = jax.lax.psum(jnp.where(hi == best_hi, n_hi, 0.0), axis_name)
     lo, hi = best_lo, best_hi
-  zero = fused.extreme_grads(rule, q, r, sides, kept, jnp.stack([lo, n_lo, hi, n_hi]))
+  zero = fused_triplet.hardest_grads(rule, q, r, sides, jnp.stack([lo, n_lo, hi, n_hi]), located)
   if axis_name is not None:
     zero = jax.lax.psum(zero, axis_name)  # routes each anchor's gradient to every slice
   has_both = (n_lo > 0) & (n_hi > 0)
