@@ -18,7 +18,9 @@ unblocked (`floor`: one [B, M] product each way, the whole `s` written out) and
 blocked (`floor_blocked`: the same products over blocks of 2,048 memory rows,
 `s` kept in cache between them; the same flops, every memory row read once). On
 CPU the unblocked form is the faster at small M and the blocked one at large M
-(a [64, 1M] `s` is 256 MB); both are printed.
+(a [64, 1M] `s` is 256 MB); both are printed. Hard triplet's backward needs no
+second product (`xbm_jax.fused_triplet` gathers each anchor's two hardest rows),
+so its ratio can fall below 1: the floor counts a product it does not do.
 
 Timed for each loss of the library at its defaults: contrastive,
 multi-similarity and triplet ("hard"), whose memory term runs in blocks of
