@@ -93,6 +93,34 @@ def test_block_sizes_give_the_same_values(monkeypatch, chunk, pack):
     np.testing.assert_allclose(got[2][0], want[2][0], rtol=1e-5, atol=1e-7, err_msg=fast.__name__)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_triplet_gradient_with_and_without_ties(monkeypatch, tied):
+  """Hard triplet's backward gathers each anchor's two hardest rows where none is
+  tied, and walks the memory again where some are (every row stored twice):
+  both give the plain form's loss and gradient."""
+  monkeypatch.setattr(fused, "CHUNK", 5)
+  anchors, (r, rl, rv, ids) = _case(9)
+  r, rl, rv = r.copy(), rl.copy(), rv.copy()
+  if tied:  # rows 2k and 2k+1 equal: each extreme is tied with its twin
+    r[1::2], rl[1::2], rv[1::2] = r[0:-1:2], rl[0:-1:2], rv[0:-1:2]
+  else:  # the case's one duplicated entry made distinct
+    r[12] = _unit(np.random.default_rng(0), 1, 3)[0]
+  memory = (r, rl, rv, ids)
+  q = jnp.asarray(anchors[0])
+  sides = fused.Pairs(*(jnp.asarray(x) for x in (anchors[1], rl, anchors[2], rv)), 0, 0)
+  rule = fused.Rule("none", 0.0, fused.CHUNK)
+  counts = fused.scan_extremes(rule, q, jnp.asarray(r), sides, keep=False)[1][1:4:2]
+  assert bool(jnp.any(counts > 1)) == tied  # the path under test
+  kw = dict(margin=0.3, self_exclusion="none")
+  got, want = (
+    _run(losses.triplet, anchors, memory, kw),
+    _run(losses.triplet_plain, anchors, memory, kw),
+  )
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got[2][0], want[2][0], rtol=1e-5, atol=1e-7)
+  assert np.any(np.asarray(want[2][0]) != 0)
+
+
 def test_fast_forms_run_where_they_apply():
   """A memory gets the fast form; a batch, or semihard/all triplets, the plain one
   (no `fused` call: a block size of 0 would fail)."""

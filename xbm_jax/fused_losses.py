@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xbm_jax import embeddings, fused, memory as memory_lib, pairs
+from xbm_jax import embeddings, fused, fused_triplet, memory as memory_lib, pairs
 from xbm_jax.scoring import self_threshold
 
 sg = jax.lax.stop_gradient
@@ -90,8 +90,8 @@ def contrastive(
     return None
   p, rule, sides = ready
   sums = fused.contrastive_rows(rule, float(margin), p.query.emb, reference.emb, sides)
-  if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name)
+  if axis_name is not None:  # one psum each: XLA drops those of unread statistics
+    sums = tuple(jax.lax.psum(x, axis_name) for x in sums)
   loss, n_pos, n_neg, s_pos, s_neg = sums
   active = (n_pos + n_neg).astype(jnp.int32)
   return _finish(p, axis_name, loss, active, (n_pos, s_pos), (n_neg, s_neg))
@@ -126,7 +126,7 @@ def multi_similarity(
   p, rule, sides = ready
   settings = fused.MS(*(float(x) for x in settings))
   q, r = p.query.emb, reference.emb
-  kept, (min_pos, _, max_neg, _) = fused.scan_extremes(rule, q, r, sides, ties=False)
+  kept, (min_pos, _, max_neg, *_) = fused.scan_extremes(rule, q, r, sides, ties=False)
   if axis_name is not None:
     min_pos, max_neg = jax.lax.pmin(min_pos, axis_name), jax.lax.pmax(max_neg, axis_name)
   # The log-sum-exp stabilisers of the plain form: the largest exponent over the
@@ -138,11 +138,15 @@ def multi_similarity(
     max_neg + mining_margin > min_pos, jnp.maximum(beta * (max_neg - lam), 0.0), 0.0
   )
   extremes = jnp.stack([min_pos, max_neg, m_pos, m_neg])
-  sums, counts = fused.ms_rows(rule, settings, q, r, sides, kept, extremes)
+  e_sums, s_sums, counts = fused.ms_rows(rule, settings, q, r, sides, kept, extremes)
   if axis_name is not None:
-    sums, counts = jax.lax.psum((sums, counts), axis_name)
-  (e_pos, e_neg, s_pos, s_neg), (n_pos, n_neg) = sums, counts
-  has = (n_neg > 0) & (n_pos > 0)
+    # One psum each: XLA drops those of unread statistics (and their loop carries).
+    e_sums, s_sums, counts = (jax.lax.psum(x, axis_name) for x in (e_sums, s_sums, counts))
+  (e_pos, e_neg), (s_pos, s_neg), (n_pos, n_neg) = e_sums, s_sums, counts
+  # Both sets mine a pair iff their extremes do (the same tests as the stabilisers'),
+  # so the loss needs no counts: XLA drops them (and the similarity sums) unless
+  # the statistics are asked for.
+  has = (min_pos - mining_margin < max_neg) & (max_neg + mining_margin > min_pos)
   pos_term = (m_pos + jnp.log(jnp.exp(-m_pos) + e_pos)) / alpha
   neg_term = (m_neg + jnp.log(jnp.exp(-m_neg) + e_neg)) / beta
   loss = jnp.where(has, pos_term + neg_term, 0.0)
@@ -168,7 +172,7 @@ def triplet(
   margin=0.1,
   mining="hard",
 ):
-  """triplet "hard" through `fused.scan_extremes` and `fused.extreme_grads` (same
+  """triplet "hard" through `fused.scan_extremes` and `fused_triplet.hardest_grads` (same
   values); "semihard" and "all" sort whole rows: the plain form."""
   if mining != "hard":
     return None
@@ -185,13 +189,14 @@ def triplet(
     return None
   p, rule, sides = ready
   q, r = p.query.emb, reference.emb
-  kept, (lo, n_lo, hi, n_hi) = fused.scan_extremes(rule, q, r, sides)
+  _, (lo, n_lo, hi, n_hi, at_lo, at_hi) = fused.scan_extremes(rule, q, r, sides, keep=False)
+  located = jnp.stack([lo, at_lo, hi, at_hi])  # this slice's extremes and their rows
   if axis_name is not None:  # the extremes over all slices, ties counted on each
     best_lo, best_hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
     n_lo = jax.lax.psum(jnp.where(lo == best_lo, n_lo, 0.0), axis_name)
     n_hi = jax.lax.psum(jnp.where(hi == best_hi, n_hi, 0.0), axis_name)
     lo, hi = best_lo, best_hi
-  zero = fused.extreme_grads(rule, q, r, sides, kept, jnp.stack([lo, n_lo, hi, n_hi]))
+  zero = fused_triplet.hardest_grads(rule, q, r, sides, jnp.stack([lo, n_lo, hi, n_hi]), located)
   if axis_name is not None:
     zero = jax.lax.psum(zero, axis_name)  # routes each anchor's gradient to every slice
   has_both = (n_lo > 0) & (n_hi > 0)
