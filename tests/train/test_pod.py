@@ -1,7 +1,9 @@
 """The real `scripts/train.py` as a pod runs it: two processes on localhost, 2 CPU
 devices each, gloo collectives, with evaluation, drift probe, memory pre-fill and
 checkpoints: every logged training statistic (losses, pair statistics, drift) and
-every eval metric equal a one-process run on 4 devices (the same global batch).
+every eval metric equal a one-process run on 4 devices (the same global batch);
+likewise, in a minimal second pair of runs, head re-projection (a sharded memory of
+pooled features, pre-filled, projected by the current head each step).
 
 Only what needs several processes is here; a killed run's exact resume, the sharded
 memory and its re-laying on another device count are checked in-process
@@ -44,6 +46,25 @@ FLAGS = [
   "--config.evals.glyphs.split=val5",
   "--config.train.progress=False",
 ]
+# Head re-projection refuses moments and the momentum encoder, so it gets its own,
+# minimal pair of runs: 4 steps, the memory (pooled features, sharded over the 4
+# devices) pre-filled and on from update 2 (logged steps 3, 4: the projected memory
+# term), a checkpoint every 2; no drift probe, no pictures, the one evaluation at
+# the end on the smallest split.
+REPROJECTION_STEPS = 4
+REPROJECTION_FLAGS = [
+  "--config=configs/glyphs.py:smoke",
+  f"--config.train.steps={REPROJECTION_STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.checkpoint_every=2",
+  "--config.xbm.prefill=True",
+  "--config.xbm.reprojection=True",
+  "--config.xbm.memory_sharding=sharded",
+  "--config.drift.enabled=False",
+  "--config.pictures.enabled=False",
+  "--config.evals.glyphs.split=val5",
+  "--config.train.progress=False",
+]
 NOT_COMPARED = ("train/steps_per_s", "train/images_per_s")
 
 
@@ -53,8 +74,9 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch(workdir, extra=(), *, nproc=2, devices=2):
-  """Starts the processes of one run; returns them (stdout+stderr to workdir/pN.log)."""
+def launch(workdir, extra=(), *, flags=FLAGS, nproc=2, devices=2):
+  """Starts the processes of one run of `flags` + `extra`; returns them
+  (stdout+stderr to workdir/pN.log)."""
   os.makedirs(workdir, exist_ok=True)
   port, procs = free_port(), []
   for pid in range(nproc):
@@ -71,7 +93,7 @@ def launch(workdir, extra=(), *, nproc=2, devices=2):
     path = os.path.join(workdir, f"p{pid}.{time.time_ns()}.log")
     with open(path, "w") as log:
       p = subprocess.Popen(
-        [sys.executable, TRAIN, *FLAGS, f"--workdir={workdir}", *extra],
+        [sys.executable, TRAIN, *flags, f"--workdir={workdir}", *extra],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -120,14 +142,25 @@ def logged(workdir) -> dict:
   return out
 
 
-@pytest.mark.slow
-def test_two_processes_log_what_one_process_logs(tmp_path):
+def run_pod_and_one(tmp_path, *, flags=FLAGS, pod_extra=()) -> tuple[dict, dict]:
+  """`(logged(pod), logged(one))` of a 2-process run (2 devices each, `flags` +
+  `pod_extra`) and a 1-process run on 4 devices (`flags`), launched together."""
   pod, one = str(tmp_path / "pod"), str(tmp_path / "one")
-  wait(launch(pod), launch(one, nproc=1, devices=4))
+  wait(launch(pod, pod_extra, flags=flags), launch(one, flags=flags, nproc=1, devices=4))
   check_ok(pod)
   check_ok(one)
-  got, want = logged(pod), logged(one)
+  return logged(pod), logged(one)
+
+
+def assert_same_statistics(got: dict, want: dict):
   assert got.keys() == want.keys()
+  for key in sorted(want):
+    np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=1e-6, err_msg=str(key))
+
+
+@pytest.mark.slow
+def test_two_processes_log_what_one_process_logs(tmp_path):
+  got, want = run_pod_and_one(tmp_path)
   keys = {k for _, k in want}
   assert {
     "train/loss",
@@ -138,6 +171,20 @@ def test_two_processes_log_what_one_process_logs(tmp_path):
   } <= keys
   assert want[(STEPS, "eval/glyphs/num_queries")] > 1000  # the whole split scored
   assert want[(STEPS, "train/memory_fill")] == 1.0  # pre-filled
-  for key in sorted(want):
-    np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=1e-6, err_msg=str(key))
-  assert len(os.listdir(os.path.join(pod, "pictures"))) == 1
+  assert_same_statistics(got, want)
+  assert len(os.listdir(os.path.join(tmp_path, "pod", "pictures"))) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_reproject_the_memory_as_one_process(tmp_path):
+  got, want = run_pod_and_one(tmp_path, flags=REPROJECTION_FLAGS)
+  with open(tmp_path / "pod" / "config.json") as f:
+    assert json.load(f)["xbm"]["reprojection"] is True
+  for step in range(1, REPROJECTION_STEPS + 1):
+    on = step > 2  # start_step 2 (:smoke): updates 2 and 3
+    assert want[(step, "train/memory_fill")] == (1.0 if on else 0.0)  # pre-filled
+    assert (want[(step, "train/loss_xbm")] > 0) == on
+    assert (want[(step, "train/xbm/neg_pairs")] > 0) == on
+  assert (REPROJECTION_STEPS, "eval/glyphs/recall@1") in want
+  assert_same_statistics(got, want)
+  assert sorted(os.listdir(tmp_path / "pod" / "checkpoints" / "last")) == ["2", "4"]
