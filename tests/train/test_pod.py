@@ -152,10 +152,10 @@ def run_pod_and_one(tmp_path, *, flags=FLAGS, pod_extra=()) -> tuple[dict, dict]
   return logged(pod), logged(one)
 
 
-def assert_same_statistics(got: dict, want: dict):
+def assert_same_statistics(got: dict, want: dict, rtol=2e-4):
   assert got.keys() == want.keys()
   for key in sorted(want):
-    np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=1e-6, err_msg=str(key))
+    np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=1e-6, err_msg=str(key))
 
 
 @pytest.mark.slow
@@ -186,5 +186,7 @@ def test_two_processes_reproject_the_memory_as_one_process(tmp_path):
     assert (want[(step, "train/loss_xbm")] > 0) == on
     assert (want[(step, "train/xbm/neg_pairs")] > 0) == on
   assert (REPROJECTION_STEPS, "eval/glyphs/recall@1") in want
-  assert_same_statistics(got, want)
+  # Tighter than the first test (no drift probe or pictures here): the runs differ by
+  # <= 4e-7 relative, and a pod storing its features in bf16 moves them by 2e-4.
+  assert_same_statistics(got, want, rtol=2e-5)
   assert sorted(os.listdir(tmp_path / "pod" / "checkpoints" / "last")) == ["2", "4"]
