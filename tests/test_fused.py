@@ -5,7 +5,8 @@ itself checked against NumPy loops in test_losses.py): value, statistics and
 the anchors' gradient, with invalid rows on both sides, duplicates of anchors
 (ties for the hardest pairs), every self rule and both reductions. The blocks
 are made small (`fused.CHUNK`) so that the reference spans several of them,
-the last overlapping its predecessor. The sharded memory's fast forms are
+the last overlapping its predecessor, and multi-similarity's listed positives
+(`xbm_jax.fused_ms`) span several gathered chunks. The sharded memory's fast forms are
 checked against the replicated plain form in test_sharded_memory.py.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 import xbm_jax
-from xbm_jax import fused, losses
+from xbm_jax import fused, fused_ms, losses
 
 PAIRS = [  # (fast, plain, options)
   (losses.contrastive, losses.contrastive_plain, dict(margin=0.3)),
@@ -62,6 +63,7 @@ def _run(fn, anchors, memory, kw):
 @pytest.mark.parametrize("self_exclusion", ["similarity", "index", "id", "none"])
 def test_fast_form_equals_plain_autodiff(monkeypatch, fast, plain, options, self_exclusion):
   monkeypatch.setattr(fused, "CHUNK", 5)  # 23 rows: 5 blocks, the last overlapping
+  monkeypatch.setattr(fused, "LIST_CHUNK", 4)  # multi-similarity's listed positives: 4 a chunk
   anchors, memory = _case(4)
   kw = dict(options, self_exclusion=self_exclusion)
   if self_exclusion == "index":
@@ -79,13 +81,20 @@ def test_fast_form_equals_plain_autodiff(monkeypatch, fast, plain, options, self
     assert np.any(np.asarray(want[2][0]) != 0) and float(want[0]) > 0, msg
 
 
-@pytest.mark.parametrize("chunk,pack", [(1, 4096), (4, 4096), (23, 4096), (64, 4096), (7, 4)])
-def test_block_sizes_give_the_same_values(monkeypatch, chunk, pack):
+@pytest.mark.parametrize(
+  "chunk,pack,listed,bits",
+  [(1, 4096, 1, 16), (4, 4096, 23, 1), (23, 4096, 5, 16), (64, 4096, 64, 0), (7, 4, 2, 1)],
+)
+def test_block_sizes_give_the_same_values(monkeypatch, chunk, pack, listed, bits):
   """One block, blocks that divide the memory, one row per block, and blocks too
-  wide to pack two counts in one sum (`pack`): same loss and gradient as the
-  plain form."""
+  wide to pack two counts in one sum (`pack`); multi-similarity's listed positives
+  in one chunk or several (`listed` rows each), their label table with one or two
+  slots (`bits`: every row listed, a positive or not): same loss and gradient as
+  the plain form."""
   monkeypatch.setattr(fused, "CHUNK", chunk)
   monkeypatch.setattr(fused, "PACK", pack)
+  monkeypatch.setattr(fused, "LIST_CHUNK", listed)
+  monkeypatch.setattr(fused_ms, "HASH_BITS", bits)
   anchors, memory = _case(9)
   for fast, plain, options in PAIRS:
     got, want = _run(fast, anchors, memory, options), _run(plain, anchors, memory, options)
@@ -109,7 +118,7 @@ def test_triplet_gradient_with_and_without_ties(monkeypatch, tied):
   q = jnp.asarray(anchors[0])
   sides = fused.Pairs(*(jnp.asarray(x) for x in (anchors[1], rl, anchors[2], rv)), 0, 0)
   rule = fused.Rule("none", 0.0, fused.CHUNK)
-  counts = fused.scan_extremes(rule, q, jnp.asarray(r), sides, keep=False)[1][1:4:2]
+  counts = fused.scan_extremes(rule, q, jnp.asarray(r), sides)[1:4:2]
   assert bool(jnp.any(counts > 1)) == tied  # the path under test
   kw = dict(margin=0.3, self_exclusion="none")
   got, want = (
@@ -129,10 +138,10 @@ def test_fast_forms_run_where_they_apply():
   batch = xbm_jax.Embeddings(jnp.asarray(memory[0]), jnp.asarray(memory[1]))
   mem = xbm_jax.MemoryState(batch.emb, batch.labels, jnp.ones(23, bool), jnp.int32(0))
   calls = []
-  orig = fused.scan_extremes
-  spy = lambda *a, **k: calls.append(1) or orig(*a, **k)
+  spy = lambda orig: lambda *a, **k: calls.append(1) or orig(*a, **k)
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(fused, "scan_extremes", spy)
+    mp.setattr(fused, "scan_extremes", spy(fused.scan_extremes))
+    mp.setattr(fused_ms, "positive_rows", spy(fused_ms.positive_rows))
     for mining in ("semihard", "all"):
       losses.triplet(q, mem, mining=mining)
     losses.multi_similarity(q, batch)

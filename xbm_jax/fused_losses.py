@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from xbm_jax import embeddings, fused, fused_triplet, memory as memory_lib, pairs
+from xbm_jax import embeddings, fused, fused_ms, fused_triplet, memory as memory_lib, pairs
 from xbm_jax.scoring import self_threshold
 
 sg = jax.lax.stop_gradient
@@ -57,7 +57,7 @@ def _inputs(query, reference, *, axis_name, self_exclusion, pos_threshold, self_
     jnp.broadcast_to(q_key, q.labels.shape),
     jnp.broadcast_to(r_key, reference.labels.shape),
   )
-  return p, fused.Rule(rule, float(threshold), fused.CHUNK), sides
+  return p, fused.Rule(rule, float(threshold), fused.CHUNK, fused.LIST_CHUNK), sides
 
 
 def _finish(p, axis_name, loss, active, pos, neg):
@@ -110,7 +110,7 @@ def multi_similarity(
   lam=0.5,
   mining_margin=0.1,
 ):
-  """multi_similarity through `fused.scan_extremes` and `fused.ms_rows` (same values)."""
+  """multi_similarity through `xbm_jax.fused_ms` (same values)."""
   settings = fused.MS(alpha, beta, lam, mining_margin)
   ready = _inputs(
     query,
@@ -124,28 +124,28 @@ def multi_similarity(
   if ready is None:
     return None
   p, rule, sides = ready
-  settings = fused.MS(*(float(x) for x in settings))
+  ms = fused.MS(*(float(x) for x in settings))
   q, r = p.query.emb, reference.emb
-  kept, (min_pos, _, max_neg, *_) = fused.scan_extremes(rule, q, r, sides, ties=False)
+  listed = fused_ms.positive_rows(rule, sides)
+  min_pos = fused_ms.least_similar_positive(rule, q, r, sides, listed)
   if axis_name is not None:
-    min_pos, max_neg = jax.lax.pmin(min_pos, axis_name), jax.lax.pmax(max_neg, axis_name)
-  # The log-sum-exp stabilisers of the plain form: the largest exponent over the
-  # mined pairs (the least similar positive / most similar negative, when mined), or 0.
+    min_pos = jax.lax.pmin(min_pos, axis_name)
+  neg = fused_ms.negative_sums(rule, ms, q, r, sides, min_pos)
+  neg = _across(neg, axis_name, ms.beta, ms.lam)
+  max_neg = neg.ext  # -inf where none is mined: then no positive is either (see fused_ms)
+  pos = fused_ms.positive_sums(rule, ms, q, r, sides, max_neg, listed)
+  pos = _across(pos, axis_name, -ms.alpha, ms.lam)
+  # The plain form's log-sum-exp stabilisers: the largest exponent over the mined
+  # pairs (the least similar positive / most similar negative, when mined), or 0.
   m_pos = jnp.where(
     min_pos - mining_margin < max_neg, jnp.maximum(-alpha * (min_pos - lam), 0.0), 0.0
   )
   m_neg = jnp.where(
     max_neg + mining_margin > min_pos, jnp.maximum(beta * (max_neg - lam), 0.0), 0.0
   )
-  extremes = jnp.stack([min_pos, max_neg, m_pos, m_neg])
-  e_sums, s_sums, counts = fused.ms_rows(rule, settings, q, r, sides, kept, extremes)
-  if axis_name is not None:
-    # One psum each: XLA drops those of unread statistics (and their loop carries).
-    e_sums, s_sums, counts = (jax.lax.psum(x, axis_name) for x in (e_sums, s_sums, counts))
-  (e_pos, e_neg), (s_pos, s_neg), (n_pos, n_neg) = e_sums, s_sums, counts
-  # Both sets mine a pair iff their extremes do (the same tests as the stabilisers'),
-  # so the loss needs no counts: XLA drops them (and the similarity sums) unless
-  # the statistics are asked for.
+  e_pos = pos.total * _exp_of(pos.ext, -ms.alpha, ms.lam, m_pos)  # sums of exp(x - m)
+  e_neg = neg.total * _exp_of(neg.ext, ms.beta, ms.lam, m_neg)
+  # Both sets mine a pair iff their extremes do (the same tests as the stabilisers').
   has = (min_pos - mining_margin < max_neg) & (max_neg + mining_margin > min_pos)
   pos_term = (m_pos + jnp.log(jnp.exp(-m_pos) + e_pos)) / alpha
   neg_term = (m_neg + jnp.log(jnp.exp(-m_neg) + e_neg)) / beta
@@ -156,9 +156,28 @@ def multi_similarity(
     axis_name,
     loss,
     has.astype(jnp.int32),
-    (mined(n_pos), mined(s_pos)),
-    (mined(n_neg), mined(s_neg)),
+    (mined(pos.count), mined(pos.s_sum)),
+    (mined(neg.count), mined(neg.s_sum)),
   )
+
+
+def _exp_of(ext, scale, lam, shift):
+  """exp(x_ext - shift) `[G]`, x_ext = scale (ext - lam) the exponent of a set's
+  extreme similarity `ext` (0 where the set is empty: its total is 0 too)."""
+  return jnp.where(jnp.isfinite(ext), jnp.exp(scale * (ext - lam) - shift), 0.0)
+
+
+def _across(sums: fused_ms.Sums, axis_name, scale, lam) -> fused_ms.Sums:
+  """A mined set's `Sums` over all slices of a split reference: the extreme over
+  all, each slice's total re-shifted to it (exponents `scale (S - lam)`)."""
+  if axis_name is None:
+    return sums
+  sign = 1.0 if scale > 0 else -1.0
+  ext = sign * jax.lax.pmax(sign * sg(sums.ext), axis_name)  # no gradient (see fused_ms)
+  ext_x = jnp.where(jnp.isfinite(ext), scale * (ext - lam), 0.0)
+  total = jax.lax.psum(sums.total * _exp_of(sums.ext, scale, lam, ext_x), axis_name)
+  count, s_sum = (jax.lax.psum(x, axis_name) for x in (sums.count, sums.s_sum))
+  return fused_ms.Sums(ext, total, count, s_sum)
 
 
 def triplet(
@@ -189,7 +208,7 @@ def triplet(
     return None
   p, rule, sides = ready
   q, r = p.query.emb, reference.emb
-  _, (lo, n_lo, hi, n_hi, at_lo, at_hi) = fused.scan_extremes(rule, q, r, sides, keep=False)
+  lo, n_lo, hi, n_hi, at_lo, at_hi = fused.scan_extremes(rule, q, r, sides)
   located = jnp.stack([lo, at_lo, hi, at_hi])  # this slice's extremes and their rows
   if axis_name is not None:  # the extremes over all slices, ties counted on each
     best_lo, best_hi = jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name)
