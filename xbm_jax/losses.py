@@ -123,9 +123,9 @@ def _multi_similarity_plain(
   mining_margin: float = 0.1,
 ) -> AnchorLoss:
   """Multi-similarity loss (Wang et al., CVPR 2019) with its pair mining, as coded
-  in the XBM reference. Against a memory it runs in three passes over blocks of
-  the memory (`xbm_jax.fused`); `multi_similarity_plain` is the same loss
-  through plain autodiff.
+  in the XBM reference. Against a memory it walks the memory once, after its
+  listed positives (`xbm_jax.fused_ms`); `multi_similarity_plain` is the same
+  loss through plain autodiff.
 
   Per anchor: keep negatives with S + margin > min positive S, positives with
   S - margin < max negative S; anchors lacking either contribute 0; else
