@@ -149,3 +149,23 @@ def test_fast_forms_run_where_they_apply():
     losses.multi_similarity(q, mem)
     losses.triplet(q, mem)
     assert len(calls) == 2
+
+
+def test_multi_similarity_large_similarities_stay_finite(monkeypatch):
+  """Rows of norm 3 (S up to 9: exp(beta (S - lam)) overflows float32 unshifted),
+  the largest similarities in a late block (the online shift grows and rescales):
+  the plain form's value and gradient, finite."""
+  monkeypatch.setattr(fused, "CHUNK", 5)
+  monkeypatch.setattr(fused, "LIST_CHUNK", 4)
+  (q, ql, qv, q_ids), (r, rl, rv, r_ids) = _case(6)
+  r = r.copy()
+  r[18:] *= 3.0  # the last block's rows: the largest similarities, met last
+  anchors, memory = (3.0 * q, ql, qv, q_ids), (r, rl, rv, r_ids)
+  kw = dict(self_exclusion="none")
+  got = _run(losses.multi_similarity, anchors, memory, kw)
+  want = _run(losses.multi_similarity_plain, anchors, memory, kw)
+  s = (3.0 * q) @ r.T
+  assert np.max(40.0 * (s[:, 18:] - 0.5)) > 89  # exp of it: inf in float32
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[2][0], want[2][0], rtol=1e-5, atol=1e-6)
+  assert np.all(np.isfinite(np.asarray(got[2][0])))
