@@ -131,10 +131,8 @@ def multi_similarity(
   if axis_name is not None:
     min_pos = jax.lax.pmin(min_pos, axis_name)
   neg = fused_ms.negative_sums(rule, ms, q, r, sides, min_pos)
-  neg = _across(neg, axis_name, ms.beta, ms.lam)
-  max_neg = neg.ext  # -inf where none is mined: then no positive is either (see fused_ms)
-  pos = fused_ms.positive_sums(rule, ms, q, r, sides, max_neg, listed)
-  pos = _across(pos, axis_name, -ms.alpha, ms.lam)
+  # -inf where no negative is mined: then no positive is either (see fused_ms).
+  max_neg = neg.ext if axis_name is None else jax.lax.pmax(sg(neg.ext), axis_name)
   # The plain form's log-sum-exp stabilisers: the largest exponent over the mined
   # pairs (the least similar positive / most similar negative, when mined), or 0.
   m_pos = jnp.where(
@@ -143,8 +141,17 @@ def multi_similarity(
   m_neg = jnp.where(
     max_neg + mining_margin > min_pos, jnp.maximum(beta * (max_neg - lam), 0.0), 0.0
   )
-  e_pos = pos.total * _exp_of(pos.ext, -ms.alpha, ms.lam, m_pos)  # sums of exp(x - m)
-  e_neg = neg.total * _exp_of(neg.ext, ms.beta, ms.lam, m_neg)
+  pos = fused_ms.positive_sums(rule, ms, q, r, sides, jnp.stack([max_neg, m_pos]), listed)
+  # Sums of exp(x - m) over each set: the negatives' re-shifted from their extreme's x.
+  ext_x = jnp.where(neg.ext > -jnp.inf, ms.beta * (neg.ext - ms.lam), 0.0)
+  e_sums = jnp.stack(
+    [pos.total, neg.total * jnp.where(neg.ext > -jnp.inf, jnp.exp(ext_x - m_neg), 0.0)]
+  )
+  stats = (pos.count, pos.s_sum, neg.count, neg.s_sum)
+  if axis_name is not None:
+    # One psum each: XLA drops those of unread statistics (and their loop carries).
+    e_sums, stats = jax.lax.psum(e_sums, axis_name), [jax.lax.psum(x, axis_name) for x in stats]
+  (e_pos, e_neg), (n_pos, s_pos, n_neg, s_neg) = e_sums, stats
   # Both sets mine a pair iff their extremes do (the same tests as the stabilisers').
   has = (min_pos - mining_margin < max_neg) & (max_neg + mining_margin > min_pos)
   pos_term = (m_pos + jnp.log(jnp.exp(-m_pos) + e_pos)) / alpha
@@ -156,28 +163,9 @@ def multi_similarity(
     axis_name,
     loss,
     has.astype(jnp.int32),
-    (mined(pos.count), mined(pos.s_sum)),
-    (mined(neg.count), mined(neg.s_sum)),
+    (mined(n_pos), mined(s_pos)),
+    (mined(n_neg), mined(s_neg)),
   )
-
-
-def _exp_of(ext, scale, lam, shift):
-  """exp(x_ext - shift) `[G]`, x_ext = scale (ext - lam) the exponent of a set's
-  extreme similarity `ext` (0 where the set is empty: its total is 0 too)."""
-  return jnp.where(jnp.isfinite(ext), jnp.exp(scale * (ext - lam) - shift), 0.0)
-
-
-def _across(sums: fused_ms.Sums, axis_name, scale, lam) -> fused_ms.Sums:
-  """A mined set's `Sums` over all slices of a split reference: the extreme over
-  all, each slice's total re-shifted to it (exponents `scale (S - lam)`)."""
-  if axis_name is None:
-    return sums
-  sign = 1.0 if scale > 0 else -1.0
-  ext = sign * jax.lax.pmax(sign * sg(sums.ext), axis_name)  # no gradient (see fused_ms)
-  ext_x = jnp.where(jnp.isfinite(ext), scale * (ext - lam), 0.0)
-  total = jax.lax.psum(sums.total * _exp_of(sums.ext, scale, lam, ext_x), axis_name)
-  count, s_sum = (jax.lax.psum(x, axis_name) for x in (sums.count, sums.s_sum))
-  return fused_ms.Sums(ext, total, count, s_sum)
 
 
 def triplet(

@@ -19,7 +19,8 @@ backward) and keeps S between them. Here:
    largest mined similarity is max_neg wherever a negative is mined; where
    none is, no positive is either (both need max_neg + margin > min_pos), and
    the anchor is inactive.
-4. `positive_sums`: the same sums over the listed chunks, with max_neg known.
+4. `positive_sums`: the same sums over the listed chunks, with max_neg known and
+   the plain form's shift (the least similar positive's exponent) known too.
 
 Each sum's backward only scales its dq' by the cotangent: no pass over the
 memory, and S is never stored. Work: the two products of every memory row
@@ -54,10 +55,9 @@ class Listed(NamedTuple):
 
 
 class Sums(NamedTuple):
-  """A mined set's per-anchor sums, `[G]` each: `ext` its extreme similarity
-  (largest for negatives, least for positives; -inf / +inf where it is empty),
-  `total` the sum of exp(x - x_ext) over it (x each pair's exponent, x_ext the
-  extreme's), `count` (int32) and `s_sum` (its similarities)."""
+  """A mined set's per-anchor sums, `[G]` each: `ext` (negatives) its largest
+  similarity (-inf where it is empty), `total` the sum of exp(x - shift) over
+  it (x each pair's exponent), `count` (int32) and `s_sum` (its similarities)."""
 
   ext: jax.Array
   total: jax.Array
@@ -129,68 +129,69 @@ def least_similar_positive(rule: Rule, q, r, pairs: Pairs, listed: Listed):
   return _chunk_loop(rule, listed, (q, r, pairs, listed), body, jnp.full(q.shape[:1], jnp.inf))
 
 
-class _Side(NamedTuple):
-  sign: float  # +1: the extreme is the largest S (negatives); -1: the least (positives)
-  scale: float  # the exponent is scale * (S - lam): beta, or -alpha
-
-
-def _add(side: _Side, lam: float, carry, s, keep, rows):
-  """The online update of `(ext, total, dq', count, s_sum)` by one block's mined
-  pairs `keep [G, C]` (ext kept as sign * S: a maximum either way)."""
-  ext, total, g, count, s_sum = carry
-  y = jnp.where(keep, side.sign * s, -jnp.inf)
-  new = jnp.maximum(ext, jnp.max(y, axis=1))
-  shift = lambda m: jnp.where(m > -jnp.inf, side.scale * (side.sign * m - lam), 0.0)
-  rescale = jnp.where(ext > -jnp.inf, jnp.exp(shift(ext) - shift(new)), 0.0)
-  e = jnp.exp(side.scale * (side.sign * y - lam) - shift(new)[:, None])  # 0 where not mined
-  ones = jnp.ones((s.shape[1], 1), e.dtype)
-  total = total * rescale + jnp.matmul(e, ones, precision=HI)[:, 0]  # a dot: faster than a sum
-  g = g * rescale[:, None] + jnp.matmul(e, rows.astype(g.dtype), precision=HI)
+def _accumulate(carry, e, rows, keep, s):
+  """`(total, dq', count, s_sum)` plus one block's exponentials `e [G, C]` (0 off
+  the mined pairs `keep`): total by a dot with ones (faster than a row sum on
+  XLA:CPU), dq' += e rows while the rows are in cache."""
+  total, g, count, s_sum = carry
+  total = total + jnp.matmul(e, jnp.ones((e.shape[1], 1), e.dtype), precision=HI)[:, 0]
+  g = g + jnp.matmul(e, rows.astype(g.dtype), precision=HI)
   count = count + fused._row_sums(keep)[0].astype(jnp.int32)
-  return new, total, g, count, s_sum + fused._row_sums(jnp.where(keep, s, 0.0))[0]
+  return total, g, count, s_sum + fused._row_sums(jnp.where(keep, s, 0.0))[0]
 
 
 def _init(q, r):
   g = q.shape[0]
   zero = jnp.zeros((g,), jnp.float32)
-  return jnp.full((g,), -jnp.inf), zero, fused._grad0(q, r), jnp.zeros((g,), jnp.int32), zero
-
-
-def _finish(side: _Side, carry):
-  ext, total, g, count, s_sum = carry
-  return Sums(side.sign * ext, total, count, s_sum), g
+  return zero, fused._grad0(q, r), jnp.zeros((g,), jnp.int32), zero
 
 
 def _negative_walk(rule: Rule, ms: MS, q, r, pairs: Pairs, min_pos):
+  """`(Sums, dq')`: the mined negatives' exponentials shifted by the largest so far
+  (`shift(ext)`), the sums and dq' rescaled as it grows."""
   q, r = fused._f32(q, r)
-  side = _Side(1.0, ms.beta)
+  shift = lambda m: jnp.where(m > -jnp.inf, ms.beta * (m - ms.lam), 0.0)  # 0: none yet
 
   def body(i, carry):
+    ext, sums = carry
     s, _, neg, rows = fused._block(rule, i, q, r, pairs)
     keep = neg & (s + ms.mining_margin > min_pos[:, None])  # the plain form's test
-    return _add(side, ms.lam, carry, s, keep, rows)
+    y = jnp.where(keep, s, -jnp.inf)
+    new = jnp.maximum(ext, jnp.max(y, axis=1))
+    rescale = jnp.where(ext > -jnp.inf, jnp.exp(shift(ext) - shift(new)), 0.0)
+    total, g, count, s_sum = sums
+    sums = (total * rescale, g * rescale[:, None], count, s_sum)
+    e = jnp.exp(ms.beta * (y - ms.lam) - shift(new)[:, None])  # 0 where not mined
+    return new, _accumulate(sums, e, rows, keep, s)
 
-  return _finish(side, fused._loop(rule, (q, r, pairs, min_pos), body, _init(q, r)))
+  init = (jnp.full(q.shape[:1], -jnp.inf), _init(q, r))
+  ext, (total, g, count, s_sum) = fused._loop(rule, (q, r, pairs, min_pos), body, init)
+  return Sums(ext, total, count, s_sum), g
 
 
-def _positive_walk(rule: Rule, ms: MS, q, r, pairs: Pairs, max_neg, listed: Listed):
+def _positive_walk(rule: Rule, ms: MS, q, r, pairs: Pairs, bounds, listed: Listed):
+  """`(Sums, dq')` of the mined positives, shifted by `bounds[1]` (ext: unused, 0)."""
   q, r = fused._f32(q, r)
-  side = _Side(-1.0, -ms.alpha)
+  max_neg, m_pos = bounds[0][:, None], bounds[1][:, None]
 
   def body(i, carry):
     s, pos, rows = _chunk(rule, i, q, r, pairs, listed)
-    keep = pos & (s - ms.mining_margin < max_neg[:, None])  # the plain form's test
-    return _add(side, ms.lam, carry, s, keep, rows)
+    keep = pos & (s - ms.mining_margin < max_neg)  # the plain form's test
+    e = jnp.exp(jnp.where(keep, -ms.alpha * (s - ms.lam) - m_pos, -jnp.inf))
+    return _accumulate(carry, e, rows, keep, s)
 
-  inputs = (q, r, pairs, max_neg, listed)
-  return _finish(side, _chunk_loop(rule, listed, inputs, body, _init(q, r)))
+  total, g, count, s_sum = _chunk_loop(
+    rule, listed, (q, r, pairs, bounds, listed), body, _init(q, r)
+  )
+  return Sums(jnp.zeros_like(total), total, count, s_sum), g
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def negative_sums(rule: Rule, ms: MS, q, r, pairs: Pairs, min_pos) -> Sums:
   """`Sums` of each anchor's mined negatives (S + margin > min_pos `[G]`) over
-  the memory `r [R, D]`, in one walk. Gradient: to `q` through `total` only
-  (the shift is the extreme's own exponent: any shift gives the same log-sum-exp)."""
+  the memory `r [R, D]`, in one walk, `total` shifted by its extreme's exponent
+  `beta (ext - lam)`. Gradient: to `q` through `total` only (any shift gives
+  the same log-sum-exp, so the shift's own change cancels)."""
   return _negative_walk(rule, ms, q, r, pairs, min_pos)[0]
 
 
@@ -209,22 +210,24 @@ negative_sums.defvjp(_negative_fwd, _negative_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def positive_sums(rule: Rule, ms: MS, q, r, pairs: Pairs, max_neg, listed: Listed) -> Sums:
-  """`Sums` of each anchor's mined positives (S - margin < max_neg `[G]`) over the
-  listed rows. Gradient: to `q` through `total` only."""
-  return _positive_walk(rule, ms, q, r, pairs, max_neg, listed)[0]
+def positive_sums(rule: Rule, ms: MS, q, r, pairs: Pairs, bounds, listed: Listed) -> Sums:
+  """`Sums` of each anchor's mined positives (S - margin < max_neg) over the listed
+  rows, `total` shifted by m_pos; `bounds [2, G]` = (max_neg, m_pos), m_pos at
+  least the largest exponent mined (the plain form's stabiliser: the least
+  similar positive's, when mined). `ext` is 0 (unused). Gradient: to `q`
+  through `total` only."""
+  return _positive_walk(rule, ms, q, r, pairs, bounds, listed)[0]
 
 
-def _positive_fwd(rule, ms, q, r, pairs, max_neg, listed):
-  sums, g = _positive_walk(rule, ms, q, r, pairs, max_neg, listed)
-  return sums, (g, jnp.zeros((0,), q.dtype), r, max_neg, listed)
+def _positive_fwd(rule, ms, q, r, pairs, bounds, listed):
+  sums, g = _positive_walk(rule, ms, q, r, pairs, bounds, listed)
+  return sums, (g, jnp.zeros((0,), q.dtype), r, bounds)
 
 
 def _positive_bwd(rule, ms, res, ct):
-  g, q_like, r, bound, listed = res
+  g, q_like, r, bounds = res
   dq = (-ms.alpha * ct.total)[:, None] * g  # d total / dS = -alpha e on mined pairs
-  del listed
-  return dq.astype(q_like.dtype), jnp.zeros_like(r), None, jnp.zeros_like(bound), None
+  return dq.astype(q_like.dtype), jnp.zeros_like(r), None, jnp.zeros_like(bounds), None
 
 
 positive_sums.defvjp(_positive_fwd, _positive_bwd)
