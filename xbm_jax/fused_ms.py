@@ -8,9 +8,9 @@ backward) and keeps S between them. Here:
 
 1. `positive_rows` lists the memory rows whose label some valid anchor has
    (and a few more: a hashed table of the anchors' labels), from the labels
-   alone, one table look-up a row. They are few
-   (SOP: about 5 images a class, 16 classes a batch), so they are walked in
-   gathered chunks of `fused.LIST_CHUNK` rows, not as blocks of the memory.
+   alone, one table look-up a row. They are few (SOP: about 5 images a class,
+   16 classes a batch), so they are walked in gathered chunks of
+   `fused.LIST_CHUNK` rows, not as blocks of the memory.
 2. `least_similar_positive`: min_pos over those chunks.
 3. `negative_sums` walks the memory once, in blocks of `fused.CHUNK` rows: each
    block's mined negatives add to a shifted exponential sum and to dq' = sum
@@ -25,12 +25,13 @@ backward) and keeps S between them. Here:
 Each sum's backward only scales its dq' by the cotangent: no pass over the
 memory, and S is never stored. Work: the two products of every memory row
 (the floor) and one element-wise walk of each block, plus about two products
-of each listed row; a memory whose labels the batch mostly shares (few
-classes) thus costs up to twice the floor, still exact.
+of each listed row: a memory whose labels the batch mostly shares (few
+classes) costs up to two products more, still exact.
 
 Exactness: each pair's exponent is computed as the plain form computes it
-(`beta (S - lam)`, `-alpha (S - lam)`) and each shift is the exponent of the
-extreme itself, so the sums differ from the plain form's by rounding only.
+(`beta (S - lam)`, `-alpha (S - lam)`), the mining tests are the plain form's,
+and each shift is an extreme's own exponent (the positives' the plain form's
+stabiliser), so the sums differ from the plain form's by rounding only.
 """
 
 from __future__ import annotations
