@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 HI = jax.lax.Precision.HIGHEST
-CHUNK = 2048  # reference rows per block: [64, 2048] f32 is 512 KiB, in cache
+CHUNK = 4096  # reference rows per block: [64, 4096] f32 is 1 MiB, in cache
 LIST_CHUNK = 512  # listed rows per gathered chunk (multi-similarity's positives)
 
 

@@ -126,7 +126,7 @@ def multi_similarity(
   p, rule, sides = ready
   ms = fused.MS(*(float(x) for x in settings))
   q, r = p.query.emb, reference.emb
-  listed = fused_ms.positive_rows(rule, sides)
+  listed = fused_ms.positive_rows(rule, q, r, sides)
   min_pos = fused_ms.least_similar_positive(rule, q, r, sides, listed)
   if axis_name is not None:
     min_pos = jax.lax.pmin(min_pos, axis_name)

@@ -49,10 +49,15 @@ from xbm_jax.fused import HI, MS, Pairs, Rule
 class Listed(NamedTuple):
   """The reference rows that are positives of some anchor, as `cum [R]` float32,
   the number of them among rows 0..j (exact below 2**24 rows), and their
-  `count` (int32). The k-th listed row is the first j with cum[j] >= k."""
+  `count` (int32). The k-th listed row is the first j with cum[j] >= k. The
+  first chunk (`_chunk` 0: often the only one) is kept, made once for both walks
+  of the positives: `s0 [G, c]` (no gradient), `pos0 [G, c]`, `rows0 [c, D]`."""
 
   cum: jax.Array
   count: jax.Array
+  s0: jax.Array
+  pos0: jax.Array
+  rows0: jax.Array
 
 
 class Sums(NamedTuple):
@@ -79,7 +84,7 @@ def _slot(labels):
   return (labels.astype(jnp.uint32) * jnp.uint32(2654435761)) >> (32 - HASH_BITS)
 
 
-def positive_rows(rule: Rule, pairs: Pairs) -> Listed:
+def positive_rows(rule: Rule, q, r, pairs: Pairs) -> Listed:
   """`Listed`: the valid reference rows whose label's slot in a table of the valid
   anchors' labels is taken. A superset of the rows that are some anchor's
   positives (a label sharing a slot adds rows that `pair_masks` then drops),
@@ -97,14 +102,17 @@ def positive_rows(rule: Rule, pairs: Pairs) -> Listed:
   within = jnp.matmul(rows, jnp.triu(jnp.ones((WIDTH, WIDTH), jnp.float32)), precision=HI)
   before = jnp.cumsum(within[:, -1]) - within[:, -1]
   cum = (within + before[:, None]).reshape(-1)[:n_ref]
-  return Listed(cum, cum[-1].astype(jnp.int32))
+  count = cum[-1].astype(jnp.int32)
+  q, r = fused._f32(*jax.lax.stop_gradient((q, r)))
+  return Listed(cum, count, *_chunk(rule, 0, q, r, pairs, Listed(cum, count, *[None] * 3)))
 
 
 def _chunk(rule: Rule, i, q, r, pairs: Pairs, listed: Listed):
   """Chunk i of the listed rows: `(S [G, c], pos [G, c], rows [c, D])`."""
   size = _chunk_size(rule, r.shape[0])
   rank = i * size + jnp.arange(size)
-  at = jnp.minimum(jnp.searchsorted(listed.cum, (rank + 1).astype(jnp.float32)), r.shape[0] - 1)
+  at = jnp.searchsorted(listed.cum, (rank + 1).astype(jnp.float32), method="scan")
+  at = jnp.minimum(at, r.shape[0] - 1)
   rows = jnp.take(r, at, axis=0)
   s = jnp.matmul(q, rows.T, precision=HI, preferred_element_type=jnp.float32).astype(jnp.float32)
   pos, _ = fused.pair_masks(rule, s, pairs, lambda x: jnp.take(x, at), rank < listed.count)
@@ -112,10 +120,11 @@ def _chunk(rule: Rule, i, q, r, pairs: Pairs, listed: Listed):
 
 
 def _chunk_loop(rule: Rule, listed: Listed, inputs, body, init):
-  """fori_loop over the listed chunks that hold rows (a traced count)."""
+  """fori_loop over the listed chunks after the first that hold rows (a traced
+  count; usually none)."""
   size = _chunk_size(rule, inputs[1].shape[0])
   n = (listed.count + size - 1) // size
-  return jax.lax.fori_loop(0, n, body, fused._vary_like(init, inputs))
+  return jax.lax.fori_loop(1, n, body, fused._vary_like(init, inputs))
 
 
 def least_similar_positive(rule: Rule, q, r, pairs: Pairs, listed: Listed):
@@ -123,19 +132,19 @@ def least_similar_positive(rule: Rule, q, r, pairs: Pairs, listed: Listed):
   (+inf where it has none). No gradient (mining is piecewise constant)."""
   q, r = fused._f32(*jax.lax.stop_gradient((q, r)))
 
-  def body(i, low):
-    s, pos, _ = _chunk(rule, i, q, r, pairs, listed)
-    return jnp.minimum(low, jnp.min(jnp.where(pos, s, jnp.inf), axis=1))
+  least = lambda s, pos: jnp.min(jnp.where(pos, s, jnp.inf), axis=1)
 
-  return _chunk_loop(rule, listed, (q, r, pairs, listed), body, jnp.full(q.shape[:1], jnp.inf))
+  def body(i, low):
+    return jnp.minimum(low, least(*_chunk(rule, i, q, r, pairs, listed)[:2]))
+
+  return _chunk_loop(rule, listed, (q, r, pairs, listed), body, least(listed.s0, listed.pos0))
 
 
 def _accumulate(carry, e, rows, keep, s):
   """`(total, dq', count, s_sum)` plus one block's exponentials `e [G, C]` (0 off
-  the mined pairs `keep`): total by a dot with ones (faster than a row sum on
-  XLA:CPU), dq' += e rows while the rows are in cache."""
+  the mined pairs `keep`): dq' += e rows while the rows are in cache."""
   total, g, count, s_sum = carry
-  total = total + jnp.matmul(e, jnp.ones((e.shape[1], 1), e.dtype), precision=HI)[:, 0]
+  total = total + jnp.sum(e, axis=1)
   g = g + jnp.matmul(e, rows.astype(g.dtype), precision=HI)
   count = count + fused._row_sums(keep)[0].astype(jnp.int32)
   return total, g, count, s_sum + fused._row_sums(jnp.where(keep, s, 0.0))[0]
@@ -175,15 +184,14 @@ def _positive_walk(rule: Rule, ms: MS, q, r, pairs: Pairs, bounds, listed: Liste
   q, r = fused._f32(q, r)
   max_neg, m_pos = bounds[0][:, None], bounds[1][:, None]
 
-  def body(i, carry):
-    s, pos, rows = _chunk(rule, i, q, r, pairs, listed)
+  def add(carry, s, pos, rows):
     keep = pos & (s - ms.mining_margin < max_neg)  # the plain form's test
     e = jnp.exp(jnp.where(keep, -ms.alpha * (s - ms.lam) - m_pos, -jnp.inf))
     return _accumulate(carry, e, rows, keep, s)
 
-  total, g, count, s_sum = _chunk_loop(
-    rule, listed, (q, r, pairs, bounds, listed), body, _init(q, r)
-  )
+  body = lambda i, carry: add(carry, *_chunk(rule, i, q, r, pairs, listed))
+  first = add(_init(q, r), listed.s0, listed.pos0, listed.rows0.astype(q.dtype))
+  total, g, count, s_sum = _chunk_loop(rule, listed, (q, r, pairs, bounds, listed), body, first)
   return Sums(jnp.zeros_like(total), total, count, s_sum), g
 
 
