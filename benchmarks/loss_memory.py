@@ -34,7 +34,8 @@ timing, each loss's step is checked against its plain form (value and
 gradient). `--hlo` prints the ops XLA emits over [B, M] arrays for each step.
 Figures are ratios timed in one process, interleaved: these machines are noisy.
 
-Labels come from M / 5 classes (SOP's ~5 images a class) unless `--classes`: with
+Each timed call enqueues a fresh batch (new anchors and labels), as a training step
+does. Labels come from M / 5 classes (SOP's ~5 images a class) unless `--classes`: with
 few classes most memory rows share a label with some anchor, and multi-similarity's
 positives (walked as listed rows, `xbm_jax.fused_ms`) cost up to two more products.
 
@@ -58,11 +59,14 @@ from xbm_jax import fused, losses, memory, sharded_memory
 HI = jax.lax.Precision.HIGHEST
 
 
-def timeit_interleaved(fns, iters, *, cpu=False):
+def timeit_interleaved(fns, iters, *, cpu=False, batches=None):
   """Best wall time of each `(fn, args, donate)`, timed in turn each round so
   that a noisy neighbour slows them alike (with `cpu`, also the best CPU time of
   this process, all threads: `(walls, cpus)`). A donating fn's args[1] (the
-  memory) is replaced by its returned memory after each call."""
+  memory) is replaced by its returned memory after each call; with `batches`
+  (`(e, labels)` pairs, one a round), so are its anchors and labels: each round
+  enqueues a fresh batch, as training does (one batch enqueued again and again
+  fills the memory with copies of the anchors: more positives, exact ties)."""
   args = [a for _, a, _ in fns]
   best = [float("inf")] * len(fns)
   best_cpu = [float("inf")] * len(fns)
@@ -73,9 +77,19 @@ def timeit_interleaved(fns, iters, *, cpu=False):
       if it:  # the first round compiles
         best[i] = min(best[i], time.perf_counter() - t)
         best_cpu[i] = min(best_cpu[i], time.process_time() - c)
-      if donate:
+      if donate and batches:
+        e, labels = batches[(it + 1) % len(batches)]
+        args[i] = (e, out[-1], labels)
+      elif donate:
         args[i] = (args[i][0], out[-1]) + tuple(args[i][2:])
   return (best, best_cpu) if cpu else best
+
+
+def unit_batch(rng, b, d, classes):
+  """A batch: `b` unit rows of `d` features and labels from `classes`."""
+  x = rng.normal(size=(b, d)).astype(np.float32)
+  e = jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
+  return e, jnp.asarray(rng.integers(0, classes, size=b), jnp.int32)
 
 
 def n_classes(m, classes=0):
@@ -95,7 +109,10 @@ def make_memory(rng, m, d, classes=0):
 
 
 def xbm_step_fn(labels, loss_fn=losses.contrastive):
-  def step(e, mem):
+  """`(e, mem[, batch_labels]) -> (loss, g, memory)`, the memory donated; the
+  batch's labels are `labels` unless given."""
+
+  def step(e, mem, labels):
     def f(e):
       batch = xbm_jax.Embeddings(e, labels)
       new = memory.enqueue(mem, batch)
@@ -104,7 +121,8 @@ def xbm_step_fn(labels, loss_fn=losses.contrastive):
     (loss, new), g = jax.value_and_grad(f, has_aux=True)(e)
     return loss, g, new
 
-  return jax.jit(step, donate_argnums=1)
+  jitted = jax.jit(step, donate_argnums=1)
+  return lambda e, mem, batch_labels=labels: jitted(e, mem, batch_labels)
 
 
 @jax.jit
@@ -175,7 +193,8 @@ def sharded_step_fn(labels, loss_fn, mesh):
     body, mesh=mesh, in_specs=(P("data"), P("data"), spec), out_specs=(P(), P("data"), spec)
   )
   split = lambda x: jax.reshard(x, NamedSharding(mesh, P("data")))
-  return jax.jit(lambda e, mem: step(split(e), split(labels), mem), donate_argnums=1)
+  jitted = jax.jit(lambda e, mem, lab: step(split(e), split(lab), mem), donate_argnums=1)
+  return lambda e, mem, batch_labels=labels: jitted(e, mem, batch_labels)
 
 
 def sharded(mem, mesh):
@@ -239,7 +258,7 @@ def main():
         mem_n = sharded(mem, mesh) if " sh" in n else mem
         print(f"  {n}: [B, M] ops: " + "; ".join(big_fusions(fn, (emb, mem_n), b, m)))
     runs = [(floor, (emb, jnp.array(mem.emb, copy=True)), False)]
-    for rows in sorted({2048, fused.CHUNK}):
+    for rows in sorted({min(2048, m), min(fused.CHUNK, m)}):  # blocks no larger than M
       blocked = jax.jit(functools.partial(floor_blocked, rows=rows))
       np.testing.assert_allclose(  # the same product as the unblocked floor's
         blocked(emb, mem.emb), floor(emb, mem.emb)[1], rtol=1e-4, atol=1e-4 * m**0.5
@@ -248,8 +267,9 @@ def main():
     n_floors = len(runs)
     for n in names:
       mem_n = mem_of(rng.integers(1 << 30))
-      runs.append((fns[n], (emb, sharded(mem_n, mesh) if " sh" in n else mem_n), True))
-    walls, cpus = timeit_interleaved(runs, args.iters, cpu=True)
+      runs.append((fns[n], (emb, sharded(mem_n, mesh) if " sh" in n else mem_n, labels), True))
+    fresh = [unit_batch(rng, b, d, n_classes(m, args.classes)) for _ in range(args.iters + 1)]
+    walls, cpus = timeit_interleaved(runs, args.iters, cpu=True, batches=fresh)
     floors = list(zip(walls[:n_floors], cpus[:n_floors]))
     (w_floor, c_floor), steps = min(floors), zip(walls[n_floors:], cpus[n_floors:])
     ratios[m] = [(w / w_floor, c / c_floor) for w, c in steps]
