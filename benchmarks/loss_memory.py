@@ -229,9 +229,7 @@ def main():
   print(head + " ".join(f"{n:>12}" for n in names))
   ratios = {}
   for m in [int(s) for s in args.sizes.split(",")]:
-    x = rng.normal(size=(b, d)).astype(np.float32)
-    emb = jnp.asarray(x / np.linalg.norm(x, axis=1, keepdims=True))
-    labels = jnp.asarray(rng.integers(0, n_classes(m, args.classes), size=b), jnp.int32)
+    emb, labels = unit_batch(rng, b, d, n_classes(m, args.classes))
     mem_of = lambda seed: make_memory(np.random.default_rng(seed), m, d, args.classes)
     mem = mem_of(rng.integers(1 << 30))
     nbytes = sum(x.nbytes for x in jax.tree.leaves(mem))

@@ -143,10 +143,8 @@ def multi_similarity(
   )
   pos = fused_ms.positive_sums(rule, ms, q, r, sides, jnp.stack([max_neg, m_pos]), listed)
   # Sums of exp(x - m) over each set: the negatives' re-shifted from their extreme's x.
-  ext_x = jnp.where(neg.ext > -jnp.inf, ms.beta * (neg.ext - ms.lam), 0.0)
-  e_sums = jnp.stack(
-    [pos.total, neg.total * jnp.where(neg.ext > -jnp.inf, jnp.exp(ext_x - m_neg), 0.0)]
-  )
+  reshift = jnp.exp(fused_ms.negative_exponent(ms, neg.ext) - m_neg)
+  e_sums = jnp.stack([pos.total, neg.total * jnp.where(neg.ext > -jnp.inf, reshift, 0.0)])
   stats = (pos.count, pos.s_sum, neg.count, neg.s_sum)
   if axis_name is not None:
     # One psum each: XLA drops those of unread statistics (and their loop carries).

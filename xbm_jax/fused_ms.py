@@ -156,11 +156,17 @@ def _init(q, r):
   return zero, fused._grad0(q, r), jnp.zeros((g,), jnp.int32), zero
 
 
+def negative_exponent(ms: MS, ext):
+  """`beta (ext - lam)`: the exponent of the most similar mined negative `ext`, the
+  shift of `negative_sums`' total (0 where none is mined, ext = -inf)."""
+  return jnp.where(ext > -jnp.inf, ms.beta * (ext - ms.lam), 0.0)
+
+
 def _negative_walk(rule: Rule, ms: MS, q, r, pairs: Pairs, min_pos):
   """`(Sums, dq')`: the mined negatives' exponentials shifted by the largest so far
   (`shift(ext)`), the sums and dq' rescaled as it grows."""
   q, r = fused._f32(q, r)
-  shift = lambda m: jnp.where(m > -jnp.inf, ms.beta * (m - ms.lam), 0.0)  # 0: none yet
+  shift = lambda m: negative_exponent(ms, m)
 
   def body(i, carry):
     ext, sums = carry
