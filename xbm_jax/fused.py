@@ -46,7 +46,7 @@ import jax.numpy as jnp
 
 HI = jax.lax.Precision.HIGHEST
 CHUNK = 4096  # reference rows per block: [64, 4096] f32 is 1 MiB, in cache
-LIST_CHUNK = 512  # listed rows per gathered chunk (multi-similarity's positives)
+LIST_CHUNK = 512  # listed rows in the first gathered chunk (multi-similarity's positives)
 
 
 class Rule(NamedTuple):

@@ -9,8 +9,9 @@ backward) and keeps S between them. Here:
 1. `positive_rows` lists the memory rows whose label some valid anchor has
    (and a few more: a hashed table of the anchors' labels), from the labels
    alone, one table look-up a row. They are few (SOP: about 5 images a class,
-   16 classes a batch), so they are walked in gathered chunks of
-   `fused.LIST_CHUNK` rows, not as blocks of the memory.
+   16 classes a batch), so they are walked in gathered chunks (the first of
+   `fused.LIST_CHUNK` rows, any later ones of `fused.CHUNK`), not as blocks
+   of the memory.
 2. `least_similar_positive`: min_pos over those chunks.
 3. `negative_sums` walks the memory once, in blocks of `fused.CHUNK` rows: each
    block's mined negatives add to a shifted exponential sum and to dq' = sum
@@ -71,8 +72,12 @@ class Sums(NamedTuple):
   s_sum: jax.Array
 
 
-def _chunk_size(rule: Rule, n_ref: int) -> int:
-  return max(1, min(rule.list_chunk, n_ref))
+def _chunk_sizes(rule: Rule, n_ref: int) -> tuple[int, int]:
+  """Rows of the first listed chunk and of each later one: the first is small
+  (SOP-like labels list few rows), the later ones as large as a block (few
+  classes list many: a large chunk amortises its search and product)."""
+  first = max(1, min(rule.list_chunk, n_ref))
+  return first, max(first, min(rule.chunk, n_ref))
 
 
 WIDTH = 128  # a prefix count as [R / WIDTH, WIDTH] rows times a triangle of ones
@@ -109,8 +114,11 @@ def positive_rows(rule: Rule, q, r, pairs: Pairs) -> Listed:
 
 def _chunk(rule: Rule, i, q, r, pairs: Pairs, listed: Listed):
   """Chunk i of the listed rows: `(S [G, c], pos [G, c], rows [c, D])`."""
-  size = _chunk_size(rule, r.shape[0])
-  rank = i * size + jnp.arange(size)
+  first, later = _chunk_sizes(rule, r.shape[0])
+  if isinstance(i, int) and i == 0:
+    rank = jnp.arange(first)
+  else:
+    rank = first + (i - 1) * later + jnp.arange(later)
   at = jnp.searchsorted(listed.cum, (rank + 1).astype(jnp.float32), method="scan")
   at = jnp.minimum(at, r.shape[0] - 1)
   rows = jnp.take(r, at, axis=0)
@@ -122,8 +130,8 @@ def _chunk(rule: Rule, i, q, r, pairs: Pairs, listed: Listed):
 def _chunk_loop(rule: Rule, listed: Listed, inputs, body, init):
   """fori_loop over the listed chunks after the first that hold rows (a traced
   count; usually none)."""
-  size = _chunk_size(rule, inputs[1].shape[0])
-  n = (listed.count + size - 1) // size
+  first, later = _chunk_sizes(rule, inputs[1].shape[0])
+  n = 1 + (jnp.maximum(listed.count - first, 0) + later - 1) // later
   return jax.lax.fori_loop(1, n, body, fused._vary_like(init, inputs))
 
 
