@@ -37,12 +37,13 @@ _TABLE = re.compile(r"^(eval/.*|train/loss.*|train/drift@.*|train/xbm_.*)$")
 def load_metrics(workdir: str) -> Series:
   """Reads ``<workdir>/metrics.jsonl`` into per-metric step/value arrays, sorted by
   step; if a step was logged twice (a replay after a restart) the last line wins.
-  Unparsable lines (e.g. cut short by a crash) are skipped."""
+  Unparsable lines (e.g. cut short by a crash or a full disk, whatever bytes it
+  left) are skipped."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no {METRICS_FILE} in workdir {workdir!r} ({path})")
   points: Dict[str, Dict[int, float]] = {}
-  with open(path) as f:
+  with open(path, errors="replace") as f:  # a torn line's bytes: replaced, then skipped
     for line in f:
       try:
         rec = json.loads(line)

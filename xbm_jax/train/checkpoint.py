@@ -4,12 +4,18 @@ a JSON side-car for host state (pipeline position, controllers, drift snapshots)
 Two managers under `workdir/checkpoints`: `last/` keeps the newest N, `best/`
 keeps the one with the best eval metric. Orbax writes into a temporary
 directory and renames it when complete, so a run killed mid-save leaves the
-previous checkpoint as the latest.
+previous checkpoint as the latest (and orbax removes the temporary one on the next
+start). Each save is read back and its files' sizes and CRC-32s recorded
+(`integrity`); a restore takes the newest checkpoint that still matches them and
+reads, moving each damaged newer one to `checkpoints/damaged/`. A write that fails
+(no space, read-only, quota) is one line naming the step, the path and the newest
+intact checkpoint (`WriteError`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Optional
 
@@ -18,7 +24,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from xbm_jax.train.errors import ConfigError
+from xbm_jax.train import integrity
+from xbm_jax.train.errors import ConfigError, ResumeError, WriteError
+
+log = logging.getLogger("xbm_jax.train")
 
 
 def _to_json(x):
@@ -47,16 +56,31 @@ def _handlers():
   return {"state": ocp.StandardCheckpointHandler(), "host": ocp.JsonCheckpointHandler()}
 
 
+def _shapes(tree, skip=("memory", "ptr")) -> list:
+  """The sorted (shape, dtype) of a tree's arrays (the memory pointer, whose shape is
+  the device count of a sharded memory, left out): what a config fixes."""
+  out = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    keys = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    if keys[-2:] != skip and getattr(leaf, "shape", None) is not None:
+      out.append((tuple(leaf.shape), str(np.dtype(leaf.dtype))))
+  return sorted(out)
+
+
 class Checkpointer:
   """Save / restore `(TrainState, host_state)`; automatic resume from the workdir."""
 
   def __init__(self, workdir: str, *, keep: int = 2, best_metric: str = ""):
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.workdir = os.path.abspath(workdir)
     self.best_metric = best_metric
     self.last = ocp.CheckpointManager(
       _last_dir(workdir),
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=False
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,
       ),
       item_handlers=_handlers(),
     )
@@ -70,6 +94,7 @@ class Checkpointer:
           best_fn=lambda m: m[best_metric],
           best_mode="max",
           enable_async_checkpointing=False,
+          cleanup_tmp_directories=True,
         ),
         item_handlers=_handlers(),
       )
@@ -86,18 +111,36 @@ class Checkpointer:
   def save(self, step: int, state, host_state: dict) -> None:
     if self.last.latest_step() == step:
       return
-    self.last.save(step, args=self._args(state, host_state))
-    self.last.wait_until_finished()
+    self._write(self.last, step, self._args(state, host_state))
 
   def save_best(self, step: int, state, host_state: dict, metrics: dict) -> None:
     if self.best is None or self.best_metric not in metrics:
       return
-    self.best.save(
-      step,
-      args=self._args(state, host_state),
-      metrics={self.best_metric: float(metrics[self.best_metric])},
-    )
-    self.best.wait_until_finished()
+    metrics = {self.best_metric: float(metrics[self.best_metric])}
+    self._write(self.best, step, self._args(state, host_state), metrics=metrics)
+
+  def _write(self, manager, step: int, args, **kwargs) -> None:
+    """Saves, reads the metadata back and records the files (`integrity`); a write
+    the OS refuses (no space, read-only, quota) is one line (`WriteError`) naming
+    the newest intact checkpoint, which stays the latest: orbax finalises a step
+    only once complete."""
+    step_dir = os.path.join(str(manager.directory), str(step))
+    try:
+      with integrity.orbax_thread_errors_dropped():
+        manager.save(step, args=args, **kwargs)
+        manager.wait_until_finished()
+      if step in manager.all_steps():  # `best/` keeps only a better one
+        manager.item_metadata(step)
+        if jax.process_index() == 0:
+          integrity.write_digest(step_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      why = integrity.write_failure(e)
+      if why is None:
+        raise
+      raise WriteError(
+        f"cannot write the checkpoint of step {step} to {step_dir}: {why}; "
+        + integrity.resume_hint(self.workdir)
+      ) from e
 
   def restore(self, abstract_state, step: Optional[int] = None) -> Optional[tuple[Any, dict]]:
     """The state at `step` (default: latest), laid out like `abstract_state`
@@ -115,6 +158,70 @@ class Checkpointer:
       ),
     )
     return out["state"], _from_json(out["host"])
+
+  def restore_newest(self, read, abstract_state) -> Optional[tuple[Any, dict]]:
+    """`read(step)` of the newest checkpoint that is intact, or None if none is saved.
+
+    A checkpoint whose files differ from those recorded at its save, or whose
+    metadata or data fail to read while it fits `abstract_state` (the same arrays),
+    is damaged: once an older one reads, each damaged one is moved to
+    `checkpoints/damaged/` (never deleted) with a WARNING. One that does not fit
+    (another config or version) is refused (ResumeError), as is a workdir whose
+    checkpoints are all damaged (naming those tried; nothing is moved)."""
+    damaged = []
+    for step in sorted(self.last.all_steps(), reverse=True):
+      step_dir = os.path.join(str(self.last.directory), str(step))
+      problem = integrity.check_digest(step_dir)
+      if not problem:
+        try:
+          self._check_fits(abstract_state, step)
+          restored = read(step)
+        except ResumeError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except
+          problem = integrity.first_line(e)
+        else:
+          self._move_aside(damaged)
+          return restored
+      damaged.append((step, step_dir, problem))
+    if damaged:
+      tried = "; ".join(f"step {s} ({p})" for s, _, p in damaged)
+      raise ResumeError(
+        f"no intact checkpoint in {self.last.directory}: tried {tried}; use a new "
+        "--workdir, or move checkpoints/last away to start this one over"
+      )
+    return None
+
+  def _check_fits(self, abstract_state, step: int) -> None:
+    """ResumeError (one line) unless the checkpoint at `step` holds `abstract_state`'s
+    fields and arrays; unreadable metadata raises as it is (damage)."""
+    saved = self.last.item_metadata(step)["state"]
+    try:
+      self.check_fields(abstract_state, step)
+      mine, theirs = _shapes(abstract_state), _shapes(dict(getattr(saved, "tree", saved)))
+      if mine != theirs:
+        diff = sorted(set(theirs) ^ set(mine))[:2]
+        raise ValueError(f"its arrays differ from this run's, e.g. (shape, dtype) {diff}")
+    except ValueError as e:
+      raise ResumeError(
+        f"cannot restore the checkpoint at step {step} in {self.workdir} with "
+        f"this config ({integrity.first_line(e)}); use a new --workdir"
+      ) from e
+
+  def _move_aside(self, damaged: list) -> None:
+    """Moves the damaged checkpoints out of orbax's sight (process 0; the others
+    wait for it), each named in a WARNING."""
+    if not damaged:
+      return
+    if jax.process_index() == 0:
+      for step, step_dir, problem in damaged:
+        dest = integrity.move_aside(step_dir)
+        log.warning("checkpoint at step %d is damaged (%s); moved to %s", step, problem, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices("xbm_jax:damaged_checkpoints_moved")
+    self.last.reload()
 
   def check_fields(self, state, step: int) -> None:
     """Raises ValueError (one line) unless the checkpoint at `step` holds a train
@@ -148,7 +255,7 @@ class Checkpointer:
       return None
     return tuple(self.last.item_metadata(step)["state"]["memory"]["ptr"].shape)
 
-  def restore_resharded(self, state, mesh):
+  def restore_resharded(self, state, mesh, step: Optional[int] = None):
     """Restores a sharded memory saved on another device count onto `state`'s layout
     (a sharded memory on `mesh`), shard by shard: orbax reads into each device only
     the block of saved rows its new shard's place covers (the new shardings cut the
@@ -164,8 +271,9 @@ class Checkpointer:
     if abstract.memory.ptr.ndim != 1:
       raise ValueError("restore_resharded restores onto a sharded memory (ptr [n])")
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    ptr = jax.ShapeDtypeStruct(self.saved_memory_ptr_shape(), jax.numpy.int32, sharding=replicated)
-    restored = self.restore(abstract.replace(memory=abstract.memory._replace(ptr=ptr)))
+    ptr_shape = self.saved_memory_ptr_shape(step)
+    ptr = jax.ShapeDtypeStruct(ptr_shape, jax.numpy.int32, sharding=replicated)
+    restored = self.restore(abstract.replace(memory=abstract.memory._replace(ptr=ptr)), step)
     if restored is None:
       return None
     st, host = restored

@@ -1,4 +1,5 @@
-"""Errors a user can fix (config, data, resume mismatch, a busy workdir).
+"""Errors a user can fix (config, data, resume mismatch, a busy or full workdir), and
+the stop on a preemption signal.
 
 `scripts/train.py` prints such an error as one line and exits with status 2
 (`--verbose`: the traceback); anything else is a bug and keeps its traceback. Each class also derives from the builtin
@@ -41,3 +42,21 @@ class WorkdirError(UserError, OSError):
 
 class NonFiniteError(UserError, FloatingPointError):
   """Training produced NaN/inf (loss, gradients, updates, parameters or embeddings)."""
+
+
+class WriteError(WorkdirError):
+  """A write into the workdir failed mid-run (no space, read-only, quota): the run
+  stopped; the workdir resumes from its newest intact checkpoint."""
+
+
+class Preempted(SystemExit):
+  """SIGTERM or SIGINT stopped the run after it checkpointed its step. A SystemExit
+  with status 128 + signal (143 for SIGTERM), which a scheduler reads as preempted;
+  `except Exception` lets it through, as it does KeyboardInterrupt."""
+
+  def __init__(self, message: str, *, step: int, status: int):
+    super().__init__(status)
+    self.message, self.step, self.status = message, step, status
+
+  def __str__(self):
+    return self.message

@@ -26,10 +26,11 @@ import numpy as np
 from xbm_jax import parallel
 from xbm_jax.data import pipeline
 from xbm_jax.insight import controller as controller_lib, drift as drift_lib
-from xbm_jax.train import checkpoint, evaluation, guards, hooks as hooks_lib, optim, setup
+from xbm_jax.train import checkpoint, evaluation, guards, hooks as hooks_lib, optim, preemption
+from xbm_jax.train import setup
 from xbm_jax.train import config as config_lib, validation
 from xbm_jax.train import state as state_lib, step as step_lib
-from xbm_jax.train.errors import NonFiniteError, ResumeError
+from xbm_jax.train.errors import NonFiniteError
 from xbm_jax.train.progress import Progress
 from xbm_jax.train.writer import MetricWriter
 
@@ -56,23 +57,18 @@ def _host_mean(pending: list) -> tuple[dict, int | None]:
 
 
 def _restore(ckpt, state, mesh, *, sharded: bool, workdir: str):
-  """`(state, host)` from the workdir's latest checkpoint, or None. The config was
-  compared with the saved one first, so a failure here is a mismatch that check
-  does not know: still one line, not an orbax traceback."""
-  step = ckpt.latest_step()
-  if step is None:
-    return None
-  try:
-    if sharded and ckpt.saved_memory_ptr_shape() != state.memory.ptr.shape:
+  """`(state, host)` from the workdir's newest intact checkpoint, or None; one that
+  does not fit this config is one line (ResumeError), a damaged one is moved aside
+  (`Checkpointer.restore_newest`)."""
+  del workdir  # named by the checkpointer's messages
+
+  def read(step):
+    if sharded and ckpt.saved_memory_ptr_shape(step) != state.memory.ptr.shape:
       # A sharded memory saved on another device count: re-laid on restore.
-      return ckpt.restore_resharded(state, mesh)
-    return ckpt.restore(checkpoint.abstract_like(state))
-  except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    raise ResumeError(
-      f"cannot restore the checkpoint at step {step} in {workdir} with "
-      f"this config ({first}); use a new --workdir"
-    ) from e
+      return ckpt.restore_resharded(state, mesh, step)
+    return ckpt.restore(checkpoint.abstract_like(state), step)
+
+  return ckpt.restore_newest(read, checkpoint.abstract_like(state))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -81,8 +77,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Checks first, in this order: the config, every rule (`validation.validate`,
   before the lock, the data or any file), the workdir lock (one live run per
   workdir), and on a resume the saved config against this one. Whatever ends the run (the last step,
-  a non-finite loss, any exception, Ctrl-C), one ExitStack closes everything it
-  opened: progress bar, pipeline workers, writer, checkpoint manager, lock.
+  a non-finite loss, any exception, a stop signal), one ExitStack closes everything
+  it opened: progress bar, pipeline workers, writer, checkpoint manager, lock, the
+  signal handlers. SIGTERM or SIGINT: the step under way finishes and is
+  checkpointed, then `Preempted` (a SystemExit, status 128 + signal).
   """
   config = ml_collections.ConfigDict(config)  # a copy: the caller's stays as given
   guards.expand_paths(config)
@@ -92,8 +90,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.train.num_devices)
   with contextlib.ExitStack() as stack:
     stack.enter_context(guards.WorkdirLock(workdir, jax.process_index()))
+    stop = stack.enter_context(preemption.StopSignals())
     run = _build(config, workdir, mesh, stack)
-    return _train(run)
+    return _train(run, stop)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +114,7 @@ class Run:
   progress: Progress
   host: hooks_lib.HostState
   watch: guards.CollapseWatch
+  pending: list  # step metrics not logged before a stop signal's checkpoint
 
 
 def _build_state(config, mesh, train_src):
@@ -219,7 +219,8 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     state, saved_host = restored
   start = int(jax.device_get(state.step))
 
-  writer = MetricWriter(workdir, resume_step=start if restored else None, enabled=pidx == 0)
+  # No checkpoint: any rows are a killed attempt's, which this run writes again.
+  writer = MetricWriter(workdir, resume_step=start if restored else -1, enabled=pidx == 0)
   stack.callback(writer.close)
   if pidx == 0:
     writer.write_config(config)
@@ -273,6 +274,7 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     progress=progress,
     host=host,
     watch=watch,
+    pending=preemption.restore_pending(saved_host),
   )
 
 
@@ -295,9 +297,9 @@ def _measure(run: Run, done: int, state) -> dict:
   return reading
 
 
-def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict:
-  """Writes the means of the pending step metrics, or stops on a non-finite one."""
-  means, first_bad = _host_mean(pending)
+def _stop_if_non_finite(run: Run, first_bad) -> None:
+  """NonFiniteError naming the first non-finite step (None: all finite) and the last
+  good checkpoint."""
   if first_bad is not None:
     good = run.ckpt.latest_step()
     raise NonFiniteError(
@@ -309,6 +311,12 @@ def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict
       )
       + " (a too large learning rate?)"
     )
+
+
+def _log(run: Run, pending: list, done: int, steps: int, seconds: float) -> dict:
+  """Writes the means of the pending step metrics, or stops on a non-finite one."""
+  means, first_bad = _host_mean(pending)
+  _stop_if_non_finite(run, first_bad)
   # The controller's state (auto start, span drift, guard); the weight the logged
   # updates used is the step's own `xbm_weight` (the controller already holds the
   # next update's).
@@ -343,11 +351,12 @@ def _evaluate(run: Run, state, names: list, done: int) -> dict:
   return ev
 
 
-def _train(run: Run) -> dict:
+def _train(run: Run, stop: preemption.StopSignals) -> dict:
   """The loop: the step, then after update `done` the drift reading, the controls of
-  the next update, and at their steps the log, evaluation, checkpoint."""
+  the next update, and at their steps the log, evaluation, checkpoint; on a stop
+  signal, a checkpoint of `done` and `Preempted`."""
   cfg, state = run.config.train, run.state
-  pending, last = [], {}
+  pending, last = list(run.pending), {}
   t_log, steps_since = time.time(), 0
   start, weight = _memory_controls(run, run.start, _measure(run, run.start, state))
   for step in range(run.start, run.total):
@@ -378,5 +387,10 @@ def _train(run: Run) -> dict:
         start, weight = _memory_controls(run, done, {})  # the paired guard fired
     if ckpt_now:
       run.ckpt.save(done, state, run.host.state_dict())
+    if stop.reached(done):  # every process at the same `done`
+      _stop_if_non_finite(run, _host_mean(pending)[1] if pending else None)
+      host = {**run.host.state_dict(), **preemption.pending_state(jax.device_get(pending))}
+      run.ckpt.save(done, state, host)
+      raise preemption.stopped(done, stop.signum)
   last["train/final_step"] = float(run.total)
   return last

@@ -6,9 +6,10 @@ call appends one JSON line ``{"step": int, "<name>": float, ...}`` and the same 
 the TensorBoard event file, written by ``tensorboardX`` (maintained, pinned, and needs no
 TensorFlow).
 
-Resuming: pass ``resume_step`` (the restored checkpoint's step, 0 for a fresh start).
+Resuming: pass ``resume_step`` (the restored checkpoint's step, -1 for a fresh start).
 Lines of ``metrics.jsonl`` with a larger step were written after that checkpoint and are
-replayed by the resumed run, so they are dropped (an unfinished last line too). Event
+replayed by the resumed run, so they are dropped (a torn last line too: a kill or a full
+disk mid-write, whatever bytes it left). Event
 files are never rewritten: a new file starts with a ``SessionLog.START`` at
 ``resume_step + 1`` (tensorboardX's ``purge_step``), from which TensorBoard purges the
 orphaned later events itself.
@@ -16,6 +17,7 @@ orphaned later events itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,6 +28,8 @@ from tensorboardX import FileWriter, summary as tb_summary
 from tensorboardX.proto import event_pb2, summary_pb2
 
 from xbm_jax.insight.run_files import CONFIG_FILE, METRICS_FILE
+from xbm_jax.train import integrity
+from xbm_jax.train.errors import WriteError
 
 
 def _to_float(name: str, value: Any) -> float:
@@ -55,7 +59,8 @@ def truncate_jsonl(path: str, max_step: int) -> int:
   if not os.path.exists(path):
     return 0
   kept, dropped = [], 0
-  with open(path) as f:
+  # A torn line may end inside whatever bytes the disk kept: replaced, never fatal.
+  with open(path, errors="replace") as f:
     for line in f:
       try:
         rec = json.loads(line)
@@ -132,6 +137,25 @@ class MetricWriter:
       if not isinstance(name, str) or name == "step":
         raise ValueError(f"bad metric name {name!r} (a str other than 'step')")
       values[name] = _to_float(name, v)
+    with self._refused(step):
+      self._write(step, values)
+
+  @contextlib.contextmanager
+  def _refused(self, step: int):
+    """A write the OS refuses (no space, read-only, quota) as one line naming the
+    step, the file and where the run resumes (`WriteError`)."""
+    try:
+      yield
+    except OSError as e:
+      why = integrity.write_failure(e) or str(e)
+      path = os.path.join(self.workdir, METRICS_FILE)
+      self.enabled = False  # `close` must not retry the write that failed
+      raise WriteError(
+        f"cannot write the metrics of step {step} to {path}: {why}; "
+        + integrity.resume_hint(self.workdir)
+      ) from e
+
+  def _write(self, step: int, values: dict) -> None:
     self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
     if self._tb is not None:
       # Raw Summary values keep the project's tag names (tensorboardX's add_scalar
@@ -191,10 +215,13 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._jsonl is not None:
-      self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+    # After a refused write the buffered rest cannot be written either; the line
+    # was reported (the torn row is dropped on resume).
+    with contextlib.suppress(OSError) if not self.enabled else contextlib.nullcontext():
+      if self._jsonl is not None:
+        self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
     self._jsonl = self._tb = None
     self.enabled = False
 
