@@ -149,7 +149,6 @@ class MetricWriter:
     except OSError as e:
       why = integrity.write_failure(e) or str(e)
       path = os.path.join(self.workdir, METRICS_FILE)
-      self.enabled = False  # `close` must not retry the write that failed
       raise WriteError(
         f"cannot write the metrics of step {step} to {path}: {why}; "
         + integrity.resume_hint(self.workdir)
@@ -215,9 +214,10 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    # After a refused write the buffered rest cannot be written either; the line
-    # was reported (the torn row is dropped on resume).
-    with contextlib.suppress(OSError) if not self.enabled else contextlib.nullcontext():
+    # Every row was flushed when written (a refused one raised then); on a full disk
+    # the rest of TensorBoard's buffer cannot be written either, and raising here
+    # would hide the error that stopped the run.
+    with contextlib.suppress(OSError):
       if self._jsonl is not None:
         self._jsonl.close()
       if self._tb is not None:
