@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -163,10 +164,9 @@ def wait_for_row(wd, *procs, after=0, timeout=240):
   pytest.fail("no training row in time")
 
 
-def test_the_cli_exits_143_on_sigterm_and_at_once_on_a_second(data_dir, tmp_path):
-  """A scheduler's SIGTERM: status 143, one line naming the step, whose checkpoint
-  is the latest; relaunched, it resumes there, and two SIGTERMs end it by the
-  signal without a further checkpoint."""
+def test_the_cli_exits_143_on_sigterm_with_one_line(data_dir, tmp_path):
+  """A scheduler's SIGTERM mid-run: status 143, one line naming the step, whose
+  checkpoint is the only one (the periodic ones are 100,000 steps apart)."""
   wd = str(tmp_path / "cli")
   proc = start_cli(wd, data_dir)
   wait_for_row(wd, proc)
@@ -178,15 +178,37 @@ def test_the_cli_exits_143_on_sigterm_and_at_once_on_a_second(data_dir, tmp_path
   assert f"stopped at step {step} by SIGTERM; checkpoint saved; run the same command" in out
   assert "Traceback" not in out, out[-3000:]
 
-  proc = start_cli(wd, data_dir)
-  wait_for_row(wd, proc, after=step)
-  proc.send_signal(signal.SIGTERM)
-  time.sleep(0.3)  # two signals at once are one to the OS
-  proc.send_signal(signal.SIGTERM)
-  out = output(proc)
-  assert proc.returncode in (-signal.SIGTERM, 143), out[-3000:]
-  if proc.returncode == -signal.SIGTERM:  # the second came before the save finished
-    assert checkpoint.saved_steps(wd) == [step]
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from tests.train import test_faults, test_loop
+from xbm_jax.train import loop, step as step_lib
+
+def twice():
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.05)  # the first one's handler runs
+  os.kill(os.getpid(), signal.SIGTERM)
+
+step_lib.make_train_step = test_faults.on_update(3, twice)
+loop.train_and_evaluate(test_loop.tiny_config(sys.argv[1], **test_faults.BASE), sys.argv[2])
+"""
+
+
+def test_a_second_signal_ends_the_run_at_once(data_dir, tmp_path):
+  """Two SIGTERMs during update 3: the process dies by the signal (-15, 143 to a
+  shell) before finishing the step: no checkpoint of step 3."""
+  wd = str(tmp_path / "run")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", SECOND_SIGNAL, data_dir, wd],
+    cwd=test_pod.ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
+  assert checkpoint.saved_steps(wd) == [2]
 
 
 def damage(step_dir, how):
