@@ -440,6 +440,27 @@ def cmd_confirm(args) -> None:
       print(f"{args.stage} {name} s{seed}: test r1 {last.get('test/r1')} map {last.get('test/map')} ({rec['wall_s']} s)", flush=True)
 
 
+def cmd_table(args) -> None:
+  """Every run of every stage file: its point, final metrics, wall time, commit."""
+  lines = ["| stage | arm | seed | point | steps | curve (step: val/test MAP@R) | final R@1 | final MAP@R | wall s | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for fname in sorted(os.listdir(OUT)) if os.path.isdir(OUT) else []:
+    if not fname.endswith(".jsonl"):
+      continue
+    for r in read(fname[: -len(".jsonl")]):
+      split = "val" if "val/map" in r["curve"][-1] else "test"
+      curve = " ".join(f"{c['step']}:{c.get(split + '/map', float('nan')):.3f}" for c in r["curve"])
+      lines.append(
+        f"| {r['stage']} | {r['arm']} | {r['seed']} | {r['tag']} | {r['steps']} | {curve} | "
+        f"{final(r, split + '/r1'):.4f} | {final(r, split + '/map'):.4f} | {r['wall_s']} | "
+        f"{r['commit'][:7]}{'+dirty' if r['dirty'] else ''} |"
+      )
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -464,9 +485,7 @@ def main(argv=None):
   b.add_argument("--out", default=os.path.join(ROOT, "docs", "study", "head_tables.md"))
   args = p.parse_args(argv)
   if args.cmd == "table":
-    from benchmarks import head_tables
-
-    head_tables.write(args.out)
+    cmd_table(args)
   else:
     {"features": cmd_features, "tune": cmd_tune, "confirm": cmd_confirm}[args.cmd](args)
 
