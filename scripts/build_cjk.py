@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
@@ -66,10 +67,24 @@ def main(argv=None):
   p.add_argument("--max_chars", type=int, default=None, help="first N of the charset")
   p.add_argument("--chars", default="", help="these characters instead of the Han charset")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--block", default="all", choices=sorted(glyph_testbed.HAN_BLOCKS),
+    help="the Han blocks of the charset (cjk_hard: unified; its sealed set: ext_a)",
+  )
+  p.add_argument(
+    "--degrade", type=float, default=0.0,
+    help="render-time degradation strength (glyph_testbed.Degradation; 0: none)",
+  )
+  p.add_argument(
+    "--train_per_class", type=int, default=0,
+    help="keep only the first N images of each TRAIN class (0: all per_class)",
+  )
   args = p.parse_args(argv)
   t0 = time.time()
 
-  chars = (list(dict.fromkeys(args.chars)) or glyph_testbed.han_chars())[: args.max_chars]
+  chars = (list(dict.fromkeys(args.chars)) or glyph_testbed.han_chars(
+    blocks=glyph_testbed.HAN_BLOCKS[args.block]
+  ))[: args.max_chars]
   faces = glyphs.find_faces(args.font_dir or ["/usr/share/fonts"])
   covered = glyph_testbed.covering_faces(
     faces, chars, min_coverage=min(args.min_coverage, len(chars)), exclude=args.exclude
@@ -89,15 +104,23 @@ def main(argv=None):
   )
   if not kept:
     sys.exit(f"no character has {args.per_class} distinct typefaces in {args.font_dir}")
+  deg = glyph_testbed.Degradation(strength=args.degrade)
+  images = glyph_testbed.degrade_classes(images, kept, args.per_class, deg, seed=args.seed)
   split = glyph_testbed.split_classes(
     len(kept), num_val=args.num_val, num_train=args.num_train or None, seed=args.seed
   )
   labels = np.repeat(np.arange(len(kept)), args.per_class)
   image_split = np.repeat(split, args.per_class)
+  if args.train_per_class:
+    if not 0 < args.train_per_class <= args.per_class:
+      sys.exit(f"--train_per_class must be in 1..{args.per_class}")
+    slot = np.tile(np.arange(args.per_class), len(kept))
+    image_split[(image_split == glyph_testbed.SPLIT_IDS["train"]) & (slot >= args.train_per_class)] = -1
   out = {}
   for name, sid in glyph_testbed.SPLIT_IDS.items():
     rows = np.flatnonzero(image_split == sid)
-    out[name] = [(images[i], int(labels[i]), None) for i in rows]
+    if len(rows):  # a sealed set has no val split (--num_val 0)
+      out[name] = [(images[i], int(labels[i]), None) for i in rows]
   res = writer.write_dataset(
     args.name,
     args.data_dir,
@@ -119,6 +142,9 @@ def main(argv=None):
       for i, (f, has) in enumerate(kept_faces)
     ],
     "candidate_chars": len(chars),
+    "block": args.block,
+    "degradation": dataclasses.asdict(deg),
+    "train_per_class": args.train_per_class or args.per_class,
     "seconds": round(time.time() - t0, 1),
   }
   with open(os.path.join(res.path, "testbed.json"), "w", encoding="utf-8") as f:

@@ -21,6 +21,7 @@ from installed fonts, one class per character and one image per typeface:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable, Sequence
 
@@ -30,13 +31,21 @@ from fontTools import ttLib
 from xbm_jax.data import glyphs
 
 HAN_RANGES = ((0x4E00, 0xA000), (0x3400, 0x4DC0))  # CJK Unified, Extension A
+# ``han_chars(blocks=...)``: the hard testbed ("cjk_hard") renders CJK Unified only, and
+# its sealed confirmation set ("cjk_sealed") Extension A only, so no character is shared.
+HAN_BLOCKS = {
+  "all": HAN_RANGES,
+  "unified": ((0x4E00, 0xA000),),
+  "ext_a": ((0x3400, 0x4DC0),),
+}
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
-def han_chars(exclude: Sequence[str] = ()) -> list[str]:
-  """The Han ideographs of ``HAN_RANGES`` minus every JIS X 0208 kanji and ``exclude``."""
+def han_chars(exclude: Sequence[str] = (), blocks=HAN_RANGES) -> list[str]:
+  """The Han ideographs of ``blocks`` (default ``HAN_RANGES``) minus every JIS X 0208
+  kanji and ``exclude``."""
   banned = set(glyphs.jis_kanji_rows(16, 84)) | set(exclude)
-  return [chr(c) for lo, hi in HAN_RANGES for c in range(lo, hi) if chr(c) not in banned]
+  return [chr(c) for lo, hi in blocks for c in range(lo, hi) if chr(c) not in banned]
 
 
 def cmap_chars(face: glyphs.Face) -> frozenset[str]:
@@ -204,3 +213,110 @@ def rgb_params(variables: dict) -> dict:
     return node
 
   return fix(variables)
+
+
+# Render-time degradation (the hard testbed): each image draws its own affine jitter,
+# stroke weight, blur, noise and occlusion, seeded by (seed, code point, image index).
+
+
+@dataclasses.dataclass(frozen=True)
+class Degradation:
+  """Ranges of the per-image degradation at ``strength`` 1 (every range scales with it;
+  strength 0 is the identity). Angles in degrees, lengths in pixels of the 32 x 32 image.
+
+  Applied in this order: affine (rotation, anisotropic scale, shear, translation; bilinear,
+  about the centre), stroke weight (grey dilation or erosion by a 2 x 2 square, blended
+  with the image by a drawn weight), Gaussian blur, occlusion (a rectangle set to 0 or
+  255), additive Gaussian noise; then clipped to 0..255 and rounded to uint8.
+  """
+
+  strength: float = 1.0
+  rotate: float = 12.0
+  scale: float = 0.15  # each axis' scale in [1 - s, 1 + s]
+  shear: float = 0.2
+  shift: float = 2.5
+  stroke: float = 1.0  # blend weight of the dilated / eroded image, in [0, stroke]
+  blur: float = 1.0  # sigma in [0, blur]
+  occlude_p: float = 0.5
+  occlude_size: float = 0.45  # the rectangle's sides in [0.15, occlude_size] x image side
+  noise: float = 24.0  # std in [0, noise] grey levels
+
+
+def degradation_params(deg: Degradation, rng: np.random.Generator) -> dict:
+  """One image's draws (a plain dict; ``degrade_image`` applies them)."""
+  s = deg.strength
+  u = lambda a: float(rng.uniform(-a, a))
+  occ_side = lambda: float(rng.uniform(0.15, max(0.15, deg.occlude_size)))
+  return {
+    "angle": u(deg.rotate * s),
+    "sx": 1.0 + u(deg.scale * s),
+    "sy": 1.0 + u(deg.scale * s),
+    "shear": u(deg.shear * s),
+    "tx": u(deg.shift * s),
+    "ty": u(deg.shift * s),
+    "stroke": u(deg.stroke * min(s, 1.0)),  # > 0 dilate, < 0 erode
+    "blur": float(rng.uniform(0.0, deg.blur * s)),
+    "occlude": bool(rng.uniform() < deg.occlude_p * min(s, 1.0)),
+    "occ_h": occ_side(),
+    "occ_w": occ_side(),
+    "occ_y": float(rng.uniform()),
+    "occ_x": float(rng.uniform()),
+    "occ_fill": float(rng.choice([0.0, 255.0])),
+    "noise": float(rng.uniform(0.0, deg.noise * s)),
+    "noise_seed": int(rng.integers(2**31)),
+  }
+
+
+def affine_matrix(p: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(matrix, offset) for ``scipy.ndimage.affine_transform`` (output -> input coordinates,
+  (row, col)): the inverse of rotate(angle) . shear . scale(sy, sx) about the centre,
+  then a shift by (ty, tx)."""
+  a = np.deg2rad(p["angle"])
+  rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+  fwd = rot @ np.array([[1.0, p["shear"]], [0.0, 1.0]]) @ np.diag([p["sy"], p["sx"]])
+  inv = np.linalg.inv(fwd)
+  c = np.full(2, (size - 1) / 2.0)
+  shift = np.array([p["ty"], p["tx"]])
+  return inv, c - inv @ (c + shift)
+
+
+def degrade_image(image: np.ndarray, p: dict) -> np.ndarray:
+  """uint8 [H, W] -> uint8 [H, W] under the draws ``p`` (``degradation_params``)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+
+  size = image.shape[0]
+  x = image.astype(np.float64)
+  m, off = affine_matrix(p, size)
+  x = ndimage.affine_transform(x, m, offset=off, order=1, mode="constant", cval=0.0)
+  if p["stroke"] > 0:
+    x = x + p["stroke"] * (ndimage.grey_dilation(x, size=(2, 2)) - x)
+  elif p["stroke"] < 0:
+    x = x - p["stroke"] * (ndimage.grey_erosion(x, size=(2, 2)) - x)
+  if p["blur"] > 0:
+    x = ndimage.gaussian_filter(x, p["blur"], mode="constant")
+  if p["occlude"]:
+    h = max(1, int(round(p["occ_h"] * size)))
+    w = max(1, int(round(p["occ_w"] * size)))
+    y0 = int(p["occ_y"] * (size - h + 1))
+    x0 = int(p["occ_x"] * (size - w + 1))
+    x[y0 : y0 + h, x0 : x0 + w] = p["occ_fill"]
+  if p["noise"] > 0:
+    x = x + np.random.default_rng(p["noise_seed"]).normal(0.0, p["noise"], x.shape)
+  return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def degrade_classes(
+  images: np.ndarray, chars: Sequence[str], per_class: int, deg: Degradation, *, seed: int
+) -> np.ndarray:
+  """Each image of ``render_classes``' class-major output degraded by its own draws,
+  seeded by (seed, code point, index in its class): a class keeps its degradations
+  whatever else the charset holds."""
+  if deg.strength == 0:
+    return images.copy()
+  out = np.empty_like(images)
+  for c, char in enumerate(chars):
+    for j in range(per_class):
+      rng = np.random.default_rng([seed, ord(char), j, 1])
+      i = c * per_class + j
+      out[i] = degrade_image(images[i], degradation_params(deg, rng))
+  return out
