@@ -170,7 +170,9 @@ def pk_batches(labels: np.ndarray, steps: int, seed: int) -> np.ndarray:
       order, pos = rng.permutation(len(classes)), 0
     cs = order[pos : pos + P]
     pos += P
-    out[t] = np.concatenate([r if len(r) == K else rng.choice(r, K, len(r) < K) for r in (rows[c] for c in cs)])
+    out[t] = np.concatenate(
+      [r if len(r) == K else rng.choice(r, K, len(r) < K) for r in (rows[c] for c in cs)]
+    )
   return out
 
 
@@ -203,8 +205,12 @@ HP = {  # each loss's own hyperparameters: defaults and the tuning line (stage 2
   "contrastive": ({"margin": 0.5}, [{"margin": m} for m in (0.3, 0.4, 0.6, 0.7)]),
   "multi_similarity": (
     {"beta": 40.0, "mining_margin": 0.1},
-    [{"beta": 10.0, "mining_margin": 0.1}, {"beta": 80.0, "mining_margin": 0.1},
-     {"beta": 40.0, "mining_margin": 0.05}, {"beta": 40.0, "mining_margin": 0.3}],
+    [
+      {"beta": 10.0, "mining_margin": 0.1},
+      {"beta": 80.0, "mining_margin": 0.1},
+      {"beta": 40.0, "mining_margin": 0.05},
+      {"beta": 40.0, "mining_margin": 0.3},
+    ],
   ),
   "supcon": ({"temperature": 0.1}, [{"temperature": t} for t in (0.03, 0.05, 0.2, 0.5)]),
 }
@@ -257,7 +263,9 @@ def _trainer(arm: Arm, hp_keys: tuple, n_train: int, d_in: int, chunk: int):
           q, q, m2, step=t, start_step=0, weight=arm.weight, loss=fn, enqueue=False, **kw
         )
       else:
-        tot, m2, aux = xbm_total_loss(q, q, mem, step=t, start_step=0, weight=arm.weight, loss=fn, **kw)
+        tot, m2, aux = xbm_total_loss(
+          q, q, mem, step=t, start_step=0, weight=arm.weight, loss=fn, **kw
+        )
       return tot, (m2, aux["loss_xbm"])
 
     (tot, (mem2, lm)), g = jax.value_and_grad(objective, has_aux=True)(params)
@@ -266,7 +274,9 @@ def _trainer(arm: Arm, hp_keys: tuple, n_train: int, d_in: int, chunk: int):
     lr_t = jnp.where(cosine, lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)), lr)
     params = jax.tree.map(lambda p, u: p - lr_t * u, params, upd)
     if arm.momentum:
-      mparams = jax.tree.map(lambda a, b: arm.momentum * a + (1 - arm.momentum) * b, mparams, params)
+      mparams = jax.tree.map(
+        lambda a, b: arm.momentum * a + (1 - arm.momentum) * b, mparams, params
+      )
     return (params, opt, mem2, mparams), jnp.stack([tot, lm])
 
   @jax.jit
@@ -319,7 +329,12 @@ def train_run(
   carry = init(params, feats, labels)
   hp = tuple(jnp.float32(point["hp"][k]) for k in hp_keys)
   lr, cos = jnp.float32(point["lr"]), jnp.bool_(point["schedule"] == "cosine")
-  curve = [{"step": 0, **{f"{n}/{m}": v for n, (f, l) in evals.items() for m, v in evaluate(carry[0], f, l).items()}}]
+  curve = [
+    {
+      "step": 0,
+      **{f"{n}/{m}": v for n, (f, l) in evals.items() for m, v in evaluate(carry[0], f, l).items()},
+    }
+  ]
   done, losses = 0, []
   marks = sorted(set(eval_at) | {steps})
   while done < steps:
@@ -329,7 +344,9 @@ def train_run(
     if n < chunk:  # pad with repeats: extra steps would train, so the chunk always divides
       raise ValueError(f"steps {steps} must be a multiple of the chunk {chunk}")
     ts = jnp.arange(done, done + chunk, dtype=jnp.int32)
-    carry, out = run_chunk(carry, jnp.asarray(idx), ts, feats, labels, lr, cos, jnp.float32(steps), hp)
+    carry, out = run_chunk(
+      carry, jnp.asarray(idx), ts, feats, labels, lr, cos, jnp.float32(steps), hp
+    )
     out = np.asarray(out)
     done += chunk
     losses.append(out.mean(0).tolist())
@@ -390,18 +407,34 @@ def cmd_tune(args) -> None:
     t = tag(point)
     if t in have:
       return have[t]
-    res = train_run(arm, point, 0, steps=args.steps, train=(trf, tr[1]), evals=evals, eval_at=eval_at)
-    rec = {"stage": args.stage, "dataset": ds, "arm": arm.name, "seed": 0, "tag": t, "point": point,
-           "steps": args.steps, **res, **git_info()}
+    res = train_run(
+      arm, point, 0, steps=args.steps, train=(trf, tr[1]), evals=evals, eval_at=eval_at
+    )
+    rec = {
+      "stage": args.stage,
+      "dataset": ds,
+      "arm": arm.name,
+      "seed": 0,
+      "tag": t,
+      "point": point,
+      "steps": args.steps,
+      **res,
+      **git_info(),
+    }
     append(args.stage, rec)
     have[t] = rec
     last = rec["curve"][-1]
-    print(f"{arm.name} {t}: val map {last.get('val/map')} r1 {last.get('val/r1')} ({rec['wall_s']} s)", flush=True)
+    print(
+      f"{arm.name} {t}: val map {last.get('val/map')} r1 {last.get('val/r1')} ({rec['wall_s']} s)",
+      flush=True,
+    )
     return rec
 
   score = lambda r: final(r, "val/map")
   defaults, line = HP[arm.loss]
-  best = max((run({"lr": lr, "schedule": s, "hp": defaults}) for lr in LRS for s in SCHEDULES), key=score)
+  best = max(
+    (run({"lr": lr, "schedule": s, "hp": defaults}) for lr in LRS for s in SCHEDULES), key=score
+  )
   best = max([best] + [run({**best["point"], "hp": hp}) for hp in line], key=score)
   lrs = list(LRS)
   while best["point"]["lr"] in (lrs[0], lrs[-1]) and len(lrs) < len(LRS) + 2:  # beyond the edge
@@ -431,19 +464,40 @@ def cmd_confirm(args) -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
       if (name, seed) in have:
         continue
-      res = train_run(ARMS[name], point, seed, steps=args.steps, train=(trf, tr[1]),
-                      evals={"test": (tef, te[1])}, eval_at=eval_at)
-      rec = {"stage": args.stage, "dataset": ds, "arm": name, "seed": seed, "tag": tag(point),
-             "point": point, "steps": args.steps, **res, **git_info()}
+      res = train_run(
+        ARMS[name],
+        point,
+        seed,
+        steps=args.steps,
+        train=(trf, tr[1]),
+        evals={"test": (tef, te[1])},
+        eval_at=eval_at,
+      )
+      rec = {
+        "stage": args.stage,
+        "dataset": ds,
+        "arm": name,
+        "seed": seed,
+        "tag": tag(point),
+        "point": point,
+        "steps": args.steps,
+        **res,
+        **git_info(),
+      }
       append(args.stage, rec)
       last = rec["curve"][-1]
-      print(f"{args.stage} {name} s{seed}: test r1 {last.get('test/r1')} map {last.get('test/map')} ({rec['wall_s']} s)", flush=True)
+      print(
+        f"{args.stage} {name} s{seed}: test r1 {last.get('test/r1')} map {last.get('test/map')} ({rec['wall_s']} s)",
+        flush=True,
+      )
 
 
 def cmd_table(args) -> None:
   """Every run of every stage file: its point, final metrics, wall time, commit."""
-  lines = ["| stage | arm | seed | point | steps | curve (step: val/test MAP@R) | final R@1 | final MAP@R | wall s | commit |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| stage | arm | seed | point | steps | curve (step: val/test MAP@R) | final R@1 | final MAP@R | wall s | commit |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for fname in sorted(os.listdir(OUT)) if os.path.isdir(OUT) else []:
     if not fname.endswith(".jsonl"):
       continue
@@ -462,7 +516,9 @@ def cmd_table(args) -> None:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   sub = p.add_subparsers(dest="cmd", required=True)
   f = sub.add_parser("features")
   f.add_argument("--dataset", required=True)

@@ -72,7 +72,9 @@ def get_config(arg=None):
   c.train.init_from = os.path.join(args.data_dir, "cjk", "1.0.0", ENCODER)
   c.loss.name = args.loss
   c.train.steps = 200  # ~2 epochs of the 50,000 train images (the study's budget)
-  c.optim.lr = 3e-3  # multi-similarity's choice on val; contrastive's was 1e-3 (README, the memory study)
+  c.optim.lr = (
+    3e-3  # multi-similarity's choice on val; contrastive's was 1e-3 (README, the memory study)
+  )
   # The memory (when on) is filled from the model before its first update, as on SOP.
   c.xbm.enabled, c.xbm.size, c.xbm.start_step = args.memory, TRAIN_IMAGES, 0
   c.xbm.prefill = args.memory

@@ -68,23 +68,30 @@ def main(argv=None):
   p.add_argument("--chars", default="", help="these characters instead of the Han charset")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument(
-    "--block", default="all", choices=sorted(glyph_testbed.HAN_BLOCKS),
+    "--block",
+    default="all",
+    choices=sorted(glyph_testbed.HAN_BLOCKS),
     help="the Han blocks of the charset (cjk_hard: unified; its sealed set: ext_a)",
   )
   p.add_argument(
-    "--degrade", type=float, default=0.0,
+    "--degrade",
+    type=float,
+    default=0.0,
     help="render-time degradation strength (glyph_testbed.Degradation; 0: none)",
   )
   p.add_argument(
-    "--train_per_class", type=int, default=0,
+    "--train_per_class",
+    type=int,
+    default=0,
     help="keep only the first N images of each TRAIN class (0: all per_class)",
   )
   args = p.parse_args(argv)
   t0 = time.time()
 
-  chars = (list(dict.fromkeys(args.chars)) or glyph_testbed.han_chars(
-    blocks=glyph_testbed.HAN_BLOCKS[args.block]
-  ))[: args.max_chars]
+  chars = (
+    list(dict.fromkeys(args.chars))
+    or glyph_testbed.han_chars(blocks=glyph_testbed.HAN_BLOCKS[args.block])
+  )[: args.max_chars]
   faces = glyphs.find_faces(args.font_dir or ["/usr/share/fonts"])
   covered = glyph_testbed.covering_faces(
     faces, chars, min_coverage=min(args.min_coverage, len(chars)), exclude=args.exclude
@@ -115,7 +122,9 @@ def main(argv=None):
     if not 0 < args.train_per_class <= args.per_class:
       sys.exit(f"--train_per_class must be in 1..{args.per_class}")
     slot = np.tile(np.arange(args.per_class), len(kept))
-    image_split[(image_split == glyph_testbed.SPLIT_IDS["train"]) & (slot >= args.train_per_class)] = -1
+    image_split[
+      (image_split == glyph_testbed.SPLIT_IDS["train"]) & (slot >= args.train_per_class)
+    ] = -1
   out = {}
   for name, sid in glyph_testbed.SPLIT_IDS.items():
     rows = np.flatnonzero(image_split == sid)

@@ -41,7 +41,15 @@ def test_a_memory_arm_trains_one_chunk():
   feats = rng.normal(size=(128, 16)).astype(np.float32) + labels[:, None] * 0.1
   arm = hs.ARMS["supcon_memory_momentum"]
   point = {"lr": 1e-3, "schedule": "cosine", "hp": {"temperature": 0.1}}
-  res = hs.train_run(arm, point, 0, steps=4, train=(feats, labels), evals={"val": (feats, labels)},
-                     eval_at=[4], chunk=4)
+  res = hs.train_run(
+    arm,
+    point,
+    0,
+    steps=4,
+    train=(feats, labels),
+    evals={"val": (feats, labels)},
+    eval_at=[4],
+    chunk=4,
+  )
   last = res["curve"][-1]
   assert last["step"] == 4 and np.isfinite(last["loss"]) and last["loss_xbm"] > 0

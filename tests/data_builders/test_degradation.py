@@ -4,9 +4,24 @@ import numpy as np
 
 from xbm_jax.data import glyph_testbed as gt
 
-ZERO = dict(angle=0.0, sx=1.0, sy=1.0, shear=0.0, tx=0.0, ty=0.0, stroke=0.0, blur=0.0,
-            occlude=False, occ_h=0.2, occ_w=0.2, occ_y=0.0, occ_x=0.0, occ_fill=0.0,
-            noise=0.0, noise_seed=0)
+ZERO = dict(
+  angle=0.0,
+  sx=1.0,
+  sy=1.0,
+  shear=0.0,
+  tx=0.0,
+  ty=0.0,
+  stroke=0.0,
+  blur=0.0,
+  occlude=False,
+  occ_h=0.2,
+  occ_w=0.2,
+  occ_y=0.0,
+  occ_x=0.0,
+  occ_fill=0.0,
+  noise=0.0,
+  noise_seed=0,
+)
 
 
 def _image(seed=0):
@@ -17,7 +32,9 @@ def test_identity_draws_and_strength_zero_leave_the_image():
   im = _image()
   np.testing.assert_array_equal(gt.degrade_image(im, ZERO), im)
   ims = np.stack([_image(i) for i in range(4)])
-  np.testing.assert_array_equal(gt.degrade_classes(ims, ["一", "丁"], 2, gt.Degradation(0.0), seed=0), ims)
+  np.testing.assert_array_equal(
+    gt.degrade_classes(ims, ["一", "丁"], 2, gt.Degradation(0.0), seed=0), ims
+  )
 
 
 def test_integer_shift_is_a_zero_filled_roll():
@@ -30,13 +47,27 @@ def test_integer_shift_is_a_zero_filled_roll():
 
 def test_occlusion_and_erosion_match_numpy():
   im = _image(2)
-  p = {**ZERO, "occlude": True, "occ_h": 0.25, "occ_w": 0.5, "occ_y": 0.0, "occ_x": 0.99, "occ_fill": 255.0}
+  p = {
+    **ZERO,
+    "occlude": True,
+    "occ_h": 0.25,
+    "occ_w": 0.5,
+    "occ_y": 0.0,
+    "occ_x": 0.99,
+    "occ_fill": 255.0,
+  }
   want = im.copy()
   want[:8, 16:] = 255
   np.testing.assert_array_equal(gt.degrade_image(im, p), want)
   x = im.astype(float)
-  ero = np.min([np.pad(x, ((1, 0), (1, 0)), mode="edge")[dy : dy + 32, dx : dx + 32]
-                for dy in (0, 1) for dx in (0, 1)], axis=0)  # scipy's 2x2 origin: (-1, -1)
+  ero = np.min(
+    [
+      np.pad(x, ((1, 0), (1, 0)), mode="edge")[dy : dy + 32, dx : dx + 32]
+      for dy in (0, 1)
+      for dx in (0, 1)
+    ],
+    axis=0,
+  )  # scipy's 2x2 origin: (-1, -1)
   got = gt.degrade_image(im, {**ZERO, "stroke": -1.0})
   np.testing.assert_array_equal(got, np.clip(np.rint(ero), 0, 255).astype(np.uint8))
 
