@@ -208,6 +208,19 @@ def test_nan_scores_never_count_as_hits():
   assert res["map@r"] == 0.5 and res["precision@1"] == 0.5
 
 
+def test_overflowed_scores_never_count_as_hits():
+  """A positive score that overflows to +inf (1e60 + 1e60: inf on every CPU, fused
+  multiply-adds or not) is as meaningless as a NaN one: it ranks first and is never a hit,
+  so a CPU whose fused dot turns the NaN case above into inf scores the same. By hand:
+  items 0 and 1 (class 0) score inf with each other, items 2 and 3 score 1 (hits)."""
+  e = np.array([[1e30, 1e30, 0], [1e30, 1e30, 0], [0, 0, 1], [0, 0, 1]], np.float32)
+  labels = np.array([0, 0, 1, 1])
+  res = metrics.retrieval_metrics(e, labels, ks=(1, 2), self_exclude=True, per_query=True)
+  assert res["recall@1"] == res["recall@2"] == 0.5
+  assert list(res["rank"][:2] >= 2) == [True, True] and list(res["rank"][2:]) == [0, 0]
+  assert res["map@r"] == 0.5 and res["precision@1"] == 0.5
+
+
 def test_non_finite_embeddings_are_refused():
   e = np.eye(4, dtype=np.float32)
   e[2, 1] = np.nan

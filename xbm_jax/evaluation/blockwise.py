@@ -60,11 +60,13 @@ def block_fn(
     q, g, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST
   )  # [B, G]
   if may_overflow:
-    # A NaN score (finite inputs can overflow to inf - inf) ranks first and is never a
-    # hit: as +inf it is counted before any positive, and a NaN positive is never the
-    # best one. Compared against NaN, it would rank nowhere and a NaN best positive
+    # An overflowed score (inf, or NaN from inf - inf) ranks first and is never a hit:
+    # as +inf it is counted before any positive, and such a positive is never the best
+    # one. Which of the two the same inputs give depends on whether the dot fuses its
+    # multiply-adds (1e30 * 1e30 + 1e30 * -1e30: inf - inf = NaN rounded per product,
+    # fma(1e30, -1e30, inf) = inf fused), so both are treated alike. Compared against NaN, it would rank nowhere and a NaN best positive
     # would have nothing before it: rank 0, a "hit".
-    nan = jnp.isnan(s)
+    nan = ~jnp.isfinite(s)
     s = jnp.where(nan, jnp.inf, s)
   else:  # the host proved every score finite: no [B, G] copy, one pass less
     nan = None

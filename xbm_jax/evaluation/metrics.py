@@ -8,7 +8,8 @@ Definitions (cosine similarity of the given embeddings; higher is closer):
   bound of its best positive's, or of a neighbour's in its top-R list) is ranked again
   from float64 scores on the host (`rerank`: typically 1-3% of queries). Embeddings so
   large that a float32 score could overflow (D max|q| max|g| >= 1e37) are ranked by
-  their float32 scores instead, a NaN score (inf - inf) ranking first and never a hit.
+  their float32 scores instead, a non-finite score (inf, or NaN from inf - inf: which one
+  depends on the CPU's fused multiply-adds) ranking first and never a hit.
 * **Ranking and ties.** Each query ranks the gallery by descending score; equal scores are
   ordered by ascending gallery index (a stable sort of `-score`). This rule is the only
   tie rule used, by every metric, so results are deterministic and reproducible with
