@@ -5,7 +5,7 @@ For B anchors, a memory of M rows, embedding dim D and pooled-feature dim F:
   stale:   enqueue B embeddings into an `[M, D]` float32 memory, then the
            contrastive L(B, M) and its gradient wrt the anchors (XBM as is);
   reproj:  enqueue B pooled features into an `[M, F]` bfloat16 memory
-           (`xbm_jax.reprojection`), embed all M rows with the current linear
+           (`xbm_jax.freshness.reprojection`), embed all M rows with the current linear
            head + L2 norm (in chunks), then the same loss and gradient.
 
 The extra work is one `[M, F] x [F, D]` product (2 M F D flops) per step, against
@@ -28,7 +28,8 @@ import numpy as np
 
 import xbm_jax
 from loss_memory import make_memory, timeit_interleaved
-from xbm_jax import losses, memory, reprojection
+from xbm_jax import losses, memory
+from xbm_jax.freshness import reprojection
 
 
 def stale_step(labels):

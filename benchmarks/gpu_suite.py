@@ -89,6 +89,7 @@ def env(sz, rows):
 def train_step(sz, rows):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from xbm_jax import memory, models, parallel  # pylint: disable=g-import-not-at-top
+  from xbm_jax.cross_batch import CrossBatchMemory  # pylint: disable=g-import-not-at-top
   from xbm_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
 
   mesh = parallel.make_mesh(1)
@@ -108,8 +109,7 @@ def train_step(sz, rows):
     model=model,
     direction=direction,
     schedule=optim.make_schedule(ocfg, 1),
-    loss_name="contrastive",
-    loss_kwargs={},
+    xbm=CrossBatchMemory(size=sz["memory"], dim=128, data_axis=parallel.DATA_AXIS),
     mesh=mesh,
   )
   rng = np.random.default_rng(0)

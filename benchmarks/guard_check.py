@@ -1,4 +1,4 @@
-"""The paired memory guard (`xbm_jax.paired_guard`) read on glyph runs it was not fitted to.
+"""The paired memory guard (`xbm_jax.control.paired_guard`) read on glyph runs it was not fitted to.
 
 Two regimes of the glyph study protocol (`configs/glyphs.py:study`: train on 1,200
 classes, read on the 300 held-out "val" classes, 5,069 queries, leave-one-out R@1):
@@ -29,7 +29,8 @@ import sys
 import jax
 import numpy as np
 
-from xbm_jax import models, paired_guard
+from xbm_jax import models
+from xbm_jax.control import paired_guard
 from xbm_jax.data import glyphs
 from xbm_jax.evaluation import metrics
 from xbm_jax.train import checkpoint

@@ -20,12 +20,12 @@ over blocks of the library's `fused.CHUNK` rows, `s` kept in cache between them;
 the same flops, every memory row read once). On CPU the unblocked form is the
 faster at small M and a blocked one at large M (a [64, 1M] `s` is 256 MB); the
 unblocked time and the better blocked one are printed. Hard triplet's backward needs no
-second product (`xbm_jax.fused_triplet` gathers each anchor's two hardest rows),
+second product (`xbm_jax.losses.fused.triplet` gathers each anchor's two hardest rows),
 so its ratio can fall below 1: the floor counts a product it does not do.
 
 Timed for each loss of the library at its defaults: contrastive,
 multi-similarity and triplet ("hard"), whose memory term runs in blocks of
-the memory through `xbm_jax.fused`. `--plain` adds each loss through plain
+the memory through `xbm_jax.losses.fused.blocks`. `--plain` adds each loss through plain
 autodiff (`losses.*_plain`, to show what the blocks buy); `--sharded` adds each
 loss against a memory sharded over all devices (a data-parallel step inside
 shard_map: each device its B/n anchors and M/n rows), e.g. with
@@ -37,7 +37,7 @@ Figures are ratios timed in one process, interleaved: these machines are noisy.
 Each timed call enqueues a fresh batch (new anchors and labels), as a training step
 does. Labels come from M / 5 classes (SOP's ~5 images a class) unless `--classes`: with
 few classes most memory rows share a label with some anchor, and multi-similarity's
-positives (walked as listed rows, `xbm_jax.fused_ms`) cost up to two more products.
+positives (walked as listed rows, `xbm_jax.losses.fused.ms`) cost up to two more products.
 
     python benchmarks/loss_memory.py [--sizes 8000,55000,200000] [--iters 20] [--plain]
         [--classes 100]
@@ -54,7 +54,9 @@ import numpy as np
 import xbm_jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xbm_jax import fused, losses, memory, sharded_memory
+from xbm_jax import losses, memory
+from xbm_jax.losses.fused import blocks as fused
+from xbm_jax.memory import sharded as sharded_memory
 
 HI = jax.lax.Precision.HIGHEST
 

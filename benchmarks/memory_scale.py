@@ -31,7 +31,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from xbm_jax import losses, memory, sharded_memory  # noqa: E402
+from xbm_jax import losses, memory
+from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.embeddings import Embeddings, l2_normalize  # noqa: E402
 from xbm_jax.memory import MemoryState  # noqa: E402
 

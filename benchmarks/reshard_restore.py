@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from xbm_jax import sharded_memory  # noqa: E402
+from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.parallel import DATA_AXIS  # noqa: E402
 from xbm_jax.train import checkpoint, state as state_lib, step as step_lib  # noqa: E402
 

@@ -129,7 +129,7 @@ def _controls(loss: str, tag: str) -> list[Arm]:
 
 
 def _drift_fix_arms(loss="multi_similarity", tag="ms") -> list[Arm]:
-  """The drift corrections (`xbm_jax.drift_correction`, `xbm_jax.momentum`) on a loss's
+  """The drift corrections (`xbm_jax.freshness.moments`, `xbm_jax.freshness.momentum`) on a loss's
   memory arm, at the lr that arm chose on val; each is read against the stale memory
   (its gap to the fresh-memory oracle is what a fix can recover) and no memory:
   - moments: each step the stored rows' per-dimension moments matched to the batch's;

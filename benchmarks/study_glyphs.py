@@ -219,7 +219,7 @@ def _paired_guard_arms():
   from scratch, the reference recipe (memory 8,192 from step 300, the summed term), lr
   1e-3, 500 steps, val R@1 every 100; the guard compares each val reading after the
   start with the one at step 300 (alpha 0.01 over 2 readings). Two seeds; its runs
-  were not used to design the rule (`xbm_jax/paired_guard.py`)."""
+  were not used to design the rule (`xbm_jax/control/paired_guard.py`)."""
   base = {"optim.lr": 1e-3, "train.steps": 500}
   mem = {**base, "xbm.enabled": True}
   guard = {"xbm.guard": "paired", "xbm.guard_metric": "eval/val/recall@1"}

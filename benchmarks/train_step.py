@@ -14,6 +14,7 @@ features), as its step time over the plain memory step's.
 """
 
 import argparse
+import dataclasses
 import time
 
 import jax
@@ -21,7 +22,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xbm_jax import drift_correction, memory, models, momentum, parallel, reprojection
+from xbm_jax import memory, models, parallel
+from xbm_jax.freshness import moments as drift_correction
+from xbm_jax.freshness import momentum
+from xbm_jax.cross_batch import CrossBatchMemory
+from xbm_jax.freshness import reprojection
 from xbm_jax.train import optim, setup, state as state_lib, step as step_lib
 
 
@@ -49,12 +54,12 @@ def main():
     dict(name="adam", lr=1e-4, weight_decay=5e-4, b1=0.9, b2=0.999, eps=1e-8, schedule="constant")
   )
   direction = optim.make_direction(ocfg)
-  make_step = lambda **options: step_lib.make_train_step(
+  xbm = CrossBatchMemory(size=args.memory, dim=args.embed_dim, data_axis=parallel.DATA_AXIS)
+  make_step = lambda xbm=xbm, **options: step_lib.make_train_step(
     model=model,
     direction=direction,
     schedule=optim.make_schedule(ocfg, 1),
-    loss_name="contrastive",
-    loss_kwargs={},
+    xbm=xbm,
     mesh=mesh,
     **options,
   )
@@ -76,7 +81,7 @@ def main():
       {"key_encoder": momentum.init(variables["params"], variables["batch_stats"])},
     ),
     "+ reprojection": (
-      make_step(reprojection=True),
+      make_step(dataclasses.replace(xbm, dim=setup.feature_dim(variables)), reprojection=True),
       0,
       {
         "memory": reprojection.init(

@@ -38,7 +38,7 @@ cosine` LOST to contrastive without the memory (-7.1 +- 2.0 R@1 points at 200 st
 1.6 at 800): none of the gains above is a recommendation until it passes the sealed
 confirmation of docs/study/PLAN.md, which has not been run.
 Variants: `:seed=N`, `:loss=...`, `:memory`, `:cosine`, `:data_dir=...`, `:smoke` (a few steps;
-needs a built dataset, e.g. the tiny one of tests/data_builders/test_glyph_testbed.py).
+needs a built dataset, e.g. the tiny one of tests/data/builders/test_glyph_testbed.py).
 """
 
 import os

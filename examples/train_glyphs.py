@@ -2,7 +2,7 @@
 
 A complete, short loop on the glyph dataset embedded in the repository (no
 download): a small flax MLP embeds 32x32 glyph images; the loss is written
-here, once, per anchor row (`xbm_jax.pairs.pair_loss`); one call per step
+here, once, per anchor row (`xbm_jax.losses.pairs.pair_loss`); one call per step
 (`xbm_jax.losses.xbm_total_loss`) enqueues the batch into the cross-batch
 memory and adds the memory term. The batch is split over the local devices
 ("data"), the memory replicated. Recall@1 on unseen characters is printed
@@ -30,7 +30,7 @@ from xbm_jax.data import glyphs
 AXIS = "data"
 
 
-@xbm_jax.pairs.pair_loss
+@xbm_jax.losses.pairs.pair_loss
 def squared_hinge(sim, pos, neg, *, margin=0.5):
   """One anchor's row `[R]`: (1 - S)^2 on positives, (S - margin)^2 on negatives
   above the margin. Returns (loss, active pairs) so that reduction="mean" works."""

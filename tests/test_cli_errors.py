@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.data_builders import fakes
+from tests.helpers import fakes
 from xbm_jax.train import cli_checks
 from xbm_jax.train.errors import ConfigError, ConfigKeyError
 

@@ -2,7 +2,7 @@
 shard_map step, replication checks on: on 8 fake devices it equals one device (loss,
 gradient, memory), with the replicated and the sharded memory, "paper" and "mean",
 padding rows spread unevenly and an enqueue mask. Oracles: the NumPy loop over
-pairs (tests/loss_oracles.py) on the memory's contents, and a Python list of the
+pairs (tests/helpers/loss_oracles.py) on the memory's contents, and a Python list of the
 rows the mask selects."""
 
 import jax
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tests import loss_oracles as oracle
-from xbm_jax import losses, memory, sharded_memory
+from tests.helpers import loss_oracles as oracle
+from xbm_jax import losses, memory
+from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.embeddings import Embeddings
 
 N, B, D, SIZE, AX = 8, 2, 4, 64, "data"

@@ -25,7 +25,9 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from xbm_jax import memory as memory_lib, pairs, sharded_memory
+from xbm_jax import memory as memory_lib
+from xbm_jax.losses import builtin as losses, pairs
+from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.embeddings import Embeddings, valid_mask
 
 AxisNames = Union[None, str, tuple]
@@ -165,11 +167,11 @@ def xbm_total_loss(
       gradient to both sides.
     mem: a `MemoryState` (whole on every device), or with `axis_name` this
       device's shard of a memory split over that mesh axis
-      (`xbm_jax.sharded_memory`; call inside shard_map): each device then
+      (`xbm_jax.memory.sharded`; call inside shard_map): each device then
       enqueues its own `query` into its own shard.
     step, start_step: ints or `[]` int arrays. weight: float or `[]` array.
     loss: a name of `LOSSES`, an import path "pkg.module:function", or a
-      function: a pair loss (`xbm_jax.pairs.pair_loss` / `reduction_loss`,
+      function: a pair loss (`xbm_jax.losses.pairs.pair_loss` / `reduction_loss`,
       which gets every option below, the sharded memory included) or a plain
       `f(query, reference, **loss_kwargs) -> []` (replicated memory only; no
       statistics; its own reduction).
@@ -194,15 +196,13 @@ def xbm_total_loss(
     `(loss, new_mem, aux)` with aux = {"loss_batch", "loss_xbm", "xbm_weight",
     "batch/<stat>", "xbm/<stat>"}.
   """
-  from xbm_jax import losses  # pylint: disable=g-import-not-at-top  (it imports this module)
-
   mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
   loss_fn = losses.check_loss_options(loss, set(loss_kwargs) | set(mem_kwargs))
   is_pair = pairs.is_pair_loss(loss_fn)
   if axis_name is not None and not is_pair:
     raise TypeError(
       f"loss {getattr(loss_fn, '__name__', loss_fn)} is a plain function: a sharded memory "
-      "(axis_name) needs a pair loss (xbm_jax.pairs.pair_loss or reduction_loss)"
+      "(axis_name) needs a pair loss (xbm_jax.losses.pairs.pair_loss or reduction_loss)"
     )
   data = _axes(data_axis) if data_axis is not None else varying_axes(query.emb)
   active = memory_lib.active(jnp.asarray(step), jnp.asarray(start_step))
@@ -215,9 +215,11 @@ def xbm_total_loss(
   elif enqueue_mask is not None:
     raise ValueError("enqueue_mask needs enqueue=True")
   own_rows = _own_rows(b, n_batch, data, query_offset)
-  if loss_kwargs.get("self_exclusion") == "index" and batch_self_index is None:
+  bound = losses.bound_options(loss_fn)  # a bound loss carries its own options
+  if {**bound, **loss_kwargs}.get("self_exclusion") == "index" and batch_self_index is None:
     batch_self_index = own_rows
-  if mem_kwargs.get("self_exclusion") == "index" and memory_self_index is None:
+  own_mem = {**bound, **mem_kwargs}.get("self_exclusion")
+  if own_mem == "index" and memory_self_index is None:
     if own_slots is None and own_rows is not None:  # enqueued by the caller: all rows
       if axis_name is not None:
         own_slots = sharded_memory.local_last_slots(mem, b, axis_name=axis_name)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from tests.evaluation.test_metrics import assert_same, clustered, oracle
+from tests.helpers.retrieval import assert_same, clustered, oracle
 from xbm_jax.evaluation import blockwise, evaluators, extract, metrics
 
 

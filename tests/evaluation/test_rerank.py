@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.evaluation.test_metrics import KS, assert_same, mesh8, oracle
+from tests.helpers.retrieval import KS, assert_same, mesh8, oracle
 from xbm_jax.evaluation import metrics, rerank
 
 TINY = 2.0**-30  # 0.5 + TINY rounds to 0.5 in float32 (half an ulp of 0.5 is 2^-25)

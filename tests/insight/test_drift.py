@@ -1,20 +1,11 @@
 """DriftMonitor and mean_cosine_drift against a NumPy loop over rows."""
 
-import math
-
 import numpy as np
 import pytest
 
 from xbm_jax.insight import drift
 from xbm_jax.insight.drift import DriftMonitor, mean_cosine_drift
-
-
-def _oracle(a, b):
-  total = 0.0
-  for x, y in zip(a.astype(np.float64), b.astype(np.float64)):
-    cos = float(x @ y) / (math.sqrt(float(x @ x)) * math.sqrt(float(y @ y)))
-    total += 1.0 - cos
-  return total / len(a)
+from tests.helpers.drift import mean_cosine_drift_oracle as _oracle
 
 
 def test_unchanged_is_exactly_zero_and_grows_with_noise():

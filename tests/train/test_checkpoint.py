@@ -17,8 +17,9 @@ import numpy as np
 import optax
 import pytest
 
-from tests.train.test_loop import ROOT
-from xbm_jax import memory as memory_lib, sharded_memory
+from tests.helpers.runs import ROOT
+from xbm_jax import memory as memory_lib
+from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train import checkpoint, loop, state as state_lib
 from xbm_jax.train.errors import ResumeError

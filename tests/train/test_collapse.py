@@ -5,7 +5,7 @@ import logging
 import numpy as np
 import pytest
 
-from tests.train.test_loop import tiny_config
+from tests.helpers.runs import tiny_config
 from xbm_jax.evaluation import evaluators
 from xbm_jax.train import collapse, loop
 

@@ -5,7 +5,7 @@ Oracle throughout: an uninterrupted run of the same config, whose final train st
 (params, optimiser, memory, step) must equal the faulted-and-resumed run's bit for bit,
 and whose metrics.jsonl rows (timings aside) must equal its rows, each logged once.
 Tiny runs in-process (6-8 steps of the 20x20 test set); the CLI's exit status and the
-pod (tests/train/test_pod.py's launcher) in subprocesses.
+pod (tests/helpers/pod.py's launcher) in subprocesses.
 """
 
 import errno
@@ -23,8 +23,8 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from tests.train import test_pod
-from tests.train.test_loop import logged_rows, tiny_config
+from tests.helpers import pod
+from tests.helpers.runs import logged_rows, tiny_config
 from xbm_jax.insight import report
 from xbm_jax.train import checkpoint, loop, step as step_lib
 from xbm_jax.train.errors import Preempted, ResumeError, UserError, WriteError
@@ -140,7 +140,7 @@ def cli_flags(data_dir, steps):
 
 def start_cli(wd, data_dir, steps=400):
   """scripts/train.py on the test set, on 2 devices (1 process), logging to wd/*.log."""
-  (proc,) = test_pod.launch(wd, flags=cli_flags(data_dir, steps), nproc=1, devices=2)
+  (proc,) = pod.launch(wd, flags=cli_flags(data_dir, steps), nproc=1, devices=2)
   return proc
 
 
@@ -194,7 +194,8 @@ def test_the_cli_exits_143_on_sigterm_with_one_line(data_dir, tmp_path):
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from tests.train import test_faults, test_loop
+from tests.helpers import runs
+from tests.train import test_faults
 from xbm_jax.train import loop, step as step_lib
 
 def twice():
@@ -204,7 +205,7 @@ def twice():
   os.kill(os.getpid(), signal.SIGTERM)
 
 step_lib.make_train_step = test_faults.on_update(3, twice)
-loop.train_and_evaluate(test_loop.tiny_config(sys.argv[1], **test_faults.BASE), sys.argv[2])
+loop.train_and_evaluate(runs.tiny_config(sys.argv[1], **test_faults.BASE), sys.argv[2])
 """
 
 
@@ -216,7 +217,7 @@ def test_a_second_signal_ends_the_run_at_once(data_dir, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
     [sys.executable, "-c", SECOND_SIGNAL, data_dir, wd],
-    cwd=test_pod.ROOT,
+    cwd=pod.ROOT,
     env=env,
     capture_output=True,
     text=True,
@@ -383,8 +384,8 @@ def test_a_pod_stopped_by_sigterm_on_one_process_saves_one_step_and_resumes_exac
   preemption sync point), save it together and exit 143; the relaunched pod ends
   as an uninterrupted pod run beside it."""
   pod, oracle = str(tmp_path / "pod"), str(tmp_path / "oracle")
-  whole = test_pod.launch(oracle, flags=POD_FLAGS)
-  procs = test_pod.launch(pod, flags=POD_FLAGS)
+  whole = pod.launch(oracle, flags=POD_FLAGS)
+  procs = pod.launch(pod, flags=POD_FLAGS)
   wait_for_row(pod, *procs, after=1)
   procs[1].send_signal(signal.SIGTERM)
   outs = [output(p, timeout=240) for p in procs]
@@ -393,6 +394,6 @@ def test_a_pod_stopped_by_sigterm_on_one_process_saves_one_step_and_resumes_exac
   assert 0 < step < POD_STEPS
   for out in outs:
     assert f"stopped at step {step} by SIGTERM; checkpoint saved" in out, out[-3000:]
-  test_pod.wait(test_pod.launch(pod, flags=POD_FLAGS), whole, timeout=600)
-  test_pod.check_ok(oracle)
+  pod.wait(pod.launch(pod, flags=POD_FLAGS), whole, timeout=600)
+  pod.check_ok(oracle)
   assert_same_run(pod, oracle)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.train.test_loop import read_log, tiny_config, tree_listing
-from tests.train.test_step import build, ctrl_of, make_batches
+from tests.helpers.runs import read_log, tiny_config, tree_listing
+from tests.helpers.steps import build, ctrl_of, make_batches
 from xbm_jax import parallel
 from xbm_jax.train import config as config_lib, evaluation, guards, loop, validation
 from xbm_jax.train import step as step_lib

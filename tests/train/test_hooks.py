@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xbm_jax.insight.controller import MemoryController
+from xbm_jax.control.controller import MemoryController
 from xbm_jax.insight.drift import DriftMonitor
 from xbm_jax.train import guards, hooks, optim
 
@@ -57,7 +57,7 @@ def test_drift_probe_measures_every_interval_once_per_step():
   readings = {s: probe.measure(s, s) for s in range(5)}
   assert calls == [0, 2, 4]
   assert {s for s, r in readings.items() if r} == {2, 4}
-  from tests.insight.test_drift import _oracle
+  from tests.helpers.drift import mean_cosine_drift_oracle as _oracle
 
   want = _oracle(probes[4].astype(np.float32), probes[2].astype(np.float32))
   assert readings[4]["train/drift@2"] == pytest.approx(want, rel=1e-6)

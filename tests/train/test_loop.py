@@ -2,7 +2,6 @@
 pictures, checkpoints; exact resume after a kill; non-finite stop (config errors:
 test_validation.py)."""
 
-import importlib.util
 import json
 import os
 
@@ -11,41 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xbm_jax.cross_batch import CrossBatchMemory
+from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train import checkpoint, loop, step as step_lib
 from xbm_jax.train.errors import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
-def tiny_config(data_dir, **overrides):
-  c = load_config("sop", "smoke")
-  c.input.dataset, c.input.data_dir = "tiny", data_dir
-  c.input.transform.resize, c.input.transform.crop = 20, 16
-  c.input.eval_batch_size = 16
-  c.model.embed_dim, c.model.width = 8, 4
-  c.optim.schedule = "constant"
-  c.optim.lr = 1e-3
-  c.train.progress = False
-  c.pictures.num_queries, c.pictures.top_k = 3, 2
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return c
-
-
-def read_log(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+from tests.helpers.runs import logged_rows, read_log, tiny_config, tree_listing
 
 
 def final_state(workdir, like_config):
@@ -101,19 +70,6 @@ def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   for kind in ("loss", "recall", "drift"):
     assert os.path.getsize(paths[kind]) > 0, kind
   assert "eval/tiny/recall@1" in open(paths["table"]).read()
-
-
-def logged_rows(workdir) -> dict:
-  """`{(step, key): value}` of metrics.jsonl, asserting no key is logged twice at a
-  step (timings, which differ between runs, left out)."""
-  out = {}
-  for row in read_log(workdir):
-    step = row.pop("step")
-    for k, v in row.items():
-      if isinstance(v, (int, float)) and not k.endswith("_per_s"):
-        assert (step, k) not in out, f"{k} logged twice at step {step}"
-        out[(step, k)] = v
-  return out
 
 
 # The reference, and the memory's drift corrections (smoothed moments and a momentum
@@ -299,8 +255,14 @@ def test_a_run_with_gradient_accumulation_is_two_micro_steps(data_dir, tmp_path)
     model=model,
     direction=direction,
     schedule=optim.make_schedule(cfg.optim, 1),
-    loss_name=cfg.loss.name,
-    loss_kwargs={},
+    xbm=CrossBatchMemory(
+      size=state.memory.emb.shape[0],
+      dim=state.memory.emb.shape[1],
+      loss=cfg.loss.name,
+      dtype=state.memory.emb.dtype,
+      axis_name=None,
+      data_axis=DATA_AXIS,
+    ),
     mesh=mesh,
   )
   ctrl = {"start_step": np.int32(0), "xbm_weight": np.float32(1.0), "lr_scale": np.float32(1.0)}
@@ -313,16 +275,6 @@ def test_a_run_with_gradient_accumulation_is_two_micro_steps(data_dir, tmp_path)
     losses.append(float(m["loss"]))
   assert logged == pytest.approx(np.mean(losses), rel=1e-5)
   assert abs(logged - float(whole)) > 1e-3 * abs(float(whole))
-
-
-def tree_listing(root) -> dict:
-  """`{path: (size, mtime)}` of every file and folder under `root`."""
-  out = {}
-  for d, dirs, files in os.walk(root):
-    for name in dirs + files:
-      st = os.stat(os.path.join(d, name))
-      out[os.path.join(d, name)] = (st.st_size, st.st_mtime_ns)
-  return out
 
 
 def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
@@ -455,7 +407,7 @@ def test_drift_of_the_model_is_zero_unchanged_and_grows_with_perturbation(data_d
 
 def test_each_drift_reading_reaches_the_controller_once(data_dir, tmp_path, monkeypatch):
   """Back-off acts per reading: a stale reading fed on every step would compound it."""
-  from xbm_jax.insight import controller as controller_lib
+  from xbm_jax.control import controller as controller_lib
 
   seen = []
   real = controller_lib.MemoryController.update

@@ -13,39 +13,15 @@ dominate), hence `slow` (CI runs it all the same).
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+from tests.helpers.pod import check_ok, launch, wait
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = os.path.join(ROOT, "scripts", "train.py")
 STEPS = 6
 # Short: 6 steps, the memory switched on and pre-filled at step 3 (moment-matched and
 # fed by a momentum encoder from then on), a drift probe every 2 steps, checkpoints every 2, evaluation at the end on a 1,500-image split (its
 # size divides neither the process count nor the batch: uneven host chunks, padding).
-FLAGS = [
-  "--config=configs/glyphs.py:smoke",
-  f"--config.train.steps={STEPS}",
-  "--config.train.log_every=1",
-  "--config.train.checkpoint_every=2",
-  "--config.xbm.prefill=True",
-  # The memory's smoothed moment matching: moments combined across processes, and
-  # the moving average in the train state.
-  "--config.xbm.drift_correction=moments",
-  "--config.xbm.moments_ema=0.5",
-  # The momentum encoder (its parameters and BatchNorm statistics in the train state)
-  # embeds the enqueued rows on every process.
-  "--config.xbm.momentum_encoder=0.9",
-  # Self-exclusion by image id: each row's id is its global record index, stored in
-  # the memory (pre-filled ones too) alike on every process.
-  "--config.xbm.memory_loss_kwargs.self_exclusion=id",
-  "--config.evals.glyphs.split=val5",
-  "--config.train.progress=False",
-]
 # Head re-projection refuses moments and the momentum encoder, so it gets its own,
 # minimal pair of runs: 4 steps, the memory (pooled features, sharded over the 4
 # devices) pre-filled and on from update 2 (logged steps 3, 4: the projected memory
@@ -68,64 +44,25 @@ REPROJECTION_FLAGS = [
 NOT_COMPARED = ("train/steps_per_s", "train/images_per_s")
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def launch(workdir, extra=(), *, flags=FLAGS, nproc=2, devices=2):
-  """Starts the processes of one run of `flags` + `extra`; returns them
-  (stdout+stderr to workdir/pN.log)."""
-  os.makedirs(workdir, exist_ok=True)
-  port, procs = free_port(), []
-  for pid in range(nproc):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "XBM_"))}
-    env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".jax_cache"),
-    )
-    if nproc > 1:
-      env.update(
-        XBM_COORDINATOR=f"127.0.0.1:{port}", XBM_NUM_PROCESSES=str(nproc), XBM_PROCESS_ID=str(pid)
-      )
-    path = os.path.join(workdir, f"p{pid}.{time.time_ns()}.log")
-    with open(path, "w") as log:
-      p = subprocess.Popen(
-        [sys.executable, TRAIN, *flags, f"--workdir={workdir}", *extra],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-      )
-    p.stdout_path = path
-    procs.append(p)
-  return procs
-
-
-def wait(*runs, timeout=240):
-  deadline = time.time() + timeout
-  for procs in runs:
-    for p in procs:
-      try:
-        p.wait(timeout=max(1, deadline - time.time()))
-      except subprocess.TimeoutExpired:
-        for q in (q for r in runs for q in r):
-          q.kill()
-        pytest.fail("a training process timed out")
-      assert p.returncode == 0, tail(p)
-
-
-def tail(p) -> str:
-  return open(p.stdout_path).read()[-3000:]
-
-
-def check_ok(workdir):
-  for name in sorted(os.listdir(workdir)):
-    if name.endswith(".log"):
-      text = open(os.path.join(workdir, name)).read()
-      assert "Traceback" not in text, text[-3000:]
+FLAGS = [
+  "--config=configs/glyphs.py:smoke",
+  f"--config.train.steps={STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.checkpoint_every=2",
+  "--config.xbm.prefill=True",
+  # The memory's smoothed moment matching: moments combined across processes, and
+  # the moving average in the train state.
+  "--config.xbm.drift_correction=moments",
+  "--config.xbm.moments_ema=0.5",
+  # The momentum encoder (its parameters and BatchNorm statistics in the train state)
+  # embeds the enqueued rows on every process.
+  "--config.xbm.momentum_encoder=0.9",
+  # Self-exclusion by image id: each row's id is its global record index, stored in
+  # the memory (pre-filled ones too) alike on every process.
+  "--config.xbm.memory_loss_kwargs.self_exclusion=id",
+  "--config.evals.glyphs.split=val5",
+  "--config.train.progress=False",
+]
 
 
 def logged(workdir) -> dict:

@@ -1,109 +1,16 @@
 """The design's correctness test: one global batch on 1 and on 8 devices gives the
 same loss, the same updated params, BN statistics and memory."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 import xbm_jax
-from tests import loss_oracles
-from xbm_jax import drift_correction, losses, memory, momentum, parallel, sharded_memory
-from xbm_jax.train import optim, state as state_lib, step as step_lib
-
-
-class TinyEmbedder(nn.Module):
-  """Dense -> BN (across `data`) -> relu -> Dense -> L2: small but has batch stats."""
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = x.reshape(x.shape[0], -1).astype(jnp.float32) / 255.0
-    x = nn.Dense(32, use_bias=False)(x)  # a bias before BN has ~0 grad: Adam amplifies noise
-    x = nn.BatchNorm(
-      use_running_average=not train, axis_name=parallel.DATA_AXIS if train else None, momentum=0.9
-    )(x)
-    return xbm_jax.l2_normalize(nn.Dense(8)(nn.relu(x)))
-
-
-def optim_cfg(**kw):
-  cfg = ml_collections.ConfigDict(
-    dict(
-      name="adam",
-      lr=1e-2,
-      weight_decay=5e-4,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      momentum=0.9,
-      schedule="constant",
-      warmup_steps=0,
-    )
-  )
-  cfg.update(kw)
-  return cfg
-
-
-def build(
-  mesh,
-  first_batch,
-  *,
-  loss_name="contrastive",
-  loss_kwargs=None,
-  memory_loss_kwargs=None,
-  mem_size=40,
-  accumulate=1,
-  memory_state=None,
-  sharded=False,
-  **step_kw,
-):
-  """(placed initial state, jitted step) for the tiny embedder on `mesh` (`step_kw`:
-  more options of make_train_step; a `MomentsEMA` in the state when they smooth)."""
-  model = TinyEmbedder()
-  variables = model.init(jax.random.PRNGKey(0), first_batch["image"][:2], train=False)
-  direction = optim.make_direction(optim_cfg())
-  if memory_state is None:  # storing image ids where the memory term excludes by id
-    ids = {**(loss_kwargs or {}), **(memory_loss_kwargs or {})}.get("self_exclusion") == "id"
-    memory_state = (
-      sharded_memory.init(size=mem_size, dim=8, n_shards=mesh.size, ids=ids)
-      if sharded
-      else memory.init(size=mem_size, dim=8, ids=ids)
-    )
-  st = state_lib.create(
-    params=variables["params"],
-    batch_stats=variables["batch_stats"],
-    tx=direction,
-    memory=memory_state,
-    moments=drift_correction.init(8) if step_kw.get("moments_ema", 0) > 0 else None,
-    key_encoder=(
-      momentum.init(variables["params"], variables["batch_stats"])
-      if step_kw.get("momentum_encoder", 0) > 0
-      else None
-    ),
-  )
-  st = jax.device_put(st, step_lib.state_shardings(st, mesh, sharded_memory=sharded))
-  train_step = step_lib.make_train_step(
-    model=model,
-    direction=direction,
-    schedule=optim.make_schedule(optim_cfg(), 10),
-    loss_name=loss_name,
-    loss_kwargs=loss_kwargs or {},
-    memory_loss_kwargs=memory_loss_kwargs,
-    mesh=mesh,
-    accumulate=accumulate,
-    sharded_memory=sharded,
-    **step_kw,
-  )
-  return st, train_step
-
-
-def ctrl_of(start_step, weight=1.0, lr_scale=1.0):
-  return {
-    "start_step": jnp.int32(start_step),
-    "xbm_weight": jnp.float32(weight),
-    "lr_scale": jnp.float32(lr_scale),
-  }
+from tests.helpers import loss_oracles
+from xbm_jax import losses, memory, parallel
+from tests.helpers.steps import build, ctrl_of, make_batches
+from tests.helpers.steps import TinyEmbedder
 
 
 def run_steps(
@@ -131,22 +38,6 @@ def run_steps_local(local_batches):
   return history
 
 
-def make_batches(n, seed=0, b=16):
-  """`n` batches of 4 rows per class, each row's "index" (image id) one of its
-  class's 3 images: every class repeats an image in a batch and across batches."""
-  rng = np.random.default_rng(seed)
-  out = [
-    {
-      "image": rng.integers(0, 256, size=(b, 4, 4, 1), dtype=np.uint8),
-      "label": np.repeat(rng.permutation(10)[: b // 4], 4).astype(np.int32),
-    }
-    for _ in range(n)
-  ]
-  for batch in out:
-    batch["index"] = (3 * batch["label"] + np.arange(b) % 3).astype(np.int32)
-  return out
-
-
 @pytest.mark.parametrize(
   "loss_name,loss_kwargs",
   [
@@ -155,8 +46,8 @@ def make_batches(n, seed=0, b=16):
     ("multi_similarity", {}),
     ("contrastive", {"self_exclusion": "index"}),  # "paper"
     ("multi_similarity", {"self_exclusion": "id"}),  # image ids, stored in the memory
-    # a user's loss by import path, written once per anchor row (tests/test_pairs.py)
-    ("tests.test_pairs:margin_rank_row", {"margin": 0.3, "reduction": "mean"}),
+    # a user's loss by import path, written once per anchor row (tests/losses/test_pairs.py)
+    ("tests.helpers.custom_losses:margin_rank_row", {"margin": 0.3, "reduction": "mean"}),
   ],
 )
 def test_one_device_equals_eight(loss_name, loss_kwargs):
@@ -368,14 +259,14 @@ def test_a_user_loss_from_the_config_is_checked_against_its_signature():
   from xbm_jax.train.errors import ConfigError
 
   c = config_lib.base()
-  c.loss.name = "tests.test_pairs:margin_rank_row"
+  c.loss.name = "tests.helpers.custom_losses:margin_rank_row"
   c.loss.kwargs.margin = 0.3
   validation.check_loss(c)
   validation.check_enumerated(c)  # an import path is not one of the built-in names
   c.xbm.memory_loss_kwargs.temperature = 0.1  # a key the base config does not list
   with pytest.raises(ConfigError, match="memory_loss_kwargs.temperature.*'temperature'"):
     validation.check_loss(c)
-  c.loss.name = "tests.test_pairs:no_such_loss"
+  c.loss.name = "tests.helpers.custom_losses:no_such_loss"
   with pytest.raises(ConfigError, match="config.loss.name=.*no function 'no_such_loss'"):
     validation.check_loss(c)
 

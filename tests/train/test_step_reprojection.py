@@ -6,9 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests import loss_oracles
-from tests.train.test_step import ctrl_of, make_batches, optim_cfg
-from xbm_jax import memory, parallel, sharded_memory
+from tests.helpers import loss_oracles
+from tests.helpers.steps import ctrl_of, make_batches, optim_cfg
+from xbm_jax.cross_batch import CrossBatchMemory
+from xbm_jax.parallel import DATA_AXIS
+from xbm_jax import memory, parallel
+from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.models.head import EmbeddingHead
 from xbm_jax.train import optim, state as state_lib, step as step_lib
 
@@ -52,10 +55,15 @@ def _build(mesh, batch, mem, *, sharded=False, opt="adam", **step_kw):
     model=model,
     direction=direction,
     schedule=optim.make_schedule(optim_cfg(), 10),
-    loss_name="contrastive",
-    loss_kwargs={},
+    xbm=CrossBatchMemory(
+      size=mem.emb.shape[0],
+      dim=mem.emb.shape[1],
+      loss="contrastive",
+      dtype=mem.emb.dtype,
+      axis_name=DATA_AXIS if sharded else None,
+      data_axis=DATA_AXIS,
+    ),
     mesh=mesh,
-    sharded_memory=sharded,
     **step_kw,
   )
   return model, variables, st, fn

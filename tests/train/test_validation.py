@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.train.test_loop import tiny_config
+from tests.helpers.runs import tiny_config
 from xbm_jax.train import config as config_lib, loop, validation
 from xbm_jax.train.errors import ConfigError, DataError, UserError
 

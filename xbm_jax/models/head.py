@@ -46,7 +46,7 @@ class EmbeddingHead(nn.Module):
   Input `[B, H, W, C]` feature map (any float dtype); output `[B, D]` float32 unit rows.
   `project` is the part after the pooling: `[N, C]` pooled features -> `[N, D]` unit rows,
   so that stored pooled features can be re-embedded by the current head
-  (`xbm_jax.reprojection`).
+  (`xbm_jax.freshness.reprojection`).
   """
 
   embed_dim: int

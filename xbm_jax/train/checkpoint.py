@@ -265,7 +265,7 @@ class Checkpointer:
     shards (benchmarks/reshard_restore.py measures both); the whole memory is
     never gathered. The rest of the state is restored straight onto its
     shardings."""
-    from xbm_jax import sharded_memory as sm  # pylint: disable=g-import-not-at-top
+    from xbm_jax.memory import sharded as sm
 
     abstract = abstract_like(state)
     if abstract.memory.ptr.ndim != 1:

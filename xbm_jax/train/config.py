@@ -73,7 +73,7 @@ def base() -> ml_collections.ConfigDict:
 
   # kwargs: the loss's keyword options; unset (None) ones keep the loss's defaults.
   # name: a built-in loss, or an import path "mypkg.losses:my_loss" (a pair loss of
-  # xbm_jax.pairs, or a plain f(query, reference, **kwargs)).
+  # xbm_jax.losses.pairs, or a plain f(query, reference, **kwargs)).
   c.loss = dict(name="contrastive", kwargs=loss_kwargs_fields())
 
   c.xbm = dict(
@@ -110,7 +110,7 @@ def base() -> ml_collections.ConfigDict:
     # needs the drift monitor). "paired": at each evaluation of guard_metric's
     # evaluator after the start, the exact one-sided McNemar test of its per-query
     # hits@k against those of the last evaluation before the start
-    # (xbm_jax.paired_guard) fires at guard_alpha / (the run's readings after the
+    # (xbm_jax.control.paired_guard) fires at guard_alpha / (the run's readings after the
     # start). False: no guard.
     guard=config_dict.FieldReference(False, field_type=object),
     guard_ratio=2.0,
@@ -119,7 +119,7 @@ def base() -> ml_collections.ConfigDict:
     guard_alpha=0.01,  # "paired": the run's false-alarm rate
     # Drift correction of the stored entries: "moments" shifts and scales the
     # memory's rows each step so that their per-dimension mean and variance match
-    # the batch's (Adaptive Cross Batch Normalization; xbm_jax.drift_correction);
+    # the batch's (Adaptive Cross Batch Normalization; xbm_jax.freshness.moments);
     # "none" is the reference. moments_ema in [0, 1): > 0 matches a moving average
     # of the batch moments with this decay (kept in the train state), 0 each
     # batch's own.
@@ -132,7 +132,7 @@ def base() -> ml_collections.ConfigDict:
     momentum_encoder=0.0,
     # Head re-projection: the memory stores the batch's pooled backbone features
     # (in xbm.dtype) instead of its embeddings, and each step embeds them with the
-    # current head (xbm_jax.reprojection): exact for the head's share of the
+    # current head (xbm_jax.freshness.reprojection): exact for the head's share of the
     # drift. Costs size x feature_dim x itemsize bytes (ResNet-50: 2048 features)
     # and one [size, F] x [F, D] product per step.
     reprojection=False,

@@ -7,15 +7,18 @@ option does. Every collective here names `DATA_AXIS`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from xbm_jax import drift_correction as drift_lib, losses, memory as memory_lib
-from xbm_jax import momentum as momentum_lib, reprojection as reprojection_lib
-from xbm_jax import sharded_memory as sharded_lib
+from xbm_jax import memory as memory_lib
+from xbm_jax.cross_batch import CrossBatchMemory
+from xbm_jax.freshness import moments as drift_lib
+from xbm_jax.freshness import momentum as momentum_lib
+from xbm_jax.freshness import reprojection as reprojection_lib
+from xbm_jax.memory import sharded as sharded_lib
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train.state import TrainState
@@ -28,10 +31,8 @@ class StepSettings(NamedTuple):
   model: Any
   direction: optax.GradientTransformation
   schedule: Callable
-  loss_fn: Callable
-  loss_kwargs: dict
-  memory_loss_kwargs: Optional[dict]
-  sharded_memory: bool
+  xbm: CrossBatchMemory  # the memory's settings and its (bound) loss
+  sharded_memory: bool  # xbm.axis_name is set: each device holds a slice of the rows
   accumulate: int
   drift_correction: str
   moments_ema: float
@@ -112,20 +113,15 @@ def embed_and_loss(
     reference = reprojection_lib.embeddings(memory, head, detach=True)
   local = Embeddings(emb, labels, ids=ids)
   glob = jax.tree.map(lambda x: jax.lax.all_gather(x, DATA_AXIS, tiled=True), local)
-  total, mem, aux = losses.xbm_total_loss(
+  total, mem, aux = s.xbm.update(
     local,
     glob,
     reference,
     step=step,
-    start_step=ctrl["start_step"],
+    start_step=ctrl["start_step"],  # the host-side controller's gates, traced
     weight=ctrl["xbm_weight"],
-    loss=s.loss_fn,
-    axis_name=DATA_AXIS if s.sharded_memory else None,
-    data_axis=DATA_AXIS,
-    memory_loss_kwargs=s.memory_loss_kwargs,
     denominators=denominators,
     enqueue=keys is None,
-    **s.loss_kwargs,
   )
   if s.reprojection:  # the state keeps the features; `mem` is their projection
     mem = memory

@@ -20,7 +20,9 @@ from typing import Callable, Optional
 import jax
 import numpy as np
 
-from xbm_jax import memory as memory_lib, paired_guard, sharded_memory
+from xbm_jax import memory as memory_lib
+from xbm_jax.control import paired_guard
+from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.train import optim
 
 
@@ -181,7 +183,7 @@ def make_paired_guard(config) -> Optional[PairedGuard]:
   """The paired guard of `config.xbm` (checked by `validation`), or None when
   `xbm.guard` is not "paired"; `looks` counts the evaluations of its evaluator after
   the memory's start up to `train.steps`."""
-  from xbm_jax.insight import controller  # pylint: disable=g-import-not-at-top
+  from xbm_jax.control import controller
   from xbm_jax.train import evaluation, validation_xbm  # pylint: disable=g-import-not-at-top
 
   x = config.xbm

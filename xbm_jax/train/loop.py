@@ -25,10 +25,11 @@ import numpy as np
 
 from xbm_jax import parallel
 from xbm_jax.data import pipeline
-from xbm_jax.insight import controller as controller_lib, drift as drift_lib
+from xbm_jax.insight import drift as drift_lib
+from xbm_jax.control import controller as controller_lib
 from xbm_jax.train import checkpoint, evaluation, guards, hooks as hooks_lib, optim, preemption
 from xbm_jax.train import setup
-from xbm_jax.train import config as config_lib, validation
+from xbm_jax.train import validation
 from xbm_jax.train import state as state_lib, step as step_lib
 from xbm_jax.train.errors import NonFiniteError
 from xbm_jax.train.progress import Progress
@@ -248,11 +249,8 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     model=model,
     direction=direction,
     schedule=optim.make_schedule(config.optim, total),
-    loss_name=config.loss.name,
-    loss_kwargs=config_lib.set_kwargs(config.loss.kwargs),
-    memory_loss_kwargs=config_lib.set_kwargs(config.xbm.memory_loss_kwargs),
+    xbm=setup.cross_batch_memory(config, feature_dim=setup.feature_dim({"params": state.params})),
     mesh=mesh,
-    sharded_memory=sharded,
     accumulate=int(config.train.accumulate),
     drift_correction=config.xbm.drift_correction,
     moments_ema=float(config.xbm.moments_ema),

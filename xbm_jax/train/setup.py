@@ -10,8 +10,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from xbm_jax import memory, models
+from xbm_jax import losses, models
+from xbm_jax.cross_batch import CrossBatchMemory
+from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.data import builders
+from xbm_jax.train import config as config_lib
 from xbm_jax.train.errors import DataError
 
 MEMORY_DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
@@ -113,21 +116,34 @@ def load_source(input_cfg, split: str):
     raise DataError(str(e).splitlines()[0] if str(e) else repr(e)) from e
 
 
-def init_memory(config, num_devices: int, *, feature_dim: Optional[int] = None):
-  """The train state's memory: `[size, embed_dim]` rows, or with
-  `xbm.reprojection` `[size, feature_dim]` pooled features (the model's)."""
+def cross_batch_memory(config, *, feature_dim: Optional[int] = None) -> CrossBatchMemory:
+  """The memory's settings and its loss, bound once from the config: `[size, embed_dim]`
+  rows, or with `xbm.reprojection` `[size, feature_dim]` pooled features (the model's);
+  the loss `loss.name` with `loss.kwargs` bound, the memory term's `xbm.memory_loss_kwargs`.
+  A disabled memory is one of the global batch's size (never switched on)."""
   reproject = config.xbm.enabled and bool(config.xbm.reprojection)
   if reproject and feature_dim is None:
     raise ValueError("config.xbm.reprojection needs the model's feature_dim for the memory")
-  dim = int(feature_dim) if reproject else int(config.model.embed_dim)
-  dtype = MEMORY_DTYPES[config.xbm.dtype]
-  size = int(config.xbm.size) if config.xbm.enabled else batch_shape(config)[0]
-  ids = memory_stores_ids(config)
-  if config.xbm.enabled and config.xbm.memory_sharding == "sharded":
-    from xbm_jax import sharded_memory  # pylint: disable=g-import-not-at-top
+  sharded = config.xbm.enabled and config.xbm.memory_sharding == "sharded"
+  return CrossBatchMemory(
+    size=int(config.xbm.size) if config.xbm.enabled else batch_shape(config)[0],
+    dim=int(feature_dim) if reproject else int(config.model.embed_dim),
+    loss=losses.bind(config.loss.name, **config_lib.set_kwargs(config.loss.kwargs)),
+    weight=float(config.xbm.weight),
+    # start_step and weight: the host-side controller's traced gates decide each step
+    # (xbm.start_step may be "auto"); these are only the object's defaults.
+    memory_options=config_lib.set_kwargs(config.xbm.memory_loss_kwargs),
+    dtype=MEMORY_DTYPES[config.xbm.dtype],
+    ids=memory_stores_ids(config),
+    axis_name=DATA_AXIS if sharded else None,
+    data_axis=DATA_AXIS,
+  )
 
-    return sharded_memory.init(size=size, dim=dim, n_shards=num_devices, dtype=dtype, ids=ids)
-  return memory.init(size=size, dim=dim, dtype=dtype, ids=ids)
+
+def init_memory(config, num_devices: int, *, feature_dim: Optional[int] = None):
+  """The train state's memory, empty (see `cross_batch_memory`)."""
+  xbm = cross_batch_memory(config, feature_dim=feature_dim)
+  return xbm.init(n_shards=num_devices) if xbm.axis_name else xbm.init()
 
 
 def memory_stores_ids(config) -> bool:
@@ -149,7 +165,7 @@ def init_moments(config):
   x = config.xbm
   if not (x.enabled and x.drift_correction == "moments" and float(x.moments_ema) > 0):
     return None
-  from xbm_jax import drift_correction  # pylint: disable=g-import-not-at-top
+  from xbm_jax.freshness import moments as drift_correction
 
   return drift_correction.init(int(config.model.embed_dim))
 
@@ -159,7 +175,7 @@ def init_key_encoder(config, variables: dict):
   `variables` as MoCo starts it, or None when `xbm.momentum_encoder` is 0."""
   if not (config.xbm.enabled and float(config.xbm.momentum_encoder) > 0):
     return None
-  from xbm_jax import momentum  # pylint: disable=g-import-not-at-top
+  from xbm_jax.freshness import momentum
 
   return momentum.init(variables["params"], variables.get("batch_stats", {}))
 

@@ -4,7 +4,8 @@
 Per device (the reference's step, with the global batch gathered first):
   1. embed the local batch (train mode; BN statistics averaged over `data`);
   2. `all_gather` embeddings and labels in mesh order -> the global batch;
-  3. the library's one call, `losses.xbm_total_loss(local, global batch, memory)`:
+  3. the memory's one call, `xbm.update(local, global batch, memory)` (the
+     `CrossBatchMemory` built from the config, `setup.cross_batch_memory`):
      it enqueues the detached global batch (from `start_step` on), so every
      device holds the identical memory (or, sharded, its own rows into its
      shard), then loss = L(local, global batch) + w * L(local, memory);
@@ -14,12 +15,12 @@ the whole batch), so the `pmean` over devices equals the 1-device loss: the same
 global batch on 1 and on 8 devices gives the same loss and update.
 
 With `drift_correction="moments"` the memory is first moment-matched to the
-batch (`xbm_jax.drift_correction`; its smoothed moments live in the state), then
+batch (`xbm_jax.freshness.moments`; its smoothed moments live in the state), then
 step 3 runs on the corrected memory. With `momentum_encoder=m` the batch that step
 3 enqueues is embedded by a momentum (key) encoder in the state
-(`xbm_jax.momentum`), one extra forward pass without gradient. With
+(`xbm_jax.freshness.momentum`), one extra forward pass without gradient. With
 `reprojection=True` the memory holds the batch's pooled backbone features
-(`xbm_jax.reprojection`), enqueued first; step 3's memory term then runs on them
+(`xbm_jax.freshness.reprojection`), enqueued first; step 3's memory term then runs on them
 projected through the current head (no gradient through the memory's rows).
 
 With `self_exclusion="id"` (either term) or a memory that stores ids, each row's
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xbm_jax import losses
+from xbm_jax.cross_batch import CrossBatchMemory
 from xbm_jax.parallel import DATA_AXIS
 from xbm_jax.train import device_step
 from xbm_jax.train.state import TrainState
@@ -77,11 +78,8 @@ def make_train_step(
   model,
   direction: optax.GradientTransformation,
   schedule: Callable,
-  loss_name: str,
-  loss_kwargs: dict,
-  memory_loss_kwargs: Optional[dict] = None,
+  xbm: CrossBatchMemory,
   mesh,
-  sharded_memory: bool = False,
   accumulate: int = 1,
   drift_correction: str = "none",
   moments_ema: float = 0.0,
@@ -95,12 +93,12 @@ def make_train_step(
       -> [b, D]` float32 unit rows, with BatchNorm `axis_name=DATA_AXIS`.
     direction: optimiser transform without the learning rate (`optim.make_direction`).
     schedule: `step -> lr`.
-    loss_name, loss_kwargs, memory_loss_kwargs: see `losses.xbm_total_loss`; the
-      loss is a built-in name or an import path "pkg.module:function".
-    mesh: 1-D mesh with axis `DATA_AXIS`.
-    sharded_memory: the memory's rows are split over the devices
-      (`xbm_jax.sharded_memory`): each device enqueues its local batch into its
+    xbm: the memory's settings and its loss, bound once (`CrossBatchMemory`; its
+      `weight` and `start_step` are overridden each step by `ctrl`'s traced gates).
+      With `xbm.axis_name` the memory's rows are split over the devices
+      (`xbm_jax.memory.sharded`): each device enqueues its local batch into its
       shard and the memory term is combined exactly across shards.
+    mesh: 1-D mesh with axis `DATA_AXIS`.
     accumulate: gradient accumulation over this many micro-batches per step (to
       train a batch whose activations do not fit). Micro-batch i is rows
       `[i * b / N, (i + 1) * b / N)` of every device's `b` rows; the micro-batches run
@@ -152,16 +150,16 @@ def make_train_step(
     raise ValueError(
       "reprojection needs accumulate=1, momentum_encoder=0 and drift_correction='none'"
     )
-  loss_kwargs = dict(loss_kwargs)
-  mem_kwargs = {**loss_kwargs, **(memory_loss_kwargs or {})}
+  if xbm.axis_name not in (None, DATA_AXIS):
+    raise ValueError(f"xbm.axis_name must be None or {DATA_AXIS!r}; got {xbm.axis_name!r}")
+  loss_kwargs, mem_kwargs = xbm.loss_options, xbm.memory_term_options
   memory_ids = mem_kwargs.get("self_exclusion") == "id"
+  sharded_memory = xbm.axis_name is not None
   settings = device_step.StepSettings(
     model=model,
     direction=direction,
     schedule=schedule,
-    loss_fn=losses.check_loss_options(loss_name, set(mem_kwargs) | set(loss_kwargs)),
-    loss_kwargs=loss_kwargs,
-    memory_loss_kwargs=memory_loss_kwargs,
+    xbm=xbm,
     sharded_memory=sharded_memory,
     accumulate=accumulate,
     drift_correction=drift_correction,

@@ -17,7 +17,9 @@ import os
 
 import ml_collections
 
-from xbm_jax import losses, scoring, sharded_memory
+from xbm_jax import losses
+from xbm_jax.losses import scoring
+from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.data import pipeline
 from xbm_jax.evaluation import evaluators
 from xbm_jax.models import factory as model_factory, head as model_head

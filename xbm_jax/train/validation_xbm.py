@@ -5,7 +5,7 @@ naming the key."""
 from __future__ import annotations
 
 from xbm_jax.evaluation import evaluators
-from xbm_jax.insight import controller
+from xbm_jax.control import controller
 from xbm_jax.train import setup
 from xbm_jax.train.validation_base import fail as _fail, get as _get, positive as _positive
 
