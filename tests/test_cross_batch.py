@@ -57,6 +57,11 @@ def test_bad_bound_options_are_one_error():
     losses.bind(lambda query, reference, *, scale=1.0: 0.0, margin=0.1)
   with pytest.raises(ValueError, match="size must be a positive int"):
     xbm_jax.CrossBatchMemory(size=0, dim=4)
+  with pytest.raises(ValueError, match="dtype must be a float dtype"):
+    xbm_jax.CrossBatchMemory(size=8, dim=4, dtype=jnp.int32)
+  assert (
+    xbm_jax.CrossBatchMemory(size=8, dim=4, dtype=jnp.bfloat16).init().emb.dtype == jnp.bfloat16
+  )
   with pytest.raises(TypeError, match="takes no option 'marginn'"):
     xbm_jax.CrossBatchMemory(size=8, dim=4, memory_options={"marginn": 0.1})
   with pytest.raises(ValueError, match='self_exclusion="id" needs ids=True'):

@@ -15,7 +15,9 @@ def pages() -> list:
   """README.md and every page under docs/, as paths relative to the repository."""
   found = ["README.md"]
   for folder, _, names in sorted(os.walk(os.path.join(ROOT, "docs"))):
-    found += sorted(os.path.relpath(os.path.join(folder, n), ROOT) for n in names if n.endswith(".md"))
+    found += sorted(
+      os.path.relpath(os.path.join(folder, n), ROOT) for n in names if n.endswith(".md")
+    )
   return found
 
 
@@ -45,9 +47,7 @@ def test_the_readme_and_the_library_page_have_snippets():
   assert {"README.md", "docs/library.md"} <= pages, pages
 
 
-@pytest.mark.parametrize(
-  "head,snippets", sections(), ids=lambda x: x if isinstance(x, str) else ""
-)
+@pytest.mark.parametrize("head,snippets", sections(), ids=lambda x: x if isinstance(x, str) else "")
 def test_doc_snippets_run(head, snippets):
   namespace = {"__name__": "readme"}
   for line, code in snippets:

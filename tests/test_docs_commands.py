@@ -79,7 +79,11 @@ def test_the_demo_figures_are_the_committed_runs():
 
 
 def test_the_demo_table_is_the_committed_runs():
-  rows = [r for r in doc_section("docs/results.md", "Results: the glyph demo").splitlines() if r.startswith("| ")]
+  rows = [
+    r
+    for r in doc_section("docs/results.md", "Results: the glyph demo").splitlines()
+    if r.startswith("| ")
+  ]
   for name, marker in (("xbm", "with memory"), ("base", "without")):
     _, series = demo_run(name)
     (row,) = [r for r in rows if r.startswith(f"| {marker}")]
@@ -105,7 +109,9 @@ def test_the_commit_cited_is_in_this_history():
 
 
 def own_data_commands() -> list[str]:
-  block = re.search(r"```bash\n(.*?)```", doc_section("docs/training.md", "Your own data"), re.S).group(1)
+  block = re.search(
+    r"```bash\n(.*?)```", doc_section("docs/training.md", "Your own data"), re.S
+  ).group(1)
   return [line for line in block.splitlines() if line.startswith("python ")]
 
 

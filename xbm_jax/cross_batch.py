@@ -63,7 +63,7 @@ class CrossBatchMemory:
         raise ValueError(f"CrossBatchMemory: {name} must be {low}; got {v!r}")
     if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
       raise ValueError(f"CrossBatchMemory: weight must be a finite number; got {self.weight!r}")
-    if jnp.dtype(self.dtype).kind != "f":
+    if not jnp.issubdtype(self.dtype, jnp.floating):
       raise ValueError(f"CrossBatchMemory: dtype must be a float dtype; got {self.dtype!r}")
     fn = losses.check_loss_options(self.loss, set(self.memory_options or {}))
     if self.axis_name is not None and not pairs.is_pair_loss(fn):

@@ -144,12 +144,14 @@ def make_train_step(
   """
   if drift_correction not in DRIFT_CORRECTIONS:
     raise ValueError(f"drift_correction={drift_correction!r}: one of {DRIFT_CORRECTIONS}")
-  if momentum_encoder > 0 and accumulate > 1:
-    raise ValueError("momentum_encoder > 0 needs accumulate=1")
-  if reprojection and (accumulate > 1 or momentum_encoder > 0 or drift_correction != "none"):
-    raise ValueError(
-      "reprojection needs accumulate=1, momentum_encoder=0 and drift_correction='none'"
-    )
+  problem = freshness_conflict(
+    drift_correction=drift_correction,
+    momentum_encoder=momentum_encoder,
+    reprojection=reprojection,
+    accumulate=accumulate,
+  )
+  if problem:
+    raise ValueError(problem)
   if xbm.axis_name not in (None, DATA_AXIS):
     raise ValueError(f"xbm.axis_name must be None or {DATA_AXIS!r}; got {xbm.axis_name!r}")
   loss_kwargs, mem_kwargs = xbm.loss_options, xbm.memory_term_options
@@ -182,6 +184,32 @@ def make_train_step(
     return mapped(state, (batch["image"], batch["label"], _batch_ids(settings, state, batch)), ctrl)
 
   return jax.jit(train_step, donate_argnums=(0,))
+
+
+def freshness_conflict(
+  *, drift_correction: str, momentum_encoder: float, reprojection: bool, accumulate: int
+) -> Optional[str]:
+  """The one statement of which ways of keeping the memory current combine (with each
+  other and with accumulation), worded in config keys; None when they do. Called by
+  `make_train_step` and by the config's validation (`validation_xbm`)."""
+  if momentum_encoder > 0 and accumulate > 1:
+    return (
+      f"config.xbm.momentum_encoder={momentum_encoder} embeds each step's whole batch: "
+      f"it needs config.train.accumulate=1 (got {accumulate})"
+    )
+  if reprojection:
+    clashes = {
+      "xbm.momentum_encoder": (momentum_encoder > 0, momentum_encoder),  # embeddings
+      "xbm.drift_correction": (drift_correction != "none", drift_correction),  # rescales
+      "train.accumulate": (accumulate > 1, accumulate),
+    }
+    for key, (clash, value) in clashes.items():
+      if clash:
+        return (
+          f"config.xbm.reprojection=True stores pooled features: it cannot be combined "
+          f"with config.{key}={value!r}"
+        )
+  return None
 
 
 def _check_state(s: device_step.StepSettings, state: TrainState) -> None:

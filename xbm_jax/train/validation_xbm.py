@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from xbm_jax.evaluation import evaluators
 from xbm_jax.control import controller
-from xbm_jax.train import setup
-from xbm_jax.train.validation_base import fail as _fail, get as _get, positive as _positive
+from xbm_jax.train import setup, step
+from xbm_jax.train.validation_base import fail as _fail, positive as _positive
 
 
 def _check_reprojection(config) -> None:
@@ -20,17 +20,6 @@ def _check_reprojection(config) -> None:
     return
   if not x.enabled:
     _fail("config.xbm.reprojection=True needs the memory: config.xbm.enabled is False")
-  clashes = {
-    "xbm.momentum_encoder": x.momentum_encoder > 0,  # it enqueues embeddings, not features
-    "xbm.drift_correction": x.drift_correction != "none",  # it rescales embeddings
-    "train.accumulate": int(config.train.accumulate) > 1,
-  }
-  for key, clash in clashes.items():
-    if clash:
-      _fail(
-        f"config.xbm.reprojection=True stores pooled features: it cannot be combined "
-        f"with config.{key}={_get(config, key)!r}"
-      )
 
 
 def check_memory(config, mesh: int) -> None:
@@ -45,12 +34,15 @@ def check_memory(config, mesh: int) -> None:
       f"config.xbm.moments_ema={ema} smooths the moments of config.xbm.drift_correction="
       f"'moments', but it is {x.drift_correction!r}"
     )
-  if x.momentum_encoder > 0 and int(config.train.accumulate) > 1:
-    _fail(
-      f"config.xbm.momentum_encoder={x.momentum_encoder} embeds each step's whole batch: "
-      f"it needs config.train.accumulate=1 (got {config.train.accumulate})"
-    )
   _check_reprojection(config)
+  problem = step.freshness_conflict(  # the same rule make_train_step applies
+    drift_correction=x.drift_correction,
+    momentum_encoder=x.momentum_encoder,
+    reprojection=bool(x.enabled and x.reprojection),
+    accumulate=int(config.train.accumulate),
+  )
+  if problem:
+    _fail(problem)
   if not x.enabled:
     if x.momentum_encoder > 0:
       _fail(
