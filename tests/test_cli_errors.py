@@ -45,6 +45,7 @@ def one_line_error(out) -> str:
 TYPO = "unknown config key config.optim.lrr (--config.optim.lrr); did you mean config.optim.lr?"
 
 
+@pytest.mark.slow
 def test_a_mistyped_config_key_names_the_key_and_the_likely_one(tmp_path):
   wd = str(tmp_path / "run")
   args = ["--config=glyphs:smoke", f"--workdir={wd}", "--config.optim.lrr=1e-3"]
@@ -55,6 +56,7 @@ def test_a_mistyped_config_key_names_the_key_and_the_likely_one(tmp_path):
   assert not os.path.exists(wd)  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("xbm-train"), reason="xbm-train is not installed")
 def test_the_installed_command_says_the_same(tmp_path):
   args = ["--config=glyphs:smoke", f"--workdir={tmp_path / 'run'}", "--config.optimm.lr=1"]
@@ -63,6 +65,7 @@ def test_the_installed_command_says_the_same(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_a_flag_absl_does_not_know_is_one_line_too(tmp_path):
   out = run([sys.executable, TRAIN, "--config=glyphs:smoke", f"--workdirr={tmp_path}"])
   assert one_line_error(out).startswith("Unknown command line flag 'workdirr'. Did you mean")
@@ -90,6 +93,7 @@ def test_config_checks_in_process(tmp_path):
   assert os.listdir(tmp_path) == []  # the check leaves nothing behind
 
 
+@pytest.mark.slow
 def test_a_workdir_that_cannot_be_written(tmp_path):
   """Tests run as root, which ignores permission bits: a regular file where a folder
   should be, and (where chattr works) an immutable folder."""
@@ -113,6 +117,7 @@ def test_a_workdir_that_cannot_be_written(tmp_path):
   assert os.listdir(frozen) == []
 
 
+@pytest.mark.slow
 def test_help_lists_the_flags_that_matter():
   out = run([sys.executable, TRAIN, "--help"])
   assert out.returncode == 0
@@ -126,6 +131,7 @@ def prepare(manual, data, *extra):
   return run([sys.executable, PREPARE, *args, *extra])
 
 
+@pytest.mark.slow
 def test_prepare_data_names_a_corrupt_or_missing_image_and_the_flag_that_skips_it(tmp_path):
   manual, data = str(tmp_path / "m"), str(tmp_path / "d")
   fakes.listfile(manual, {"train": {1: 2, 2: 2}, "test": {3: 2}})

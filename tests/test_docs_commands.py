@@ -115,6 +115,7 @@ def own_data_commands() -> list[str]:
   return [line for line in block.splitlines() if line.startswith("python ")]
 
 
+@pytest.mark.slow
 def test_your_own_data_commands_run_as_written(tmp_path):
   manual, data = tmp_path / "mydata", tmp_path / "tfds"
   fakes.listfile(str(manual), {"train": {c: 5 for c in range(8)}, "test": {20: 4, 21: 4}})

@@ -6,6 +6,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +19,7 @@ def _load(name):
   return mod
 
 
+@pytest.mark.slow
 def test_train_glyphs_example_learns_on_eight_devices():
   """40 steps (memory from step 8): the loop runs, fills its memory, and the
   embedding retrieves unseen characters better than at initialisation."""

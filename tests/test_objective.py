@@ -85,6 +85,7 @@ def _numpy_total(e, l, v, mem_rows, reduction):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
 @pytest.mark.parametrize("reduction", ["paper", "mean"])
 def test_one_call_in_shard_map_equals_one_device(mesh, reduction, sharded):
@@ -239,6 +240,7 @@ def _memory_products(jaxpr) -> int:
   return n
 
 
+@pytest.mark.slow
 def test_before_the_start_the_memory_term_is_not_computed():
   """Before `start_step` (and while a guard holds the memory off) the step takes the
   zero branch of a `lax.cond`: the memory's statistics are 0 although it holds pairs

@@ -12,6 +12,7 @@ sys.path.insert(
 import gpu_suite  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+@pytest.mark.slow
 def test_smoke_sections_run_and_fill_the_table(capsys):
   rows = gpu_suite.main(["--smoke", "--sections", "env,train_step,loss_mem,retrieval"])
   names = [r[0] for r in rows]

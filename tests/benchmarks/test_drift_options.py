@@ -6,8 +6,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import drift_options  # noqa: E402  pylint: disable=g-import-not-at-top
+import pytest
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_a_row_per_size(capsys):
   drift_options.main(
     ["--sizes", "32,48", "--batch", "4", "--dim", "8", "--feature-dim", "16"]

@@ -6,6 +6,7 @@ import numpy as np
 from benchmarks import head_study as hs
 from xbm_jax import memory as memory_lib
 from xbm_jax.embeddings import Embeddings
+import pytest
 
 
 def _unit(rng, n, d):
@@ -13,6 +14,7 @@ def _unit(rng, n, d):
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_supcon_matches_numpy_oracle_in_batch_and_against_a_memory():
   rng = np.random.default_rng(0)
   q, ql = _unit(rng, 12, 8), rng.integers(0, 4, 12)
@@ -35,6 +37,7 @@ def test_pk_batches_take_whole_classes_each_epoch():
   np.testing.assert_array_equal(b, hs.pk_batches(labels, 5, seed=3))
 
 
+@pytest.mark.slow
 def test_a_memory_arm_trains_one_chunk():
   rng = np.random.default_rng(1)
   labels = np.repeat(np.arange(32), 4)

@@ -36,6 +36,7 @@ def test_leave_one_out_evaluator_names_and_values():
   assert ev.retrieval_splits() == ("test", "test")
 
 
+@pytest.mark.slow
 def test_query_gallery_and_vehicleid_evaluators():
   q, ql = clustered(40, 8, 12, 0.8, seed=6)
   g, gl = clustered(70, 8, 12, 0.8, seed=7)

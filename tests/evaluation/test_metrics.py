@@ -33,6 +33,7 @@ def tie_set():
   return x, l
 
 
+@pytest.mark.slow
 def test_hand_made_ties_break_by_gallery_index():
   x, l = tie_set()
   got = metrics.retrieval_metrics(x, l, ks=(1, 2), self_exclude=True, block_size=3)
@@ -98,6 +99,7 @@ def test_map_at_r_hand_computed():
   assert got["precision@1"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("self_exclude", [True, False])
 def test_eight_devices_equal_one(self_exclude):
   assert jax.device_count() >= 8
@@ -123,6 +125,7 @@ def test_eight_devices_equal_one(self_exclude):
     assert two_d == one
 
 
+@pytest.mark.slow
 def test_per_query_ranks_and_errors():
   x, l = tie_set()
   res = metrics.retrieval_metrics(x, l, ks=(1,), self_exclude=True, per_query=True)
@@ -184,6 +187,7 @@ def tie_heavy(n, d, classes, seed):
   return x, rng.integers(0, classes, n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_tie_heavy_random_matches_oracle_on_one_and_eight_devices(seed):
   x, l = tie_heavy(150, 3, 25, seed)

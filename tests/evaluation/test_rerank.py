@@ -60,6 +60,7 @@ def near_ties(n, seed):
   return x, rng.integers(0, 12, n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_near_ties_built_to_defeat_float32_match_the_float64_oracle(seed):
   x, l = near_ties(160, seed)

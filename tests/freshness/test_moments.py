@@ -112,6 +112,7 @@ def test_empty_memory_is_unchanged_and_constant_dimension_gives_no_nan(rng):
   )
 
 
+@pytest.mark.slow
 def test_bfloat16_memory_keeps_its_dtype(rng):
   valid = np.ones(16, bool)
   mem = _memory(rng, valid)
@@ -158,6 +159,7 @@ def test_bad_shapes_raise_naming_the_argument(rng):
     dc.moments(mem.emb, mem.valid[:4])
 
 
+@pytest.mark.slow
 def test_sharded_memory_equals_one_device(rng):
   assert jax.device_count() == N, "conftest must provide 8 fake CPU devices"
   mesh = jax.make_mesh((N,), (AX,))

@@ -117,6 +117,7 @@ def test_bad_arguments_are_refused(rng):
     mom.init({"w": jnp.zeros((2,), jnp.int32)})
 
 
+@pytest.mark.slow
 def test_key_forward_of_a_small_model_and_its_update():
   model = models.create({"name": "small_cnn", "embed_dim": 8, "width": 4})
   variables = models.init_variables(model, jax.random.key(0), image_size=16, channels=1)

@@ -63,6 +63,7 @@ def rng():
   return np.random.default_rng(0)
 
 
+@pytest.mark.slow
 def test_reprojection_equals_the_head_on_the_stored_features(rng):
   head = _head(rng)
   mem, feats = _filled(rng, size=16, written=11)
@@ -78,6 +79,7 @@ def test_reprojection_equals_the_head_on_the_stored_features(rng):
   np.testing.assert_allclose(out2.emb[:11], _numpy_head(feats, head2), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunked_projection_equals_all_rows_at_once(rng):
   head = _head(rng)
   mem, _ = _filled(rng, size=10, written=10)
@@ -87,6 +89,7 @@ def test_chunked_projection_equals_all_rows_at_once(rng):
     np.testing.assert_allclose(part.emb, whole.emb, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bfloat16_storage_is_within_its_rounding_bound(rng):
   head = _head(rng)
   mem, feats = _filled(rng, size=64, written=64, dtype=jnp.bfloat16)
@@ -103,6 +106,7 @@ def test_bfloat16_storage_is_within_its_rounding_bound(rng):
   assert np.median(bound) < 0.1  # and the bound says something
 
 
+@pytest.mark.slow
 def test_gradient_reaches_the_head_only_when_not_detached(rng):
   head = _head(rng)
   mem, _ = _filled(rng, size=8, written=8)
@@ -158,6 +162,7 @@ def test_sharded_memory_projects_each_shard_and_equals_one_device(rng):
   np.testing.assert_array_equal(out.labels, mem.labels)
 
 
+@pytest.mark.slow
 def test_head_projection_of_a_model_equals_its_forward():
   model = models.create({"name": "small_cnn", "embed_dim": 8, "width": 4})
   variables = models.init_variables(model, jax.random.key(0), image_size=16, channels=1)
@@ -186,6 +191,7 @@ def test_bytes_by_hand_and_a_budget_that_does_not_fit():
   assert "\n" not in str(e.value) and f"{big.total - 1:,} bytes" in str(e.value)
 
 
+@pytest.mark.slow
 def test_bad_shapes_and_dtypes_are_refused(rng):
   for bad in ("float16", jnp.int32, "complex64"):
     with pytest.raises(TypeError, match="feature memory dtype must be one of"):

@@ -64,6 +64,7 @@ def test_loss_matches_numpy_loop(name, kwargs, ref, seed):
   np.testing.assert_allclose(float(got), want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs,ref", CASES[::2])
 def test_in_batch_and_single_anchor(name, kwargs, ref):
   rng = np.random.default_rng(3)
@@ -76,6 +77,7 @@ def test_in_batch_and_single_anchor(name, kwargs, ref):
   np.testing.assert_allclose(float(got1), ref(q[:1], ql[:1], r, rl), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs,ref", CASES)
 def test_gradient_matches_finite_differences(name, kwargs, ref):
   """jax.grad vs central differences of the NumPy oracle, in float64."""
@@ -116,6 +118,7 @@ def test_bfloat16_inputs(name, kwargs, ref):
   np.testing.assert_allclose(float(got), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_invalid_reference_rows_are_ignored():
   rng = np.random.default_rng(5)
   q, ql, _ = labeled(rng, 8, 4, 3)
@@ -129,6 +132,7 @@ def test_invalid_reference_rows_are_ignored():
   assert float(a) == pytest.approx(float(b)) == pytest.approx(float(c))
 
 
+@pytest.mark.slow
 def test_self_exclusion_by_index_vs_similarity():
   """'index' drops exactly the anchor's slot; 'similarity' drops every duplicate."""
   rng = np.random.default_rng(2)
@@ -172,6 +176,7 @@ def test_stats_count_pairs_by_hand():
   np.testing.assert_allclose(float(st["mean_pos_sim"]), np.cos(np.deg2rad(30)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_empty_reference_gives_zero_loss_and_finite_grad():
   rng = np.random.default_rng(0)
   q, ql, _ = labeled(rng, 4, 8, 2)
@@ -209,6 +214,7 @@ def test_bad_input_errors():
     )
 
 
+@pytest.mark.slow
 def test_bf16_memory_never_keeps_the_anchors_own_slot():
   """Rounding to bf16 moves a unit vector's self-similarity off 1 by ~1e-3; the default
   threshold must still drop the anchor's own memory slot (labels all distinct here)."""
@@ -240,6 +246,7 @@ def test_float32_keeps_a_near_duplicate_positive_and_drops_the_copy():
   np.testing.assert_allclose(float(loss), 1e-4, rtol=0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("self_exclusion", ["similarity", "index", "id", "none"])
 def test_contrastive_one_pass_equals_plain_autodiff(self_exclusion):
   """`contrastive` against a memory (custom VJP, one pass) against

@@ -59,6 +59,7 @@ def _run(fn, anchors, memory, kw):
   return value, stats, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "fast,plain,options", PAIRS[:2] + PAIRS[3:], ids=lambda x: getattr(x, "__name__", "")
 )
@@ -83,6 +84,7 @@ def test_fast_form_equals_plain_autodiff(monkeypatch, fast, plain, options, self
     assert np.any(np.asarray(want[2][0]) != 0) and float(want[0]) > 0, msg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "chunk,pack,listed,bits",
   [(1, 4096, 1, 16), (4, 4096, 23, 1), (23, 4096, 5, 16), (64, 4096, 64, 0), (7, 4, 2, 1)],

@@ -89,6 +89,7 @@ def _data_parallel(mesh, fn, kw, sharded):
   return jax.jit(jax.value_and_grad(run))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "sharded"])
 @pytest.mark.parametrize("reduction", ["paper", "mean"])
 @pytest.mark.parametrize("form", sorted(FORMS))

@@ -66,6 +66,7 @@ def test_default_precision_breaks_the_self_rule(emu):
   assert below == G if truncate else below >= G // 8, diag
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("emu", EMULATIONS)
 @pytest.mark.parametrize("name,kw", LOSSES)
 def test_losses_keep_self_pairs_excluded(emu, name, kw):
@@ -121,6 +122,7 @@ def _sharded(mesh, name, kw_items, bits, truncate):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("emu", ["tf32_truncate", "bf16"])
 @pytest.mark.parametrize("name,kw", LOSSES)
 def test_sharded_losses_keep_self_pairs_excluded(mesh, emu, name, kw):

@@ -49,6 +49,7 @@ def test_ring_buffer_matches_list_model(size, batch):
   assert float(memory.fill(mem)) == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,batch", [(10, 3), (7, 7), (6, 4)])
 def test_masked_enqueue_matches_list_model(size, batch):
   """Only the selected rows enter, in order, at consecutive slots: a true ring
@@ -74,6 +75,7 @@ def test_masked_enqueue_matches_list_model(size, batch):
     check_equal(mem, model)
 
 
+@pytest.mark.slow
 def test_label_zero_and_fill():
   mem = memory.init(size=6, dim=2)
   assert float(memory.fill(mem)) == 0.0
@@ -91,6 +93,7 @@ def test_invalid_rows_take_slots_but_stay_invalid():
   assert int(mem.ptr) == 3
 
 
+@pytest.mark.slow
 def test_when_false_leaves_memory_unchanged_in_one_program():
   mem = memory.init(size=8, dim=3)
   b = xbm_jax.Embeddings(jnp.ones((3, 3)), jnp.arange(3))
@@ -140,6 +143,7 @@ def unit_batch(seed, b=8, d=16, classes=3):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(losses.LOSSES))
 def test_memory_of_batch_size_equals_in_batch_loss(name):
   """Sanity (PML's test_sanity_check): memory size == batch, one enqueue."""
@@ -187,6 +191,7 @@ def test_total_loss_gates_on_start_step_and_compiles_once():
   assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_total_loss_gradients_memory_term_to_anchors_only():
   """The gradient reaches the memory term's anchors only: against float64 central
   differences of the NumPy oracle, with the memory (old rows + this batch, enqueued

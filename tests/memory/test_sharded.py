@@ -190,6 +190,7 @@ def memories(mesh):
   return _memories(mesh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kw", CASES, ids=[f"{n}-{kw}" for n, kw in CASES])
 def test_sharded_loss_equals_replicated(mesh, memories, name, kw):
   """Values, stats and grad (of the whole shard_mapped function) on every memory state."""
@@ -199,6 +200,7 @@ def test_sharded_loss_equals_replicated(mesh, memories, name, kw):
 INBODY = [("multi_similarity", dict())]  # triplet "hard": see the training test
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,kw", INBODY, ids=[f"{n}-{kw}" for n, kw in INBODY])
 def test_sharded_grad_inside_shard_map(mesh, memories, name, kw):
   """jax.grad taken per device inside the body (as a train step does) reaches
@@ -273,6 +275,7 @@ def _entries(mem):
   return {int(l): np.asarray(e) for l, e, v in zip(mem.labels, mem.emb, mem.valid) if v}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_new", [8, 4, 1])
 def test_reshard_keeps_entries_and_evicts_oldest_first(mesh, n_new):
   """Restore onto n_new devices: every entry survives; further enqueues evict
@@ -427,6 +430,7 @@ def _train(mesh, sharding, loss_name, loss_kw, batches, *, steps=4, start_step=1
   return params, mem, trace
 
 
+@pytest.mark.slow
 def test_training_steps_sharded_equal_replicated(mesh):
   """4 steps (memory from step 1, wrapping at step 3): same losses, parameters
   and memory with `memory_sharding` replicated and sharded."""

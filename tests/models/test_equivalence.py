@@ -86,6 +86,7 @@ def tolerance(torch_f32_error):
   return max(TOL, 2 * torch_f32_error)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "arch,model_kw,torch_kw",
   [

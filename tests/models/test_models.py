@@ -67,6 +67,7 @@ def test_global_pool_matches_numpy():
     global_pool(x, "sum")
 
 
+@pytest.mark.slow
 def test_head_init_shape_and_unit_rows():
   head = EmbeddingHead(embed_dim=64)
   fmap = jax.random.normal(jax.random.PRNGKey(1), (3, 2, 2, 512), jnp.bfloat16)
@@ -141,6 +142,7 @@ def test_grayscale_is_tiled_and_bad_images_rejected():
 
 
 # ------------------------------------------------------------------------- small CNN
+@pytest.mark.slow
 def test_small_cnn_takes_1_channel_32x32(small_vars):
   images = gray_images(4)
   emb = small().apply(small_vars, images, train=False)
@@ -169,6 +171,7 @@ def test_head_applied_to_pooled_features_is_the_forward_bit_for_bit(small_vars):
   np.testing.assert_allclose(emb, z / np.linalg.norm(z, axis=1, keepdims=True), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_frozen_bn_never_updates(small_vars):
   images = gray_images(8, seed=1)
   _, upd = small().apply(small_vars, images, train=True, mutable=["batch_stats"])
@@ -214,6 +217,7 @@ def test_auto_dtype_is_bf16_on_accelerators_and_f32_on_cpu(small_vars):
   assert {x.dtype for x in jax.tree.leaves(upd)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_bn_axis_name_averages_stats_across_devices(small_vars):
   """8-way shard_map with bn_axis_name="data" == one device seeing the whole batch."""
   mesh = jax.make_mesh((8,), ("data",))
@@ -332,6 +336,7 @@ def test_script_and_load_pretrained(resnet18_state, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ BN vs torch
+@pytest.mark.slow
 def test_batchnorm_running_stats_follow_torch_batchnorm2d():
   """Three train-mode updates at n = 2 x 4 x 4 = 32 values per channel: outputs and
   running mean / (unbiased) running variance equal torch.nn.BatchNorm2d's; eval mode

@@ -30,6 +30,7 @@ import reshard_restore  # noqa: E402  pylint: disable=g-import-not-at-top
 ROWS, DIM = 32768, 16
 
 
+@pytest.mark.slow
 def test_a_resharded_restore_reads_and_holds_one_shard_per_device(tmp_path):
   """8 -> 4 devices: the memory equals the host algorithm's re-lay, bit for bit;
   each device ends with its shard only; the re-lay needs ~3 shards per device;

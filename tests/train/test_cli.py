@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from xbm_jax.train import __main__ as cli
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +31,7 @@ def run_cli(args, cwd):
   )
 
 
+@pytest.mark.slow
 def test_a_bad_config_value_is_one_line_and_exit_status_2(tmp_path):
   """Used to be a bare `KeyError: 'float16'` traceback after 15 s of set-up."""
   wd = str(tmp_path / "run")

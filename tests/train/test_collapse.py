@@ -71,6 +71,7 @@ def test_each_warning_goes_to_the_log_and_to_tensorboard_text(caplog):
   assert writer.texts == [(9, "warnings", got[0])]
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_warns_in_the_log_and_tensorboard(data_dir, tmp_path, caplog):
   """lr 1e3 on the tiny set (a few seconds): every embedding ends up pointing the
   same way; the run finishes, and says so."""

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from tests.helpers import pod
+from tests.helpers import pod as launcher
 from tests.helpers.runs import logged_rows, tiny_config
 from xbm_jax.insight import report
 from xbm_jax.train import checkpoint, loop, step as step_lib
@@ -94,6 +94,7 @@ def oracle6(data_dir, tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_checkpoints_its_step_and_the_resume_is_exact(
   data_dir, tmp_path, monkeypatch, fallback_handlers, oracle6, sig
@@ -140,7 +141,7 @@ def cli_flags(data_dir, steps):
 
 def start_cli(wd, data_dir, steps=400):
   """scripts/train.py on the test set, on 2 devices (1 process), logging to wd/*.log."""
-  (proc,) = pod.launch(wd, flags=cli_flags(data_dir, steps), nproc=1, devices=2)
+  (proc,) = launcher.launch(wd, flags=cli_flags(data_dir, steps), nproc=1, devices=2)
   return proc
 
 
@@ -177,6 +178,7 @@ def wait_for_row(wd, *procs, after=0, timeout=240):
   pytest.fail("no training row in time")
 
 
+@pytest.mark.slow
 def test_the_cli_exits_143_on_sigterm_with_one_line(data_dir, tmp_path):
   """A scheduler's SIGTERM mid-run: status 143, one line naming the step, whose
   checkpoint is the only one (the periodic ones are 100,000 steps apart)."""
@@ -209,6 +211,7 @@ loop.train_and_evaluate(runs.tiny_config(sys.argv[1], **test_faults.BASE), sys.a
 """
 
 
+@pytest.mark.slow
 def test_a_second_signal_ends_the_run_at_once(data_dir, tmp_path):
   """Two SIGTERMs during update 3: the first is taken (the process goes on), the
   second ends it by the signal (-15, 143 to a shell) before it finishes the step:
@@ -217,7 +220,7 @@ def test_a_second_signal_ends_the_run_at_once(data_dir, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run(
     [sys.executable, "-c", SECOND_SIGNAL, data_dir, wd],
-    cwd=pod.ROOT,
+    cwd=launcher.ROOT,
     env=env,
     capture_output=True,
     text=True,
@@ -256,6 +259,7 @@ def run8(data_dir, tmp_path_factory):
   return str(root / "six"), str(root / "eight")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["truncate", "delete", "garble"])
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_one_before_used(
   data_dir, tmp_path, caplog, run8, how
@@ -312,6 +316,7 @@ def fill(disk):
       assert e.errno == errno.ENOSPC
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_in_one_line_and_the_freed_workdir_resumes_exactly(
   data_dir, tmp_path, monkeypatch, oracle6, small_disk
 ):
@@ -347,6 +352,7 @@ def test_a_full_disk_stops_in_one_line_and_the_freed_workdir_resumes_exactly(
   assert_same_run(wd, oracle6)
 
 
+@pytest.mark.slow
 def test_a_killed_attempt_before_any_checkpoint_leaves_no_duplicate_rows(
   data_dir, tmp_path, oracle6
 ):
@@ -384,8 +390,8 @@ def test_a_pod_stopped_by_sigterm_on_one_process_saves_one_step_and_resumes_exac
   preemption sync point), save it together and exit 143; the relaunched pod ends
   as an uninterrupted pod run beside it."""
   pod, oracle = str(tmp_path / "pod"), str(tmp_path / "oracle")
-  whole = pod.launch(oracle, flags=POD_FLAGS)
-  procs = pod.launch(pod, flags=POD_FLAGS)
+  whole = launcher.launch(oracle, flags=POD_FLAGS)
+  procs = launcher.launch(pod, flags=POD_FLAGS)
   wait_for_row(pod, *procs, after=1)
   procs[1].send_signal(signal.SIGTERM)
   outs = [output(p, timeout=240) for p in procs]
@@ -394,6 +400,6 @@ def test_a_pod_stopped_by_sigterm_on_one_process_saves_one_step_and_resumes_exac
   assert 0 < step < POD_STEPS
   for out in outs:
     assert f"stopped at step {step} by SIGTERM; checkpoint saved" in out, out[-3000:]
-  pod.wait(pod.launch(pod, flags=POD_FLAGS), whole, timeout=600)
-  pod.check_ok(oracle)
+  launcher.wait(launcher.launch(pod, flags=POD_FLAGS), whole, timeout=600)
+  launcher.check_ok(oracle)
   assert_same_run(pod, oracle)

@@ -29,6 +29,7 @@ QUICK = {"drift.enabled": False, "pictures.enabled": False}
 # --- 1. NaN weights are never reported as a model -------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["contrastive", "multi_similarity"])
 def test_huge_lr_stops_the_run_instead_of_reporting_a_perfect_model(data_dir, tmp_path, loss):
   """lr=1e30 makes the weights NaN while the loss still reads 0 (every pair mask is
@@ -43,6 +44,7 @@ def test_huge_lr_stops_the_run_instead_of_reporting_a_perfect_model(data_dir, tm
   assert not os.listdir(wd / "checkpoints" / "best")
 
 
+@pytest.mark.slow
 def test_step_flags_nan_params_even_when_the_loss_is_finite():
   """The oracle: NaN planted in one parameter array. The flag must say so, whatever
   the loss reads; the same step on clean params says finite."""
@@ -79,6 +81,7 @@ def test_a_second_run_on_a_held_workdir_fails_naming_the_holder(data_dir, tmp_pa
   assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
 
 
+@pytest.mark.slow
 def test_the_lock_of_a_killed_run_does_not_block(tmp_path):
   wd = str(tmp_path / "stale")
   code = (
@@ -97,6 +100,7 @@ def test_the_lock_of_a_killed_run_does_not_block(tmp_path):
 # --- 3. a resume with another config -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_names_the_keys(data_dir, tmp_path):
   wd = str(tmp_path / "resume")
   loop.train_and_evaluate(tiny_config(data_dir, **QUICK), wd)
@@ -204,6 +208,7 @@ def test_every_enumerated_default_is_valid():
 # --- 5. paths as the user wrote them ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_tilde_and_env_vars_are_expanded_in_paths(data_dir, tmp_path, monkeypatch):
   home = str(tmp_path / "home")
   os.makedirs(home)
@@ -232,6 +237,7 @@ def test_mean_pairwise_cosine_matches_a_loop_over_pairs():
   assert guards.mean_pairwise_cosine(np.ones((4, 3))) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_zero_gradients_and_collapsed_embeddings_are_warned(
   data_dir, tmp_path, monkeypatch, caplog
 ):
@@ -261,6 +267,7 @@ def test_zero_gradients_and_collapsed_embeddings_are_warned(
 # --- the drift guard stops the memory -------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_guard_stops_enqueue_and_the_memory_term(data_dir, tmp_path, monkeypatch):
   """The probe is scripted: still before the start (rank drift 0, so the floor 0.01 is
   the reference), a fresh random set at each reading after it (rank drift near 1).
@@ -295,6 +302,7 @@ def _mcnemar_p(gains: int, losses: int) -> float:
   return sum(math.comb(n, i) for i in range(losses, n + 1)) / 2**n if n else 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fires", [True, False], ids=["fires", "holds"])
 def test_the_paired_guard_reads_val_hits_and_switches_the_memory_off(
   data_dir, tmp_path, monkeypatch, fires

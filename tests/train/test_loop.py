@@ -24,6 +24,7 @@ def final_state(workdir, like_config):
   return raw["state"]
 
 
+@pytest.mark.slow
 def test_end_to_end_logs_evals_pictures_checkpoints(data_dir, tmp_path):
   wd = str(tmp_path / "run")
   out = loop.train_and_evaluate(tiny_config(data_dir), wd)
@@ -92,6 +93,7 @@ REPROJECTED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "options",
   [{}, DRIFT_CORRECTED, REPROJECTED],
@@ -230,6 +232,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good(data_dir, tmp_path,
   assert sorted(os.listdir(os.path.join(wd, "checkpoints", "last"))) == ["3"]
 
 
+@pytest.mark.slow
 def test_a_run_with_gradient_accumulation_is_two_micro_steps(data_dir, tmp_path):
   """train.accumulate=2 on 2 devices (8 rows each, two micro-batches of one class per
   device), parameters frozen (lr 0): the loop's first loss is the mean of two plain
@@ -277,6 +280,7 @@ def test_a_run_with_gradient_accumulation_is_two_micro_steps(data_dir, tmp_path)
   assert abs(logged - float(whole)) > 1e-3 * abs(float(whole))
 
 
+@pytest.mark.slow
 def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   """Warm start and export read the source run's params and BN statistics only
   (the memory, 64 x 8, differs from the warm run's 32 x 8) and leave its workdir as
@@ -321,6 +325,7 @@ def test_warm_start_takes_params_from_another_run(data_dir, tmp_path):
   assert os.listdir(tmp_path / "misfit") == [".lock"]
 
 
+@pytest.mark.slow
 def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_dir, tmp_path):
   """Also with self-exclusion by image id: the ids are stored, re-laid and kept."""
   base = {
@@ -351,6 +356,7 @@ def test_sharded_memory_run_equals_replicated_and_resumes_on_fewer_devices(data_
   assert_ids_name_the_entries_images(st["memory"], more)
 
 
+@pytest.mark.slow
 def test_prefill_fills_the_memory_from_the_model_at_the_start(data_dir, tmp_path):
   """With prefill, the memory is full from its first active step: 64 eval-mode
   embeddings of training images (the tiny set has 72), then the step enqueues."""
@@ -405,6 +411,7 @@ def test_drift_of_the_model_is_zero_unchanged_and_grows_with_perturbation(data_d
   assert 0 < values[0] < values[1] < values[2]
 
 
+@pytest.mark.slow
 def test_each_drift_reading_reaches_the_controller_once(data_dir, tmp_path, monkeypatch):
   """Back-off acts per reading: a stale reading fed on every step would compound it."""
   from xbm_jax.control import controller as controller_lib

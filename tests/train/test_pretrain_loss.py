@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xbm_jax.train import pretrain
+import pytest
 
 
 def _oracle(emb, labels, scale):
@@ -18,6 +19,7 @@ def _oracle(emb, labels, scale):
   return np.mean(losses), np.mean(hits)
 
 
+@pytest.mark.slow
 def test_batch_softmax_loss_matches_loop():
   rng = np.random.default_rng(0)
   emb = rng.normal(size=(12, 5))
@@ -29,6 +31,7 @@ def test_batch_softmax_loss_matches_loop():
   np.testing.assert_allclose(float(acc), want_acc)
 
 
+@pytest.mark.slow
 def test_pretrain_learns_a_tiny_set_and_exports(tmp_path):
   from xbm_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
 

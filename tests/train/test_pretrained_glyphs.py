@@ -14,6 +14,7 @@ from xbm_jax import models
 from xbm_jax.configs import glyphs as glyph_config
 from xbm_jax.data import glyphs, transforms
 from xbm_jax.train import checkpoint
+import pytest
 
 
 @flax.struct.dataclass
@@ -26,6 +27,7 @@ def _embed(model, variables, images):
   return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
 
 
+@pytest.mark.slow
 def test_pretrained_weights_load_and_embed_glyphs():
   c = glyph_config.get_config("study,pretrained,smoke")
   assert (c.model.width, c.model.embed_dim) == (32, 64)  # the weights fix the shape

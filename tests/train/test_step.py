@@ -96,6 +96,7 @@ def train_embeddings(model, variables, images):
   return train_forward(model, variables, images)[0]
 
 
+@pytest.mark.slow
 def test_step_matches_single_device_by_hand():
   """Oracle for the 1-device step: loss and first Adam update computed directly."""
   batches = make_batches(1, seed=3)
@@ -194,6 +195,7 @@ def _plain_and_accumulated(**build_kw):
   return (m1, m2, ma), (s2, sa), (mu1, mu2, mu(sa))
 
 
+@pytest.mark.slow
 def test_accumulated_step_is_micro_steps_at_frozen_params():
   """accumulate=2 over 2 devices x 8 rows: the memory, BN statistics, loss and pair
   statistics of two plain steps on the micro-batches at frozen parameters
@@ -361,6 +363,7 @@ def _sorted_rows(mem):
   return table[np.lexsort(table.T[::-1])]
 
 
+@pytest.mark.slow
 def test_drift_corrections_one_device_equals_eight_replicated_and_sharded():
   """3 steps with the smoothed moment matching (moments_ema=0.5) and the momentum
   encoder (0.5), memory from step 0, the memory term excluding by image id: 1 device,

@@ -14,6 +14,7 @@ from xbm_jax import memory, parallel
 from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.models.head import EmbeddingHead
 from xbm_jax.train import optim, state as state_lib, step as step_lib
+import pytest
 
 FEATURES = 12  # F, the pooled features' width (the head maps F -> 8)
 
@@ -97,6 +98,7 @@ def _emb(x, labels):
   return Embeddings(jnp.asarray(x), jnp.asarray(labels))
 
 
+@pytest.mark.slow
 def test_reprojection_step_matches_numpy_and_a_stale_memory_of_the_projected_rows():
   """One step, memory on from step 0, 24 stale feature rows: the memory then holds
   the stale features and the batch's pooled features after them; the memory term is
@@ -141,6 +143,7 @@ def _sorted_rows(mem):
   return table[np.lexsort(table.T[::-1])]
 
 
+@pytest.mark.slow
 def test_reprojection_one_device_equals_eight_replicated_and_sharded():
   """3 steps with re-projection (bf16 features), memory from step 0: 1 device, 8
   devices and 8 devices with the memory sharded give the same losses, parameters

@@ -8,6 +8,7 @@ import numpy as np
 
 from tests.helpers import fakes
 from xbm_jax.data import sources
+import pytest
 
 _SCRIPT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts", "prepare_data.py")
 
@@ -18,6 +19,7 @@ def _run(*args):
   )
 
 
+@pytest.mark.slow
 def test_prepare_script_cub_then_malformed_list(tmp_path):
   manual, data = str(tmp_path / "m"), str(tmp_path / "d")
   fakes.cub(manual)
@@ -36,6 +38,7 @@ def test_prepare_script_cub_then_malformed_list(tmp_path):
   assert "images.txt:13: expected 2 fields" in out.stderr
 
 
+@pytest.mark.slow
 def test_prepare_script_reads_the_named_splits_and_errors_in_one_line(tmp_path):
   lists = tmp_path / "lists"
   fakes.image(str(lists / "imgs" / "x.png"), seed=0, fmt="PNG")

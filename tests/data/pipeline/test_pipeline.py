@@ -147,6 +147,7 @@ def test_host_batch_feeds_make_array_from_process_local_data(source):
   np.testing.assert_array_equal(np.asarray(arrays["label"]), batch["label"])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(source):
   # One grain worker process (spawn: a few seconds to start); same order and content.
   ref = _train(source, num_steps=3)
