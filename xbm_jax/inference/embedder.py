@@ -101,24 +101,29 @@ class Embedder:
 
   def _check_fits(self, variables: dict) -> None:
     """A params file of another model (another embed_dim, backbone): one line naming the
-    first leaf that differs, before anything is embedded."""
-    crop, key, misfit = self.tcfg.crop, "params", ""
-    for channels in (3, 1):  # RGB models, then grayscale ones (the glyph demo)
+    first leaf that differs, before anything is embedded. Also sets `channels` (3, or 1
+    for a grayscale model such as the glyph demo's) from the saved input convolution."""
+    crop = self.tcfg.crop
+
+    def shapes(channels):
       dummy = jax.ShapeDtypeStruct((1, crop, crop, channels), np.uint8)
-      try:
-        shapes = jax.eval_shape(lambda x: self.model.init(jax.random.key(0), x), dummy)
-      except Exception:  # pylint: disable=broad-except  # wrong channel count
-        continue
-      for key in checkpoint.PARAM_KEYS:
-        misfit = checkpoint._misfit(shapes.get(key, {}), variables.get(key, {}))  # pylint: disable=protected-access
-        if misfit:
-          break
-      else:
-        self.channels = channels
-        return
-    raise ConfigError(
-      f"the saved {key} do not match config.model ({misfit or 'no input shape fits'})"
-    )
+      return jax.eval_shape(lambda x: self.model.init(jax.random.key(0), x), dummy)
+
+    rgb, gray = shapes(3), shapes(1)
+    self.channels = 3
+    flat = jax.tree_util.tree_leaves_with_path(variables.get("params", {}))
+    saved = {jax.tree_util.keystr(k): np.shape(v) for k, v in flat}
+    for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(rgb["params"]), jax.tree.leaves(gray["params"])
+    ):
+      if a.shape != b.shape:  # the input convolution: its in-channels are the image's
+        if saved.get(jax.tree_util.keystr(path)) == b.shape:
+          self.channels, rgb = 1, gray
+        break
+    for key in checkpoint.PARAM_KEYS:
+      misfit = checkpoint._misfit(rgb.get(key, {}), variables.get(key, {}))  # pylint: disable=protected-access
+      if misfit:
+        raise ConfigError(f"the saved {key} do not match config.model ({misfit})")
 
   def embed_fn(self, images):
     """Host uint8 `[b, crop, crop, C]` (b a multiple of the devices) -> device `[b, D]`:
@@ -130,15 +135,31 @@ class Embedder:
     """Every record of a source (`len`, `[i] -> {"image", "label"}`), transformed and
     embedded as evaluation does. Returns `extract`'s `dict(emb=float32 [N, D],
     labels=int64 [N], index=int64 [N])` in source order."""
-    if len(source) == 0:
+    parts = list(self.embed_parts(source, progress=progress, worker_count=worker_count))
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def embed_parts(self, source, *, part_rows: int = 0, progress: bool = False, worker_count=0):
+    """`embed_source` in parts of about `part_rows` records (0: one part), yielded in
+    order with `index` counted over the whole source: a caller that stores each part
+    never holds the embeddings twice. One progress bar (with ETA) over all of them."""
+    n = len(source)
+    if n == 0:
       raise DataError("nothing to embed: the source is empty")
-    batches = pipeline.eval_batches(
-      source, batch_size=self.batch_size, transform_cfg=self.tcfg, worker_count=worker_count
+    step = n if part_rows <= 0 else max(1, part_rows // self.batch_size) * self.batch_size
+    bar = tqdm.tqdm(
+      total=-(-n // self.batch_size), unit="batch", desc="embed", disable=not progress
     )
-    n_batches = -(-len(source) // self.batch_size)
-    bar = tqdm.tqdm(batches, total=n_batches, unit="batch", desc="embed", disable=not progress)
     try:
-      return extract(self.embed_fn, bar, across_processes=False)
+      for lo in range(0, n, step):
+        part = _Slice(source, lo, min(n, lo + step))
+        batches = pipeline.eval_batches(
+          part, batch_size=self.batch_size, transform_cfg=self.tcfg, worker_count=worker_count
+        )
+        out = extract(self.embed_fn, _counted(batches, bar), across_processes=False)
+        out["index"] = out["index"] + lo
+        yield out
     finally:
       bar.close()
 
@@ -149,3 +170,22 @@ class Embedder:
       {"image": np.asarray(im, np.uint8), "label": -1, "index": i} for i, im in enumerate(images)
     ]
     return self.embed_source(recs)["emb"]
+
+
+def _counted(batches, bar):
+  for b in batches:
+    yield b
+    bar.update(1)
+
+
+class _Slice:
+  """Records `lo..hi-1` of a source, as a source."""
+
+  def __init__(self, source, lo: int, hi: int):
+    self.source, self.lo, self.hi = source, lo, hi
+
+  def __len__(self) -> int:
+    return self.hi - self.lo
+
+  def __getitem__(self, i: int):
+    return self.source[self.lo + int(i)]
