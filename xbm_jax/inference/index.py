@@ -114,7 +114,7 @@ class Index:
         if missing:
           raise IndexError_(f"{path} is not an index file (no {missing})")
         arr = {k: z[k] for k in KEYS}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
       if isinstance(e, UserError):
         raise
       raise IndexError_(f"{path} is not a readable index file ({e})") from e

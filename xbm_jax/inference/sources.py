@@ -16,7 +16,7 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from xbm_jax.data.builders import common, listfile
 from xbm_jax.train.errors import DataError
@@ -27,6 +27,8 @@ def read_image(path: str) -> np.ndarray:
   try:
     with Image.open(path) as img:
       return np.asarray(img.convert("RGB"), dtype=np.uint8)
+  except UnidentifiedImageError:  # its own message repeats the path
+    raise DataError(f"unreadable image {path}: not an image file PIL can decode") from None
   except (OSError, ValueError, Image.DecompressionBombError) as e:
     raise DataError(f"unreadable image {path}: {str(e).splitlines()[0] if str(e) else e!r}")
 
