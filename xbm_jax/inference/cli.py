@@ -76,7 +76,7 @@ def _embed_index(a, embedder, source, *, part_rows: int = 0):
   return index
 
 
-def _writable(path: str, flag: str) -> None:
+def check_writable(path: str, flag: str) -> None:
   folder = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(folder):
     raise DataError(f"{flag} {path}: no folder {folder}")
@@ -91,7 +91,7 @@ def embed_main(argv):
   p.add_argument("--out", required=True, help="the index file to write (.npz)")
   p.add_argument("--part-rows", type=int, default=65536, help="records embedded per part")
   a = p.parse_args(argv)
-  _writable(a.out, "--out")
+  check_writable(a.out, "--out")
   embedder = _embedder(a)
   index = _embed_index(a, embedder, _source(a, embedder), part_rows=a.part_rows)
   index.save(a.out)
@@ -154,7 +154,7 @@ def calibrate_main(argv):
   from xbm_jax.inference import threshold as th  # pylint: disable=g-import-not-at-top
   from xbm_jax.inference.index import Index  # pylint: disable=g-import-not-at-top
 
-  _writable(a.out, "--out")
+  check_writable(a.out, "--out")
   if a.index:
     index = Index.load(a.index)
   elif a.model:
@@ -174,7 +174,7 @@ def calibrate_main(argv):
   )
 
 
-def _run(main, argv=None):
+def run_main(main, argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   verbose = "--verbose" in argv
   argv = [x for x in argv if x != "--verbose"]
@@ -189,12 +189,12 @@ def _run(main, argv=None):
 
 
 def embed(argv=None):
-  _run(embed_main, argv)
+  run_main(embed_main, argv)
 
 
 def search(argv=None):
-  _run(search_main, argv)
+  run_main(search_main, argv)
 
 
 def calibrate(argv=None):
-  _run(calibrate_main, argv)
+  run_main(calibrate_main, argv)
