@@ -139,7 +139,7 @@ def memory_ratio(a) -> str:
   )
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--gallery", type=int, default=1_000_000)
   p.add_argument("--dim", type=int, default=128)
@@ -150,11 +150,15 @@ def main():
   p.add_argument("--crop", type=int, default=64)
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--repeats", type=int, default=3)
-  a = p.parse_args()
-  print(embedding_ratio(a), flush=True)
+  a = p.parse_args(argv)
+  lines = [embedding_ratio(a)]
+  print(lines[-1], flush=True)
   for line in search_ratio(a):
+    lines.append(line)
     print(line, flush=True)
-  print(memory_ratio(a), flush=True)
+  lines.append(memory_ratio(a))
+  print(lines[-1], flush=True)
+  return lines
 
 
 if __name__ == "__main__":
