@@ -39,8 +39,9 @@ def _input_flags(p):
 def _source(a, embedder):
   from xbm_jax.inference import sources  # pylint: disable=g-import-not-at-top
 
+  c = embedder.channels  # 1 for a grayscale model: files are read as gray
   if a.list:
-    return sources.list_file(a.list, a.image_root)
+    return sources.list_file(a.list, a.image_root, channels=c)
   if a.split:
     from xbm_jax.train import setup  # pylint: disable=g-import-not-at-top
 
@@ -50,11 +51,11 @@ def _source(a, embedder):
     return sources.SplitSource(setup.load_source(cfg, a.split))
   if a.images:
     if len(a.images) == 1 and os.path.isdir(a.images[0]):
-      return sources.folder(a.images[0])
+      return sources.folder(a.images[0], channels=c)
     files = [f for f in a.images if not os.path.isdir(f)]
     if len(files) != len(a.images):
       raise DataError("--images takes one folder or a list of image files, not both")
-    return sources.FileSource(files)
+    return sources.FileSource(files, channels=c)
   raise DataError("nothing to embed: give --images, --list or --split")
 
 
@@ -115,7 +116,12 @@ def search_main(argv):
   if a.k < 1:
     raise DataError(f"--k must be >= 1, got {a.k}")
   gallery = Index.load(a.index)
-  cut = th.Threshold.load(a.threshold).value if a.threshold else None
+  cut = th.Threshold.load(a.threshold) if a.threshold else None
+  if cut is not None and cut.dim and cut.dim != gallery.dim:
+    raise DataError(
+      f"{a.threshold} was calibrated on {cut.dim}-d embeddings; {a.index} holds {gallery.dim}-d"
+    )
+  cut = cut.value if cut is not None else None
   if a.query_index:
     queries = Index.load(a.query_index, dim=gallery.dim)
   else:

@@ -22,10 +22,13 @@ from xbm_jax.data.builders import common, listfile
 from xbm_jax.train.errors import DataError
 
 
-def read_image(path: str) -> np.ndarray:
-  """uint8 `[H, W, 3]` RGB of an image file; DataError naming the file if unreadable."""
+def read_image(path: str, channels: int = 3) -> np.ndarray:
+  """uint8 `[H, W, 3]` RGB (or `[H, W, 1]` gray for a grayscale model) of an image file;
+  DataError naming the file if unreadable."""
   try:
     with Image.open(path) as img:
+      if channels == 1:
+        return np.asarray(img.convert("L"), dtype=np.uint8)[..., None]
       return np.asarray(img.convert("RGB"), dtype=np.uint8)
   except UnidentifiedImageError:  # its own message repeats the path
     raise DataError(f"unreadable image {path}: not an image file PIL can decode") from None
@@ -40,15 +43,16 @@ class FileSource:
     files: absolute (or cwd-relative) paths to read.
     labels: int `[N]`, or None (unlabelled: every label -1).
     names: how each file is reported (`paths`); default the files themselves.
+    channels: 3 (RGB) or 1 (gray), the model's input (`Embedder.channels`).
   """
 
-  def __init__(self, files: Sequence[str], labels=None, names: Sequence[str] | None = None):
+  def __init__(self, files: Sequence[str], labels=None, names=None, *, channels: int = 3):
     if not files:
       raise DataError("no images to embed (the folder or list file is empty)")
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:  # before any work: the first missing file, named
       raise DataError(f"unreadable image {missing[0]}: no such file ({len(missing)} missing)")
-    self.files = list(files)
+    self.files, self.channels = list(files), int(channels)
     self.labelled = labels is not None
     self.labels = np.asarray(labels if labels is not None else [-1] * len(files), np.int64)
     self.paths = np.asarray(list(names) if names is not None else self.files, dtype=str)
@@ -58,10 +62,14 @@ class FileSource:
 
   def __getitem__(self, index: int) -> dict:
     i = int(index)
-    return {"image": read_image(self.files[i]), "label": int(self.labels[i]), "index": i}
+    return {
+      "image": read_image(self.files[i], self.channels),
+      "label": int(self.labels[i]),
+      "index": i,
+    }
 
 
-def folder(root: str) -> FileSource:
+def folder(root: str, *, channels: int = 3) -> FileSource:
   """Every image under `root` (sorted walk, as `listfile`), unlabelled; paths relative
   to `root`."""
   if not os.path.isdir(root):
@@ -69,10 +77,10 @@ def folder(root: str) -> FileSource:
   files = listfile._images_under(root)  # pylint: disable=protected-access
   if not files:
     raise DataError(f"{root} holds no images ({', '.join(listfile.IMAGE_EXTENSIONS)})")
-  return FileSource(files, None, [os.path.relpath(f, root) for f in files])
+  return FileSource(files, None, [os.path.relpath(f, root) for f in files], channels=channels)
 
 
-def list_file(path: str, image_root: str | None = None) -> FileSource:
+def list_file(path: str, image_root: str | None = None, *, channels: int = 3) -> FileSource:
   """A `relative/path.jpg,label` list file (the format prepare_data.py reads)."""
   try:
     rows = listfile.list_entries({"list": path}, image_root)["list"]
@@ -80,7 +88,8 @@ def list_file(path: str, image_root: str | None = None) -> FileSource:
     raise DataError(str(e)) from e
   if not rows:
     raise DataError(f"list file {path} has no images")
-  return FileSource([r.path for r in rows], [r.label for r in rows], [r.name for r in rows])
+  files, labels, names = [r.path for r in rows], [r.label for r in rows], [r.name for r in rows]
+  return FileSource(files, labels, names, channels=channels)
 
 
 class SplitSource:
