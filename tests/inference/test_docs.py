@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.data_builders import fakes
 from xbm_jax.inference.index import Index
@@ -18,10 +19,13 @@ from xbm_jax.inference.threshold import Threshold
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def doc_commands() -> list[str]:
+def doc_block(lang: str, nth: int = 0) -> str:
   with open(os.path.join(ROOT, "docs", "search.md")) as f:
-    block = re.search(r"```bash\n(.*?)```", f.read(), re.S).group(1)
-  return [line for line in block.splitlines() if line.startswith("python ")]
+    return re.findall(rf"^```{lang}\n(.*?)^```", f.read(), re.S | re.M)[nth]
+
+
+def doc_commands() -> list[str]:
+  return [line for line in doc_block("bash").splitlines() if line.startswith("python ")]
 
 
 @pytest.mark.slow
@@ -68,3 +72,11 @@ def test_the_search_walkthrough_runs_as_written(tmp_path):
   scores, _ = gallery.search(q, 10)
   assert len(kept) == int((scores >= t.value).sum())
   assert os.path.getsize(tmp_path / "embedder.jaxexp") > 0 and "wrote" in outs[6]
+
+  # The "In Python" snippet, as written, on the same run.
+  code = doc_block("python").replace("/tmp/", f"{tmp_path}/").replace("~/mydata", str(manual))
+  photos = [np.asarray(Image.open(manual / "imgs" / f"test_2{i}_0.png")) for i in range(3)]
+  names = dict(photos=np.stack(photos), photo_a=photos[0], photo_b=photos[1])
+  exec(compile(code, "docs/search.md", "exec"), names)  # pylint: disable=exec-used
+  assert names["rows"][:, 0].tolist() == [0, 4, 8]  # each photo finds its own file first
+  assert names["index"].labels[names["rows"][0, 0]] == 20

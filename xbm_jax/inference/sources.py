@@ -72,6 +72,7 @@ class FileSource:
 def folder(root: str, *, channels: int = 3) -> FileSource:
   """Every image under `root` (sorted walk, as `listfile`), unlabelled; paths relative
   to `root`."""
+  root = os.path.expanduser(root)
   if not os.path.isdir(root):
     raise DataError(f"--images {root} is not a directory")
   files = listfile._images_under(root)  # pylint: disable=protected-access
@@ -82,6 +83,7 @@ def folder(root: str, *, channels: int = 3) -> FileSource:
 
 def list_file(path: str, image_root: str | None = None, *, channels: int = 3) -> FileSource:
   """A `relative/path.jpg,label` list file (the format prepare_data.py reads)."""
+  path = os.path.expanduser(path)
   try:
     rows = listfile.list_entries({"list": path}, image_root)["list"]
   except common.ListFileError as e:
