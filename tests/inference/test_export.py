@@ -58,3 +58,21 @@ def test_the_artifact_runs_with_jax_alone_and_equals_the_flax_forward(tiny_run, 
   np.testing.assert_allclose(got["all"], want, atol=1e-5)  # float32 noise
   np.testing.assert_allclose(got["three"], want[:3], atol=1e-5)
   assert os.path.getsize(art) < 1 << 20
+
+
+def test_an_artifact_for_cpu_and_cuda_lowers_here_and_runs_on_cpu():
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from tests.inference.test_sources import untrained  # pylint: disable=g-import-not-at-top
+  from xbm_jax import models  # pylint: disable=g-import-not-at-top
+  from xbm_jax.inference import export  # pylint: disable=g-import-not-at-top
+  from xbm_jax.inference.embedder import Embedder  # pylint: disable=g-import-not-at-top
+
+  cfg, variables = untrained(3)
+  fn = jax.export.deserialize(
+    bytearray(export.export_embedder(Embedder(cfg, variables), platforms=("cpu", "cuda")))
+  )
+  assert fn.platforms == ("cpu", "cuda") and str(fn.in_avals[0]) == "uint8[b,8,8,3]"
+  x = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+  want = models.create(cfg.model).apply(variables, x, train=False)
+  np.testing.assert_allclose(np.asarray(fn.call(x)), want, atol=1e-5)
