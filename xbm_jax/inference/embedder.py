@@ -65,10 +65,12 @@ class Embedder:
   """Images -> `[N, D]` float32 unit rows with a trained model (see module doc).
 
   Attributes:
-    config: the run's config (ConfigDict). model: the Flax module. variables: host
-    `{"params", "batch_stats"}`. step: the checkpoint's step. dim: D. mesh: the 1-D
-    data mesh over all local devices. tcfg: the eval transform. batch_size: images per
-    device batch (the config's eval batch size, rounded up to a multiple of the devices).
+    config: the run's config (ConfigDict). model: the Flax module. variables:
+    `{"params", "batch_stats"}` replicated over the mesh. step: the checkpoint's step.
+    dim: D. channels: the model's input channels (3, or 1 for a grayscale model). mesh:
+    the 1-D data mesh over all local devices. tcfg: the eval transform. batch_size:
+    images per batch over all devices (the config's eval batch size, rounded up to a
+    multiple of the devices).
   """
 
   def __init__(self, config, variables: dict, *, step: int = -1, batch_size: Optional[int] = None):
