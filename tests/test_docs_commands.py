@@ -134,3 +134,16 @@ def test_your_own_data_commands_run_as_written(tmp_path):
   assert "{'test': 8, 'train': 40}" in outs[0]
   assert re.search(r"^eval/mydata/recall@1 = 0\.\d{4}$", outs[1], re.M), outs[1]
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "last")
+
+
+def test_the_readme_search_commands_are_the_tested_ones():
+  """The README's search commands are lines of docs/search.md's block, which
+  tests/inference/test_docs.py runs as written."""
+
+  def commands(page, title):
+    block = re.search(r"```bash\n(.*?)```", doc_section(page, title), re.S).group(1)
+    return [line for line in block.splitlines() if line.startswith("python ")]
+
+  readme = commands("README.md", "Search with your model")
+  tested = commands("docs/search.md", "Train, embed, search, threshold")
+  assert readme and set(readme) <= set(tested), set(readme) - set(tested)

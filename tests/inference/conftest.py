@@ -23,7 +23,7 @@ def blobs(rng, classes, per, size=(20, 24)):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
   """`dict(workdir, data_dir, list_file, images: [(path, uint8 [H, W, 3], label)])`."""
-  from tests.train.test_loop import tiny_config  # pylint: disable=g-import-not-at-top
+  from tests.helpers.runs import tiny_config  # pylint: disable=g-import-not-at-top
   from xbm_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   root = tmp_path_factory.mktemp("tiny_run")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.data_builders import fakes
+from tests.helpers import fakes
 from xbm_jax.inference.index import Index
 from xbm_jax.inference.threshold import Threshold
 

@@ -3,25 +3,15 @@
 import numpy as np
 import pytest
 
-from xbm_jax import models
-from xbm_jax.data import pipeline, transforms
+from xbm_jax.data import pipeline
 from xbm_jax.evaluation.extract import extract
 from xbm_jax.inference import sources
 from xbm_jax.inference.embedder import Embedder
 from xbm_jax.train import checkpoint, setup
 from xbm_jax.train.errors import ConfigError, DataError
+from tests.helpers.inference import flax_forward
 
 pytestmark = pytest.mark.slow  # the shared 6-step training
-
-
-def flax_forward(workdir, images):
-  """Oracle: the module built from config.json, one device, no sharding, eval mode."""
-  e = Embedder.load(workdir)
-  model = models.create(e.config.model)
-  tcfg = transforms.TransformConfig.from_config(e.config.input.transform)
-  x = np.stack([transforms.eval_transform(im, tcfg) for im in images])
-  _, variables = checkpoint.read_params(workdir)
-  return np.asarray(model.apply(variables, x, train=False))
 
 
 def test_a_list_file_embeds_as_evaluation_embeds_the_prepared_split(tiny_run):

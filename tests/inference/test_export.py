@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.inference.test_embedder import flax_forward
+from tests.helpers.inference import flax_forward
 
 pytestmark = pytest.mark.slow  # the shared 6-step training
 
