@@ -6,6 +6,9 @@ import pytest
 
 from benchmarks import inference as bench
 
+# A tiny training run (the session's tiny_run fixture) or subprocesses: the slow tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.slow  # ~15 s on 2 CPU cores
 def test_the_benchmark_runs_and_its_figures_parse():

@@ -16,6 +16,9 @@ from tests.helpers import fakes
 from xbm_jax.inference.index import Index
 from xbm_jax.inference.threshold import Threshold
 
+# A tiny training run (the session's tiny_run fixture) or subprocesses: the slow tier.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
