@@ -71,17 +71,7 @@ import jax.numpy as jnp
 
 from xbm_jax.losses.fused import terms as fused_losses
 from xbm_jax.losses import pairs
-from xbm_jax.losses.pairs import (  # noqa: F401  (re-exported: the public names of this module)
-  EPS_SELF,
-  EPS_SELF_16BIT,
-  AnchorLoss,
-  Rows,
-  pair_loss,
-  pair_masks,
-  reduction_loss,
-  self_threshold,
-  similarity,
-)
+from xbm_jax.losses.pairs import AnchorLoss, Rows, reduction_loss
 
 sg = jax.lax.stop_gradient
 
