@@ -62,9 +62,8 @@ class EvalRunner:
       name: evaluators_lib.create(name, cfg, mesh=mesh) for name, cfg in config.evals.items()
     }
     self.tcfg = transforms.TransformConfig.from_config(config.input.transform)
-    # {evaluator name: k}: the per-query hits@k each round of it leaves in `hits`
-    # ({name: [Q] bool}), for the paired guard.
-    self.want_hits: dict[str, int] = {}
+    # {name: [Q] bool}: the per-query hits@k of the last round, for the paired guard
+    # (which asks for them per round: `run(..., hits_of=...)`).
     self.hits: dict[str, np.ndarray] = {}
     self.probe = None
     if config.drift.enabled:
@@ -152,7 +151,7 @@ class EvalRunner:
       ids[:n] = idx
     return type(mem)(out_emb, out_labels, valid, np.asarray(n % size, np.int32), ids)
 
-  def run(self, names: list[str], state, step: int) -> dict:
+  def run(self, names: list[str], state, step: int, *, hits_of: Optional[dict] = None) -> dict:
     variables = self._variables(state)
     cache, sources = {}, {}
 
@@ -184,7 +183,7 @@ class EvalRunner:
       metrics.update(res)
     self.hits = {
       n: query_hits(self.evaluators[n], embed_split, k=k, mesh=self.mesh)
-      for n, k in self.want_hits.items()
+      for n, k in (hits_of or {}).items()
       if n in names
     }
     self.writer.write_scalars(step, metrics)

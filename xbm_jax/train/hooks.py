@@ -141,6 +141,11 @@ class PairedGuard:
   def live(self) -> bool:
     return self.off_step < 0
 
+  def hits_wanted(self) -> dict:
+    """`{evaluator: k}`: the per-query hits an evaluation round must leave for this guard
+    (none once it has fired)."""
+    return {self.evaluator: self.k} if self.live else {}
+
   def after_eval(self, done: int, start: int, hits: Optional[np.ndarray]) -> dict:
     """Reads the hits of an evaluation after `done` updates, the memory's first active
     update being `start`: before it, they become the reference; after it, the verdict
@@ -231,8 +236,14 @@ class HostState:
     paired: Optional[PairedGuard] = None,
   ):
     self.plateau, self.drift, self.memory, self.paired = plateau, drift, memory, paired
-    self.batches = None  # the pipeline, once built; its position is read on save
+    self.batches = None  # the pipeline, once built (`use_pipeline`); its position is saved
     self.pipeline = None  # a restored position, for building the pipeline
+
+  def use_pipeline(self, batches):
+    """Keeps the train pipeline built from `self.pipeline` (its position is saved with
+    the rest); returns it."""
+    self.batches = batches
+    return batches
 
   def _parts(self):
     return [p for p in (self.plateau, self.drift, self.memory, self.paired) if p is not None]

@@ -241,10 +241,8 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   watch = guards.CollapseWatch()
   host = _host_state(config, evals, train_src, shardings, mesh, sharded=sharded, watch=watch, b=b)
   host.load_state_dict(saved_host)
-  if host.paired is not None and host.paired.live:  # per-query hits for the guard
-    evals.want_hits = {host.paired.evaluator: host.paired.k}
 
-  host.batches = batches = _pipeline(config, train_src, mesh, host.pipeline, stack)
+  batches = host.use_pipeline(_pipeline(config, train_src, mesh, host.pipeline, stack))
   train_step = step_lib.make_train_step(
     model=model,
     direction=direction,
@@ -333,10 +331,11 @@ def _evaluate(run: Run, state, names: list, done: int) -> dict:
   """Runs the due evaluators, steps the plateau scheduler and the paired guard (which
   may switch the memory off), keeps the best checkpoint."""
   t_eval = time.time()
-  ev = run.evals.run(names, state, done)
+  guard = run.host.paired
+  hits_of = guard.hits_wanted() if guard is not None else {}  # per-query hits for the guard
+  ev = run.evals.run(names, state, done, hits_of=hits_of)
   run.progress.evaluated(time.time() - t_eval)
   run.host.plateau.after_eval(ev)
-  guard = run.host.paired
   if guard is not None and guard.live:
     control = run.host.memory.controller
     verdict = guard.after_eval(done, control.start, run.evals.hits.get(guard.evaluator))
@@ -344,7 +343,6 @@ def _evaluate(run: Run, state, names: list, done: int) -> dict:
       run.writer.write_scalars(done, verdict)
     if not guard.live:  # fired: off from the next update on, for good (checkpointed)
       control.switch_off(done)
-      run.evals.want_hits = {}
   run.ckpt.save_best(done, state, run.host.state_dict(), ev)
   return ev
 
