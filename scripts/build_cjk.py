@@ -34,7 +34,8 @@ import time
 import numpy as np
 from flax import serialization
 
-from xbm_jax.data import glyph_corpus, glyph_testbed, glyphs, writer
+from xbm_jax.data import glyph_corpus, glyph_testbed, glyphs
+from xbm_jax.data import dataset_writer as writer
 
 DEFAULT_DATA_DIR = os.path.join(glyph_corpus.CACHE_DIR, "tfds")
 ENCODER_1CH = os.path.join(os.path.dirname(glyphs.DATA_FILE), "pretrained_small_cnn32.msgpack")

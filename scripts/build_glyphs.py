@@ -6,7 +6,7 @@ Rebuild the committed data (Debian / Ubuntu; fonts listed in glyphs_data/FONTS.m
       fonts-ipaexfont fonts-hanazono fonts-kouzan-mouhitsu fonts-misaki fonts-seto ...
   python scripts/build_glyphs.py --font_dir /usr/share/fonts
 
-Optionally also write it as a tfds array_record dataset (xbm_jax.data.writer):
+Optionally also write it as a tfds array_record dataset (xbm_jax.data.dataset_writer):
 
   python scripts/build_glyphs.py --tfds_data_dir ~/data   # -> ~/data/glyphs/1.0.0
 
@@ -130,7 +130,7 @@ def main(argv=None):
   p.add_argument(
     "--tfds_data_dir",
     default=None,
-    help="also write a tfds dataset 'glyphs' here (xbm_jax.data.writer)",
+    help="also write a tfds dataset 'glyphs' here (xbm_jax.data.dataset_writer)",
   )
   args = p.parse_args(argv)
 
@@ -161,7 +161,7 @@ def main(argv=None):
   )
 
   if args.tfds_data_dir:
-    from xbm_jax.data import writer  # pylint: disable=g-import-not-at-top
+    from xbm_jax.data import dataset_writer as writer
 
     splits = {}
     for split in glyphs.SPLITS:

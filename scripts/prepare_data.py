@@ -23,7 +23,8 @@ from absl import app, flags, logging
 
 from xbm_jax.train.cli_checks import AboveTheBarHandler, DropNoise
 
-from xbm_jax.data import builders, writer
+from xbm_jax.data import builders
+from xbm_jax.data import dataset_writer as writer
 from xbm_jax.data.builders import listfile
 
 _DATASET = flags.DEFINE_enum(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xbm_jax.data import writer as data_writer
+from xbm_jax.data import dataset_writer as data_writer
 
 
 def blobs(rng, classes, per, size=(20, 24)):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from xbm_jax.insight import report
 from xbm_jax.insight.report import build_report, load_metrics
-from xbm_jax.train.writer import MetricWriter
+from xbm_jax.train.metrics_writer import MetricWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

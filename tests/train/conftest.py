@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from xbm_jax.data import writer as data_writer
+from xbm_jax.data import dataset_writer as data_writer
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import pytest
 from tests.helpers.runs import read_log, tiny_config, tree_listing
 from tests.helpers.steps import build, ctrl_of, make_batches
 from xbm_jax import parallel
-from xbm_jax.train import config as config_lib, evaluation, guards, loop, validation
+from xbm_jax.train import config as config_lib, guards, loop, validation
+from xbm_jax.train import eval_runner as evaluation
 from xbm_jax.train import step as step_lib
 from xbm_jax.train.errors import ConfigError, NonFiniteError, ResumeError, WorkdirLockedError
 

@@ -384,8 +384,9 @@ def test_drift_of_the_model_is_zero_unchanged_and_grows_with_perturbation(data_d
   from xbm_jax import parallel
   from xbm_jax.data import sources
   from xbm_jax.insight import drift
-  from xbm_jax.train import evaluation, setup
-  from xbm_jax.train.writer import MetricWriter
+  from xbm_jax.train import setup
+  from xbm_jax.train import eval_runner as evaluation
+  from xbm_jax.train.metrics_writer import MetricWriter
 
   cfg = tiny_config(data_dir)
   mesh = parallel.make_mesh()

@@ -16,7 +16,7 @@ from installed fonts, one class per character and one image per typeface:
    render counts as no face), and a class with fewer is dropped;
 4. classes are split (seeded, class-disjoint) into train / val / test.
 
-``scripts/build_cjk.py`` drives it and writes a tfds dataset (``xbm_jax.data.writer``).
+``scripts/build_cjk.py`` drives it and writes a tfds dataset (``xbm_jax.data.dataset_writer``).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class ArraySource:
 
 
 class TfdsSource:
-  """A split of a dataset written by `xbm_jax.data.writer`, read through tfds.
+  """A split of a dataset written by `xbm_jax.data.dataset_writer`, read through tfds.
 
   Reads go through `tfds.builder_from_directory(path).as_data_source(split)`
   (array_record + PIL/OpenCV decoding; no TensorFlow). The tfds source is

@@ -4,7 +4,7 @@
     emb = Embedder.load("run.msgpack", config="/tmp/xbm_mydata/config.json")
     out = emb.embed_source(sources.folder("photos/"))  # {"emb": [N, D], "labels", "index"}
 
-Same path as `xbm_jax.train.evaluation.EvalRunner`: the config's eval transform
+Same path as `xbm_jax.train.eval_runner.EvalRunner`: the config's eval transform
 (resize shorter side, centre crop) in `pipeline.eval_batches`, the model built by
 `models.create(config.model, axis_name="data")` (so `model.dtype: auto` is bfloat16 on
 GPU/TPU, float32 on CPU, as in training), eval-mode BatchNorm (running statistics),

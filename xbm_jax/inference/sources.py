@@ -5,7 +5,7 @@ Each is a random-access source as `pipeline.eval_batches` reads them
 record has none) and `labelled` (False for a plain folder: its labels are -1).
 
 Image files are decoded here to uint8 `[H, W, 3]` with PIL, as tfds decodes the
-JPEG/PNG bytes `xbm_jax.data.writer` keeps, so a file embeds exactly as the same file
+JPEG/PNG bytes `xbm_jax.data.dataset_writer` keeps, so a file embeds exactly as the same file
 prepared into a split and evaluated. A file that cannot be decoded raises `DataError`
 naming it.
 """

@@ -21,7 +21,7 @@ import numpy as np
 
 from xbm_jax.train import checkpoint, config as config_lib
 from xbm_jax.train.errors import ResumeError, WorkdirLockedError
-from xbm_jax.train.writer import config_json
+from xbm_jax.train.metrics_writer import config_json
 
 log = logging.getLogger("xbm_jax.train")
 

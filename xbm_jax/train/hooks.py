@@ -189,7 +189,8 @@ def make_paired_guard(config) -> Optional[PairedGuard]:
   `xbm.guard` is not "paired"; `looks` counts the evaluations of its evaluator after
   the memory's start up to `train.steps`."""
   from xbm_jax.control import controller
-  from xbm_jax.train import evaluation, validation_xbm  # pylint: disable=g-import-not-at-top
+  from xbm_jax.train import validation_xbm
+  from xbm_jax.train import eval_runner as evaluation
 
   x = config.xbm
   if not (x.enabled and controller.guard_rule(x.guard) == "paired"):

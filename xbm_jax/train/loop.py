@@ -27,13 +27,14 @@ from xbm_jax import parallel
 from xbm_jax.data import pipeline
 from xbm_jax.insight import drift as drift_lib
 from xbm_jax.control import controller as controller_lib
-from xbm_jax.train import checkpoint, evaluation, guards, hooks as hooks_lib, optim, preemption
+from xbm_jax.train import checkpoint, guards, hooks as hooks_lib, optim, preemption
+from xbm_jax.train import eval_runner as evaluation
 from xbm_jax.train import setup
 from xbm_jax.train import validation
 from xbm_jax.train import state as state_lib, step as step_lib
 from xbm_jax.train.errors import NonFiniteError
 from xbm_jax.train.progress import Progress
-from xbm_jax.train.writer import MetricWriter
+from xbm_jax.train.metrics_writer import MetricWriter
 
 NEVER = controller_lib.NEVER
 LAST_VALUE_KEYS = ("memory_fill", "lr", "xbm_weight")  # states, not per-step rates

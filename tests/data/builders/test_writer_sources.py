@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from tests.helpers import fakes
-from xbm_jax.data import builders, sources, writer
+from xbm_jax.data import builders, sources
+from xbm_jax.data import dataset_writer as writer
 from xbm_jax.data.builders import listfile
 
 

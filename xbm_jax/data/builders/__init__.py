@@ -5,7 +5,7 @@
 
 Each builder module has `NAME`, `SPLITS`, `DESCRIPTION` and
 `entries(manual_dir) -> {split: [common.Entry]}`; `prepare` checks the splits
-and writes them with `xbm_jax.data.writer.write_dataset`.
+and writes them with `xbm_jax.data.dataset_writer.write_dataset`.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def prepare(
   Returns:
     `writer.WriteResult`.
   """
-  from xbm_jax.data import writer  # pylint: disable=g-import-not-at-top
+  from xbm_jax.data import dataset_writer as writer
 
   dataset = ALIASES.get(dataset, dataset)
   if dataset == CUSTOM and not name:

@@ -2,7 +2,7 @@
 
 A builder turns an official layout under a manual directory into
 `{split: [Entry, ...]}`; `xbm_jax.data.builders.prepare` hands those to
-`xbm_jax.data.writer.write_dataset`. Every parsing error is a `ListFileError`
+`xbm_jax.data.dataset_writer.write_dataset`. Every parsing error is a `ListFileError`
 that names the file and the 1-based line.
 """
 

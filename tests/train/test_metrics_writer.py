@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from xbm_jax.train.writer import MetricWriter
+from xbm_jax.train.metrics_writer import MetricWriter
 
 
 def _lines(workdir):
