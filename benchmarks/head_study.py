@@ -216,6 +216,17 @@ HP = {  # each loss's own hyperparameters: defaults and the tuning line (stage 2
 }
 LRS = (1e-4, 3e-4, 1e-3)
 SCHEDULES = ("constant", "cosine")
+# `tune --grid reduced` (docs/study/PLAN.md section 2, the budget): cosine only, and two
+# values of each loss's line, picked from the no-memory val tuning at 7,500 steps.
+REDUCED_SCHEDULES = ("cosine",)
+REDUCED_LINE = {
+  "contrastive": [{"margin": 0.3}, {"margin": 0.4}],
+  "multi_similarity": [
+    {"beta": 40.0, "mining_margin": 0.05},
+    {"beta": 40.0, "mining_margin": 0.3},
+  ],
+  "supcon": [{"temperature": 0.05}, {"temperature": 0.2}],
+}
 
 
 def loss_fn(name: str):
@@ -432,8 +443,11 @@ def cmd_tune(args) -> None:
 
   score = lambda r: final(r, "val/map")
   defaults, line = HP[arm.loss]
+  schedules = SCHEDULES
+  if args.grid == "reduced":
+    schedules, line = REDUCED_SCHEDULES, REDUCED_LINE[arm.loss]
   best = max(
-    (run({"lr": lr, "schedule": s, "hp": defaults}) for lr in LRS for s in SCHEDULES), key=score
+    (run({"lr": lr, "schedule": s, "hp": defaults}) for lr in LRS for s in schedules), key=score
   )
   best = max([best] + [run({**best["point"], "hp": hp}) for hp in line], key=score)
   lrs = list(LRS)
@@ -529,6 +543,7 @@ def main(argv=None):
   t.add_argument("--stage", default="tune")
   t.add_argument("--steps", type=int, default=10000)
   t.add_argument("--eval_at", default="1000,2500,5000,7500,10000")
+  t.add_argument("--grid", default="full", choices=["full", "reduced"])
   c = sub.add_parser("confirm")
   c.add_argument("--stage", required=True)
   c.add_argument("--dataset", default="cjk_sealed")

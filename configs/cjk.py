@@ -35,8 +35,12 @@ updates) scores the same (0.9410 / 0.9388 / 0.9356).
 contrastive by the rule, +1.1 ± 0.2).
 Out of sample (issue #32; docs/study/README.md): on a held-out SOP-shaped set `:ms_xbm_momentum,
 cosine` LOST to contrastive without the memory (-7.1 +- 2.0 R@1 points at 200 steps, -2.6 +-
-1.6 at 800): none of the gains above is a recommendation until it passes the sealed
-confirmation of docs/study/PLAN.md, which has not been run.
+1.6 at 800). The pre-registered sealed confirmation (docs/study/PLAN.md; a head on frozen
+features, cjk_sealed, seeds 3-7, docs/study/README.md section 6) has run and NOTHING
+passed: supervised InfoNCE + memory + momentum minus multi-similarity without the memory
+-1.08 +- 0.28 test R@1 points (negative on every seed), multi-similarity with minus without
+the memory +0.24 +- 0.36 (3 of 5 seeds positive). None of the gains above is a
+recommendation; this config recommends no memory recipe.
 Variants: `:seed=N`, `:loss=...`, `:memory`, `:cosine`, `:data_dir=...`, `:smoke` (a few steps;
 needs a built dataset, e.g. the tiny one of tests/data/builders/test_glyph_testbed.py).
 """
