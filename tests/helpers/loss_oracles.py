@@ -142,3 +142,20 @@ def margin_rank(q, ql, r, rl, qv=None, rv=None, margin=0.2, thr=1 - 1e-5, reduct
         active += 1
   denom = qv.sum() if reduction == "paper" else active
   return total / max(denom, 1)
+
+
+def supcon(q, ql, r, rl, qv=None, rv=None, temperature=0.1, thr=1 - 1e-5, reduction="paper"):
+  """Supervised InfoNCE, per anchor with a positive: log sum_a exp(S_a / t) over every
+  reference pair of the anchor (positives and negatives), minus the mean of S_p / t."""
+  qv, rv = _valid(q, qv), _valid(r, rv)
+  total, n = 0.0, 0
+  for i in range(len(q)):
+    pairs = list(_pairs(q, ql, qv, r, rl, rv, i, thr))
+    pos = [s for _, s, p in pairs if p]
+    if not pos:
+      continue
+    z = math.log(sum(math.exp(s / temperature) for _, s, _ in pairs))
+    total += z - sum(pos) / len(pos) / temperature
+    n += 1
+  denom = qv.sum() if reduction == "paper" else n
+  return total / max(denom, 1)

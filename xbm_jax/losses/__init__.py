@@ -3,7 +3,7 @@
     loss = xbm_jax.losses.contrastive(batch, batch)   # in-batch term, L(B, B)
     loss = xbm_jax.losses.contrastive(batch, mem)     # memory term,   L(B, M)
 
-Layout: `builtin` (contrastive, multi-similarity, triplet and the name registry),
+Layout: `builtin` (contrastive, multi-similarity, triplet, supcon and the name registry),
 `pairs` (the core every pair loss is written with: `pair_loss`, `reduction_loss`),
 `scoring` (similarity and the self-exclusion rule), `fused/` (the blocked, exact memory
 terms the built-ins dispatch to). XBM's total loss, which uses them, is one floor up:
@@ -23,6 +23,7 @@ from xbm_jax.losses.builtin import (
   multi_similarity,
   multi_similarity_plain,
   resolve,
+  supcon,
   triplet,
   triplet_plain,
 )
@@ -76,6 +77,7 @@ __all__ = [
   "scoring",
   "self_threshold",
   "similarity",
+  "supcon",
   "triplet",
   "triplet_plain",
 ]

@@ -141,6 +141,31 @@ multi_similarity_plain = reduction_loss(_multi_similarity_plain)
 multi_similarity_plain.__name__ = multi_similarity_plain.__qualname__ = "multi_similarity_plain"
 
 
+def _supcon_plain(rows: Rows, *, temperature: float = 0.1) -> AnchorLoss:
+  """Supervised InfoNCE (SupCon's L_out, Khosla et al. 2020; MoCo's InfoNCE with labels),
+  the softmax over every reference row but the anchor's own.
+
+  Per anchor with a positive: log sum_{a in pos | neg} exp(S_a / t) - mean_{p in pos} S_p / t;
+  anchors without one contribute 0 (`reduction="mean"` averages over the anchors with a
+  positive). The log-sum-exp is shifted by the row maximum (complete across shards, no
+  gradient), so a sharded memory gives exactly the replicated value and gradient.
+  """
+  logits = rows.sim / temperature
+  cand = rows.pos | rows.neg
+  shift = sg(rows.max(logits, cand))  # [G]
+  scaled = jnp.exp(jnp.where(cand, logits - shift[:, None], -jnp.inf))
+  lse = shift + jnp.log(jnp.maximum(rows.sum(scaled, cand), jnp.finfo(jnp.float32).tiny))
+  n_pos = rows.count(rows.pos)
+  has = n_pos > 0
+  mean_pos = rows.sum(logits, rows.pos) / jnp.maximum(n_pos, 1)
+  loss = jnp.where(has, lse - mean_pos, 0.0)
+  return AnchorLoss(loss, has.astype(jnp.int32), rows.pos & has[:, None], rows.neg & has[:, None])
+
+
+supcon = reduction_loss(_supcon_plain)
+supcon.__name__ = supcon.__qualname__ = "supcon"
+
+
 def _sorted_negatives(sim, neg):
   """Ascending `[B, R]` negative similarities (masked ones = sentinel, first),
   their suffix sums `[B, R+1]`, and the index of the first real negative `[B]`."""
@@ -228,6 +253,7 @@ LOSSES: dict[str, Callable] = {
   "contrastive": contrastive,
   "multi_similarity": multi_similarity,
   "triplet": triplet,
+  "supcon": supcon,
 }
 
 
