@@ -306,12 +306,13 @@ def small_disk(tmp_path):
 
 
 def fill(disk):
-  """Writes a filler file until the disk refuses (ENOSPC)."""
-  with open(os.path.join(disk, "filler"), "wb") as f:
+  """Writes a filler file until the disk refuses (ENOSPC). Unbuffered: a buffered file
+  kept the bytes the disk refused and raised ENOSPC again when it was closed (a flaky
+  failure of this test, seen in CI)."""
+  with open(os.path.join(disk, "filler"), "wb", buffering=0) as f:
     try:
       while True:
-        f.write(b"\0" * 65536)
-        f.flush()
+        f.write(b"\0" * 65536)  # a partial write returns its count; a full disk raises
     except OSError as e:
       assert e.errno == errno.ENOSPC
 
