@@ -120,24 +120,27 @@ class Run:
 
 
 def _build_state(config, mesh, train_src):
-  """The model and a fresh train state placed on the mesh."""
+  """The model, its optimiser direction, a fresh train state placed on the mesh, its
+  shardings, and the memory's settings (`CrossBatchMemory`, built once from the config:
+  the state's memory and the train step both come from it)."""
   channels = int(np.asarray(train_src[0]["image"]).shape[-1])
   # The first key of the seed's split, as when the state also kept a key: a seed
   # initialises the model as it did then.
   init_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))[0]
   model, variables = setup.init_model(config, channels, init_rng)
   direction = optim.make_direction(config.optim)
+  xbm = setup.cross_batch_memory(config, feature_dim=setup.feature_dim(variables))
+  sharded = xbm.axis_name is not None
   state = state_lib.create(
     params=variables["params"],
     batch_stats=variables.get("batch_stats", {}),
     tx=direction,
-    memory=setup.init_memory(config, mesh.size, feature_dim=setup.feature_dim(variables)),
+    memory=xbm.init(n_shards=mesh.size) if sharded else xbm.init(),
     moments=setup.init_moments(config),
     key_encoder=setup.init_key_encoder(config, variables),
   )
-  sharded = config.xbm.enabled and config.xbm.memory_sharding == "sharded"
   shardings = step_lib.state_shardings(state, mesh, sharded_memory=sharded)
-  return model, direction, jax.device_put(state, shardings), shardings, sharded
+  return model, direction, jax.device_put(state, shardings), shardings, xbm
 
 
 def _host_state(config, evals, train_src, shardings, mesh, *, sharded, watch, b):
@@ -205,7 +208,8 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
   pidx = jax.process_index()
   changes = guards.check_resume_config(config, workdir)
   train_src = setup.load_source(config.input, config.input.train_split)
-  model, direction, state, shardings, sharded = _build_state(config, mesh, train_src)
+  model, direction, state, shardings, xbm = _build_state(config, mesh, train_src)
+  sharded = xbm.axis_name is not None
   if config.train.init_from and not checkpoint.saved_steps(workdir):
     # Before the checkpoint manager: a source that does not fit this model is refused
     # with nothing written but the lock.
@@ -248,7 +252,7 @@ def _build(config, workdir: str, mesh, stack: contextlib.ExitStack) -> Run:
     model=model,
     direction=direction,
     schedule=optim.make_schedule(config.optim, total),
-    xbm=setup.cross_batch_memory(config, feature_dim=setup.feature_dim({"params": state.params})),
+    xbm=xbm,
     mesh=mesh,
     accumulate=int(config.train.accumulate),
     drift_correction=config.xbm.drift_correction,

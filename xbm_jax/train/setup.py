@@ -140,12 +140,6 @@ def cross_batch_memory(config, *, feature_dim: Optional[int] = None) -> CrossBat
   )
 
 
-def init_memory(config, num_devices: int, *, feature_dim: Optional[int] = None):
-  """The train state's memory, empty (see `cross_batch_memory`)."""
-  xbm = cross_batch_memory(config, feature_dim=feature_dim)
-  return xbm.init(n_shards=num_devices) if xbm.axis_name else xbm.init()
-
-
 def memory_stores_ids(config) -> bool:
   """Whether the memory keeps each entry's image id (its record index in the train
   split): when the memory term's self_exclusion (`xbm.memory_loss_kwargs`, else
