@@ -14,13 +14,9 @@ import xbm_jax
 from xbm_jax import losses, memory
 from xbm_jax.embeddings import Embeddings
 from tests.helpers import loss_oracles as oracle
+from tests.helpers.sets import unit
 
 N, B, D, SIZE, AX = 8, 2, 4, 32, "data"
-
-
-def unit(rng, n, d):
-  x = rng.normal(size=(n, d))
-  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def batch_and_memory(seed=0, b=12, size=24):

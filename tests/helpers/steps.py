@@ -34,6 +34,21 @@ def optim_cfg(**kw):
   return cfg
 
 
+def xbm_of(memory_state, *, loss="contrastive", memory_options=None, sharded=False):
+  """The `CrossBatchMemory` that describes `memory_state` (its size, width, dtype and
+  ids), with `loss`, for `make_train_step`."""
+  return CrossBatchMemory(
+    size=memory_state.emb.shape[0],
+    dim=memory_state.emb.shape[1],
+    loss=loss,
+    memory_options=memory_options,
+    dtype=memory_state.emb.dtype,
+    ids=memory_state.ids is not None,
+    axis_name=DATA_AXIS if sharded else None,
+    data_axis=DATA_AXIS,
+  )
+
+
 def build(
   mesh,
   first_batch,
@@ -76,15 +91,11 @@ def build(
     model=model,
     direction=direction,
     schedule=optim.make_schedule(optim_cfg(), 10),
-    xbm=CrossBatchMemory(
-      size=memory_state.emb.shape[0],
-      dim=memory_state.emb.shape[1],
+    xbm=xbm_of(
+      memory_state,
       loss=losses.bind(loss_name, **(loss_kwargs or {})),
       memory_options=memory_loss_kwargs,
-      dtype=memory_state.emb.dtype,
-      ids=memory_state.ids is not None,
-      axis_name=DATA_AXIS if sharded else None,
-      data_axis=DATA_AXIS,
+      sharded=sharded,
     ),
     mesh=mesh,
     accumulate=accumulate,

@@ -7,6 +7,7 @@ import pytest
 
 from xbm_jax.inference import search as search_lib
 from xbm_jax.inference.index import Index, IndexError_
+from tests.helpers.sets import unit
 
 
 def brute_top_k(q, g, k):
@@ -14,11 +15,6 @@ def brute_top_k(q, g, k):
   s = q.astype(np.float64) @ g.astype(np.float64).T
   order = np.argsort(-s, axis=1, kind="stable")[:, :k]
   return np.take_along_axis(s, order, 1), order
-
-
-def unit(rng, n, d):
-  x = rng.normal(size=(n, d))
-  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def test_exact_search_is_the_brute_force_top_k_sharded_over_8_devices():

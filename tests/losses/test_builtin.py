@@ -10,11 +10,7 @@ import pytest
 import xbm_jax
 from xbm_jax import losses
 from tests.helpers import loss_oracles as oracle
-
-
-def unit(rng, n, d, dtype=np.float32):
-  x = rng.normal(size=(n, d))
-  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
+from tests.helpers.sets import as_set, unit
 
 
 def labeled(rng, n, d, n_classes, valid_frac=None):
@@ -22,12 +18,6 @@ def labeled(rng, n, d, n_classes, valid_frac=None):
   labels = rng.integers(0, n_classes, size=n).astype(np.int32)
   valid = None if valid_frac is None else rng.random(n) < valid_frac
   return emb, labels, valid
-
-
-def as_set(emb, labels, valid=None):
-  return xbm_jax.Embeddings(
-    jnp.asarray(emb), jnp.asarray(labels), None if valid is None else jnp.asarray(valid)
-  )
 
 
 CASES = [  # (loss name, jax kwargs, oracle)

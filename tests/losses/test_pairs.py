@@ -15,18 +15,10 @@ from xbm_jax.losses import pairs
 from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.embeddings import Embeddings
 from tests.helpers.custom_losses import margin_rank_row, margin_rank_rows
+from tests.helpers.sets import as_set, unit
 
 
 FORMS = {"pair_loss": margin_rank_row, "reduction_loss": margin_rank_rows}
-
-
-def unit(rng, n, d):
-  x = rng.normal(size=(n, d))
-  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def as_set(e, l, v=None):
-  return Embeddings(jnp.asarray(e), jnp.asarray(l), None if v is None else jnp.asarray(v))
 
 
 @pytest.mark.parametrize("reduction", ["paper", "mean"])

@@ -13,17 +13,9 @@ from xbm_jax import losses, memory
 from xbm_jax.embeddings import Embeddings
 from xbm_jax.memory import sharded as sharded_memory
 from tests.helpers import loss_oracles as oracle
+from tests.helpers.sets import as_set, unit
 
 N, B, D, SIZE, AX = 8, 2, 4, 32, "data"
-
-
-def unit(rng, n, d):
-  x = rng.normal(size=(n, d))
-  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def as_set(e, l, v=None):
-  return Embeddings(jnp.asarray(e), jnp.asarray(l), None if v is None else jnp.asarray(v))
 
 
 def dense_supcon(q, ql, r, rl, temperature):

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xbm_jax.cross_batch import CrossBatchMemory
-from xbm_jax.parallel import DATA_AXIS
+from tests.helpers.steps import xbm_of
 from xbm_jax.train import checkpoint, loop, step as step_lib
 from xbm_jax.train.errors import ConfigError
 from tests.helpers.runs import logged_rows, read_log, tiny_config, tree_listing
@@ -258,14 +257,7 @@ def test_a_run_with_gradient_accumulation_is_two_micro_steps(data_dir, tmp_path)
     model=model,
     direction=direction,
     schedule=optim.make_schedule(cfg.optim, 1),
-    xbm=CrossBatchMemory(
-      size=state.memory.emb.shape[0],
-      dim=state.memory.emb.shape[1],
-      loss=cfg.loss.name,
-      dtype=state.memory.emb.dtype,
-      axis_name=None,
-      data_axis=DATA_AXIS,
-    ),
+    xbm=xbm_of(state.memory, loss=cfg.loss.name),
     mesh=mesh,
   )
   ctrl = {"start_step": np.int32(0), "xbm_weight": np.float32(1.0), "lr_scale": np.float32(1.0)}

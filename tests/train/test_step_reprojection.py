@@ -7,9 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tests.helpers import loss_oracles
-from tests.helpers.steps import ctrl_of, make_batches, optim_cfg
-from xbm_jax.cross_batch import CrossBatchMemory
-from xbm_jax.parallel import DATA_AXIS
+from tests.helpers.steps import ctrl_of, make_batches, optim_cfg, xbm_of
 from xbm_jax import memory, parallel
 from xbm_jax.memory import sharded as sharded_memory
 from xbm_jax.models.head import EmbeddingHead
@@ -56,14 +54,7 @@ def _build(mesh, batch, mem, *, sharded=False, opt="adam", **step_kw):
     model=model,
     direction=direction,
     schedule=optim.make_schedule(optim_cfg(), 10),
-    xbm=CrossBatchMemory(
-      size=mem.emb.shape[0],
-      dim=mem.emb.shape[1],
-      loss="contrastive",
-      dtype=mem.emb.dtype,
-      axis_name=DATA_AXIS if sharded else None,
-      data_axis=DATA_AXIS,
-    ),
+    xbm=xbm_of(mem, sharded=sharded),
     mesh=mesh,
     **step_kw,
   )
