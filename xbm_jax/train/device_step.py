@@ -32,7 +32,6 @@ class StepSettings(NamedTuple):
   direction: optax.GradientTransformation
   schedule: Callable
   xbm: CrossBatchMemory  # the memory's settings and its (bound) loss
-  sharded_memory: bool  # xbm.axis_name is set: each device holds a slice of the rows
   accumulate: int
   drift_correction: str
   moments_ema: float
@@ -41,6 +40,11 @@ class StepSettings(NamedTuple):
   memory_ids: bool  # the memory term excludes by image id: the memory stores ids
   image_ids: bool  # some term excludes by image id: the batch carries them
   count_first: bool  # "mean" over micro-batches: the step's active pairs counted first
+
+  @property
+  def sharded_memory(self) -> bool:
+    """Each device holds a slice of the memory's rows (`xbm.axis_name` is set)."""
+    return self.xbm.axis_name is not None
 
 
 def corrected(s: StepSettings, memory, moments, emb, step, ctrl):

@@ -156,13 +156,11 @@ def make_train_step(
     raise ValueError(f"xbm.axis_name must be None or {DATA_AXIS!r}; got {xbm.axis_name!r}")
   loss_kwargs, mem_kwargs = xbm.loss_options, xbm.memory_term_options
   memory_ids = mem_kwargs.get("self_exclusion") == "id"
-  sharded_memory = xbm.axis_name is not None
   settings = device_step.StepSettings(
     model=model,
     direction=direction,
     schedule=schedule,
     xbm=xbm,
-    sharded_memory=sharded_memory,
     accumulate=accumulate,
     drift_correction=drift_correction,
     moments_ema=moments_ema,
@@ -177,7 +175,7 @@ def make_train_step(
 
   def train_step(state, batch, ctrl):
     _check_state(settings, state)
-    specs = state_specs(state, sharded_memory=sharded_memory)
+    specs = state_specs(state, sharded_memory=settings.sharded_memory)
     mapped = jax.shard_map(
       per_device, mesh=mesh, in_specs=(specs, P(DATA_AXIS), P()), out_specs=(specs, P())
     )
