@@ -108,11 +108,14 @@ def test_the_commit_cited_is_in_this_history():
   assert out.returncode == 0, f"{commit} is not an ancestor of HEAD"
 
 
-def own_data_commands() -> list[str]:
-  block = re.search(
-    r"```bash\n(.*?)```", doc_section("docs/training.md", "Your own data"), re.S
-  ).group(1)
+def section_commands(page: str, title: str) -> list[str]:
+  """The `python ...` lines of the first bash block of `page`'s `## title` section."""
+  block = re.search(r"```bash\n(.*?)```", doc_section(page, title), re.S).group(1)
   return [line for line in block.splitlines() if line.startswith("python ")]
+
+
+def own_data_commands() -> list[str]:
+  return section_commands("docs/training.md", "Your own data")
 
 
 @pytest.mark.slow
@@ -139,11 +142,6 @@ def test_your_own_data_commands_run_as_written(tmp_path):
 def test_the_readme_search_commands_are_the_tested_ones():
   """The README's search commands are lines of docs/search.md's block, which
   tests/inference/test_docs.py runs as written."""
-
-  def commands(page, title):
-    block = re.search(r"```bash\n(.*?)```", doc_section(page, title), re.S).group(1)
-    return [line for line in block.splitlines() if line.startswith("python ")]
-
-  readme = commands("README.md", "Search with your model")
-  tested = commands("docs/search.md", "Train, embed, search, threshold")
+  readme = section_commands("README.md", "Search with your model")
+  tested = section_commands("docs/search.md", "Train, embed, search, threshold")
   assert readme and set(readme) <= set(tested), set(readme) - set(tested)
