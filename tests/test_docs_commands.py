@@ -13,18 +13,10 @@ import sys
 import pytest
 
 from tests.helpers import fakes
+from tests.helpers.docs import doc_section, section_commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "benchmarks", "out", "demo")
-
-
-def doc_section(page: str, title: str) -> str:
-  """The `## title` section of `page` (a path relative to the repository)."""
-  with open(os.path.join(ROOT, page)) as f:
-    text = f.read()
-  start = text.index(f"\n## {title}\n")
-  end = text.find("\n## ", start + 1)
-  return text[start : end if end > 0 else None]
 
 
 def demo_run(name: str) -> tuple[dict, dict]:
@@ -106,12 +98,6 @@ def test_the_commit_cited_is_in_this_history():
   if out.returncode not in (0, 1):
     pytest.skip(f"no git history here ({out.stderr.decode().strip()})")
   assert out.returncode == 0, f"{commit} is not an ancestor of HEAD"
-
-
-def section_commands(page: str, title: str) -> list[str]:
-  """The `python ...` lines of the first bash block of `page`'s `## title` section."""
-  block = re.search(r"```bash\n(.*?)```", doc_section(page, title), re.S).group(1)
-  return [line for line in block.splitlines() if line.startswith("python ")]
 
 
 def own_data_commands() -> list[str]:

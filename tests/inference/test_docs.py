@@ -2,7 +2,6 @@
 training and six more subprocesses, ~1-2 min on CPU)."""
 
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import fakes
+from tests.helpers.docs import section_block, section_commands
 from xbm_jax.inference.index import Index
 from xbm_jax.inference.threshold import Threshold
 
@@ -22,13 +22,11 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def doc_block(lang: str, nth: int = 0) -> str:
-  with open(os.path.join(ROOT, "docs", "search.md")) as f:
-    return re.findall(rf"^```{lang}\n(.*?)^```", f.read(), re.S | re.M)[nth]
+PAGE = "docs/search.md"
 
 
 def doc_commands() -> list[str]:
-  return [line for line in doc_block("bash").splitlines() if line.startswith("python ")]
+  return section_commands(PAGE, "Train, embed, search, threshold")
 
 
 @pytest.mark.slow
@@ -77,7 +75,11 @@ def test_the_search_walkthrough_runs_as_written(tmp_path):
   assert os.path.getsize(tmp_path / "embedder.jaxexp") > 0 and "wrote" in outs[6]
 
   # The "In Python" snippet, as written, on the same run.
-  code = doc_block("python").replace("/tmp/", f"{tmp_path}/").replace("~/mydata", str(manual))
+  code = (
+    section_block(PAGE, "In Python", "python")
+    .replace("/tmp/", f"{tmp_path}/")
+    .replace("~/mydata", str(manual))
+  )
   photos = [np.asarray(Image.open(manual / "imgs" / f"test_2{i}_0.png")) for i in range(3)]
   names = dict(photos=np.stack(photos), photo_a=photos[0], photo_b=photos[1])
   exec(compile(code, "docs/search.md", "exec"), names)  # pylint: disable=exec-used
